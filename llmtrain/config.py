@@ -1,0 +1,425 @@
+"""Run configuration: a dataclass schema, YAML loading, `--set` overrides and validation.
+
+A run is fully described by one `Config`. The dataclass defaults *are* the embedded default
+(`configs/tiny.yaml` spells the same values out; a test keeps the two equal). Every error a user
+can cause here is a `ConfigError` whose message is one line naming the key path, the value seen
+and what would be valid; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a run configuration (one line, printed without a traceback)."""
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+       doc: str = "") -> Any:
+    """A dataclass field with an optional numeric range [lo, hi] (or (lo, hi] with lo_open)."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = _f(0, lo=0, doc="0 = dense FFN everywhere")
+    top_k: int = _f(1, lo=1)
+    router: Literal["switch", "topk"] = "switch"
+    capacity_factor: float = _f(1.25, lo=0.0)
+    aux_loss_coef: float = _f(0.01, lo=0.0)
+    z_loss_coef: float = _f(0.001, lo=0.0)
+    every_n_layers: int = _f(1, lo=1)
+    n_shared_experts: int = _f(0, lo=0)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["decoder"] = "decoder"
+    n_layers: int = _f(4, lo=1)
+    n_encoder_layers: int = _f(0, lo=0)
+    n_decoder_layers: int = _f(0, lo=0)
+    d_model: int = _f(128, lo=1)
+    n_heads: int = _f(4, lo=1)
+    n_kv_heads: int | None = _f(None, lo=1, doc="None = n_heads (MHA); 1 = MQA")
+    d_ff: int | None = _f(None, lo=1, doc="None = 4 * d_model (8/3 * d_model for GLU variants)")
+    vocab_size: int = _f(4096, lo=2)
+    max_seq_len: int = _f(256, lo=1)
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm_eps: float = _f(1e-5, lo=0.0, lo_open=True)
+    norm_position: Literal["pre", "post", "deepnorm", "b2t"] = "pre"
+    position: Literal["rope", "learned", "none"] = "rope"
+    rope_theta: float = _f(10000.0, lo=0.0, lo_open=True)
+    activation: Literal["gelu", "swiglu", "geglu"] = "swiglu"
+    bias: bool = False
+    tie_embeddings: bool = True
+    dropout: float = _f(0.0, lo=0.0, hi=1.0)
+    init_std: float = _f(0.02, lo=0.0, lo_open=True)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.activation in ("swiglu", "geglu"):
+            # Shazeer 2020 keeps parameters equal to a 4*d_model MLP: 2/3 * 4 * d_model, rounded up to 8
+            return (int(8 * self.d_model / 3) + 7) // 8 * 8
+        return 4 * self.d_model
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = _f(1, lo=1)
+    dp_shard: int = _f(-1, lo=-1, doc="-1 = all ranks left over by the other dimensions")
+    tp: int = _f(1, lo=1)
+    pp: int = _f(1, lo=1)
+    ep: int = _f(1, lo=1)
+    zero_stage: int = _f(0, lo=0, hi=3)
+    sequence_parallel: bool = False
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    pp_microbatches: int = _f(0, lo=0, doc="0 = global batch / micro batch")
+    virtual_stages: int = _f(1, lo=1)
+    pp_layers: list[int] | None = None
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    compile: bool = False
+    engine: Literal["torch", "deepspeed"] = "torch"
+    offload: Literal["none", "cpu", "nvme"] = "none"
+    deepspeed_config: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(300, lo=1)
+    global_batch_size: int = _f(16, lo=1, doc="sequences per optimizer step, all ranks together")
+    micro_batch_size: int = _f(16, lo=1, doc="sequences per forward pass on one rank")
+    seq_len: int = _f(128, lo=2)
+    precision: Literal["fp32", "bf16", "bf16_pure"] = "fp32"
+    grad_clip: float = _f(1.0, lo=0.0, doc="0 = no clipping")
+    seed: int = _f(1234, lo=0)
+    eval_every: int = _f(50, lo=0, doc="0 = only at the end")
+    eval_steps: int = _f(8, lo=1)
+    log_every: int = _f(10, lo=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_skipped_steps: int = _f(10, lo=1)
+    collective_timeout_s: float = _f(600.0, lo=0.0, lo_open=True)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(3e-3, lo=0.0, lo_open=True)
+    min_lr: float = _f(3e-4, lo=0.0)
+    weight_decay: float = _f(0.1, lo=0.0)
+    beta1: float = _f(0.9, lo=0.0, hi=1.0)
+    beta2: float = _f(0.95, lo=0.0, hi=1.0)
+    eps: float = _f(1e-8, lo=0.0, lo_open=True)
+    warmup_steps: int = _f(30, lo=0)
+    schedule: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd", "noam"] = "cosine"
+    decay_steps: int | None = _f(None, lo=0, doc="wsd: length of the final decay; others: "
+                                                  "steps from end of warmup to min_lr "
+                                                  "(None = until train.steps)")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["stdlib", "files", "indexed"] = "stdlib"
+    paths: list[str] = _f([], doc="files/globs for source=files; .bin/.idx prefixes for indexed")
+    blend: list[list[Any]] | None = None
+    tokenizer: str | None = _f(None, doc="tokenizer.json or HF tokenizer dir; None = train BPE")
+    split: str = "98,2,0"
+    num_workers: int = _f(0, lo=0)
+    text_field: str = "text"
+    cache_dir: str | None = _f(None, doc="None = $LLMTRAIN_CACHE or ~/.cache/llmtrain")
+    reset_attention_at_eod: bool = False
+    mask_eod_loss: bool = False
+    source_field: str | None = None
+    target_field: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = _f(None, doc="None = <run_dir>/checkpoints")
+    every: int = _f(100, lo=0, doc="0 = only at the end")
+    keep_last: int = _f(2, lo=0, doc="0 = keep all")
+    resume: str = _f("auto", doc="auto | none | PATH")
+    async_save: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/tiny"
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# YAML spellings that differ from Python identifiers (`async` is a keyword).
+_ALIASES = {"checkpoint.async": "checkpoint.async_save"}
+_YAML_NAMES = {v: k for k, v in _ALIASES.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with typed errors
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    return {type(None): "null", int: "an integer", float: "a number", bool: "true/false",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{path}={value!r} is not valid; use one of: "
+                          + ", ".join(str(c) for c in choices))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}={value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r} has the wrong type; expected a list")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r} has the wrong type; expected a mapping of "
+                              f"{', '.join(f.name for f in dataclasses.fields(tp))}")
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{path}={value!r} has the wrong type; expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        path = _ALIASES.get(path, path)
+        name = path.rsplit(".", 1)[-1]
+        if name not in names:
+            raise ConfigError(_unknown_key_message(path, [_yaml_path(prefix, n) for n in names]))
+        kwargs[name] = _coerce(value, hints[name], _yaml_path(prefix, name))
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        _check_range(getattr(obj, f.name), f, _yaml_path(prefix, f.name))
+    return obj
+
+
+def _yaml_path(prefix: str, name: str) -> str:
+    path = f"{prefix}.{name}" if prefix else name
+    return _YAML_NAMES.get(path, path)
+
+
+def _unknown_key_message(path: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(path, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(valid)}"
+    return f"unknown config key {path}{hint}"
+
+
+def _check_range(value: Any, f: dataclasses.Field, path: str) -> None:
+    lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        bound = f"> {lo}" if lo_open else f">= {lo}"
+        raise ConfigError(f"{path}={value} is out of range; must be {bound}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{path}={value} is out of range; must be <= {hi}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, saving
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=c` -> ("a.b", typed c). The value is read as YAML, so 2, 1e-3, true and [1, 2] work."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+                world_size: int = 1) -> Config:
+    """Read YAML at `path` (None = the embedded default), apply `--set` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, "
+                              f"got {type(data).__name__}")
+    for item in overrides:
+        _apply_override(data, *parse_override(item))
+    cfg = config_from_dict(data)
+    validate(cfg, world_size=world_size)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    data = cfg.to_dict()
+    for alias, name in _ALIASES.items():
+        section, key = name.split(".")
+        data[section][alias.split(".")[1]] = data[section].pop(key)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-field validation
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """dp = dp_replicate * dp_shard, with dp_shard = -1 resolved from the world size."""
+    p = cfg.parallel
+    if p.dp_shard == -1:
+        other = p.pp * p.dp_replicate * p.tp
+        return world_size // other * p.dp_replicate if world_size % other == 0 else 0
+    return p.dp_replicate * p.dp_shard
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    m, t, p, o = cfg.model, cfg.train, cfg.parallel, cfg.optim
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+                          f"use one of {_divisors(m.d_model)}")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads="
+                          f"{m.n_heads}; use one of {_divisors(m.n_heads)}")
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"position=rope needs an even head dim, got model.d_model/model.n_heads"
+                          f"={m.head_dim}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                          f"use at most {m.max_seq_len} or raise model.max_seq_len")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} exceeds optim.lr={o.lr}")
+    if m.moe.num_experts and m.moe.top_k > m.moe.num_experts:
+        raise ConfigError(f"model.moe.top_k={m.moe.top_k} exceeds model.moe.num_experts="
+                          f"{m.moe.num_experts}")
+    if m.moe.num_experts:
+        raise ConfigError("model.moe.num_experts > 0 is not supported yet; use 0 (dense FFN)")
+    dims = p.pp * p.dp_replicate * p.tp * (p.dp_shard if p.dp_shard > 0 else 1)
+    if world_size % dims or (p.dp_shard > 0 and dims != world_size):
+        raise ConfigError(
+            f"parallel layout pp={p.pp} x dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} "
+            f"x tp={p.tp} = {dims} does not match the world size {world_size}")
+    dp = data_parallel_size(cfg, world_size)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}; use a "
+            f"multiple of {t.micro_batch_size * dp}")
+    if p.tp > 1 or p.pp > 1 or p.ep > 1 or p.zero_stage > 0 or p.engine != "torch":
+        raise ConfigError("parallel.tp/pp/ep/zero_stage/engine other than the defaults are not "
+                          "supported yet; this build runs plain data parallel "
+                          "(tp=1, pp=1, ep=1, zero_stage=0, engine=torch)")
+    if cfg.data.source != "stdlib" and not cfg.data.paths:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.paths (files or prefixes)")
+    if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
+        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r} is neither auto, none nor "
+                          f"an existing checkpoint directory")
