@@ -1,0 +1,74 @@
+"""`llmtrain` command line: train | scaling | plan (more subcommands register here as they land).
+
+User errors (`ConfigError`) print one line `error: ...` on stderr and exit with code 2, no
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from llmtrain.config import ConfigError, load_config
+
+# Subcommands living in their own packages: module exposing add_parser(subparsers).
+_PLUGINS = ("llmtrain.scaling.cli", "llmtrain.planner.cli")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from llmtrain.parallel.mesh import DistEnv
+    env = DistEnv.from_environ()
+    # No CONFIG: the dataclass defaults, which configs/tiny.yaml spells out (a test keeps them equal).
+    cfg = load_config(args.config, args.set or (), world_size=env.world_size)
+    from llmtrain.train.loop import train
+    summary = train(cfg, overwrite=args.overwrite)
+    if env.rank == 0:
+        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, final validation "
+              f"loss {summary['final_val_loss']:.4f}; run dir {cfg.logging.run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmtrain", description="Pretrain language models from a YAML run config.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("train", help="train a model from a YAML config (default: the tiny CPU run)",
+                       description="Train from CONFIG (default: configs/tiny.yaml, embedded). "
+                                   "Works under torchrun / the deepspeed launcher / srun.")
+    p.add_argument("config", nargs="?", help="run config YAML (default: the embedded tiny.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a run_dir that holds a run with different model/data settings")
+    p.set_defaults(func=cmd_train)
+    for mod in _PLUGINS:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):
+                continue  # that subcommand's package is not part of this build
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv or ["train"])
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Samples for training and evaluation, through megatron-core's GPTDataset.
+
+The order of samples is a pure function of the seed: the global batch of step `s` is samples
+`[s * G, (s + 1) * G)` of the shuffled training split, whatever the number of data-parallel ranks.
+A rank takes its own contiguous slice of that global batch. So the data position is just the
+step number, which makes resume exact and independent of the layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmtrain.config import Config, ConfigError
+from llmtrain.data.tokenizer import Tokenizer
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor       # [B, T] int64 inputs
+    labels: torch.Tensor       # [B, T] int64 next tokens
+    loss_mask: torch.Tensor    # [B, T] float, 0 where the loss is not taken
+    doc_ids: torch.Tensor | None  # [B, T] document index inside the row (reset_attention_at_eod)
+    sample_ids: list[int]      # indices into the split, for logging/debugging
+
+
+def _split_sizes(cfg: Config) -> list[int]:
+    """Samples per split: every training step's global batch; one fixed validation set that
+    every evaluation reuses (so eval losses are comparable across steps)."""
+    t = cfg.train
+    return [t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0]
+
+
+def build_datasets(cfg: Config, prefix: str, tok: Tokenizer):
+    """(train, valid) GPTDatasets over `prefix` (or over `data.blend`), with megatron's split."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder)
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} entries but model.vocab_size="
+                          f"{cfg.model.vocab_size}; raise model.vocab_size to at least "
+                          f"{tok.vocab_size}")
+    d, t = cfg.data, cfg.train
+    if d.blend:
+        blend = ([str(p) for _, p in d.blend], [float(w) for w, _ in d.blend])
+    else:
+        blend = ([prefix], None)
+    gcfg = GPTDatasetConfig(
+        random_seed=t.seed, sequence_length=t.seq_len, blend=blend, split=d.split,
+        tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=d.mask_eod_loss, create_attention_mask=False,
+        path_to_cache=None, mid_level_dataset_surplus=0.005)
+    sizes = _split_sizes(cfg)
+    try:
+        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True,
+                                                        gcfg).build()
+    except (AssertionError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"could not build datasets from {blend[0]} with data.split="
+                          f"{d.split!r}: {e}") from None
+    if train is None or len(train) == 0:
+        raise ConfigError(f"data.split={d.split!r} leaves no training samples")
+    if valid is None or len(valid) == 0:
+        raise ConfigError(f"data.split={d.split!r} leaves no validation samples; give the "
+                          f"validation split a share, e.g. 98,2,0")
+    return train, valid
+
+
+def _doc_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Document index of every position: it increments right after each EOD token."""
+    is_eod = (tokens == eod).long()
+    return torch.cumsum(is_eod, dim=-1) - is_eod
+
+
+class BatchReader:
+    """Micro-batches of one data-parallel rank, addressed by (step, micro-batch index)."""
+
+    def __init__(self, dataset, cfg: Config, tok: Tokenizer, dp_rank: int = 0, dp_size: int = 1):
+        t = cfg.train
+        self.ds, self.tok = dataset, tok
+        self.G, self.mb = t.global_batch_size, t.micro_batch_size
+        self.per_rank = self.G // dp_size
+        self.n_micro = self.per_rank // self.mb
+        self.offset = dp_rank * self.per_rank
+        self.reset_at_eod = cfg.data.reset_attention_at_eod
+
+    def sample_ids(self, step: int, micro: int) -> list[int]:
+        start = step * self.G + self.offset + micro * self.mb
+        return [i % len(self.ds) for i in range(start, start + self.mb)]
+
+    def get(self, step: int, micro: int) -> Batch:
+        ids = self.sample_ids(step, micro)
+        items = [self.ds[i] for i in ids]
+        tokens = torch.stack([it["tokens"] for it in items])
+        labels = torch.stack([it["labels"] for it in items])
+        mask = torch.stack([it["loss_mask"] for it in items]).float()
+        doc_ids = _doc_ids(tokens, self.tok.eod) if self.reset_at_eod else None
+        return Batch(tokens, labels, mask, doc_ids, ids)
+
+
+def check_vocab(prefix: str, vocab_size: int) -> None:
+    """Tokens outside the model's vocabulary fail at load with the offending id, not mid-run."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dtype = IndexedDataset(prefix).index.dtype
+    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    chunk = 1 << 24
+    top = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
+    if top >= vocab_size:
+        raise ConfigError(f"{prefix}.bin holds token id {top} >= model.vocab_size={vocab_size}; "
+                          f"raise model.vocab_size to at least {top + 1}")

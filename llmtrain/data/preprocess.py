@@ -1,0 +1,191 @@
+"""Raw text -> tokenizer + megatron-core indexed dataset (`PREFIX.bin` / `PREFIX.idx`).
+
+The on-disk format is megatron-core's own (`IndexedDatasetBuilder`), so corpora preprocessed for
+Megatron-LM / GPT-NeoX load unchanged and ours load there. Each document is followed by the EOD
+token. Files are written under temporary names and renamed, `.idx` last, so an interrupted run
+never leaves a pair that looks complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from llmtrain.config import Config, ConfigError
+from llmtrain.data.tokenizer import Tokenizer
+
+_FORMATS = {".txt": "text", ".text": "text", ".py": "text", ".md": "text", ".json": "json",
+            ".jsonl": "json", ".parquet": "parquet"}
+
+
+def token_dtype(vocab_size: int) -> type:
+    """Smallest dtype that holds every id (megatron-core's rule: uint16 below 65500)."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpora
+
+
+def stdlib_files() -> list[Path]:
+    """The running Python's standard-library sources, minus its test suites (sorted: reproducible)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.parts))
+
+
+def iter_stdlib_texts() -> Iterator[str]:
+    for p in stdlib_files():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            yield text
+
+
+def expand_paths(patterns: Iterable[str], key: str = "data.paths") -> list[str]:
+    files: list[str] = []
+    for pat in patterns:
+        hits = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
+        hits = [h for h in hits if os.path.isfile(h)]
+        if not hits:
+            raise ConfigError(f"{key}: {pat!r} matches no file")
+        files.extend(hits)
+    return files
+
+
+def iter_file_texts(files: list[str], text_field: str = "text") -> Iterator[str]:
+    """Stream documents through `datasets` (bounded memory whatever the corpus size).
+
+    A `.txt` file is one document per file (`sample_by="document"`), jsonl/parquet one per row.
+    """
+    import datasets  # slow import: only when files are read
+
+    datasets.disable_progress_bars()
+    for path in files:
+        fmt = _FORMATS.get(Path(path).suffix.lower())
+        if fmt is None:
+            raise ConfigError(f"data.paths: {path!r} has an unknown extension; use one of "
+                              + ", ".join(sorted(_FORMATS)))
+        kwargs = {"sample_by": "document"} if fmt == "text" else {}
+        ds = datasets.load_dataset(fmt, data_files=path, split="train", streaming=True, **kwargs)
+        field = "text" if fmt == "text" else text_field
+        for i, row in enumerate(ds):
+            if field not in row:
+                raise ConfigError(f"data.text_field={field!r} is not a field of {path} "
+                                  f"(fields: {', '.join(row)})")
+            text = row[field]
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing an indexed dataset
+
+
+def write_indexed(docs: Iterable[list[int]], prefix: str | Path, vocab_size: int) -> dict:
+    """Write token lists (one per document, EOD already appended) as megatron-core .bin/.idx."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(prefix)
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    dtype = token_dtype(vocab_size)
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    n_docs = n_tokens = 0
+    try:
+        for ids in docs:
+            if not ids:
+                continue
+            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+            n_docs += 1
+            n_tokens += len(ids)
+        builder.finalize(tmp + ".idx")
+        if n_docs == 0:
+            raise ConfigError("the corpus holds no non-empty document")
+        os.replace(tmp + ".bin", prefix + ".bin")
+        os.replace(tmp + ".idx", prefix + ".idx")  # last: the pair is complete only now
+    finally:
+        for ext in (".bin", ".idx"):
+            if os.path.exists(tmp + ext):
+                os.remove(tmp + ext)
+    return {"documents": n_docs, "tokens": n_tokens}
+
+
+def encode_documents(texts: Iterable[str], tok: Tokenizer, batch: int = 256) -> Iterator[list[int]]:
+    """Tokenize in batches (tokenizers parallelises a batch over cores) and append EOD."""
+    buf: list[str] = []
+    for text in texts:
+        buf.append(text)
+        if len(buf) == batch:
+            yield from (ids + [tok.eod] for ids in tok.encode_batch(buf))
+            buf = []
+    if buf:
+        yield from (ids + [tok.eod] for ids in tok.encode_batch(buf))
+
+
+# ----------------------------------------------------------------------------------------------
+# The corpus a run trains on, cached by what determines it
+
+
+def cache_root(cfg: Config) -> Path:
+    root = cfg.data.cache_dir or os.environ.get("LLMTRAIN_CACHE") or "~/.cache/llmtrain"
+    return Path(root).expanduser()
+
+
+def _corpus_key(cfg: Config, files: list[str]) -> str:
+    d = cfg.data
+    ident = {"source": d.source, "vocab": cfg.model.vocab_size, "tokenizer": d.tokenizer,
+             "text_field": d.text_field, "python": sys.version.split()[0] if d.source == "stdlib"
+             else None,
+             "files": [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
+    """Return (indexed-dataset prefix, tokenizer) for `cfg.data`, building them on first use.
+
+    source=stdlib|files: tokenizer trained (or loaded from data.tokenizer) and the corpus written
+    under the cache dir, keyed by a hash of everything that determines it.
+    source=indexed: data.paths[0] is an existing prefix; data.tokenizer must name its tokenizer
+    (or a tokenizer.json must lie next to the prefix).
+    """
+    d = cfg.data
+    if d.source == "indexed":
+        prefix = d.paths[0]
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ConfigError(f"data.paths[0]={prefix!r}: {prefix + ext} does not exist")
+        tok_path = d.tokenizer or str(Path(prefix).parent / "tokenizer.json")
+        return prefix, Tokenizer.load(tok_path)
+
+    files = [] if d.source == "stdlib" else expand_paths(d.paths)
+    out = cache_root(cfg) / f"corpus-{d.source}-{_corpus_key(cfg, files)}"
+    prefix = out / "data"
+    tok_file = out / "tokenizer.json"
+    if tok_file.is_file() and Path(f"{prefix}.idx").is_file():
+        return str(prefix), Tokenizer.load(tok_file)
+
+    out.mkdir(parents=True, exist_ok=True)
+    texts = iter_stdlib_texts if d.source == "stdlib" else (lambda: iter_file_texts(files,
+                                                                                  d.text_field))
+    if d.tokenizer:
+        tok = Tokenizer.load(d.tokenizer)
+    else:
+        log(f"training a {cfg.model.vocab_size}-entry byte-level BPE tokenizer on the "
+            f"{d.source} corpus (once; cached in {out})")
+        tok = Tokenizer.train_bpe(texts(), cfg.model.vocab_size)
+    log(f"tokenizing the {d.source} corpus into {prefix}.bin/.idx")
+    stats = write_indexed(encode_documents(texts(), tok), prefix, tok.vocab_size)
+    tok.save(tok_file)  # last: its presence marks the cache entry complete
+    log(f"corpus ready: {stats['documents']} documents, {stats['tokens']:,} tokens")
+    return str(prefix), tok

@@ -1,0 +1,91 @@
+"""Process-group set-up and the DeviceMesh, from ParallelConfig and the launcher's environment.
+
+Launchers tell a process who it is through environment variables: torchrun and the deepspeed
+launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; under Slurm without them we
+read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID. The mesh is `pp x dp_replicate x dp_shard x tp`,
+outermost first (torchtitan's order), so tp groups are the closest ranks (same node).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from llmtrain.config import Config, ConfigError
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environ(cls) -> "DistEnv":
+        env = os.environ
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            return cls(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                       int(env.get("SLURM_LOCALID", 0)))
+        return cls()
+
+
+def resolve_device(cfg: Config, env: DistEnv) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use auto or cpu")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        dev = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def mesh_shape(cfg: Config, world_size: int) -> dict[str, int]:
+    p = cfg.parallel
+    other = p.pp * p.dp_replicate * p.tp
+    dp_shard = p.dp_shard if p.dp_shard > 0 else world_size // other
+    return {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp}
+
+
+def init_distributed(cfg: Config, env: DistEnv, device: torch.device) -> DeviceMesh | None:
+    """Join the process group (NCCL on CUDA, gloo on CPU) and build the mesh; None for 1 process."""
+    if env.world_size == 1:
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
+    shape = mesh_shape(cfg, env.world_size)
+    return init_device_mesh(device.type, tuple(shape.values()), mesh_dim_names=MESH_DIMS)
+
+
+def dp_info(mesh: DeviceMesh | None) -> tuple[int, int]:
+    """(rank, size) of this process in the flattened data-parallel dimension."""
+    if mesh is None:
+        return 0, 1
+    rep, shard = mesh["dp_replicate"], mesh["dp_shard"]
+    return (rep.get_local_rank() * shard.size() + shard.get_local_rank(),
+            rep.size() * shard.size())
+
+
+def describe_groups(mesh: DeviceMesh | None) -> list[str]:
+    """One line per mesh dimension: which global ranks form each group."""
+    if mesh is None:
+        return ["single process"]
+    ranks = mesh.mesh
+    lines = []
+    for i, name in enumerate(MESH_DIMS):
+        if ranks.shape[i] == 1:
+            continue
+        groups = ranks.movedim(i, -1).reshape(-1, ranks.shape[i]).tolist()
+        lines.append(f"{name}={ranks.shape[i]}: " + " ".join(str(g) for g in groups))
+    return lines or ["every dimension 1"]

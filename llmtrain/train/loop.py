@@ -1,0 +1,276 @@
+"""The training loop: one function, `train(cfg)`, the same on one CPU process and on many GPUs.
+
+Loss normalisation: the loss of a step is the mean next-token cross entropy over every unmasked
+token of the *global* batch. Each micro-batch contributes sum(CE) / N_global, so gradient
+accumulation and data parallelism give the same gradients as one process with the whole batch
+(DDP/FSDP average over dp ranks, hence the factor dp).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from llmtrain.config import Config, ConfigError, save_config
+from llmtrain.train import checkpoint as ckpt
+from llmtrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gib
+from llmtrain.train.optim import build_optimizer, lr_at
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross entropies (fp32) over positions where mask is 1."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return (ce * mask.flatten()).sum()
+
+
+def check_run_dir(cfg: Config, overwrite: bool = False) -> None:
+    """Refuse to mix two different runs in one directory (extending a run is fine)."""
+    saved = Path(cfg.logging.run_dir) / "config.yaml"
+    if not saved.is_file() or overwrite:
+        return
+    from llmtrain.config import load_config
+    try:
+        old = load_config(saved)
+    except ConfigError:
+        old = None
+    if old is None or ckpt.config_hash(old) != ckpt.config_hash(cfg):
+        raise ConfigError(f"logging.run_dir={cfg.logging.run_dir!r} already holds a run with "
+                          f"different model or data settings; choose another run_dir or pass "
+                          f"--overwrite")
+
+
+class Trainer:
+    """Holds the state of one run; `run()` trains to `train.steps`."""
+
+    def __init__(self, cfg: Config, overwrite: bool = False, log=print):
+        from llmtrain.data.loader import BatchReader, build_datasets, check_vocab
+        from llmtrain.data.preprocess import prepare_corpus
+        from llmtrain.model import build_model
+        from llmtrain.parallel import parallelize
+        from llmtrain.parallel.mesh import (DistEnv, describe_groups, dp_info, init_distributed,
+                                            resolve_device)
+
+        self.cfg = cfg
+        self.env = env = DistEnv.from_environ()
+        self.is_main = env.rank == 0
+        self.device = resolve_device(cfg, env)
+        self.mesh = init_distributed(cfg, env, self.device)
+        self.run_dir = Path(cfg.logging.run_dir)
+        if self.is_main:
+            check_run_dir(cfg, overwrite)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        say = log if self.is_main else (lambda *a, **k: None)
+        self.say = say
+
+        # Data: rank 0 builds the cache first, the others then find it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # megatron-core warns about missing Apex/TE on import
+            if self.is_main:
+                prefix, tok = prepare_corpus(cfg, log=say)
+            if dist.is_initialized():
+                dist.barrier()
+            if not self.is_main:
+                prefix, tok = prepare_corpus(cfg, log=say)
+            if cfg.data.source == "indexed":
+                for p in ([p for _, p in cfg.data.blend] if cfg.data.blend else [prefix]):
+                    check_vocab(str(p), cfg.model.vocab_size)
+            train_ds, valid_ds = build_datasets(cfg, prefix, tok)
+        self.tokenizer = tok
+        self.dp_rank, self.dp_size = dp_info(self.mesh)
+        self.train_reader = BatchReader(train_ds, cfg, tok, self.dp_rank, self.dp_size)
+        self.valid_reader = BatchReader(valid_ds, cfg, tok, self.dp_rank, self.dp_size)
+
+        # Model: identical initial weights on every rank (same seed), then parallelised.
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, self.device)
+        self.n_params = model.num_params(non_embedding=False)
+        self.n_params_nonemb = model.num_params(non_embedding=True)
+        self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
+        if cfg.train.precision == "bf16_pure":
+            model = model.to(torch.bfloat16)
+        self.model = parallelize(model, self.mesh, cfg, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+
+        self.step = 0
+        self.skipped_total = 0
+        resume = ckpt.find_resume(cfg)
+        if resume is not None:
+            meta = ckpt.load(resume, self.model, self.optimizer, cfg, self.device)
+            self.step = meta["step"]
+            self.skipped_total = meta.get("skipped_steps", 0)
+            say(f"resumed from {resume} at step {self.step}")
+        else:
+            torch.manual_seed(cfg.train.seed + 1 + env.rank)  # dropout streams differ by rank
+
+        t = cfg.train
+        self.tokens_per_step = t.global_batch_size * t.seq_len
+        say(f"model: {self.n_params:,} parameters ({self.n_params_nonemb:,} non-embedding), "
+            f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}, {cfg.model.n_heads} heads "
+            f"({cfg.model.kv_heads} kv), vocab {cfg.model.vocab_size}")
+        say(f"layout: world {env.world_size} on {self.device.type}, dp {self.dp_size}; "
+            + "; ".join(describe_groups(self.mesh)))
+        say(f"batch: {t.global_batch_size} sequences x {t.seq_len} tokens = "
+            f"{self.tokens_per_step:,} tokens/step, micro-batch {t.micro_batch_size}, "
+            f"{self.train_reader.n_micro} accumulation steps; {t.steps} steps, precision "
+            f"{t.precision}")
+        say(f"data: {len(train_ds):,} training / {len(valid_ds):,} validation samples; "
+            f"run dir {self.run_dir}")
+
+    # ------------------------------------------------------------------------------------------
+
+    def _forward_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = batch.tokens.to(self.device)
+        labels = batch.labels.to(self.device)
+        mask = batch.loss_mask.to(self.device)
+        doc_ids = batch.doc_ids.to(self.device) if batch.doc_ids is not None else None
+        with _autocast(self.cfg, self.device):
+            logits = self.model(tokens, doc_ids=doc_ids) if doc_ids is not None \
+                else self.model(tokens)
+        return cross_entropy_sum(logits, labels, mask), mask.sum()
+
+    def train_step(self, step: int) -> dict:
+        cfg, model, opt = self.cfg, self.model, self.optimizer
+        model.train()
+        lr = lr_at(step, cfg.optim, cfg.train.steps, cfg.model.d_model)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batches = [self.train_reader.get(step, m) for m in range(self.train_reader.n_micro)]
+        n_global = _all_reduce_sum(torch.as_tensor(float(sum(b.loss_mask.sum() for b in batches)),
+                                                   device=self.device))
+        loss_sum = torch.zeros((), device=self.device)
+        n_micro = len(batches)
+        for m, batch in enumerate(batches):
+            sync = m == n_micro - 1
+            ctx = model.no_sync() if (hasattr(model, "no_sync") and not sync) \
+                else contextlib.nullcontext()
+            with ctx:
+                ce_sum, _ = self._forward_loss(batch)
+                (ce_sum * (self.dp_size / n_global)).backward()
+            loss_sum += ce_sum.detach()
+        loss = _all_reduce_sum(loss_sum) / n_global
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        r = self.valid_reader
+        for s in range(self.cfg.train.eval_steps):
+            for m in range(r.n_micro):
+                ce_sum, n = self._forward_loss(r.get(s, m))
+                total += ce_sum
+                count += n
+        return float(_all_reduce_sum(total) / _all_reduce_sum(count))
+
+    def save_checkpoint(self) -> None:
+        c = self.cfg.checkpoint
+        ckpt.save(ckpt.checkpoint_dir(self.cfg), self.step, self.model, self.optimizer, self.cfg,
+                  self.device, {"tokens": self.step * self.tokens_per_step,
+                                "skipped_steps": self.skipped_total}, keep_last=c.keep_last)
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        writer = MetricsWriter(self.run_dir, self.is_main, cfg.logging.tensorboard,
+                               cfg.logging.jsonl, cfg.logging.progress, t.steps, self.step)
+        peak = device_peak_flops(self.device)
+        consecutive_skips = 0
+        last_val = None
+        t_last, tokens_last = time.perf_counter(), 0
+        try:
+            while self.step < t.steps:
+                out = self.train_step(self.step)
+                self.step += 1
+                tokens_last += self.tokens_per_step
+                if out["skipped"]:
+                    consecutive_skips += 1
+                    self.skipped_total += 1
+                    writer.message(f"step {self.step}: non-finite loss or gradient norm "
+                                   f"(loss {out['loss']}, grad norm {out['grad_norm']}); "
+                                   f"optimizer step skipped")
+                    if consecutive_skips >= t.max_skipped_steps:
+                        self.save_checkpoint()
+                        raise RuntimeError(
+                            f"{consecutive_skips} consecutive steps had a non-finite loss or "
+                            f"gradient norm (train.max_skipped_steps={t.max_skipped_steps}); "
+                            f"stopped after saving step {self.step}")
+                else:
+                    consecutive_skips = 0
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    tps = tokens_last / max(now - t_last, 1e-9)
+                    t_last, tokens_last = now, 0
+                    rec = {"step": self.step, "loss": out["loss"], "lr": out["lr"],
+                           "grad_norm": out["grad_norm"],
+                           "tokens": self.step * self.tokens_per_step, "tokens_per_s": tps,
+                           "peak_memory_gib": peak_memory_gib(self.device),
+                           "skipped_steps": self.skipped_total}
+                    if peak:
+                        world = dist.get_world_size() if dist.is_initialized() else 1
+                        rec["mfu"] = self.flops_per_token * tps / (peak * world)
+                    writer.log("metrics", rec)
+                    writer.progress(self.step, f"loss {out['loss']:.3f} lr {out['lr']:.2e} "
+                                               f"{tps:,.0f} tok/s")
+                    if writer.bar is None:
+                        writer.message(f"step {self.step}/{t.steps} loss {out['loss']:.4f} "
+                                       f"lr {out['lr']:.2e} grad_norm {out['grad_norm']:.3f} "
+                                       f"{tps:,.0f} tok/s")
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                    last_val = self.evaluate()
+                    writer.log("eval", {"step": self.step,
+                                        "tokens": self.step * self.tokens_per_step,
+                                        "val_loss": last_val})
+                    writer.message(f"step {self.step}: validation loss {last_val:.4f}")
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or self.step == t.steps:
+                    self.save_checkpoint()
+        finally:
+            writer.close()
+        summary = {"steps": self.step, "tokens": self.step * self.tokens_per_step,
+                   "n_params": self.n_params, "n_params_nonembedding": self.n_params_nonemb,
+                   "flops_per_token": self.flops_per_token, "final_val_loss": last_val,
+                   "skipped_steps": self.skipped_total}
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def train(cfg: Config, overwrite: bool = False, log=print) -> dict:
+    trainer = Trainer(cfg, overwrite=overwrite, log=log)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,99 @@
+"""What a run reports: metrics.jsonl, eval.jsonl, TensorBoard scalars, a progress bar, peak memory.
+
+Only rank 0 writes. A resumed run drops the lines of steps after its checkpoint before appending,
+so every step appears exactly once in the files.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+# bf16 dense peak of one H100 SXM (TFLOP/s), the denominator of MFU as PaLM and torchtitan use it.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux: the process's resident high-water mark
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep only lines whose step <= `step` (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, jsonl: bool,
+                 progress: bool, total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.files = {}
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        if jsonl:
+            for name in ("metrics", "eval"):
+                path = run_dir / f"{name}.jsonl"
+                _truncate_after(path, start_step)
+                self.files[name] = path.open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, kind: str, record: dict, histograms: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        f = self.files.get(kind)
+        if f is not None:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self.tb is not None:
+            step = record["step"]
+            prefix = "train" if kind == "metrics" else "eval"
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            for k, v in (histograms or {}).items():
+                self.tb.add_histogram(f"{prefix}/{k}", v, step)
+
+    def progress(self, step: int, text: str) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(text, refresh=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()

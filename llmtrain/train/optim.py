@@ -1,0 +1,69 @@
+"""AdamW with parameter groups, and learning-rate schedules as a pure function of the step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmtrain.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: no weight decay on norms, biases and embeddings (GPT-3, Llama)."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = "embeddings" in name and "output" not in name
+        (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_optimizer(model: nn.Module, o: OptimConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    kwargs = {}
+    if fused is not None:
+        kwargs["fused"] = fused
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                             eps=o.eps, **kwargs)
+
+
+def lr_at(step: int, o: OptimConfig, total_steps: int, d_model: int | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to `lr`, then the decay.
+
+    warmup: lr * (step + 1) / warmup_steps for step < warmup_steps.
+    cosine | linear: from lr at the end of warmup down to min_lr after `decay_steps` (default:
+      until total_steps), min_lr afterwards.
+    constant: lr.  inverse_sqrt: lr * sqrt(warmup / step) (at least min_lr).
+    wsd (warmup-stable-decay, Hu et al. 2024): lr until the last `decay_steps` (default 20% of
+      the run), then linear to min_lr.
+    noam (Vaswani et al. 2017, eq. 3): d_model^-0.5 * min(s^-0.5, s * warmup^-1.5), s = step + 1;
+      `lr` acts as a multiplier (1.0 = the paper's schedule).
+    """
+    w = o.warmup_steps
+    s = step + 1
+    if o.schedule == "noam":
+        if d_model is None:
+            raise ValueError("the noam schedule needs d_model")
+        return o.lr * d_model ** -0.5 * min(s ** -0.5, s * max(w, 1) ** -1.5)
+    if step < w:
+        return o.lr * s / w
+    if o.schedule == "constant":
+        return o.lr
+    if o.schedule == "inverse_sqrt":
+        return max(o.min_lr, o.lr * math.sqrt(max(w, 1) / s))
+    if o.schedule == "wsd":
+        n_decay = o.decay_steps if o.decay_steps is not None else max(1, round(0.2 * total_steps))
+        start = total_steps - n_decay
+        if step < start:
+            return o.lr
+        frac = min(1.0, (step - start + 1) / max(n_decay, 1))
+        return o.lr + (o.min_lr - o.lr) * frac
+    n_decay = o.decay_steps if o.decay_steps is not None else total_steps - w
+    frac = min(1.0, (step - w + 1) / max(n_decay, 1))
+    if o.schedule == "linear":
+        return o.lr + (o.min_lr - o.lr) * frac
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * frac))  # cosine
