@@ -1,0 +1,1 @@
+"""Data: tokenizers, preprocessing to megatron-core indexed datasets, sample loading."""
