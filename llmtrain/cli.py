@@ -29,6 +29,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from llmtrain.data.preprocess import preprocess
+    preprocess(args.input, args.output, args.tokenizer, text_field=args.text_field,
+               workers=args.workers, append_eod=args.append_eod, progress=not args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmtrain", description="Pretrain language models from a YAML run config.")
@@ -42,6 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="allow a run_dir that holds a run with different model/data settings")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("preprocess", help="tokenize a corpus into a megatron-core .bin/.idx dataset",
+                       description="Stream text/jsonl/parquet files through `datasets`, tokenize "
+                                   "(training a byte-level BPE with train:VOCAB, or loading a "
+                                   "tokenizer.json / HF tokenizer dir) and write PREFIX.bin, "
+                                   "PREFIX.idx and PREFIX.tokenizer.json. Train on it with "
+                                   "data.source=indexed data.paths=[PREFIX].")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
+                   help="text (.txt: one document per file), .jsonl/.json or .parquet files")
+    p.add_argument("--output", required=True, metavar="PREFIX", help="output prefix")
+    p.add_argument("--tokenizer", required=True, metavar="train:VOCAB|PATH",
+                   help="train:32000 trains a BPE; else a tokenizer.json or HF tokenizer directory")
+    p.add_argument("--text-field", default="text", help="field of jsonl/parquet rows (default text)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                   help="end every document with the EOD token (default on)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_preprocess)
     for mod in _PLUGINS:
         try:
             module = importlib.import_module(mod)

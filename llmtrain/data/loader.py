@@ -4,6 +4,11 @@ The order of samples is a pure function of the seed: the global batch of step `s
 `[s * G, (s + 1) * G)` of the shuffled training split, whatever the number of data-parallel ranks.
 A rank takes its own contiguous slice of that global batch. So the data position is just the
 step number, which makes resume exact and independent of the layout.
+
+For a single corpus megatron-core builds exactly one epoch (its shuffle then does not depend on
+`train.steps`, so extending a run keeps the order); epoch e > 0 visits that epoch through a
+permutation seeded by (seed, e): every sample once per epoch. A blend (`data.blend`) is built for
+`train.steps` global batches, since megatron-core sizes the mixture up front.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ class Batch:
 
 
 def _split_sizes(cfg: Config) -> list[int]:
-    """Samples per split: every training step's global batch; one fixed validation set that
-    every evaluation reuses (so eval losses are comparable across steps)."""
+    """Samples per split. One sample asks megatron-core for exactly one epoch of a single corpus.
+    Validation: one fixed set that every evaluation reuses (comparable across steps)."""
     t = cfg.train
+    if not cfg.data.blend:
+        return [1, 1, 0]
     return [t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0]
 
 
@@ -76,12 +83,31 @@ def _doc_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return torch.cumsum(is_eod, dim=-1) - is_eod
 
 
+class EpochOrder:
+    """Global sample number -> dataset index: epoch 0 in the dataset's own (shuffled) order,
+    epoch e > 0 through a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = 0, None
+
+    def __call__(self, i: int) -> int:
+        epoch, j = divmod(i, self.n)
+        if epoch == 0:
+            return j
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return int(self._perm[j])
+
+
 class BatchReader:
     """Micro-batches of one data-parallel rank, addressed by (step, micro-batch index)."""
 
     def __init__(self, dataset, cfg: Config, tok: Tokenizer, dp_rank: int = 0, dp_size: int = 1):
         t = cfg.train
         self.ds, self.tok = dataset, tok
+        self.order = EpochOrder(len(dataset), t.seed)
         self.G, self.mb = t.global_batch_size, t.micro_batch_size
         self.per_rank = self.G // dp_size
         self.n_micro = self.per_rank // self.mb
@@ -90,7 +116,7 @@ class BatchReader:
 
     def sample_ids(self, step: int, micro: int) -> list[int]:
         start = step * self.G + self.offset + micro * self.mb
-        return [i % len(self.ds) for i in range(start, start + self.mb)]
+        return [self.order(i) for i in range(start, start + self.mb)]
 
     def get(self, step: int, micro: int) -> Batch:
         ids = self.sample_ids(step, micro)

@@ -64,7 +64,8 @@ def expand_paths(patterns: Iterable[str], key: str = "data.paths") -> list[str]:
     return files
 
 
-def iter_file_texts(files: list[str], text_field: str = "text") -> Iterator[str]:
+def iter_file_texts(files: list[str], text_field: str = "text",
+                    key: str = "data.text_field") -> Iterator[str]:
     """Stream documents through `datasets` (bounded memory whatever the corpus size).
 
     A `.txt` file is one document per file (`sample_by="document"`), jsonl/parquet one per row.
@@ -82,7 +83,7 @@ def iter_file_texts(files: list[str], text_field: str = "text") -> Iterator[str]
         field = "text" if fmt == "text" else text_field
         for i, row in enumerate(ds):
             if field not in row:
-                raise ConfigError(f"data.text_field={field!r} is not a field of {path} "
+                raise ConfigError(f"{key}={field!r} is not a field of {path} "
                                   f"(fields: {', '.join(row)})")
             text = row[field]
             if isinstance(text, str) and text.strip():
@@ -106,7 +107,7 @@ def write_indexed(docs: Iterable[list[int]], prefix: str | Path, vocab_size: int
         for ids in docs:
             if not ids:
                 continue
-            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+            builder.add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
             n_docs += 1
             n_tokens += len(ids)
         builder.finalize(tmp + ".idx")
@@ -165,7 +166,9 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 raise ConfigError(f"data.paths[0]={prefix!r}: {prefix + ext} does not exist")
-        tok_path = d.tokenizer or str(Path(prefix).parent / "tokenizer.json")
+        tok_path = d.tokenizer or next(
+            (p for p in (f"{prefix}.tokenizer.json", str(Path(prefix).parent / "tokenizer.json"))
+             if os.path.isfile(p)), f"{prefix}.tokenizer.json")
         return prefix, Tokenizer.load(tok_path)
 
     files = [] if d.source == "stdlib" else expand_paths(d.paths)
@@ -189,3 +192,107 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
     tok.save(tok_file)  # last: its presence marks the cache entry complete
     log(f"corpus ready: {stats['documents']} documents, {stats['tokens']:,} tokens")
     return str(prefix), tok
+
+
+# ----------------------------------------------------------------------------------------------
+# `llmtrain preprocess`: any corpus -> tokenizer + indexed dataset, streamed, multi-process
+
+_WORKER_TOK: Tokenizer | None = None
+
+
+def _worker_init(tokenizer_json: str) -> None:
+    global _WORKER_TOK
+    from tokenizers import Tokenizer as HFTokenizer
+    _WORKER_TOK = Tokenizer(HFTokenizer.from_str(tokenizer_json))
+
+
+def _worker_encode(texts: list[str]) -> list[list[int]]:
+    return _WORKER_TOK.encode_batch(texts)
+
+
+def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
+    buf: list[str] = []
+    for t in texts:
+        buf.append(t)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def resolve_tokenizer(spec: str, texts, log=print) -> Tokenizer:
+    """`train:VOCAB` trains a byte-level BPE on `texts()`; anything else is a tokenizer path."""
+    if spec.startswith("train:"):
+        try:
+            vocab = int(spec.split(":", 1)[1])
+        except ValueError:
+            vocab = 0
+        if vocab < 260:
+            raise ConfigError(f"--tokenizer {spec!r}: VOCAB must be an integer >= 260 (256 bytes + "
+                              f"special tokens), e.g. train:32000")
+        log(f"training a {vocab}-entry byte-level BPE tokenizer")
+        return Tokenizer.train_bpe(texts(), vocab)
+    return Tokenizer.load(spec)
+
+
+def preprocess(inputs: list[str], output: str, tokenizer: str, text_field: str = "text",
+               workers: int = 1, append_eod: bool = True, batch_docs: int = 512,
+               progress: bool = True, log=print) -> dict:
+    """Stream `inputs` through `datasets`, tokenize with `workers` processes, write OUTPUT.bin/.idx
+    and OUTPUT.tokenizer.json. Returns counts and rates."""
+    import multiprocessing as mp
+    import time
+
+    files = expand_paths(inputs, key="--input")
+    texts = lambda: iter_file_texts(files, text_field, key="--text-field")  # noqa: E731
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok = resolve_tokenizer(tokenizer, texts, log)
+    eod = [tok.eod] if append_eod else []
+    stats = {"documents": 0, "tokens": 0, "bytes": 0}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(unit="doc", desc="preprocess", dynamic_ncols=True, mininterval=0.5)
+    t0 = time.perf_counter()
+
+    def count(batch: list[str]) -> list[str]:
+        stats["bytes"] += sum(len(t.encode("utf-8")) for t in batch)
+        return batch
+
+    def docs() -> Iterator[list[int]]:
+        batches = (count(b) for b in _batched(texts(), batch_docs))
+        if workers > 1:
+            ctx = mp.get_context("spawn")  # fork after tokenizers' thread pool started can deadlock
+            with ctx.Pool(workers, _worker_init, (tok.hf.to_str(),)) as pool:
+                yield from _account(pool.imap(_worker_encode, batches, chunksize=1))
+        else:
+            yield from _account(map(tok.encode_batch, batches))
+
+    def _account(encoded: Iterable[list[list[int]]]) -> Iterator[list[int]]:
+        for batch in encoded:
+            for ids in batch:
+                stats["documents"] += 1
+                stats["tokens"] += len(ids) + len(eod)
+                yield ids + eod
+            if bar is not None:
+                dt = max(time.perf_counter() - t0, 1e-9)
+                bar.n = stats["documents"]
+                bar.set_postfix_str(f"{stats['tokens']:,} tokens, "
+                                    f"{stats['bytes'] / dt / 2**20:.1f} MB/s", refresh=False)
+                bar.refresh()
+
+    try:
+        write_indexed(docs(), out, tok.vocab_size)
+    finally:
+        if bar is not None:
+            bar.close()
+    tok.save(f"{out}.tokenizer.json")
+    dt = time.perf_counter() - t0
+    stats.update(seconds=dt, tokens_per_s=stats["tokens"] / max(dt, 1e-9), vocab_size=tok.vocab_size,
+                 dtype=np.dtype(token_dtype(tok.vocab_size)).name)
+    log(f"wrote {out}.bin/.idx: {stats['documents']:,} documents, {stats['tokens']:,} tokens "
+        f"({stats['dtype']}), {stats['bytes'] / 2**20:.1f} MB of text in {dt:.1f} s "
+        f"({stats['tokens_per_s']:,.0f} tokens/s); tokenizer {out}.tokenizer.json")
+    return stats
