@@ -1,0 +1,52 @@
+"""Alpha-beta cost of collectives: t = steps * alpha + bytes_moved / bandwidth.
+
+Ring algorithms (Thakur et al. 2005; what NCCL uses for large messages): an all-reduce of B bytes
+over n ranks moves 2(n-1)/n * B per rank in 2(n-1) steps; all-gather and reduce-scatter (B = the
+full, gathered size) move (n-1)/n * B in n-1 steps; all-to-all the same. A group runs at NVLink
+speed when it sits inside one node and at the per-GPU network share when it spans nodes.
+
+Ranks are laid out as DESIGN.md's mesh, tp innermost: rank = ((pp * dp_replicate + r) * dp_shard
++ s) * tp + t. A dimension's group therefore has a stride (the product of the dimensions inside
+it) and stays in one node when stride * size <= gpus_per_node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmtrain.planner.compute import Hardware
+
+
+@dataclass(frozen=True)
+class Link:
+    bytes_per_s: float
+    alpha_s: float
+    inter_node: bool
+
+
+def link_for(stride: int, size: int, hw: Hardware) -> Link:
+    """The slowest link a group of `size` ranks `stride` apart crosses."""
+    if stride * size <= hw.gpus_per_node:
+        return Link(hw.nvlink_gbps * 1e9 * hw.link_efficiency, hw.alpha_intra_us * 1e-6, False)
+    return Link(hw.net_gbps * 1e9 * hw.link_efficiency, hw.alpha_inter_us * 1e-6, True)
+
+
+def ring_bytes(op: str, n: int, nbytes: float) -> float:
+    """Bytes each rank sends for `op` on `nbytes` (the full tensor) over n ranks."""
+    if n <= 1:
+        return 0.0
+    if op == "all_reduce":
+        return 2 * (n - 1) / n * nbytes
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (n - 1) / n * nbytes
+    if op == "p2p":
+        return nbytes
+    raise ValueError(f"unknown collective {op!r}")
+
+
+def collective_time(op: str, n: int, nbytes: float, link: Link) -> float:
+    """Seconds for one collective under the alpha-beta model (0 for a group of one)."""
+    if n <= 1 and op != "p2p":
+        return 0.0
+    steps = {"all_reduce": 2 * (n - 1), "p2p": 1}.get(op, n - 1)
+    return steps * link.alpha_s + ring_bytes(op, n, nbytes) / link.bytes_per_s

@@ -1,0 +1,152 @@
+"""Per-GPU memory of a training layout: model states (ZeRO paper) and activations (Korthikanti).
+
+Model states follow Rajbhandari et al. 2020 ("ZeRO: Memory Optimizations Toward Training Trillion
+Parameter Models", Sec. 3.1 and Fig. 1): Adam in mixed precision keeps 2 bytes of bf16/fp16
+parameters, 2 bytes of gradients and 12 bytes of fp32 master weights, momentum and variance per
+parameter; stage 1 shards the optimizer states over the data-parallel group, stage 2 also the
+gradients, stage 3 also the parameters.
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models", Sec. 4-5, Table 2): s*b*h*(34 + 5*a*s/h) bytes per layer for a GPT layer (2-byte
+elements, 1-byte dropout masks). `layer_activation_bytes` keeps the paper's term-by-term
+accounting so that other shapes (GLU MLPs, grouped-query attention, no dropout, fused attention
+kernels) change the right terms; for the paper's GPT layer it returns the paper's numbers exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from llmtrain.config import ModelConfig
+
+GIB = 1024 ** 3
+
+# bytes per parameter: (parameters, gradients, optimizer states) for Adam.
+# bf16: ZeRO paper mixed precision 2 + 2 + 12 (fp32 master copy, momentum, variance);
+# fp32: 4 + 4 + 8; bf16_pure: bf16 everywhere, Adam moments in bf16 and no master copy (2 + 2 + 4).
+STATE_BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8), "bf16_pure": (2, 2, 4)}
+
+# Assumption until measured on the target machine: CUDA context, NCCL buffers, cuBLAS workspaces
+# and allocator fragmentation take this much per GPU on top of what the formulas count.
+FRAMEWORK_OVERHEAD_GIB = 2.0
+
+GLU_ACTIVATIONS = ("swiglu", "geglu")
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of a decoder, computed from its config (no model is built)."""
+
+    embedding: int        # token (+ learned position) embeddings
+    attention: int        # one layer's attention projections (+ biases)
+    mlp: int              # one dense MLP (+ biases); also the size of one expert
+    norms: int            # one layer's norms
+    n_layers: int
+    n_moe_layers: int
+    experts_per_layer: int  # routed + shared experts in a MoE layer
+    router: int           # one MoE layer's router
+    final_norm: int
+    output: int           # untied output projection (0 when tied to the embedding)
+    vocab_proj: int       # vocab x d: the logits GEMM's weight, tied or not
+
+    @property
+    def dense_layer(self) -> int:
+        return self.attention + self.mlp + self.norms
+
+    @property
+    def moe_layer_experts(self) -> int:
+        return self.experts_per_layer * self.mlp
+
+    @property
+    def total(self) -> int:
+        moe_extra = self.n_moe_layers * (self.moe_layer_experts - self.mlp + self.router)
+        return (self.embedding + self.n_layers * self.dense_layer + moe_extra + self.final_norm
+                + self.output)
+
+
+def param_counts(m: ModelConfig) -> ParamCounts:
+    h, d_attn, kv_dim = m.d_model, m.n_heads * m.head_dim, m.kv_heads * m.head_dim
+    glu = m.activation in GLU_ACTIVATIONS
+    attention = h * (d_attn + 2 * kv_dim) + d_attn * h
+    mlp = (3 if glu else 2) * h * m.ffn_dim
+    if m.bias:
+        attention += d_attn + 2 * kv_dim + h
+        mlp += (2 if glu else 1) * m.ffn_dim + h
+    norm = (2 * h if m.norm == "layernorm" else h)
+    embedding = m.vocab_size * h + (m.max_seq_len * h if m.position == "learned" else 0)
+    moe = m.moe
+    n_moe = m.n_layers // moe.every_n_layers if moe.num_experts else 0
+    return ParamCounts(
+        embedding=embedding, attention=attention, mlp=mlp, norms=2 * norm, n_layers=m.n_layers,
+        n_moe_layers=n_moe, experts_per_layer=moe.num_experts + moe.n_shared_experts,
+        router=h * moe.num_experts, final_norm=norm,
+        output=0 if m.tie_embeddings else m.vocab_size * h, vocab_proj=m.vocab_size * h)
+
+
+def model_state_bytes(n_params: float, precision: str, zero_stage: int,
+                      dp_shard: int) -> dict[str, float]:
+    """Bytes of parameters, gradients and optimizer states on one GPU holding `n_params`
+    (its tensor/pipeline share), with ZeRO `zero_stage` sharding over `dp_shard` ranks."""
+    p, g, o = STATE_BYTES[precision]
+    return {"params": n_params * p / (dp_shard if zero_stage >= 3 else 1),
+            "grads": n_params * g / (dp_shard if zero_stage >= 2 else 1),
+            "optimizer": n_params * o / (dp_shard if zero_stage >= 1 else 1)}
+
+
+def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, *, sp: bool = False,
+                           recompute: str = "none", ffn: int | None = None, glu: bool = False,
+                           kv_heads: int | None = None, dropout: bool = True,
+                           layernorm: bool = True, flash: bool = False,
+                           elem_bytes: int = 2) -> float:
+    """Bytes one transformer layer keeps for its backward pass on one GPU (Korthikanti Sec. 4).
+
+    In units of s*b*h (2-byte elements): layer-norm inputs 2 + 2, QKV input 2, MLP input 2 and
+    two 1-byte dropout masks are the 10 that plain tensor parallelism replicates; Q, K, V (6),
+    the output-projection input (2) and the MLP's inner tensors (16 for a 4h GeLU MLP) are the
+    24 it splits; the attention scores cost 5*a*s/h (softmax output 2, dropout mask 1, dropout
+    output 2), split by t. Sequence parallelism splits the replicated part too. Selective
+    recomputation drops the score term; full recomputation keeps only the layer input (2).
+    `flash=True` models fused attention kernels that never store the s x s scores.
+    """
+    scale = elem_bytes / 2
+    if recompute == "full":  # only the layer input is checkpointed (Table 2: sbh * 2)
+        return 2 * s * b * h / (t if sp else 1) * scale
+    ffn = ffn or 4 * h
+    kv_ratio = (kv_heads or a) / a
+    drop = 1 if dropout else 0
+    replicated = (4 if layernorm else 2) + 2 + 2 + 2 * drop
+    mlp_inner = (6 if glu else 4) * ffn / h  # GeLU: its input + fc2 input; GLU: gate, up, product
+    split = 2 + 4 * kv_ratio + 2 + mlp_inner
+    scores = 0.0 if (flash or recompute == "selective") else (2 + 3 * drop) * a * s / h
+    per_sbh = replicated / (t if sp else 1) + split / t + scores / t
+    return s * b * h * per_sbh * scale
+
+
+def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                            recompute: str = "none") -> float:
+    """Korthikanti et al. 2022 Table 2, verbatim, for checking `layer_activation_bytes`."""
+    if recompute == "full":
+        return 2 * s * b * h
+    score = 0 if recompute == "selective" else 5 * a * s / h
+    if sp:
+        return s * b * h / t * (34 + score)
+    return s * b * h * (10 + 24 / t + score / t)
+
+
+def inflight_layers(n_layers: int, pp: int, schedule: str, microbatches: int,
+                    virtual_stages: int = 1) -> float:
+    """Layers' worth of activations the first pipeline stage holds at its peak.
+
+    1F1B (and ZB-H1 zero-bubble, whose peak equals 1F1B's) keeps min(p, m) microbatches of
+    L/p layers: L layers however large p is (Korthikanti Sec. 4.2.3). GPipe keeps all m.
+    Interleaved 1F1B keeps L * (1 + (p - 1) / (p * v)) (Korthikanti Sec. 4.2.3).
+    """
+    per_stage = math.ceil(n_layers / pp)
+    if pp == 1:
+        return float(n_layers)
+    if schedule == "gpipe":
+        return float(per_stage * microbatches)
+    if schedule == "interleaved_1f1b":
+        return n_layers * (1 + (pp - 1) / (pp * virtual_stages))
+    return float(per_stage * min(pp, microbatches))

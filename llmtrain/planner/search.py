@@ -1,0 +1,411 @@
+"""Enumerate the parallel layouts a run can use on N GPUs, estimate each, rank by step time.
+
+`check_layout` is the planner's own copy of the layout rules (DESIGN.md "The mesh"):
+`config.validate()` still refuses tp/pp/ep/ZeRO > defaults because the parallel code is not
+written yet, and the planner must reason about exactly those layouts.
+
+Overlap assumptions (stated once, used by `estimate`):
+- tensor-parallel and expert all-to-all collectives sit on the critical path (not overlapped);
+- pipeline point-to-point sends are on the critical path (one send forward and one backward per
+  microbatch and model chunk);
+- data-parallel gradient reduction (ZeRO 0-2) overlaps with the backward pass of the last
+  microbatch, except the last 25 MB bucket; the ZeRO-1/2 parameter all-gather after the optimizer
+  step is exposed;
+- ZeRO-3 all-gathers (forward and backward) and reduce-scatters each microbatch, overlapped with
+  that microbatch's compute except the first layer's gather;
+- the optimizer step is memory-bound: parameters, gradients and states read and written once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from llmtrain.config import Config, ConfigError
+from llmtrain.planner import comm, compute, memory
+from llmtrain.planner.compute import Hardware
+from llmtrain.planner.memory import GIB
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+CHECKPOINTING = ("none", "selective", "full")
+DDP_BUCKET_BYTES = 25 * 1024 ** 2  # torch DDP's default bucket_cap_mb
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One parallel layout, in config.py's terms (`overrides()` gives the `--set` list)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    ep: int = 1
+    zero_stage: int = 0
+    engine: str = "torch"
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 1
+    virtual_stages: int = 1
+    activation_checkpointing: str = "none"
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def overrides(self) -> list[str]:
+        keys = ("tp", "pp", "dp_replicate", "dp_shard", "ep", "zero_stage", "engine",
+                "pp_schedule", "pp_microbatches", "virtual_stages", "activation_checkpointing",
+                "sequence_parallel")
+        out = [f"parallel.{k}={_yaml(getattr(self, k))}" for k in keys]
+        return out + [f"train.micro_batch_size={self.micro_batch_size}"]
+
+    @classmethod
+    def from_config(cls, cfg: Config, gpus: int) -> Layout:
+        p, t = cfg.parallel, cfg.train
+        other = p.pp * p.dp_replicate * p.tp
+        dp_shard = p.dp_shard if p.dp_shard > 0 else max(gpus // other, 1)
+        dp = p.dp_replicate * dp_shard
+        m = p.pp_microbatches or max(t.global_batch_size // (t.micro_batch_size * dp), 1)
+        return cls(tp=p.tp, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=dp_shard, ep=p.ep,
+                   zero_stage=p.zero_stage, engine=p.engine, pp_schedule=p.pp_schedule,
+                   pp_microbatches=m, virtual_stages=p.virtual_stages,
+                   activation_checkpointing=p.activation_checkpointing,
+                   sequence_parallel=p.sequence_parallel, micro_batch_size=t.micro_batch_size)
+
+
+def _yaml(v: object) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_layout(cfg: Config, lay: Layout, gpus: int) -> list[str]:
+    """Every rule `lay` breaks for the run in `cfg` on `gpus` GPUs, one message each."""
+    m, t = cfg.model, cfg.train
+    errs = []
+    if lay.world != gpus:
+        errs.append(f"parallel layout pp={lay.pp} x dp_replicate={lay.dp_replicate} x dp_shard="
+                    f"{lay.dp_shard} x tp={lay.tp} = {lay.world} does not match {gpus} GPUs")
+    if m.n_heads % lay.tp:
+        errs.append(f"parallel.tp={lay.tp} does not divide model.n_heads={m.n_heads}; use one "
+                    f"of {', '.join(map(str, _divisors(m.n_heads)))}")
+    kv = m.kv_heads
+    if kv % lay.tp and not (lay.tp > kv and lay.tp % kv == 0):
+        errs.append(f"parallel.tp={lay.tp} neither divides model.n_kv_heads={kv} nor is a "
+                    f"multiple of it (to replicate kv heads)")
+    if m.ffn_dim % lay.tp:
+        errs.append(f"parallel.tp={lay.tp} does not divide the MLP width {m.ffn_dim}")
+    if lay.pp > m.n_layers:
+        errs.append(f"parallel.pp={lay.pp} exceeds model.n_layers={m.n_layers}: every stage "
+                    f"needs a layer")
+    if t.global_batch_size % (lay.micro_batch_size * lay.dp):
+        errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                    f"train.micro_batch_size={lay.micro_batch_size} x data-parallel size {lay.dp}")
+    elif lay.pp_microbatches != t.global_batch_size // (lay.micro_batch_size * lay.dp):
+        errs.append(f"parallel.pp_microbatches={lay.pp_microbatches} is not global batch / "
+                    f"(micro batch x dp) = "
+                    f"{t.global_batch_size // (lay.micro_batch_size * lay.dp)}")
+    if lay.pp > 1 and lay.pp_microbatches < lay.pp:
+        errs.append(f"parallel.pp_microbatches={lay.pp_microbatches} is fewer than the "
+                    f"{lay.pp} pipeline stages")
+    if lay.pp_schedule == "interleaved_1f1b":
+        if lay.virtual_stages < 2 or m.n_layers % (lay.pp * lay.virtual_stages):
+            errs.append(f"interleaved_1f1b needs parallel.virtual_stages >= 2 with pp x "
+                        f"virtual_stages dividing model.n_layers={m.n_layers}; got pp={lay.pp}, "
+                        f"virtual_stages={lay.virtual_stages}")
+        if lay.pp_microbatches % lay.pp:
+            errs.append(f"interleaved_1f1b needs parallel.pp_microbatches="
+                        f"{lay.pp_microbatches} to be a multiple of parallel.pp={lay.pp}")
+    elif lay.virtual_stages != 1:
+        errs.append(f"parallel.virtual_stages={lay.virtual_stages} needs "
+                    f"pp_schedule=interleaved_1f1b")
+    if lay.ep > 1 and not m.moe.num_experts:
+        errs.append(f"parallel.ep={lay.ep} needs a MoE model (model.moe.num_experts > 0)")
+    if lay.dp_shard % lay.ep or (m.moe.num_experts and m.moe.num_experts % lay.ep):
+        errs.append(f"parallel.ep={lay.ep} must divide parallel.dp_shard={lay.dp_shard} and "
+                    f"model.moe.num_experts={m.moe.num_experts}")
+    if lay.sequence_parallel and (lay.tp == 1 or t.seq_len % lay.tp):
+        errs.append(f"parallel.sequence_parallel needs tp > 1 dividing train.seq_len="
+                    f"{t.seq_len}; got tp={lay.tp}")
+    if lay.zero_stage not in (0, 1, 2, 3):
+        errs.append(f"parallel.zero_stage={lay.zero_stage} is not one of 0, 1, 2, 3")
+    if lay.pp_schedule not in SCHEDULES:
+        errs.append(f"parallel.pp_schedule={lay.pp_schedule} is not one of {', '.join(SCHEDULES)}")
+    if lay.activation_checkpointing not in CHECKPOINTING:
+        errs.append(f"parallel.activation_checkpointing={lay.activation_checkpointing} is not "
+                    f"one of {', '.join(CHECKPOINTING)}")
+    if lay.engine == "deepspeed" and (lay.tp, lay.pp, lay.ep) != (1, 1, 1):
+        # assumption: our DeepSpeed engine (engines/deepspeed.py) runs ZeRO data parallel only
+        errs.append("parallel.engine=deepspeed runs ZeRO data parallel only; use tp=pp=ep=1")
+    return errs
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    memory: dict[str, float]        # bytes on the fullest GPU
+    fits: bool
+    step_time_s: float
+    time_s: dict[str, float]        # where the step goes
+    comm_bytes: dict[str, float]    # bytes one GPU sends per step, per dimension
+    tokens_per_s: float
+    mfu: float
+    tflops_per_gpu: float           # model FLOPs (no recomputation) per second per GPU
+    hw_tflops_per_gpu: float        # including recomputation, as Narayanan et al. count
+
+    def to_json(self) -> dict:
+        mem = {k: v / GIB for k, v in self.memory.items()}
+        return {"layout": asdict(self.layout), "overrides": self.layout.overrides(),
+                "fits": self.fits, "memory_gib": mem, "step_time_s": self.step_time_s,
+                "time_s": self.time_s, "comm_bytes": self.comm_bytes,
+                "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+                "tflops_per_gpu": self.tflops_per_gpu,
+                "hw_tflops_per_gpu": self.hw_tflops_per_gpu}
+
+
+def _act_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def estimate(cfg: Config, lay: Layout, hw: Hardware, flash: bool = True) -> Estimate:
+    """Memory and step time of `lay` for the run in `cfg` (see the module docstring)."""
+    m, tr = cfg.model, cfg.train
+    pc = memory.param_counts(m)
+    s, b, t, p, v = tr.seq_len, lay.micro_batch_size, lay.tp, lay.pp, lay.virtual_stages
+    mb, ac, sp = lay.pp_microbatches, lay.activation_checkpointing, lay.sequence_parallel
+    h, ab = m.d_model, _act_bytes(tr.precision)
+    per_stage = math.ceil(m.n_layers / p)
+    moe_frac = pc.n_moe_layers / m.n_layers
+    moe = m.moe
+
+    # ---- parameters on the fullest stage (first holds the embedding, last the output layer)
+    dense_gpu = (pc.attention + pc.mlp) / t + pc.norms
+    expert_gpu = pc.moe_layer_experts / lay.ep / t
+    moe_shared_gpu = pc.attention / t + pc.norms + pc.router
+    layers_shared = per_stage * ((1 - moe_frac) * dense_gpu + moe_frac * moe_shared_gpu)
+    layers_expert = per_stage * moe_frac * expert_gpu
+    out_proj = (pc.output if (pc.output or p > 1) else 0) / t  # tied: last stage keeps a copy
+    first = layers_shared + pc.embedding / t + (pc.final_norm + out_proj if p == 1 else 0)
+    last = layers_shared + pc.final_norm + out_proj
+
+    def states(shared: float) -> dict[str, float]:
+        st = memory.model_state_bytes(shared, tr.precision, lay.zero_stage, lay.dp_shard)
+        ex = memory.model_state_bytes(layers_expert, tr.precision, lay.zero_stage,
+                                      max(lay.dp_shard // lay.ep, 1))
+        return {k: st[k] + ex[k] for k in st}
+
+    # ---- activations
+    def per_layer(recompute: str, is_moe: bool = False) -> float:
+        ffn = m.ffn_dim * ((moe.top_k + moe.n_shared_experts) if is_moe else 1)
+        return memory.layer_activation_bytes(
+            s, b, h, m.n_heads, t, sp=sp, recompute=recompute, ffn=ffn,
+            glu=m.activation in memory.GLU_ACTIVATIONS, kv_heads=m.kv_heads,
+            dropout=m.dropout > 0, layernorm=m.norm == "layernorm", flash=flash, elem_bytes=ab)
+
+    layer_act = (1 - moe_frac) * per_layer(ac) + moe_frac * per_layer(ac, True)
+    transient = per_layer("none") if ac == "full" else 0.0  # the layer being recomputed
+    logits = 4 * s * b * m.vocab_size / t  # fp32 logits for the loss (Korthikanti Sec. 4.3)
+    inflight = memory.inflight_layers(m.n_layers, p, lay.pp_schedule, mb, v)
+    act_first = inflight * layer_act + transient + (logits if p == 1 else 0)
+    act_last = per_stage * layer_act + transient + logits
+    zero3_gather = 0.0
+    if lay.zero_stage >= 3 and lay.dp_shard > 1:  # one layer gathered, the next prefetched
+        zero3_gather = 2 * (dense_gpu + expert_gpu * moe_frac) * memory.STATE_BYTES[
+            tr.precision][0]
+
+    overhead = hw.overhead_gib * GIB
+    mems = []
+    for shared, act in ((first, act_first), (last, act_last)):
+        st = states(shared)
+        mem = {**st, "activations": act + zero3_gather, "overhead": overhead}
+        mem["total"] = sum(mem.values())
+        mems.append(mem)
+    mem = max(mems, key=lambda d: d["total"])
+
+    # ---- time of one microbatch through the slowest stage
+    dense_t = compute.layer_time(m, b, s, t, sp, ac, hw)
+    moe_t = (compute.layer_time(m, b, s, t, sp, ac, hw,
+                                mlp_mult=moe.top_k + moe.n_shared_experts,
+                                mlp_split=max(moe.num_experts // lay.ep, 1))
+             if pc.n_moe_layers else 0.0)
+    layers_t = per_stage * ((1 - moe_frac) * dense_t + moe_frac * moe_t)
+    stage_compute = layers_t + compute.logits_time(m, b, s, t, hw)  # last stage: the worst
+
+    tp_link = comm.link_for(1, t, hw)
+    passes = 3 if ac == "full" else 2  # forward, backward (+ recomputed forward)
+    msg = b * s * h * ab
+    # 2 all-reduces per pass (Megatron); with SP an all-gather + reduce-scatter each: same bytes
+    tp_t = per_stage * passes * 2 * comm.collective_time("all_reduce", t, msg, tp_link)
+    tp_bytes = per_stage * passes * 2 * comm.ring_bytes("all_reduce", t, msg)
+
+    ep_link = comm.link_for(t, lay.ep, hw)
+    ep_msg = b * s / (t if sp else 1) * moe.top_k * h * ab * moe.capacity_factor
+    n_a2a = per_stage * moe_frac * 2 * passes
+    ep_t = n_a2a * comm.collective_time("all_to_all", lay.ep, ep_msg, ep_link)
+    ep_bytes = n_a2a * comm.ring_bytes("all_to_all", lay.ep, ep_msg)
+
+    pp_link = comm.link_for(t * lay.dp, p, hw)
+    p2p_msg = msg / (t if sp else 1)
+    pp_t = 2 * v * comm.collective_time("p2p", 2, p2p_msg, pp_link) if p > 1 else 0.0
+    pp_bytes = 2 * v * mb * p2p_msg if p > 1 else 0.0
+
+    stage_t = stage_compute + tp_t + ep_t + pp_t
+    bubble = compute.bubble_slots(lay.pp_schedule, p, v) * stage_t
+    pipeline_t = mb * stage_t + bubble
+
+    # ---- data parallel
+    grad_elem = memory.STATE_BYTES[tr.precision][1]
+    shared_params = max(first, last)
+    dp_t, dp_bytes = _dp_time(lay, shared_params * grad_elem, hw, stage_compute, per_stage)
+    optimizer_t = 2 * (mem["params"] + mem["grads"] + mem["optimizer"]) / (hw.hbm_gbps * 1e9)
+    step = pipeline_t + dp_t + optimizer_t
+
+    tokens = tr.global_batch_size * s
+    gpus = lay.world
+    model_flops = compute.model_flops_per_token(m, s) * tokens
+    hw_flops = compute.hardware_flops_per_token(m, s, ac) * tokens
+    return Estimate(
+        layout=lay, memory=mem, fits=mem["total"] <= hw.gpu_mem_gib * GIB, step_time_s=step,
+        time_s={"compute": mb * stage_compute, "tp_comm": mb * tp_t, "ep_comm": mb * ep_t,
+                "pp_comm": mb * pp_t, "bubble": bubble, "dp_exposed": dp_t,
+                "optimizer": optimizer_t},
+        comm_bytes={"tp": mb * tp_bytes, "pp": pp_bytes, "dp": dp_bytes, "ep": mb * ep_bytes},
+        tokens_per_s=tokens / step, mfu=model_flops / (step * gpus * hw.peak_tflops * 1e12),
+        tflops_per_gpu=model_flops / step / gpus / 1e12,
+        hw_tflops_per_gpu=hw_flops / step / gpus / 1e12)
+
+
+def _dp_time(lay: Layout, grad_bytes: float, hw: Hardware, stage_compute: float,
+             stage_layers: int) -> tuple[float, float]:
+    """(exposed seconds, bytes sent per GPU) of data-parallel traffic in one step."""
+    if lay.dp == 1:
+        return 0.0, 0.0
+    t = lay.tp
+    shard_link = comm.link_for(t, lay.dp_shard, hw)
+    rep_link = comm.link_for(t * lay.dp_shard, lay.dp_replicate, hw)
+    backward_window = stage_compute * 2 / 3  # the last microbatch's backward
+    if lay.zero_stage == 0:
+        link = comm.link_for(t, lay.dp, hw)
+        sync = comm.collective_time("all_reduce", lay.dp, grad_bytes, link)
+        tail = comm.collective_time("all_reduce", lay.dp, DDP_BUCKET_BYTES, link)
+        return max(0.0, sync - backward_window) + tail, comm.ring_bytes(
+            "all_reduce", lay.dp, grad_bytes)
+    # reduce-scatter over dp_shard, all-reduce the shard over dp_replicate (HSDP)
+    rs = comm.collective_time("reduce_scatter", lay.dp_shard, grad_bytes, shard_link)
+    rs += comm.collective_time("all_reduce", lay.dp_replicate, grad_bytes / lay.dp_shard,
+                               rep_link)
+    nbytes = (comm.ring_bytes("reduce_scatter", lay.dp_shard, grad_bytes)
+              + comm.ring_bytes("all_reduce", lay.dp_replicate, grad_bytes / lay.dp_shard))
+    ag = comm.collective_time("all_gather", lay.dp_shard, grad_bytes, shard_link)
+    ag_bytes = comm.ring_bytes("all_gather", lay.dp_shard, grad_bytes)
+    tail = comm.collective_time("reduce_scatter", lay.dp_shard, DDP_BUCKET_BYTES, shard_link)
+    if lay.zero_stage < 3:
+        return max(0.0, rs - backward_window) + tail + ag, nbytes + ag_bytes
+    # ZeRO-3: every microbatch gathers parameters twice and reduce-scatters gradients
+    per_mb = 2 * ag + rs
+    first_layer = ag / stage_layers  # nothing to overlap the first gather with
+    exposed = lay.pp_microbatches * max(0.0, per_mb - stage_compute) + first_layer
+    return exposed, lay.pp_microbatches * (2 * ag_bytes + nbytes)
+
+
+def _schedules(pp: int, n_layers: int, microbatches: int) -> list[tuple[str, int]]:
+    if pp == 1:
+        return [("1f1b", 1)]
+    out = [("1f1b", 1), ("gpipe", 1), ("zero_bubble", 1)]
+    if microbatches % pp == 0:
+        out += [("interleaved_1f1b", v) for v in (2, 3, 4) if n_layers % (pp * v) == 0]
+    return out
+
+
+def enumerate_layouts(cfg: Config, gpus: int, hw: Hardware,
+                      engine: str = "torch") -> list[Layout]:
+    """Every layout worth estimating for `cfg` on `gpus` GPUs that passes `check_layout`.
+
+    Pruned to what can win: tp is a power of two within one node; ZeRO 0 puts all data
+    parallelism in one plain DDP group (dp_replicate=1); ZeRO >= 1 shards over all of dp or
+    (HSDP) over one node's worth of ranks; micro batches are divisors of the per-replica batch
+    up to 32; the DeepSpeed engine is data parallel only.
+    """
+    m, t = cfg.model, cfg.train
+    out = []
+    tps = [x for x in (1, 2, 4, 8, 16, 32) if x <= min(gpus, hw.gpus_per_node)]
+    if engine == "deepspeed":
+        tps = [1]
+    for tp in tps:
+        for pp in _divisors(gpus // tp) if gpus % tp == 0 else []:
+            if pp > m.n_layers or (engine == "deepspeed" and pp > 1):
+                continue
+            dp = gpus // (tp * pp)
+            if t.global_batch_size % dp:
+                continue
+            per_replica = t.global_batch_size // dp
+            for zero in ((0, 1, 2, 3) if dp > 1 else (0,)):
+                reps = {1}
+                if zero and tp < hw.gpus_per_node and dp * tp > hw.gpus_per_node:
+                    node_shard = hw.gpus_per_node // tp
+                    if dp % node_shard == 0:
+                        reps.add(dp // node_shard)
+                for rep in sorted(reps):
+                    shard = dp // rep
+                    eps = [e for e in _divisors(shard) if m.moe.num_experts
+                           and m.moe.num_experts % e == 0] or [1]
+                    if engine == "deepspeed":
+                        eps = [1]
+                    for ep in eps:
+                        for sp in ((False, True) if tp > 1 else (False,)):
+                            for ac in CHECKPOINTING:
+                                for b in _divisors(per_replica):
+                                    if b > 32:
+                                        break
+                                    mb = per_replica // b
+                                    for sched, v in _schedules(pp, m.n_layers, mb):
+                                        lay = Layout(tp=tp, pp=pp, dp_replicate=rep,
+                                                     dp_shard=shard, ep=ep, zero_stage=zero,
+                                                     engine=engine, pp_schedule=sched,
+                                                     pp_microbatches=mb, virtual_stages=v,
+                                                     activation_checkpointing=ac,
+                                                     sequence_parallel=sp, micro_batch_size=b)
+                                        if not check_layout(cfg, lay, gpus):
+                                            out.append(lay)
+    return out
+
+
+def plan(cfg: Config, gpus: int, hw: Hardware, *, fixed: bool = False, engine: str = "torch",
+         flash: bool = True) -> list[Estimate]:
+    """Estimates ranked best first: fitting layouts by step time, then the rest by memory.
+    `fixed` evaluates only the layout the config sets (ConfigError if it breaks a rule)."""
+    if gpus < 1:
+        raise ConfigError(f"--gpus={gpus} must be at least 1")
+    if fixed:
+        lay = Layout.from_config(cfg, gpus)
+        errs = check_layout(cfg, lay, gpus)
+        if errs:
+            raise ConfigError("; ".join(errs))
+        return [estimate(cfg, lay, hw, flash)]
+    layouts = enumerate_layouts(cfg, gpus, hw, engine)
+    if not layouts:
+        raise ConfigError(f"no parallel layout of {gpus} GPUs satisfies the rules for this run "
+                          f"(train.global_batch_size={cfg.train.global_batch_size}, model."
+                          f"n_heads={cfg.model.n_heads}, model.n_layers={cfg.model.n_layers}); "
+                          f"try a GPU count that divides the global batch")
+    ests = [estimate(cfg, lay, hw, flash) for lay in layouts]
+    return sorted(ests, key=lambda e: (not e.fits, e.step_time_s if e.fits
+                                       else e.memory["total"]))
+
+
+def best_layout(cfg: Config, gpus: int, hw: Hardware = compute.H100_SXM) -> Layout:
+    """The fastest layout that fits in memory; `.overrides()` gives its `--set` list."""
+    best = plan(cfg, gpus, hw)[0]
+    if not best.fits:
+        raise ConfigError(
+            f"no layout of {gpus} GPUs fits in {hw.gpu_mem_gib:g} GiB per GPU; the smallest "
+            f"needs {best.memory['total'] / GIB:.1f} GiB ({' '.join(best.layout.overrides())}); "
+            f"use more GPUs or GPUs with more memory")
+    return best.layout
