@@ -1,0 +1,12 @@
+"""Plain PyTorch model code (no distributed code): see transformer.py."""
+
+from llmtrain.model.attention import Attention
+from llmtrain.model.mlp import FeedForward
+from llmtrain.model.norms import RMSNorm, build_norm
+from llmtrain.model.rope import apply_rope, rope_cos_sin, rotate_half
+from llmtrain.model.transformer import (Transformer, TransformerBlock, build_model,
+                                        deepnorm_alpha, deepnorm_beta)
+
+__all__ = ["Attention", "FeedForward", "RMSNorm", "Transformer", "TransformerBlock",
+           "apply_rope", "build_model", "build_norm", "deepnorm_alpha", "deepnorm_beta",
+           "rope_cos_sin", "rotate_half"]

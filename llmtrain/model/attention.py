@@ -1,0 +1,42 @@
+"""Causal multi-head attention with grouped-query (Ainslie et al. 2023) and multi-query
+(Shazeer 2019) key/value heads, computed by `F.scaled_dot_product_attention`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmtrain.model.rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, bias: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.head_dim = dim // n_heads
+        self.dropout = dropout
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D]; rope = (cos, sin) [T, head_dim]; mask [B, 1, T, T] bool (True = attend)
+        replaces the plain causal mask. Head counts come from the weight shapes (`view(..., -1,
+        head_dim)`), so a tensor-parallel shard holding a subset of the heads runs unchanged."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # enable_gqa (torch >= 2.5) lets query head h read kv head h // (n_heads / n_kv_heads),
+        # the same grouping as Hugging Face's repeat_kv.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.shape[1] != q.shape[1])
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,275 @@
+"""Points to fit: read from run directories or a CSV, checked, with explicit exclusions.
+
+A point is (N, D, C, loss). From a run directory (what `llmtrain train` leaves behind):
+  * `summary.json` is preferred: n_params_nonembedding (or n_params with `total=True`), tokens,
+    final_val_loss, flops_per_token;
+  * otherwise N comes from `config.yaml` with the standard non-embedding count
+    N = 12 * n_layers * d_model^2 (Kaplan et al. 2020, Table 1: attention 4 d^2 + MLP 8 d^2 per
+    layer, biases and norms neglected); total adds the embedding vocab_size * d_model (twice when
+    embeddings are untied, plus max_seq_len * d_model for learned positions);
+  * D is the tokens seen (summary, else the last `tokens` in metrics.jsonl / eval.jsonl, else
+    train.steps * global_batch_size * seq_len); the loss is the final validation loss (or the
+    mean of the last k evaluations, "smoothed"); the training loss is used, and said so, only
+    when a run has no evaluation at all;
+  * C = 6 N D (Kaplan et al. 2020, eq. 2.1), or flops_per_token * tokens ("logged").
+Each run also yields its training curve (tokens, loss), which approach 1 needs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from llmtrain.config import ConfigError
+
+
+@dataclass
+class Curve:
+    """One run's loss against tokens seen (N fixed), for the approach-1 envelope."""
+    N: float
+    tokens: np.ndarray
+    loss: np.ndarray
+
+
+@dataclass
+class Points:
+    N: np.ndarray
+    D: np.ndarray
+    loss: np.ndarray
+    C: np.ndarray
+    labels: list[str]
+    source: str = "csv"
+    curves: list[Curve] | None = None
+    notes: list[str] = field(default_factory=list)
+    excluded: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.N)
+
+    def subset(self, keep: np.ndarray) -> "Points":
+        idx = np.flatnonzero(keep)
+        curves = None if self.curves is None else [self.curves[i] for i in idx]
+        return Points(self.N[idx], self.D[idx], self.loss[idx], self.C[idx],
+                      [self.labels[i] for i in idx], self.source, curves, list(self.notes),
+                      list(self.excluded))
+
+    def logs(self) -> dict[str, np.ndarray]:
+        return {"N": np.log(self.N), "D": np.log(self.D), "C": np.log(self.C)}
+
+
+def make_points(N, D, loss, C=None, labels=None, source="arrays", curves=None) -> Points:
+    N, D, loss = (np.asarray(x, dtype=float) for x in (N, D, loss))
+    C = 6.0 * N * D if C is None else np.asarray(C, dtype=float)
+    labels = labels or [f"point {i}" for i in range(len(N))]
+    return Points(N, D, loss, C, list(labels), source, curves)
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV
+
+
+def _number(text: str, col: str, row: int, path: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: row {row} column {col!r} is {text!r}, not a number") from None
+
+
+def read_csv(path: str | Path, n_col: str, loss_col: str, d_col: str | None = None,
+             c_col: str | None = None) -> Points:
+    """Points from the named CSV columns; `c_col` (training FLOPs) may stand in for `d_col`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--csv {str(path)!r} does not exist")
+    if (d_col is None) == (c_col is None):
+        raise ConfigError("--csv needs exactly one of --d-col (tokens) or --c-col (training FLOPs,"
+                          " D = C / 6N)")
+    with p.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        for opt, col in (("--n-col", n_col), ("--loss-col", loss_col), ("--d-col", d_col),
+                         ("--c-col", c_col)):
+            if col is not None and col not in header:
+                raise ConfigError(f"{opt} {col!r} is not a column of {str(path)!r}; columns are: "
+                                  + ", ".join(repr(h) for h in header))
+        rows = list(reader)
+    N, X, L = [], [], []
+    for i, r in enumerate(rows, start=2):  # row 1 is the header
+        N.append(_number(r[n_col], n_col, i, str(path)))
+        X.append(_number(r[d_col or c_col], d_col or c_col, i, str(path)))
+        L.append(_number(r[loss_col], loss_col, i, str(path)))
+    N, X, L = (np.array(v, dtype=float) for v in (N, X, L))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        D, C = (X, 6.0 * N * X) if d_col else (X / (6.0 * N), X)
+    return Points(N, D, L, C, [f"row {i}" for i in range(2, len(rows) + 2)], "csv")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directories
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for k, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ConfigError(f"{path}: line {k} is not valid JSON") from None
+    return out
+
+
+def params_from_config(cfg: dict, total: bool = False) -> float:
+    """N from a resolved config.yaml: 12 * n_layers * d_model^2 (+ embeddings when total)."""
+    m = cfg.get("model") or {}
+    try:
+        L, d = int(m["n_layers"]), int(m["d_model"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("config.yaml has no model.n_layers / model.d_model to count "
+                          "parameters from") from None
+    n = 12.0 * L * d * d
+    if total:
+        n += int(m.get("vocab_size", 0)) * d * (1 if m.get("tie_embeddings", True) else 2)
+        if m.get("position") == "learned":
+            n += int(m.get("max_seq_len", 0)) * d
+    return n
+
+
+def read_run(run_dir: str | Path, total: bool = False, loss_source: str = "final",
+             smooth: int = 3, flops: str = "6nd") -> tuple[float, float, float, float, Curve, str]:
+    """(N, D, C, loss, curve, note) of one run directory."""
+    rd = Path(run_dir)
+    if not rd.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
+    summary = json.loads((rd / "summary.json").read_text()) if (rd / "summary.json").is_file() \
+        else {}
+    cfg = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").is_file() \
+        else {}
+    metrics, evals = _jsonl(rd / "metrics.jsonl"), _jsonl(rd / "eval.jsonl")
+    if not (summary or cfg or metrics or evals):
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no summary.json, config.yaml,"
+                          " metrics.jsonl or eval.jsonl)")
+    key = "n_params" if total else "n_params_nonembedding"
+    N = float(summary[key]) if key in summary else params_from_config(cfg, total)
+
+    if "tokens" in summary:
+        D = float(summary["tokens"])
+    elif metrics or evals:
+        D = float(max(r.get("tokens", 0) for r in metrics + evals))
+    else:
+        t = cfg.get("train") or {}
+        D = float(t.get("steps", 0) * t.get("global_batch_size", 0) * t.get("seq_len", 0))
+
+    note = ""
+    ev = [(float(r["tokens"]), float(r["val_loss"])) for r in evals
+          if "tokens" in r and "val_loss" in r]
+    tr = [(float(r["tokens"]), float(r["loss"])) for r in metrics if "tokens" in r and "loss" in r]
+    curve_pts = ev if len(ev) >= 2 else tr
+    if loss_source == "final" and "final_val_loss" in summary:
+        loss = float(summary["final_val_loss"])
+    elif ev:
+        loss = float(np.mean([v for _, v in ev[-max(1, smooth if loss_source == "smoothed"
+                                                       else 1):]]))
+    elif tr:
+        loss = float(np.mean([v for _, v in tr[-max(1, smooth):]]))
+        note = f"{rd.name}: no evaluation logged; used the training loss (mean of last {smooth})"
+    else:
+        raise ConfigError(f"{str(run_dir)!r} has no final_val_loss, eval.jsonl or metrics.jsonl "
+                          "loss to fit")
+    if flops == "logged":
+        if "flops_per_token" not in summary:
+            raise ConfigError(f"--flops logged: {str(run_dir)!r} has no summary.json "
+                              "flops_per_token; use --flops 6nd")
+        C = float(summary["flops_per_token"]) * D
+    else:
+        C = 6.0 * N * D
+    curve = Curve(N, np.array([t for t, _ in curve_pts]), np.array([v for _, v in curve_pts]))
+    return N, D, C, loss, curve, note
+
+
+def read_runs(run_dirs, total: bool = False, loss_source: str = "final", smooth: int = 3,
+              flops: str = "6nd") -> Points:
+    rows = [read_run(d, total, loss_source, smooth, flops) for d in run_dirs]
+    pts = Points(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
+                 np.array([r[3] for r in rows]), np.array([r[2] for r in rows]),
+                 [str(d) for d in run_dirs], "runs", [r[4] for r in rows])
+    pts.notes = [r[5] for r in rows if r[5]]
+    return pts
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and exclusions
+
+
+def exclude(pts: Points, drop_nonfinite: bool = False, drop_highest_loss: int = 0,
+            max_loss: float | None = None) -> Points:
+    """Leave out points explicitly; each left-out point is recorded with its reason."""
+    keep = np.ones(len(pts), dtype=bool)
+    reasons: dict[int, str] = {}
+    bad = ~np.isfinite(pts.loss) | ~np.isfinite(pts.N) | ~np.isfinite(pts.D)
+    if drop_nonfinite:
+        for i in np.flatnonzero(bad):
+            reasons[int(i)] = "non-finite value (--drop-nonfinite)"
+        keep &= ~bad
+    if max_loss is not None:
+        for i in np.flatnonzero(keep & (pts.loss > max_loss)):
+            reasons[int(i)] = f"loss > {max_loss} (--max-loss)"
+        keep &= ~(pts.loss > max_loss)
+    if drop_highest_loss:
+        order = [i for i in np.argsort(-np.where(np.isfinite(pts.loss), pts.loss, -np.inf))
+                 if keep[i]][:drop_highest_loss]
+        for i in order:
+            reasons[int(i)] = f"one of the {drop_highest_loss} highest losses (--drop-highest-loss)"
+            keep[i] = False
+    out = pts.subset(keep)
+    out.excluded = pts.excluded + [
+        {"label": pts.labels[i], "N": float(pts.N[i]), "D": float(pts.D[i]),
+         "loss": float(pts.loss[i]), "reason": reasons[i]} for i in sorted(reasons)]
+    return out
+
+
+def check(pts: Points, min_points: int) -> None:
+    """One-line errors for data no law can be fitted to."""
+    for name, arr in (("loss", pts.loss), ("N", pts.N), ("D", pts.D)):
+        bad = np.flatnonzero(~np.isfinite(arr))
+        if len(bad):
+            raise ConfigError(f"{pts.labels[bad[0]]}: {name}={arr[bad[0]]} is not finite "
+                              f"({len(bad)} such point(s)); fix the data or pass --drop-nonfinite")
+        bad = np.flatnonzero(arr <= 0)
+        if len(bad):
+            raise ConfigError(f"{pts.labels[bad[0]]}: {name}={arr[bad[0]]:g} must be positive "
+                              f"({len(bad)} such point(s))")
+    if len(pts) < min_points:
+        raise ConfigError(f"{len(pts)} point(s) left to fit; the laws asked for need at least "
+                          f"{min_points} (one per parameter)")
+
+
+def fmt_si(x: float) -> str:
+    """12.3M, 4.5B, 1.2T: parameter and token counts as people write them."""
+    if not math.isfinite(x):
+        return str(x)
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def parse_count(text: str, what: str) -> float:
+    """'25M', '1.5B', '3e20' -> float; ConfigError naming `what` otherwise."""
+    t = text.strip()
+    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(t[-1:].upper(), None)
+    try:
+        v = float(t[:-1]) * mult if mult else float(t)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a number (examples: 25M, 1.5B, 3e20)") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise ConfigError(f"{what} {text!r} must be a positive number")
+    return v

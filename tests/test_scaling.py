@@ -1,0 +1,370 @@
+"""Scaling-law toolkit: every fit is checked against the law that generated its data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize_scalar
+
+from llmtrain.config import ConfigError, load_config, save_config
+from llmtrain.scaling import budget, cli
+from llmtrain.scaling.data import Curve, exclude, make_points, read_csv, read_runs
+from llmtrain.scaling.fit import Objective, approach1, approach2, fit_all, fit_law, multistart
+from llmtrain.scaling.laws import LAWS, PUBLISHED
+
+ROOT = Path(__file__).resolve().parent.parent
+HOFF = {k: v for k, v in PUBLISHED["hoffmann2022"].items() if k != "cite"}
+FAST = {"top_k": 30, "n_boot": 40}
+NOISE = 0.003  # multiplicative noise on the loss (0.3%)
+
+
+def chinchilla_points(n=80, seed=0, p=HOFF, noise=NOISE):
+    rng = np.random.default_rng(seed)
+    N = 10 ** rng.uniform(7, 10, n)
+    D = 10 ** rng.uniform(8, 12, n)
+    L = LAWS["chinchilla_approach3"].predict(p, N=N, D=D) * np.exp(rng.normal(0, noise, n))
+    return make_points(N, D, L)
+
+
+TRUTH = {
+    "kaplan_LN": {"E": 1.8, "N_c": 1e8, "alpha_N": 0.3},
+    "kaplan_LD": {"E": 1.7, "D_c": 3e9, "alpha_D": 0.25},
+    "kaplan_LC": {"E": 1.9, "C_c": 1e18, "alpha_C": 0.15},
+    "kaplan_LND": {"E": 1.7, "N_c": 1e8, "D_c": 1e9, "alpha_N": 0.34, "alpha_D": 0.28},
+    "chinchilla_approach3": HOFF,
+}
+
+
+def law_points(name, n=80, seed=1):
+    if name == "chinchilla_approach3":
+        return chinchilla_points(n, seed)
+    rng = np.random.default_rng(seed)
+    N, D = 10 ** rng.uniform(6, 10, n), 10 ** rng.uniform(8, 12, n)
+    if name == "kaplan_LC":  # C = 6ND spans 1e15..1e21
+        D = 10 ** rng.uniform(15, 21, n) / (6 * N)
+    law = LAWS[name]
+    pts = make_points(N, D, np.ones(n))
+    data = {v: getattr(pts, v) for v in law.variables}
+    pts.loss = law.predict(TRUTH[name], **data) * np.exp(rng.normal(0, NOISE, n))
+    return pts
+
+
+# ----------------------------------------------------------------------------------------------
+# Laws and the optimiser
+
+
+@pytest.mark.parametrize("name", sorted(LAWS))
+def test_jacobian_matches_finite_differences(name):
+    law, rng = LAWS[name], np.random.default_rng(0)
+    logs = {"N": rng.uniform(15, 22, 20), "D": rng.uniform(18, 26, 20), "C": rng.uniform(35, 50, 20)}
+    theta = law.theta(TRUTH[name])[None, :] + rng.normal(0, 0.05, (1, law.n_params))
+    _, J = law.log_pred(theta, logs, jac=True)
+    for k in range(law.n_params):
+        h = np.zeros_like(theta)
+        h[0, k] = 1e-6
+        fd = (law.log_pred(theta + h, logs) - law.log_pred(theta - h, logs)) / 2e-6
+        np.testing.assert_allclose(J[..., k], fd, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(TRUTH))
+def test_law_recovers_known_parameters_and_ci_covers_truth(name):
+    r = fit_law(LAWS[name], law_points(name), **FAST)
+    truth = TRUTH[name]
+    for k, v in truth.items():
+        got, ci = r["params"][k]["value"], r["params"][k]["ci95"]
+        if k.startswith("alpha") or k == "beta":
+            assert abs(got - v) < 0.02, (k, got, v)
+        elif k == "E":
+            assert abs(got / v - 1) < 0.02, (k, got, v)
+        assert ci[0] <= v <= ci[1], (k, ci, v)
+    if name in ("chinchilla_approach3", "kaplan_LND"):
+        want = LAWS[name].derived(truth)
+        for k in ("a", "b"):
+            assert abs(r["derived"][k]["value"] - want[k]) < 0.02
+            assert r["derived"][k]["ci95"][0] <= want[k] <= r["derived"][k]["ci95"][1]
+    assert r["residuals"]["rmse_log"] < 2 * NOISE
+
+
+def test_pruned_grid_finds_the_full_grid_optimum():
+    pts = chinchilla_points(60, seed=3, noise=0.01)
+    law = LAWS["chinchilla_approach3"]
+    obj = Objective(law, pts.logs(), np.log(pts.loss), 1e-3)
+    grid = law.grid(pts.logs())[::9]  # every 9th start of Hoffmann's 4500 (refining all is slow)
+    full = multistart(obj, grid, top_k=None)
+    pruned = multistart(obj, grid, top_k=25)
+    assert len(full) == len(grid) and len(pruned) == 25
+    assert pruned[0][0] == pytest.approx(full[0][0], rel=1e-7)
+    np.testing.assert_allclose(pruned[0][1], full[0][1], atol=1e-3)
+
+
+def test_huber_resists_a_diverged_run_far_better_than_least_squares():
+    pts = chinchilla_points(60, seed=4)
+    worst = np.argsort(pts.N / pts.D)[-3:]  # three runs diverge: loss far above the law
+    pts.loss[worst] *= 1.6
+    err = {}
+    for delta in (1e-3, None):
+        p = fit_law(LAWS["chinchilla_approach3"], pts, delta=delta, top_k=30, n_boot=0)["params"]
+        err[delta] = max(abs(p["alpha"]["value"] - HOFF["alpha"]),
+                         abs(p["beta"]["value"] - HOFF["beta"]),
+                         abs(p["E"]["value"] / HOFF["E"] - 1))
+    assert err[1e-3] < 0.02
+    assert err[1e-3] < 0.25 * err[None], err
+
+
+# ----------------------------------------------------------------------------------------------
+# Approaches 1 and 2
+
+
+def isoflop_points(budgets=(1e18, 3e18, 1e19, 3e19, 1e20, 3e20, 1e21), sizes=9, seed=5):
+    law, rng = LAWS["chinchilla_approach3"], np.random.default_rng(seed)
+    N_opt, _ = law.frontier(HOFF, np.array(budgets))
+    N, C = [], []
+    for c, n in zip(budgets, N_opt):
+        for f in np.logspace(-0.5, 0.5, sizes):
+            N.append(n * f)
+            C.append(c)
+    N, C = np.array(N), np.array(C)
+    L = law.predict(HOFF, N=N, D=C / (6 * N)) * np.exp(rng.normal(0, 0.001, len(N)))
+    return make_points(N, C / (6 * N), L, C)
+
+
+def test_approach2_isoflop_recovers_frontier_exponent():
+    r = approach2(isoflop_points(), n_boot=40)
+    a_true = LAWS["chinchilla_approach3"].derived(HOFF)["a"]
+    assert r["status"] == "ok" and len(r["groups"]) == 7
+    assert abs(r["params"]["a"]["value"] - a_true) < 0.02
+    lo, hi = r["params"]["a"]["ci95"]
+    assert lo <= a_true <= hi
+    for g in r["groups"]:  # each vertex near the analytic optimum of its budget
+        n_true = LAWS["chinchilla_approach3"].frontier(HOFF, np.array([g["C"]]))[0][0]
+        assert abs(np.log(g["N_opt"] / n_true)) < 0.15
+
+
+def test_approach1_envelope_recovers_frontier_exponent():
+    law = LAWS["chinchilla_approach3"]
+    curves = []
+    for n in np.logspace(7, 10, 31):
+        tokens = np.logspace(8, 12, 60)
+        curves.append(Curve(n, tokens, law.predict(HOFF, N=np.full(60, n), D=tokens)))
+    pts = make_points([c.N for c in curves], [c.tokens[-1] for c in curves],
+                      [c.loss[-1] for c in curves], curves=curves)
+    r = approach1(pts, n_boot=20)
+    assert r["status"] == "ok"
+    assert abs(r["params"]["a"]["value"] - law.derived(HOFF)["a"]) < 0.03
+
+
+def test_approaches_1_and_2_say_when_data_is_insufficient():
+    pts = chinchilla_points(12, seed=6)  # all sizes distinct, budgets scattered
+    r1 = approach1(pts, n_boot=0)
+    assert r1["status"] == "insufficient" and "approach 1 needs" in r1["reason"]
+    one_budget = make_points(pts.N[:3], 1e20 / (6 * pts.N[:3]), pts.loss[:3])
+    r2 = approach2(one_budget, n_boot=0)
+    assert r2["status"] == "insufficient" and "approach 2 needs" in r2["reason"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: run directories, CSV, exclusions, errors
+
+
+def write_run(d: Path, n_layers, d_model, tokens, loss_at, summary=True, steps=10):
+    d.mkdir(parents=True)
+    cfg = load_config(None)
+    cfg.model.n_layers, cfg.model.d_model = n_layers, d_model
+    save_config(cfg, d / "config.yaml")
+    N = 12.0 * n_layers * d_model ** 2
+    ts = np.linspace(tokens / steps, tokens, steps)
+    (d / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i, "loss": loss_at(N, t) + 0.05, "lr": 1e-3, "grad_norm": 1.0,
+                    "tokens": t, "tokens_per_s": 1e4}) + "\n" for i, t in enumerate(ts)))
+    (d / "eval.jsonl").write_text("".join(
+        json.dumps({"step": i, "tokens": t, "val_loss": loss_at(N, t)}) + "\n"
+        for i, t in enumerate(ts)))
+    if summary:
+        (d / "summary.json").write_text(json.dumps({
+            "n_params": N + 4096 * d_model, "n_params_nonembedding": N,
+            "flops_per_token": 6 * N, "tokens": tokens, "final_val_loss": loss_at(N, tokens)}))
+    return N
+
+
+def test_read_runs_prefers_summary_and_falls_back_to_config(tmp_path):
+    f = (lambda N, D: float(LAWS["chinchilla_approach3"].predict(HOFF, N=[N], D=[D])[0]))
+    write_run(tmp_path / "a", 2, 64, 1e6, f, summary=True)
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({
+        "n_params": 500000, "n_params_nonembedding": 123456, "flops_per_token": 9e5,
+        "tokens": 2e6, "final_val_loss": 3.25}))
+    N_b = write_run(tmp_path / "b", 4, 128, 5e6, f, summary=False)
+    pts = read_runs([tmp_path / "a", tmp_path / "b"])
+    assert pts.N.tolist() == [123456, N_b] and N_b == 12 * 4 * 128 ** 2
+    assert pts.D.tolist() == [2e6, 5e6]
+    assert pts.loss[0] == 3.25 and pts.loss[1] == pytest.approx(f(N_b, 5e6))
+    assert pts.C[1] == pytest.approx(6 * N_b * 5e6)
+    assert len(pts.curves[1].tokens) == 10
+    total = read_runs([tmp_path / "a", tmp_path / "b"], total=True)
+    assert total.N[0] == 500000
+    assert total.N[1] == N_b + 4096 * 128  # tied embeddings: vocab_size * d_model
+    assert read_runs([tmp_path / "a"], flops="logged").C[0] == 9e5 * 2e6
+    with pytest.raises(ConfigError, match="flops_per_token"):
+        read_runs([tmp_path / "b"], flops="logged")
+    smooth = read_runs([tmp_path / "b"], loss_source="smoothed", smooth=3)
+    ev = [f(N_b, t) for t in np.linspace(5e5, 5e6, 10)[-3:]]
+    assert smooth.loss[0] == pytest.approx(np.mean(ev))
+
+
+def test_fit_from_run_dirs_end_to_end(tmp_path):
+    f = (lambda N, D: float(LAWS["chinchilla_approach3"].predict(HOFF, N=[N], D=[D])[0]))
+    dirs = []
+    for i, (L, d) in enumerate([(2, 64), (3, 96), (4, 128), (6, 192), (8, 256), (12, 384)]):
+        for j, tok in enumerate((2e8, 1e9, 5e9)):
+            write_run(tmp_path / f"r{i}_{j}", L, d, tok, f)
+            dirs.append(str(tmp_path / f"r{i}_{j}"))
+    out = tmp_path / "fit.json"
+    assert cli.main(["scaling", "fit", *dirs, "--law", "chinchilla", "--bootstrap", "5",
+                     "--top-k", "20", "--json", str(out), "--plot", str(tmp_path / "f.png"),
+                     "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    a3 = res["laws"]["chinchilla_approach3"]
+    assert abs(a3["params"]["alpha"]["value"] - HOFF["alpha"]) < 0.02
+    assert res["laws"]["chinchilla_approach1"]["status"] == "ok"
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(a3["frontier"]) == 25 and a3["residuals"]["points"]
+
+
+def test_csv_with_flops_column_and_exclusions_recorded(tmp_path):
+    pts = chinchilla_points(40, seed=7)
+    pts.loss[5] = 50.0  # a diverged run
+    path = tmp_path / "p.csv"
+    path.write_text("size,flop,final\n" + "".join(
+        f"{n},{c},{l}\n" for n, c, l in zip(pts.N, pts.C, pts.loss)))
+    got = read_csv(path, "size", "final", c_col="flop")
+    np.testing.assert_allclose(got.D, pts.D, rtol=1e-12)
+    kept = exclude(got, drop_highest_loss=1)
+    assert len(kept) == 39 and kept.excluded[0]["loss"] == 50.0
+    assert "--drop-highest-loss" in kept.excluded[0]["reason"]
+    res = fit_all(kept, "chinchilla", top_k=20, n_boot=0)
+    assert res["data"]["excluded"][0]["label"] == "row 7"
+    assert abs(res["laws"]["chinchilla_approach3"]["params"]["beta"]["value"] - HOFF["beta"]) < 0.02
+
+
+def _csv(tmp_path, rows, header="N,D,loss"):
+    p = tmp_path / "bad.csv"
+    p.write_text(header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    return str(p)
+
+
+@pytest.mark.parametrize("case,rows,extra,msg", [
+    ("too few points", [(1e8, 1e9, 3.0)] * 4, [], "at least 5"),
+    ("non-positive N", [(1e8, 1e9, 3.0)] * 5 + [(0, 1e9, 3.0)], [], "N=0 must be positive"),
+    ("negative loss", [(1e8, 1e9, 3.0)] * 5 + [(1e8, 1e9, -1)], [], "loss=-1 must be positive"),
+    ("NaN loss", [(1e8, 1e9, 3.0)] * 5 + [(1e8, 1e9, "nan")], [], "--drop-nonfinite"),
+    ("missing column", [(1e8, 1e9, 3.0)] * 6, ["--loss-col", "val"], "'val' is not a column"),
+    ("text value", [(1e8, 1e9, 3.0)] * 5 + [(1e8, "x", 3.0)], [], "not a number"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, case, rows, extra, msg):
+    path = _csv(tmp_path, rows)
+    args = ["scaling", "fit", "--csv", path, "--n-col", "N", "--d-col", "D", "--loss-col", "loss",
+            "--law", "chinchilla", "--quiet", *extra]
+    assert cli.main(args) == 2, case
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and msg in err, err
+
+
+def test_nan_row_dropped_on_request_and_recorded(tmp_path):
+    pts = chinchilla_points(20, seed=8)
+    rows = [(n, d, l) for n, d, l in zip(pts.N, pts.D, pts.loss)] + [(1e8, 1e9, "nan")]
+    kept = exclude(read_csv(_csv(tmp_path, rows), "N", "loss", d_col="D"), drop_nonfinite=True)
+    assert len(kept) == 20 and "non-finite" in kept.excluded[0]["reason"]
+
+
+def test_missing_run_dir_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_runs([tmp_path / "nope"])
+
+
+# ----------------------------------------------------------------------------------------------
+# plan and sweep
+
+
+@pytest.mark.parametrize("name", ["chinchilla_approach3", "kaplan_LND"])
+def test_frontier_matches_numerical_minimisation(name):
+    law, p = LAWS[name], TRUTH[name]
+    for C in (1e19, 1e22, 1e25):
+        N, D = law.frontier(p, np.array([C]))
+        f = (lambda x: law.predict(p, N=[np.exp(x)], D=[C / (6 * np.exp(x))])[0])
+        best = minimize_scalar(f, bounds=(np.log(1e3), np.log(1e15)), method="bounded",
+                               options={"xatol": 1e-10})
+        assert np.log(N[0]) == pytest.approx(best.x, abs=1e-3)
+        assert N[0] * D[0] * 6 == pytest.approx(C)
+
+
+def test_plan_default_is_hoffmann_and_fit_json_gives_intervals(tmp_path, capsys):
+    res = budget.plan([5.76e23])  # Chinchilla's own budget
+    row = res["budgets"][0]
+    law = LAWS["chinchilla_approach3"]
+    f = (lambda x: law.predict(HOFF, N=[np.exp(x)], D=[5.76e23 / (6 * np.exp(x))])[0])
+    best = minimize_scalar(f, bounds=(np.log(1e6), np.log(1e14)), method="bounded")
+    assert np.log(row["N_opt"]) == pytest.approx(best.x, abs=1e-3)
+    assert row["N_ci95"] is None
+    fit = fit_all(chinchilla_points(60, seed=9), "chinchilla", top_k=20, n_boot=30)
+    (tmp_path / "fit.json").write_text(json.dumps(fit))
+    res = budget.plan([1e21], str(tmp_path / "fit.json"))
+    r = res["budgets"][0]
+    assert res["law"] == "chinchilla_approach3" and res["bootstrap_samples"] == 30
+    assert r["N_ci95"][0] < r["N_opt"] < r["N_ci95"][1]
+    n_true = law.frontier(HOFF, np.array([1e21]))[0][0]
+    assert r["N_ci95"][0] < n_true < r["N_ci95"][1]
+    assert cli.main(["scaling", "plan", "--budget", "1e21,1e22"]) == 0
+    assert "hoffmann2022" in capsys.readouterr().out
+
+
+def test_sweep_writes_configs_the_trainer_accepts(tmp_path):
+    base = load_config(None)
+    base.model.n_kv_heads = 2
+    save_config(base, tmp_path / "base.yaml")
+    rows = budget.sweep(str(tmp_path / "base.yaml"), [1e15, 1e16], [1e6, 4e6], tmp_path / "sw")
+    assert len(rows) == 4
+    tokens_per_step = base.train.global_batch_size * base.train.seq_len
+    for r in rows:
+        cfg = load_config(r["config"])
+        m = cfg.model
+        assert m.d_model % m.n_heads == 0 and m.head_dim == base.model.head_dim
+        assert m.n_heads % m.kv_heads == 0
+        N = 12 * m.n_layers * m.d_model ** 2
+        assert abs(np.log(N / r["N_target"])) < np.log(1.3)
+        D = cfg.train.steps * tokens_per_step
+        assert abs(np.log(6 * N * D / r["C_target"])) < 0.05
+        assert cfg.logging.run_dir == str(tmp_path / "sw" / "runs" / r["name"])
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["points"] == rows
+    auto = budget.sweep(str(tmp_path / "base.yaml"), [1e16], None, tmp_path / "auto", points=5)
+    n_opt = budget.plan([1e16])["budgets"][0]["N_opt"]
+    sizes = sorted(r["N_target"] for r in auto)
+    assert sizes[2] == pytest.approx(n_opt) and sizes[0] == pytest.approx(n_opt / 4)
+
+
+def test_cli_contract_and_tools_script(tmp_path):
+    import argparse
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["scaling", "plan", "--budget", "1e20"])
+    assert args.func is cli.run_plan
+    out = subprocess.run([sys.executable, "tools/fit_scaling_laws.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "--c-col" in out.stdout and "--drop-highest-loss" in out.stdout
+    pts = chinchilla_points(30, seed=10)
+    path = tmp_path / "p.csv"
+    path.write_text("n,d,l\n" + "".join(f"{a},{b},{c}\n" for a, b, c in
+                                        zip(pts.N, pts.D, pts.loss)))
+    out = subprocess.run([sys.executable, "tools/fit_scaling_laws.py", "--csv", str(path),
+                          "--n-col", "n", "--d-col", "d", "--loss-col", "l", "--law", "kaplan",
+                          "--bootstrap", "0", "--top-k", "10", "--quiet"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "kaplan_LND" in out.stdout
+    bad = subprocess.run([sys.executable, "tools/fit_scaling_laws.py", "--csv", str(path),
+                          "--n-col", "n", "--loss-col", "l"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
