@@ -13,7 +13,8 @@ import sys
 from llmtrain.config import ConfigError, load_config
 
 # Subcommands living in their own packages: module exposing add_parser(subparsers).
-_PLUGINS = ("llmtrain.scaling.cli", "llmtrain.planner.cli")
+_PLUGINS = ("llmtrain.scaling.cli", "llmtrain.planner.cli", "llmtrain.train.export", "llmtrain.generate",
+            "llmtrain.bench")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -72,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:
             if e.name and mod.startswith(e.name):
-                continue  # that subcommand's package is not part of this build
+                continue  # that subcommand's module is not part of this build
             raise
+        if not hasattr(module, "add_parser"):
+            continue
         module.add_parser(sub)
     return parser
 

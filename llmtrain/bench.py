@@ -1,0 +1,174 @@
+"""`llmtrain bench`: time the real training step (forward, loss, backward, clip, AdamW) on random
+tokens, optionally beside the same-shape Hugging Face model measured in the same process.
+
+MFU = flops_per_token x tokens/s / peak, with flops_per_token = 6 (N_nonembedding + d_model x
+vocab) + 12 x layers x d_model x seq (PaLM appendix B; the formula of issue 13), peak = the GPU's
+dense bf16 FLOP/s (989e12 for H100 SXM). On the CPU no MFU is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llmtrain.config import Config, ConfigError, load_config
+from llmtrain.train.metrics import device_peak_flops, peak_memory_gib
+from llmtrain.train.optim import build_optimizer
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
+    """Seconds one call of fn takes: CUDA events on the GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        def time_cuda(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return time_cuda
+
+    def time_cpu(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return time_cpu
+
+
+def make_step(model: torch.nn.Module, cfg: Config, device: torch.device,
+              logits_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], float]:
+    """The training step, as the loop runs it, for a model whose logits come from `logits_of`."""
+    opt = build_optimizer(model, cfg.optim, fused=True if device.type == "cuda" else None)
+    autocast = cfg.train.precision == "bf16"
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+
+    def step(tokens: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = logits_of(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(step: Callable[[torch.Tensor], None], tokens: torch.Tensor, steps: int, warmup: int,
+            device: torch.device) -> dict:
+    timer = _timer(device)
+    for _ in range(warmup):
+        step(tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [timer(lambda: step(tokens)) for _ in range(steps)]
+    n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
+    med = statistics.median(times)
+    return {"step_s_min": min(times), "step_s_median": med, "step_s_max": max(times),
+            "tokens_per_s": n_tokens / med, "peak_memory_gib": peak_memory_gib(device)}
+
+
+def check_llama_layout(cfg: Config) -> None:
+    m = cfg.model
+    if (m.norm, m.norm_position, m.position, m.activation) != ("rmsnorm", "pre", "rope", "swiglu"):
+        raise ConfigError("--compare hf needs the Llama layout (model.norm=rmsnorm, "
+                          "norm_position=pre, position=rope, activation=swiglu)")
+
+
+def hf_llama(cfg: Config):
+    """The same-shape `transformers.LlamaForCausalLM` (the Llama layout only)."""
+    check_llama_layout(cfg)
+    m = cfg.model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model,
+                         intermediate_size=m.ffn_dim, num_hidden_layers=m.n_layers,
+                         num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads,
+                         max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
+                         rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+                         attention_bias=m.bias, mlp_bias=m.bias)
+    hf_cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(hf_cfg)
+
+
+def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = None,
+          compare_hf: bool = False, compile_hf: bool = True, log=print) -> dict:
+    from llmtrain.model import build_model
+    from llmtrain.parallel.mesh import DistEnv, resolve_device
+
+    if compare_hf:
+        check_llama_layout(cfg)
+    device = resolve_device(cfg, DistEnv())
+    b = batch or cfg.train.micro_batch_size
+    torch.manual_seed(cfg.train.seed)
+    tokens = torch.randint(0, cfg.model.vocab_size, (b, cfg.train.seq_len + 1), device=device)
+    model = build_model(cfg.model, device)
+    flops_per_token = model.flops_per_token(cfg.train.seq_len)
+    if cfg.train.precision == "bf16_pure":
+        model = model.to(torch.bfloat16)
+    peak = device_peak_flops(device)
+    rows = {}
+
+    def record(name: str, r: dict) -> None:
+        if peak:
+            r["mfu"] = flops_per_token * r["tokens_per_s"] / peak
+        rows[name] = r
+        log(f"{name:<24} {r['tokens_per_s']:>12,.0f} tok/s  step {r['step_s_median'] * 1e3:8.1f} ms "
+            f"(min {r['step_s_min'] * 1e3:.1f}, max {r['step_s_max'] * 1e3:.1f})  "
+            f"peak {r['peak_memory_gib']:.2f} GiB" + (f"  MFU {r['mfu']:.1%}" if peak else ""))
+
+    log(f"bench: {model.num_params(non_embedding=False):,} parameters, batch {b} x seq "
+        f"{cfg.train.seq_len}, {cfg.train.precision}, {device}; {warmup} warm-up + {steps} timed "
+        f"steps (median)")
+    record("llmtrain", measure(make_step(model, cfg, device, model), tokens, steps, warmup, device))
+    if compare_hf:
+        del model
+        hf = hf_llama(cfg).to(device)
+        if cfg.train.precision == "bf16_pure":
+            hf = hf.to(torch.bfloat16)
+        record("hf eager", measure(make_step(hf, cfg, device, lambda t: hf(t).logits), tokens,
+                                   steps, warmup, device))
+        if compile_hf:
+            compiled = torch.compile(hf)
+            record("hf compiled", measure(make_step(hf, cfg, device,
+                                                    lambda t: compiled(t).logits),
+                                          tokens, steps, warmup, device))
+        ours = rows["llmtrain"]["tokens_per_s"]
+        for name in [k for k in rows if k.startswith("hf")]:
+            rows[name]["ours_over_this"] = ours / rows[name]["tokens_per_s"]
+            log(f"llmtrain / {name}: {rows[name]['ours_over_this']:.2f}x")
+    return {"config": {"batch": b, "seq_len": cfg.train.seq_len, "precision": cfg.train.precision,
+                       "device": str(device), "torch": torch.__version__,
+                       "flops_per_token": flops_per_token, "peak_flops": peak},
+            "results": rows}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set or ())
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
+    out = bench(cfg, steps=args.steps, warmup=args.warmup, batch=args.batch,
+                compare_hf=args.compare == "hf", compile_hf=not args.no_compile)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time the training step (and the same-shape HF model)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("config", nargs="?", help="run config YAML (default: the embedded tiny.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
+    p.add_argument("--batch", type=int, help="sequences per step (default train.micro_batch_size)")
+    p.add_argument("--compare", choices=["hf"], help="also time transformers' LlamaForCausalLM")
+    p.add_argument("--no-compile", action="store_true", help="with --compare hf: eager HF only")
+    p.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
+    p.set_defaults(func=cmd_bench)
