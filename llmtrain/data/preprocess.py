@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 
 from llmtrain.config import Config, ConfigError
 from llmtrain.data.tokenizer import Tokenizer
@@ -70,20 +69,24 @@ def iter_file_texts(files: list[str], text_field: str = "text",
 
     A `.txt` file is one document per file (`sample_by="document"`), jsonl/parquet one per row.
     """
+    import itertools
+
     import datasets  # slow import: only when files are read
 
     datasets.disable_progress_bars()
     for path in files:
-        fmt = _FORMATS.get(Path(path).suffix.lower())
-        if fmt is None:
-            raise ConfigError(f"data.paths: {path!r} has an unknown extension; use one of "
+        if Path(path).suffix.lower() not in _FORMATS:
+            raise ConfigError(f"{path!r} has an unknown extension; use one of "
                               + ", ".join(sorted(_FORMATS)))
+    # one streaming dataset per run of same-format files (fast for many small files)
+    for fmt, group in itertools.groupby(files, key=lambda f: _FORMATS[Path(f).suffix.lower()]):
+        group = list(group)
         kwargs = {"sample_by": "document"} if fmt == "text" else {}
-        ds = datasets.load_dataset(fmt, data_files=path, split="train", streaming=True, **kwargs)
+        ds = datasets.load_dataset(fmt, data_files=group, split="train", streaming=True, **kwargs)
         field = "text" if fmt == "text" else text_field
-        for i, row in enumerate(ds):
+        for row in ds:
             if field not in row:
-                raise ConfigError(f"{key}={field!r} is not a field of {path} "
+                raise ConfigError(f"{key}={field!r} is not a field of {', '.join(group)[:200]} "
                                   f"(fields: {', '.join(row)})")
             text = row[field]
             if isinstance(text, str) and text.strip():
@@ -197,19 +200,6 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
 # ----------------------------------------------------------------------------------------------
 # `llmtrain preprocess`: any corpus -> tokenizer + indexed dataset, streamed, multi-process
 
-_WORKER_TOK: Tokenizer | None = None
-
-
-def _worker_init(tokenizer_json: str) -> None:
-    global _WORKER_TOK
-    from tokenizers import Tokenizer as HFTokenizer
-    _WORKER_TOK = Tokenizer(HFTokenizer.from_str(tokenizer_json))
-
-
-def _worker_encode(texts: list[str]) -> list[list[int]]:
-    return _WORKER_TOK.encode_batch(texts)
-
-
 def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
     buf: list[str] = []
     for t in texts:
@@ -219,6 +209,10 @@ def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
             buf = []
     if buf:
         yield buf
+
+
+def _import_writer() -> None:
+    import megatron.core.datasets.indexed_dataset  # noqa: F401
 
 
 def resolve_tokenizer(spec: str, texts, log=print) -> Tokenizer:
@@ -242,8 +236,13 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_field: str =
     """Stream `inputs` through `datasets`, tokenize with `workers` processes, write OUTPUT.bin/.idx
     and OUTPUT.tokenizer.json. Returns counts and rates."""
     import multiprocessing as mp
+    import threading
     import time
 
+    from llmtrain.data import _tokenize_worker
+
+    # megatron-core's package import takes seconds; overlap it with reading and tokenizing.
+    threading.Thread(target=_import_writer, daemon=True).start()
     files = expand_paths(inputs, key="--input")
     texts = lambda: iter_file_texts(files, text_field, key="--text-field")  # noqa: E731
     out = Path(output)
@@ -265,8 +264,8 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_field: str =
         batches = (count(b) for b in _batched(texts(), batch_docs))
         if workers > 1:
             ctx = mp.get_context("spawn")  # fork after tokenizers' thread pool started can deadlock
-            with ctx.Pool(workers, _worker_init, (tok.hf.to_str(),)) as pool:
-                yield from _account(pool.imap(_worker_encode, batches, chunksize=1))
+            with ctx.Pool(workers, _tokenize_worker.init, (tok.hf.to_str(),)) as pool:
+                yield from _account(pool.imap(_tokenize_worker.encode, batches, chunksize=1))
         else:
             yield from _account(map(tok.encode_batch, batches))
 
