@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Launch with the `deepspeed` launcher: launch/deepspeed.sh CONFIG [--set key=value ...]
+#   HOSTFILE=launch/hostfile.example  multi-node: one "host slots=N" line per node (ssh access)
+#   NUM_GPUS=N                         processes per node without a hostfile (default: GPUs, or 2)
+#   MASTER_PORT=29500
+# The engine follows the config (parallel.engine=torch|deepspeed); pass
+# `--set parallel.engine=deepspeed` to wrap the model with deepspeed.initialize.
+# Prints the command it runs; LLMTRAIN_DRY_RUN=1 prints it without running.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: $0 CONFIG [--set key=value ...]" >&2
+  exit 2
+fi
+args=(--master_port "${MASTER_PORT:-29500}" --module --no_local_rank)
+if [ -n "${HOSTFILE:-}" ]; then
+  args+=(--hostfile "$HOSTFILE")
+else
+  if [ -z "${NUM_GPUS:-}" ]; then
+    NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
+  fi
+  args+=(--num_gpus "$NUM_GPUS")
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+cmd=(deepspeed "${args[@]}" llmtrain train "$@")
+echo "${cmd[*]}"
+if [ "${LLMTRAIN_DRY_RUN:-0}" = "1" ]; then
+  exit 0
+fi
+exec "${cmd[@]}"

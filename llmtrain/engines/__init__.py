@@ -1,0 +1,1 @@
+"""Alternative training engines (DeepSpeed)."""
