@@ -41,11 +41,14 @@ class MoEConfig:
     z_loss_coef: float = _f(0.001, lo=0.0)
     every_n_layers: int = _f(1, lo=1)
     n_shared_experts: int = _f(0, lo=0)
+    router_jitter: float = _f(0.0, lo=0.0, hi=1.0, doc="router input times U(1-eps, 1+eps)")
+    aux_free_bias: bool = False  # DeepSeek-V3 aux-loss-free balancing (selection bias)
+    bias_update_rate: float = _f(0.001, lo=0.0, doc="aux_free_bias step per update_bias()")
 
 
 @dataclass
 class ModelConfig:
-    arch: Literal["decoder"] = "decoder"
+    arch: Literal["decoder", "encoder_decoder"] = "decoder"
     n_layers: int = _f(4, lo=1)
     n_encoder_layers: int = _f(0, lo=0)
     n_decoder_layers: int = _f(0, lo=0)
@@ -58,7 +61,7 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_eps: float = _f(1e-5, lo=0.0, lo_open=True)
     norm_position: Literal["pre", "post", "deepnorm", "b2t"] = "pre"
-    position: Literal["rope", "learned", "none"] = "rope"
+    position: Literal["rope", "learned", "sinusoidal", "t5_relative", "none"] = "rope"
     rope_theta: float = _f(10000.0, lo=0.0, lo_open=True)
     activation: Literal["gelu", "swiglu", "geglu"] = "swiglu"
     bias: bool = False
@@ -393,6 +396,20 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.position == "rope" and m.head_dim % 2:
         raise ConfigError(f"position=rope needs an even head dim, got model.d_model/model.n_heads"
                           f"={m.head_dim}")
+    if m.arch == "encoder_decoder":
+        for key in ("n_encoder_layers", "n_decoder_layers"):
+            if getattr(m, key) < 1:
+                raise ConfigError(f"model.arch=encoder_decoder needs model.{key} >= 1, got "
+                                  f"{getattr(m, key)}")
+        if p.pp > 1:
+            raise ConfigError(f"parallel.pp={p.pp} with model.arch=encoder_decoder is not "
+                              f"supported; use pp=1")
+        if p.tp > 1:
+            raise ConfigError(f"parallel.tp={p.tp} with model.arch=encoder_decoder is not "
+                              f"supported yet; use tp=1")
+    elif m.position in ("sinusoidal", "t5_relative"):
+        raise ConfigError(f"model.position={m.position} is implemented for "
+                          f"model.arch=encoder_decoder only; use rope, learned or none")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           f"use at most {m.max_seq_len} or raise model.max_seq_len")
@@ -401,8 +418,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.moe.num_experts and m.moe.top_k > m.moe.num_experts:
         raise ConfigError(f"model.moe.top_k={m.moe.top_k} exceeds model.moe.num_experts="
                           f"{m.moe.num_experts}")
-    if m.moe.num_experts:
-        raise ConfigError("model.moe.num_experts > 0 is not supported yet; use 0 (dense FFN)")
+    if m.moe.num_experts and m.moe.router == "switch" and m.moe.top_k != 1:
+        raise ConfigError(f"model.moe.router=switch routes top-1; got model.moe.top_k="
+                          f"{m.moe.top_k}; use top_k=1 or router=topk")
     dims = p.pp * p.dp_replicate * p.tp * (p.dp_shard if p.dp_shard > 0 else 1)
     if world_size % dims or (p.dp_shard > 0 and dims != world_size):
         raise ConfigError(
@@ -414,10 +432,40 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}; use a "
             f"multiple of {t.micro_batch_size * dp}")
-    if p.tp > 1 or p.pp > 1 or p.ep > 1 or p.zero_stage > 0 or p.engine != "torch":
-        raise ConfigError("parallel.tp/pp/ep/zero_stage/engine other than the defaults are not "
-                          "supported yet; this build runs plain data parallel "
-                          "(tp=1, pp=1, ep=1, zero_stage=0, engine=torch)")
+    if p.pp > 1 or p.ep > 1 or p.engine != "torch":
+        raise ConfigError("parallel.pp/ep/engine other than the defaults are not supported yet; "
+                          "use pp=1, ep=1, engine=torch")
+    if p.tp > 1 and (m.arch != "decoder" or m.moe.num_experts):
+        raise ConfigError(f"parallel.tp={p.tp} supports dense decoder models only so far; got "
+                          f"model.arch={m.arch}, model.moe.num_experts={m.moe.num_experts}; use "
+                          f"parallel.tp=1")
+    if m.n_heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}; use "
+                          f"{_divisors(m.n_heads)}")
+    if m.kv_heads % p.tp and m.kv_heads != 1:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_kv_heads={m.kv_heads}; use "
+                          f"{_divisors(m.kv_heads)} (or n_kv_heads=1, whose kv head every tp rank "
+                          f"keeps whole)")
+    for key, n in (("model.vocab_size", m.vocab_size), ("model.d_ff", m.ffn_dim)):
+        if n % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide {key}={n}; use one of "
+                              f"{_divisors(n)}")
+    if p.sequence_parallel and p.tp > 1 and t.seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel needs train.seq_len={t.seq_len} divisible "
+                          f"by parallel.tp={p.tp}")
+    if p.sequence_parallel and p.tp > 1 and m.position == "learned" and m.max_seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel with position=learned needs "
+                          f"model.max_seq_len={m.max_seq_len} divisible by parallel.tp={p.tp}")
+    if p.tp > 1 and dp > 1 and p.zero_stage < 2:
+        raise ConfigError(f"parallel.tp={p.tp} with data parallelism {dp} needs "
+                          f"parallel.zero_stage=2 or 3 (FSDP2 over the tensor-parallel shards); "
+                          f"zero_stage={p.zero_stage} is not supported with tp > 1 yet")
+    if p.offload == "nvme":
+        raise ConfigError("parallel.offload=nvme needs engine=deepspeed, which is not supported "
+                          "yet; use none or cpu")
+    if p.offload == "cpu" and p.zero_stage != 3:
+        raise ConfigError(f"parallel.offload=cpu needs parallel.zero_stage=3, got "
+                          f"{p.zero_stage}")
     if cfg.data.source != "stdlib" and not cfg.data.paths:
         raise ConfigError(f"data.source={cfg.data.source} needs data.paths (files or prefixes)")
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():

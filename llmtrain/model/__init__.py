@@ -1,6 +1,7 @@
 """Plain PyTorch model code (no distributed code): see transformer.py."""
 
 from llmtrain.model.attention import Attention
+from llmtrain.model.encoder_decoder import EncoderDecoder, build_encoder_decoder  # noqa: F401
 from llmtrain.model.mlp import FeedForward
 from llmtrain.model.norms import RMSNorm, build_norm
 from llmtrain.model.rope import apply_rope, rope_cos_sin, rotate_half

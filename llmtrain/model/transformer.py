@@ -21,6 +21,7 @@ from torch import nn
 from llmtrain.config import ModelConfig
 from llmtrain.model.attention import Attention
 from llmtrain.model.mlp import FeedForward
+from llmtrain.model.moe import MoE, moe_layers, moe_stats, aux_loss as moe_aux_loss
 from llmtrain.model.norms import build_norm
 from llmtrain.model.rope import rope_cos_sin
 
@@ -42,7 +43,10 @@ class TransformerBlock(nn.Module):
         self.n_layers = cfg.n_layers
         self.norm_position = cfg.norm_position
         self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout)
-        self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.activation, cfg.bias)
+        # MoE in every n-th layer, counting from the last of each group (Switch: every other)
+        moe = cfg.moe.num_experts > 0 and (layer_id + 1) % cfg.moe.every_n_layers == 0
+        self.feed_forward = (MoE(cfg) if moe else
+                             FeedForward(cfg.d_model, cfg.ffn_dim, cfg.activation, cfg.bias))
         self.attention_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)  # residual dropout (Vaswani et al. 2017, 5.4)
@@ -69,24 +73,31 @@ class TransformerBlock(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
         a, f = self.attention, self.feed_forward
+        moe = isinstance(f, MoE)
+        w1, w2, w3 = (None, None, None) if moe else (f.w1, f.w2, f.w3)
         if self.norm_position == "deepnorm":
             # DeepNet pseudocode: xavier_normal(gain=1) for q, k; gain=beta for v, out and FFN.
             beta = deepnorm_beta(self.n_layers)
-            gains = {a.wq: 1.0, a.wk: 1.0, a.wv: beta, a.wo: beta, f.w1: beta, f.w2: beta,
-                     f.w3: beta}
+            gains = {a.wq: 1.0, a.wk: 1.0, a.wv: beta, a.wo: beta, w1: beta, w2: beta, w3: beta}
             for linear, gain in gains.items():
                 if linear is not None:
                     nn.init.xavier_normal_(linear.weight, gain=gain)
+            if moe:  # the xavier_normal std of one d x f expert matrix at gain beta
+                d, h = f.experts.w1.shape[1:]
+                f.init_weights(beta * math.sqrt(2 / (d + h)), beta * math.sqrt(2 / (d + h)))
         else:
             # GPT-2 (Radford et al. 2019): pre-LN residual projections scaled by 1/sqrt(2N),
             # one factor per residual add (two per layer).
             out_std = std / math.sqrt(2 * self.n_layers) if self.norm_position == "pre" else std
-            for linear in (a.wq, a.wk, a.wv, f.w1, f.w3):
+            for linear in (a.wq, a.wk, a.wv, w1, w3):
                 if linear is not None:
                     nn.init.normal_(linear.weight, 0.0, std)
-            for linear in (a.wo, f.w2):
-                nn.init.normal_(linear.weight, 0.0, out_std)
-        for linear in (a.wq, a.wk, a.wv, a.wo, f.w1, f.w2, f.w3):
+            for linear in (a.wo, w2):
+                if linear is not None:
+                    nn.init.normal_(linear.weight, 0.0, out_std)
+            if moe:
+                f.init_weights(std, out_std)
+        for linear in (a.wq, a.wk, a.wv, a.wo, w1, w2, w3):
             if linear is not None and linear.bias is not None:
                 nn.init.zeros_(linear.bias)
         self.attention_norm.reset_parameters()
@@ -157,6 +168,15 @@ class Transformer(nn.Module):
         if self.output is not None and not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, 0.0, std)
 
+    def aux_losses(self) -> torch.Tensor | None:
+        """Weighted router balance + z losses of the last forward, summed over the MoE layers
+        (None for a dense model); the training loss adds it (see moe.py)."""
+        return moe_aux_loss(self)
+
+    def moe_stats(self) -> dict[str, dict]:
+        """Per MoE layer (`layers.<i>.feed_forward`): the router metrics of the last forward."""
+        return moe_stats(self)
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Unique parameters (tied weights once). non_embedding drops the vocabulary and position
         matrices -- token and position embeddings and the output layer, tied or not -- as
@@ -168,11 +188,18 @@ class Transformer(nn.Module):
                     params.pop(id(m.weight), None)
         return sum(p.numel() for p in params.values())
 
+    def num_active_params(self, non_embedding: bool = True) -> int:
+        """Parameters one token uses: num_params less the E - k unchosen experts of each MoE
+        layer (router and shared experts count). An upper bound: dropped tokens use fewer."""
+        return (self.num_params(non_embedding)
+                - sum(m.inactive_params() for m in moe_layers(self).values()))
+
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token of the whole model: 6 (N + d V) for the matmuls forward and
-        backward, plus 12 L d T for attention scores (Kaplan et al. 2020 table 1; PaLM app. B)."""
+        backward, plus 12 L d T for attention scores (Kaplan et al. 2020 table 1; PaLM app. B).
+        N counts the active parameters only (k of E experts, see num_active_params)."""
         c = self.cfg
-        return (6 * (self.num_params(non_embedding=True) + c.d_model * c.vocab_size)
+        return (6 * (self.num_active_params(non_embedding=True) + c.d_model * c.vocab_size)
                 + 12 * c.n_layers * c.d_model * seq_len)
 
 

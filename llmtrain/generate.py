@@ -1,0 +1,141 @@
+"""Greedy generation for both model families, and `llmtrain generate CHECKPOINT_DIR --prompt TEXT`.
+
+No KV cache: every step reruns the (cropped) sequence. Simple and obviously correct, which is what
+checking a trained run by eye needs; it is not a serving path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import yaml
+from torch import nn
+
+from llmtrain.config import Config, ConfigError, config_from_dict
+
+
+def _as_batch(ids: Sequence[int] | torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+    ids = torch.as_tensor(ids, dtype=torch.long, device=device).reshape(1, -1)
+    if ids.shape[1] == 0:
+        raise ConfigError(f"{what} is empty; give at least one token")
+    return ids
+
+
+@torch.no_grad()
+def _greedy(step, ids: torch.Tensor, max_new_tokens: int, max_len: int,
+            eos: int | None) -> list[int]:
+    """Append argmax(step(ids[-max_len:])[last]) up to max_new_tokens times or until eos."""
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(step(ids[:, -max_len:])[0, -1].argmax())
+        if nxt == eos:
+            break
+        out.append(nxt)
+        ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
+    return out
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def greedy_decoder(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor,
+                   max_new_tokens: int, eos: int | None = None) -> list[int]:
+    """New token ids (no prompt, no eos) a decoder-only model continues `prompt_ids` with."""
+    device = next(model.parameters()).device
+    ids = _as_batch(prompt_ids, device, "the prompt")
+    with _eval_mode(model):
+        return _greedy(model, ids, max_new_tokens, model.cfg.max_seq_len, eos)
+
+
+def greedy_encoder_decoder(model: nn.Module, src_ids: Sequence[int] | torch.Tensor,
+                           max_new_tokens: int, bos: int, eos: int | None = None) -> list[int]:
+    """Target ids (without the start token `bos` or eos) an encoder-decoder writes for `src_ids`.
+    The encoder runs once; the decoder reruns on the growing target."""
+    device = next(model.parameters()).device
+    src = _as_batch(src_ids, device, "the source")[:, -model.cfg.max_seq_len:]
+    with _eval_mode(model), torch.no_grad():
+        memory = model.encode(src)
+        return _greedy(lambda tgt: model.decode(tgt, memory),
+                       torch.tensor([[bos]], device=device), max_new_tokens,
+                       model.cfg.max_seq_len, eos)
+
+
+# ----------------------------------------------------------------------------------------------
+# `llmtrain generate`
+
+
+def build_any_model(cfg: Config, device: torch.device | str) -> nn.Module:
+    """The model `cfg.model.arch` names, built and initialised on `device`."""
+    if cfg.model.arch == "encoder_decoder":
+        from llmtrain.model.encoder_decoder import build_encoder_decoder
+        return build_encoder_decoder(cfg.model, device)
+    from llmtrain.model.transformer import build_model
+    return build_model(cfg.model, device)
+
+
+def load_checkpoint_model(checkpoint_dir: str | Path,
+                          device: torch.device | str = "cpu") -> tuple[Config, nn.Module]:
+    """(config, model with the checkpoint's weights) from <run_dir>/checkpoints/step_N, reading
+    the run's resolved <run_dir>/config.yaml."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    ckpt = Path(checkpoint_dir)
+    if not (ckpt / ".metadata").is_file():
+        raise ConfigError(f"{str(checkpoint_dir)!r} is not a checkpoint directory (no .metadata "
+                          f"inside); pass <run_dir>/checkpoints/step_<N>")
+    cfg_file = ckpt.resolve().parent.parent / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{cfg_file} does not exist; the run directory is expected two levels "
+                          f"above the checkpoint (<run_dir>/checkpoints/step_<N>)")
+    # not validate(): the saved parallel layout describes the training job, not this process
+    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()) or {})
+    model = build_any_model(cfg, device)
+    state = {"model": get_model_state_dict(model)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process
+        dcp.load(state, checkpoint_id=str(ckpt))
+    set_model_state_dict(model, state["model"])
+    return cfg, model.eval()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg, model = load_checkpoint_model(args.checkpoint_dir, device)
+    from llmtrain.data.preprocess import prepare_corpus
+    _, tok = prepare_corpus(cfg)
+    ids = tok.encode(args.prompt)
+    if cfg.model.arch == "encoder_decoder":
+        # T5: the source ends in eos; the decoder starts from the pad token (eos without one)
+        bos = tok.pad if tok.pad >= 0 else tok.eos
+        new = greedy_encoder_decoder(model, ids + [tok.eos], args.max_new_tokens, bos, tok.eos)
+    else:
+        new = greedy_decoder(model, ids, args.max_new_tokens, tok.eos)
+    print(tok.decode(new))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="greedy continuation of a prompt by a checkpointed model",
+        description="Load <run_dir>/config.yaml and the model weights of CHECKPOINT_DIR "
+                    "(<run_dir>/checkpoints/step_<N>) and print the greedy continuation of "
+                    "--prompt (for an encoder-decoder: the output for --prompt as source).")
+    p.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR")
+    p.add_argument("--prompt", required=True, help="text to continue (encoder-decoder: source)")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="at most this many (default 50)")
+    p.set_defaults(func=cmd_generate)
