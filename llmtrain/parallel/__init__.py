@@ -5,19 +5,101 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 
 from llmtrain.config import Config
-from llmtrain.parallel.data import apply_data_parallel
+from llmtrain.parallel import data as _data
+from llmtrain.parallel.tensor import apply_tp
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
                 device: torch.device) -> nn.Module:
-    """Apply data parallelism (ZeRO 0 = DDP) to a materialised, initialised model.
+    """Apply tensor/sequence parallelism, then data parallelism (ZeRO 0-3), to a materialised,
+    initialised model (every rank built the same weights from the same seed; each keeps its
+    shard of them).
 
     Order (DESIGN.md): pipeline split, tensor parallel, expert parallel, activation checkpointing
-    and compile, data parallel. Only the last is implemented in this build; the config validator
-    refuses the others.
+    and compile, data parallel. Pipeline and expert parallelism are not in this build; the config
+    validator refuses them.
     """
     if mesh is None:
         return model
-    return apply_data_parallel(model, mesh, cfg, device)
+    if mesh["tp"].size() > 1:
+        apply_tp(model, mesh["tp"], cfg)
+    return _data.apply_data_parallel(model, mesh, cfg, device)
+
+
+def build_optimizer(model: nn.Module, cfg: Config,
+                    mesh: DeviceMesh | None) -> torch.optim.Optimizer:
+    return _data.build_optimizer(model, cfg, mesh)
+
+
+def get_train_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    for_load: bool = False) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts for DCP, whatever wraps the model or shards the states."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        return (get_model_state_dict(model),
+                _data.zero_state_dict(model, optimizer, init=for_load))
+    return get_state_dict(model, optimizer)
+
+
+def set_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict,
+                    optim_sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        set_model_state_dict(model, model_sd)
+        _data.load_zero_state_dict(model, optimizer, optim_sd)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients, then scale them by min(1, max_norm / norm) (as
+    `torch.nn.utils.clip_grad_norm_` does on one process). A DTensor gradient contributes its
+    local shard's squared norm, summed over the mesh dimensions it is sharded on; replicated
+    gradients count once. One all-reduce per distinct set of sharded dimensions."""
+    grads = [p.grad for p in {id(p): p for p in model.parameters()}.values()
+             if p.grad is not None]
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        key: tuple = ()
+        if isinstance(g, DTensor):
+            mesh = g.device_mesh
+            key = (mesh, tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate()))
+            g = g.to_local()
+        buckets.setdefault(key, []).append(g.detach().float().pow(2).sum())
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
+    for key, parts in buckets.items():
+        sq = torch.stack(parts).sum()
+        if key:
+            mesh, dims = key
+            for d in dims:
+                torch.distributed.all_reduce(sq, group=mesh.get_group(d))
+        total += sq
+    norm = total.sqrt()
+    coef = min(1.0, max_norm / (float(norm) + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    return t.numel() * t.element_size()
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of model state this rank holds: parameters and gradients (local shards, tied weights
+    once) and optimizer states (this rank's partition; the scalar `step` counters left out)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    local_opt = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    opt_bytes = sum(_local_bytes(v) for s in local_opt.state.values() for k, v in s.items()
+                    if isinstance(v, torch.Tensor) and k != "step")
+    return {"param_bytes": sum(_local_bytes(p) for p in params),
+            "grad_bytes": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+            "optim_bytes": opt_bytes}

@@ -1,19 +1,129 @@
-"""Data parallelism. ZeRO 0: every rank holds everything; gradients are averaged by DDP."""
+"""Data parallelism with ZeRO stages (Rajbhandari et al. 2020) over the `dp_shard` mesh dimension.
+
+The standard torch mapping of the stages:
+  0  DistributedDataParallel over all dp ranks: everything replicated, gradients all-reduced.
+  1  DDP + ZeroRedundancyOptimizer over dp_shard: each rank keeps and updates the AdamW states of
+     its partition of the parameters, then broadcasts the updated parameters.
+  2  FSDP2 `fully_shard(reshard_after_forward=False)`: parameters are gathered once per step and
+     kept for the backward, gradients reduce-scattered (sharded), optimizer states sharded.
+     (FSDP2 stores the parameters sharded between steps, so this is stage 2 plus at-rest
+     parameter sharding; torch has no stage-2 primitive with replicated parameters.)
+  3  FSDP2 `fully_shard(reshard_after_forward=True)`: parameters are re-gathered for the backward;
+     per block, with the next block prefetched (FSDP2's implicit forward/backward prefetch).
+With dp_replicate > 1, stages 2/3 are HSDP: `fully_shard` on the 2-D (dp_replicate, dp_shard)
+mesh shards within a replica group and all-reduces across them. bf16 runs keep bf16 compute
+params and fp32 gradient reduction (MixedPrecisionPolicy); `parallel.offload=cpu` keeps the
+stage-3 shards and optimizer step on the CPU (CPUOffloadPolicy).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llmtrain.config import Config
+from llmtrain.train.optim import param_groups
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """All data-parallel ranks as one dimension (the gradient all-reduce group)."""
+    return mesh["dp_replicate", "dp_shard"]._flatten("dp")
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
+               device: torch.device) -> nn.Module:
+    p = cfg.parallel
+    hsdp = mesh["dp_replicate"].size() > 1
+    fsdp_mesh = mesh["dp_replicate", "dp_shard"] if hsdp else mesh["dp_shard"]
+    kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": p.zero_stage == 3}
+    if cfg.train.precision == "bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                   reduce_dtype=torch.float32)
+    if p.offload == "cpu" and device.type != "cpu":  # on a CPU run the states are there already
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in model.layers.values():
+        fully_shard(block, **kwargs)
+    # the root unit holds embeddings, final norm and output; the root is never resharded after
+    # forward (its output layer runs first in the backward)
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
+    return model
 
 
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
                         device: torch.device) -> nn.Module:
-    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    if dp_mesh.size() == 1:
+    if cfg.parallel.zero_stage >= 2:
+        return apply_fsdp(model, mesh, cfg, device)
+    dp = dp_mesh(mesh)
+    if dp.size() == 1:
         return model
-    return DDP(model, process_group=dp_mesh.get_group(),
+    return DDP(model, process_group=dp.get_group(), broadcast_buffers=False,
                device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> torch.optim.Optimizer:
+    """AdamW with the usual groups (no decay on norms, biases, embeddings); at ZeRO stage 1 the
+    states are partitioned over dp_shard by ZeroRedundancyOptimizer."""
+    o = cfg.optim
+    kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    groups = param_groups(model, o.weight_decay)
+    if mesh is None or cfg.parallel.zero_stage != 1 or mesh["dp_shard"].size() == 1:
+        return torch.optim.AdamW(groups, **kw)
+    # ZeroRedundancyOptimizer takes one group at construction; add the others after.
+    zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                   process_group=mesh["dp_shard"].get_group(),
+                                   weight_decay=groups[0]["weight_decay"], **kw)
+    zero.param_groups[0]["name"] = groups[0]["name"]
+    for g in groups[1:]:
+        zero.add_param_group(g)
+    return zero
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint state of ZeroRedundancyOptimizer: each rank contributes the AdamW states of the
+# parameters it owns, keyed by parameter name as `get_state_dict` keys a plain optimizer, so DCP
+# writes every state once and a resume at the same layout reads back exactly its own partition.
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name.removeprefix("module."))
+    return names
+
+
+def zero_state_dict(model: nn.Module, opt: ZeroRedundancyOptimizer,
+                    init: bool = False) -> dict:
+    """{"state": {name: {step, exp_avg, exp_avg_sq}} of this rank's partition, "param_groups"}.
+    init=True creates zero states first (the tensors DCP loads into)."""
+    names = _param_names(model)
+    local = opt.optim
+    state = {}
+    for group in local.param_groups:
+        for p in group["params"]:
+            if init and p not in local.state:
+                local.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                  "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+            if p in local.state:
+                state[names[id(p)]] = local.state[p]
+    groups = [{k: v for k, v in g.items() if k != "params"} | {
+        "params": [names[id(p)] for p in g["params"]]} for g in opt.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def load_zero_state_dict(model: nn.Module, opt: ZeroRedundancyOptimizer, sd: dict) -> None:
+    """Install the loaded states of this rank's partition (`sd` as `zero_state_dict(init=True)`
+    handed it to DCP) and the hyper-parameters of the groups (lr is set every step anyway)."""
+    names = _param_names(model)
+    for group in opt.optim.param_groups:
+        for p in group["params"]:
+            opt.optim.state[p] = sd["state"][names[id(p)]]
+    for group, saved in zip(opt.param_groups, sd["param_groups"]):
+        for k, v in saved.items():
+            if k != "params":
+                group[k] = v
+    # the local optimizer's groups are synced from these by ZeroRedundancyOptimizer.step()

@@ -33,6 +33,9 @@ class DistEnv:
         if "RANK" in env and "WORLD_SIZE" in env:
             return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
         if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            # srun without torchrun: the rendezvous is the first node of the job
+            env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+            env.setdefault("MASTER_PORT", "29500")
             return cls(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                        int(env.get("SLURM_LOCALID", 0)))
         return cls()

@@ -1,17 +1,30 @@
-"""Checkpoints in `torch.distributed.checkpoint` (DCP) format, published atomically.
+"""Checkpoints in `torch.distributed.checkpoint` (DCP) format, verified and published atomically.
 
 Layout of `<dir>/step_<N>/`: DCP's `.metadata` and `__<rank>_0.distcp` shards (model and optimizer,
-resharded on load by DCP), `rng_rank<R>.pt` (tensors only, loaded with `weights_only=True`) and
-`meta.json` (step, tokens, config hash, layout, versions). Every rank writes into
-`.step_<N>.tmp/`; rank 0 renames it to `step_<N>/` after all ranks finished, so a directory named
-`step_<N>` is always complete. The data position is the step (see data/loader.py).
+resharded on load by DCP), `rng_rank<R>.pt` (tensors only, loaded with `weights_only=True`),
+`meta.json` (step, tokens, config hash, layout, versions) and, written last, `manifest.json` (size
+and sha256 of every other file). Every rank writes into `.step_<N>.tmp/`; rank 0 renames it to
+`step_<N>/` after all ranks finished, so a directory named `step_<N>` was complete when written,
+and the manifest tells whether it still is (truncated copies, flipped bits). `resume: auto` takes
+the newest checkpoint that verifies. The data position is the step (see data/loader.py).
+
+A model-only checkpoint (`"model_only": true` in meta.json, written by `llmtrain import-hf`) holds
+the model and no optimizer or RNG state; loading it leaves the optimizer as built (fresh).
+
+Unpickling: DCP's stock FileSystemReader reads `.metadata` with a bare `pickle.load` and its
+DefaultLoadPlanner reads non-tensor entries (optimizer hyperparameters) with
+`torch.load(weights_only=False)`; only tensors go through `weights_only=True`. A checkpoint is
+data a user may have downloaded, so `load` replaces both: `.metadata` is read by an unpickler that
+admits only DCP's own metadata classes, and byte entries by `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -22,11 +35,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from llmtrain.config import Config, ConfigError
+from llmtrain.parallel import get_train_state, set_train_state
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+# Model settings that change neither the parameter shapes nor what they compute at inference.
+_NOT_ARCH = ("dropout", "init_std")
 
 
 def _rank() -> int:
@@ -38,11 +56,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def config_hash(cfg: Config) -> str:
     """Hash of what makes two runs the same model and data (not steps, logging or checkpointing)."""
     d = cfg.to_dict()
-    ident = {k: d[k] for k in ("model", "data")}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _hash({k: d[k] for k in ("model", "data")})
+
+
+def arch_hash(cfg: Config) -> str:
+    """Hash of the model architecture alone: what a model-only checkpoint must match."""
+    m = {k: v for k, v in cfg.to_dict()["model"].items() if k not in _NOT_ARCH}
+    m.update(d_ff=cfg.model.ffn_dim, n_kv_heads=cfg.model.kv_heads)  # defaults resolved
+    return _hash(m)
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -50,12 +78,169 @@ def checkpoint_dir(cfg: Config) -> Path:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Published checkpoints under `root`, oldest first (`.step_<N>.tmp` saves in flight or
+    interrupted are not listed)."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _STEP_DIR.match(p.name)) and (p / "meta.json").is_file()]
     return [p for _, p in sorted(found)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity: a manifest of every file, checked before anything is read
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    """Record size and sha256 of every file under `path` in `path/manifest.json` (call last)."""
+    files = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[f.relative_to(path).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MANIFEST)
+
+
+_VERIFIED: set[Path] = set()  # checkpoints verified by this process (find_resume, then load)
+
+
+def verify(path: Path) -> None:
+    """Raise a one-line ConfigError naming the first file of checkpoint `path` that is missing,
+    truncated or corrupted. A checkpoint without a manifest (written before manifests existed)
+    passes with a warning."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise ConfigError(f"checkpoint {path} is incomplete: {path / 'meta.json'} is missing")
+    mf = path / MANIFEST
+    if not mf.is_file():
+        warnings.warn(f"checkpoint {path} has no {MANIFEST}; its files cannot be verified")
+        return
+    try:
+        files = json.loads(mf.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"checkpoint file {mf} is corrupted (not a valid manifest)") from None
+    for rel, want in files.items():
+        f = path / rel
+        if not f.is_file():
+            raise ConfigError(f"checkpoint file {f} is missing (listed in {MANIFEST})")
+        size = f.stat().st_size
+        if size != want["size"]:
+            raise ConfigError(f"checkpoint file {f} is truncated or overwritten: {size} bytes, "
+                              f"{MANIFEST} says {want['size']}")
+        if _sha256(f) != want["sha256"]:
+            raise ConfigError(f"checkpoint file {f} is corrupted: its sha256 differs from "
+                              f"{MANIFEST}")
+    _VERIFIED.add(path.resolve())
+
+
+def latest_intact(root: Path, log=None) -> Path | None:
+    """The newest checkpoint under `root` that verifies; each damaged newer one is reported by
+    `log` (default: a warning on stderr). Raises when checkpoints exist but none is intact."""
+    log = log or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    found = list_checkpoints(root)
+    errors = []
+    for path in reversed(found):
+        try:
+            verify(path)
+            return path
+        except ConfigError as e:
+            errors.append(str(e))
+            log(f"skipping damaged checkpoint {path}: {e}")
+    if found:
+        raise ConfigError(f"no intact checkpoint under {root} (newest: {errors[0]}); use "
+                          f"checkpoint.resume=none to start afresh")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading without unpickling arbitrary objects
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what DCP writes into `.metadata`: its metadata dataclasses, torch.Size,
+    dtypes and layouts, and the path it records as checkpoint id."""
+
+    _ALLOWED = {
+        "torch.distributed.checkpoint.metadata": None,  # any name defined there
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},
+        "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+    }
+
+    def find_class(self, module: str, name: str):
+        allowed = self._ALLOWED.get(module, set())
+        obj = None
+        if allowed is None or name in allowed:
+            obj = super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            obj = getattr(torch, name)
+        if obj is None or (allowed is None and getattr(obj, "__module__", module) != module):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+        return obj
+
+
+def _read_metadata(path: Path):
+    """Unpickle DCP's `.metadata` with _MetadataUnpickler; a ConfigError naming it if refused."""
+    with open(path, "rb") as f:
+        try:
+            return _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+            raise ConfigError(f"checkpoint file {path} is not valid DCP metadata: {e}") from None
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        metadata = _read_metadata(Path(self.path) / (".metadata" if rank is None
+                                                     else f"__{rank}.metadata"))
+        # what FileSystemReader.read_metadata adds after unpickling
+        from torch.distributed.checkpoint.metadata import StorageMeta
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner, but non-tensor entries are read with `weights_only=True` (the same
+    body as torch's `load_bytes`, which uses weights_only=False)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _dcp_load(state: dict, path: Path) -> None:
+    _read_metadata(path / ".metadata")  # refuse here: dcp.load would wrap the error in its own
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process
+        dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafeLoadPlanner())
+
+
+def _dcp_save(state: dict, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process
+        dcp.save(state, checkpoint_id=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / resume / load
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -65,9 +250,7 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(path_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         cfg: Config, device: torch.device, extra: dict, keep_last: int = 0) -> Path:
-    """Write checkpoint `step_<step>` under `path_root` (collective: every rank calls it)."""
+def _begin(path_root: Path, step: int) -> tuple[Path, Path]:
     final = path_root / f"step_{step}"
     tmp = path_root / f".step_{step}.tmp"
     if _rank() == 0:
@@ -75,23 +258,39 @@ def save(path_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    return tmp, final
+
+
+def _publish(tmp: Path, final: Path, meta: dict) -> None:
+    """Rank 0, after every rank wrote its files: meta.json, then the manifest, then the rename."""
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    write_manifest(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    _VERIFIED.discard(final.resolve())
+    os.replace(tmp, final)
+
+
+def _meta(step: int, cfg: Config, extra: dict) -> dict:
+    return {"step": step, "config_hash": config_hash(cfg), "arch_hash": arch_hash(cfg),
+            "time": time.time(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "layout": {k: getattr(cfg.parallel, k) for k in
+                       ("dp_replicate", "dp_shard", "tp", "pp", "ep", "zero_stage")},
+            "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+            **extra}
+
+
+def save(path_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         cfg: Config, device: torch.device, extra: dict, keep_last: int = 0) -> Path:
+    """Write checkpoint `step_<step>` under `path_root` (collective: every rank calls it)."""
+    tmp, final = _begin(path_root, step)
+    model_sd, optim_sd = get_train_state(model, optimizer)
+    _dcp_save({"model": model_sd, "optim": optim_sd}, tmp)
     torch.save(_rng_state(device), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
-        meta = {"step": step, "config_hash": config_hash(cfg), "time": time.time(),
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "layout": {k: getattr(cfg.parallel, k) for k in
-                           ("dp_replicate", "dp_shard", "tp", "pp", "ep", "zero_stage")},
-                "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
-                **extra}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _publish(tmp, final, _meta(step, cfg, extra))
         if keep_last:
             for old in list_checkpoints(path_root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -99,34 +298,67 @@ def save(path_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
     return final
 
 
-def find_resume(cfg: Config) -> Path | None:
+def save_model(path_root: Path, step: int, model: torch.nn.Module, cfg: Config,
+               extra: dict | None = None) -> Path:
+    """Write a model-only checkpoint (no optimizer, no RNG): `"model_only": true` in meta.json."""
+    tmp, final = _begin(path_root, step)
+    _dcp_save({"model": get_model_state_dict(model)}, tmp)
+    _barrier()
+    if _rank() == 0:
+        _publish(tmp, final, _meta(step, cfg, {"tokens": 0, **(extra or {}),
+                                               "model_only": True}))
+    _barrier()
+    return final
+
+
+def find_resume(cfg: Config, log=None) -> Path | None:
+    """The checkpoint to resume from: None for `none`; for `auto` the newest intact one under the
+    checkpoint dir (damaged newer ones are skipped with a warning naming them)."""
     r = cfg.checkpoint.resume
     if r == "none":
         return None
     if r != "auto":
         return Path(r)
-    found = list_checkpoints(checkpoint_dir(cfg))
-    return found[-1] if found else None
+    quiet = (lambda msg: None) if _rank() else log
+    return latest_intact(checkpoint_dir(cfg), log=quiet)
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json of a verified checkpoint (verifies it on first use in this process)."""
+    path = Path(path)
+    if path.resolve() not in _VERIFIED:
+        verify(path)
+    return json.loads((path / "meta.json").read_text())
+
+
+def load_model(path: Path, model: torch.nn.Module) -> dict:
+    """Load only the model weights of checkpoint `path` into `model`; returns meta.json."""
+    meta = read_meta(path)
+    state = {"model": get_model_state_dict(model)}
+    _dcp_load(state, path)
+    set_model_state_dict(model, state["model"])
+    return meta
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
          device: torch.device) -> dict:
-    """Load model, optimizer and RNG state in place; returns meta.json."""
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise ConfigError(f"checkpoint {path} is incomplete: {meta_file} is missing")
-    meta = json.loads(meta_file.read_text())
+    """Load model, optimizer and RNG state in place; returns meta.json. A model-only checkpoint
+    leaves the optimizer and the RNG as they are."""
+    meta = read_meta(path)
+    if meta.get("model_only"):
+        if meta.get("arch_hash") != arch_hash(cfg):
+            raise ConfigError(f"checkpoint {path} holds a model of another architecture (arch "
+                              f"hash {meta.get('arch_hash')} != {arch_hash(cfg)}); set the "
+                              f"model section as in the config.yaml next to it")
+        return load_model(path, model)
     if meta.get("config_hash") != config_hash(cfg):
         raise ConfigError(f"checkpoint {path} was written by a run with different model or data "
                           f"settings (config hash {meta.get('config_hash')} != "
                           f"{config_hash(cfg)}); use checkpoint.resume=none to start afresh")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_train_state(model, optimizer, for_load=True)
     state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process
-        dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+    _dcp_load(state, path)
+    set_train_state(model, optimizer, state["model"], state["optim"])
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)
@@ -134,4 +366,3 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
     return meta
-

@@ -12,22 +12,26 @@ import contextlib
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import loss_parallel
 
 from llmtrain.config import Config, ConfigError, save_config
+from llmtrain.parallel import clip_grad_norm_
+from llmtrain.parallel.data import dp_mesh
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gib
-from llmtrain.train.optim import build_optimizer, lr_at
+from llmtrain.train.optim import lr_at
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over the data-parallel ranks (`group`); the ranks of a tp group hold the same batch."""
     if dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
     return t
 
 
@@ -39,7 +43,14 @@ def _autocast(cfg: Config, device: torch.device):
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross entropies (fp32) over positions where mask is 1."""
+    """Sum of token cross entropies (fp32) over positions where mask is 1. Vocab-sharded logits
+    (a DTensor under tensor parallelism) are reduced by the loss-parallel cross entropy: call
+    this, and the backward, inside `loss_parallel()`."""
+    if isinstance(logits, DTensor):
+        labels = DTensor.from_local(labels.flatten(), logits.device_mesh, [Replicate()],
+                                    run_check=False)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels, reduction="none")
+        return (ce.to_local() * mask.flatten()).sum()
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
     return (ce * mask.flatten()).sum()
 
@@ -67,7 +78,7 @@ class Trainer:
         from llmtrain.data.loader import BatchReader, build_datasets, check_vocab
         from llmtrain.data.preprocess import prepare_corpus
         from llmtrain.model import build_model
-        from llmtrain.parallel import parallelize
+        from llmtrain.parallel import build_optimizer, parallelize
         from llmtrain.parallel.mesh import (DistEnv, describe_groups, dp_info, init_distributed,
                                             resolve_device)
 
@@ -85,20 +96,19 @@ class Trainer:
         self.say = say
 
         # Data: rank 0 builds the cache first, the others then find it.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # megatron-core warns about missing Apex/TE on import
-            if self.is_main:
-                prefix, tok = prepare_corpus(cfg, log=say)
-            if dist.is_initialized():
-                dist.barrier()
-            if not self.is_main:
-                prefix, tok = prepare_corpus(cfg, log=say)
-            if cfg.data.source == "indexed":
-                for p in ([p for _, p in cfg.data.blend] if cfg.data.blend else [prefix]):
-                    check_vocab(str(p), cfg.model.vocab_size)
-            train_ds, valid_ds = build_datasets(cfg, prefix, tok)
+        if self.is_main:
+            prefix, tok = prepare_corpus(cfg, log=say)
+        if dist.is_initialized():
+            dist.barrier()
+        if not self.is_main:
+            prefix, tok = prepare_corpus(cfg, log=say)
+        if cfg.data.source == "indexed":
+            for p in ([p for _, p in cfg.data.blend] if cfg.data.blend else [prefix]):
+                check_vocab(str(p), cfg.model.vocab_size)
+        train_ds, valid_ds = build_datasets(cfg, prefix, tok)
         self.tokenizer = tok
         self.dp_rank, self.dp_size = dp_info(self.mesh)
+        self.dp_group = dp_mesh(self.mesh).get_group() if self.mesh is not None else None
         self.train_reader = BatchReader(train_ds, cfg, tok, self.dp_rank, self.dp_size)
         self.valid_reader = BatchReader(valid_ds, cfg, tok, self.dp_rank, self.dp_size)
 
@@ -111,7 +121,8 @@ class Trainer:
         if cfg.train.precision == "bf16_pure":
             model = model.to(torch.bfloat16)
         self.model = parallelize(model, self.mesh, cfg, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg, self.mesh)
+        self.tp = self.mesh["tp"].size() if self.mesh is not None else 1
 
         self.step = 0
         self.skipped_total = 0
@@ -122,14 +133,18 @@ class Trainer:
             self.skipped_total = meta.get("skipped_steps", 0)
             say(f"resumed from {resume} at step {self.step}")
         else:
-            torch.manual_seed(cfg.train.seed + 1 + env.rank)  # dropout streams differ by rank
+            # dropout streams differ by data-parallel rank; the ranks of one tp group share one
+            torch.manual_seed(cfg.train.seed + 1 + self.dp_rank)
+        self.first_step = self.step
 
         t = cfg.train
         self.tokens_per_step = t.global_batch_size * t.seq_len
         say(f"model: {self.n_params:,} parameters ({self.n_params_nonemb:,} non-embedding), "
             f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}, {cfg.model.n_heads} heads "
             f"({cfg.model.kv_heads} kv), vocab {cfg.model.vocab_size}")
-        say(f"layout: world {env.world_size} on {self.device.type}, dp {self.dp_size}; "
+        say(f"layout: world {env.world_size} on {self.device.type}, dp {self.dp_size}, tp "
+            f"{self.tp}{' (sequence parallel)' if self.tp > 1 and cfg.parallel.sequence_parallel else ''}"
+            f", ZeRO stage {cfg.parallel.zero_stage}; "
             + "; ".join(describe_groups(self.mesh)))
         say(f"batch: {t.global_batch_size} sequences x {t.seq_len} tokens = "
             f"{self.tokens_per_step:,} tokens/step, micro-batch {t.micro_batch_size}, "
@@ -139,6 +154,26 @@ class Trainer:
             f"run dir {self.run_dir}")
 
     # ------------------------------------------------------------------------------------------
+
+    def _report_state_bytes(self) -> None:
+        """After the first optimizer step (when gradients and optimizer states exist): this
+        rank's model-state bytes to `<run_dir>/memory_rank<R>.json`; rank 0 prints every rank's."""
+        from llmtrain.parallel import state_bytes
+        rec = {"rank": self.env.rank, "step": self.step + 1, "n_params": self.n_params,
+               **state_bytes(self.model, self.optimizer)}
+        (self.run_dir / f"memory_rank{self.env.rank}.json").write_text(json.dumps(rec))
+        recs = [rec]
+        if dist.is_initialized():
+            recs = [None] * dist.get_world_size()
+            dist.all_gather_object(recs, rec)
+        mib = 2 ** 20
+        for r in recs:
+            self.say(f"rank {r['rank']} model state: parameters {r['param_bytes'] / mib:.2f} MiB, "
+                     f"gradients {r['grad_bytes'] / mib:.2f} MiB, optimizer "
+                     f"{r['optim_bytes'] / mib:.2f} MiB")
+
+    def _loss_parallel(self):
+        return loss_parallel() if self.tp > 1 else contextlib.nullcontext()
 
     def _forward_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = batch.tokens.to(self.device)
@@ -158,25 +193,25 @@ class Trainer:
             group["lr"] = lr
         batches = [self.train_reader.get(step, m) for m in range(self.train_reader.n_micro)]
         n_global = _all_reduce_sum(torch.as_tensor(float(sum(b.loss_mask.sum() for b in batches)),
-                                                   device=self.device))
+                                                   device=self.device), self.dp_group)
         loss_sum = torch.zeros((), device=self.device)
         n_micro = len(batches)
         for m, batch in enumerate(batches):
             sync = m == n_micro - 1
             ctx = model.no_sync() if (hasattr(model, "no_sync") and not sync) \
                 else contextlib.nullcontext()
-            with ctx:
+            with ctx, self._loss_parallel():
                 ce_sum, _ = self._forward_loss(batch)
                 (ce_sum * (self.dp_size / n_global)).backward()
             loss_sum += ce_sum.detach()
-        loss = _all_reduce_sum(loss_sum) / n_global
+        loss = _all_reduce_sum(loss_sum, self.dp_group) / n_global
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm_(model, clip)  # over TP/FSDP shards too
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
             opt.step()
+        if step == self.first_step:
+            self._report_state_bytes()
         opt.zero_grad(set_to_none=True)
         return {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
 
@@ -188,10 +223,11 @@ class Trainer:
         r = self.valid_reader
         for s in range(self.cfg.train.eval_steps):
             for m in range(r.n_micro):
-                ce_sum, n = self._forward_loss(r.get(s, m))
+                with self._loss_parallel():
+                    ce_sum, n = self._forward_loss(r.get(s, m))
                 total += ce_sum
                 count += n
-        return float(_all_reduce_sum(total) / _all_reduce_sum(count))
+        return float(_all_reduce_sum(total, self.dp_group) / _all_reduce_sum(count, self.dp_group))
 
     def save_checkpoint(self) -> None:
         c = self.cfg.checkpoint

@@ -1,0 +1,122 @@
+"""Tensor and sequence parallelism as DTensor plans (Megatron-LM layouts, torchtitan style).
+
+Per block: q/k/v and the MLP's w1/w3 are column-parallel (each rank holds a slice of the heads /
+hidden units), wo and w2 row-parallel (partial sums reduced across tp). Attention derives its
+local head count from the weight shapes, so the plain model runs on the shards unchanged.
+
+Sequence parallel (Korthikanti et al. 2022): between the blocks' matmuls the residual stream is
+split along the sequence (Shard(1)); norms and dropout run on 1/tp of the tokens; the all-reduce
+of a row-parallel output becomes a reduce-scatter and the column-parallel input an all-gather.
+
+The vocabulary is split too: the embedding is row-parallel over vocab rows (input replicated),
+the output projection column-parallel over vocab, and the cross entropy is computed on the
+vocab-sharded logits under `loss_parallel()` without gathering [B, T, V].
+
+Key/value heads: with tp dividing n_kv_heads, wk/wv are column-parallel like wq. Multi-query
+attention (n_kv_heads=1) keeps wk/wv whole on every tp rank (each rank's query heads read the
+single kv head); the gradient of k/v is then summed over tp before it reaches wk/wv, since each
+rank's query heads contribute only part of it. Other n_kv_heads < tp are refused by the config.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                               RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
+
+from llmtrain.config import Config
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradient over a process group."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _replicate(module: nn.Module, mesh: DeviceMesh, sum_output_grad: bool = False) -> None:
+    """Keep `module` whole on every tp rank, its parameters as Replicate DTensors (so that the
+    optimizer and gradient clipping see one kind of tensor); plain tensors in, plain out."""
+    group = mesh.get_group()
+
+    def input_fn(mod, inputs, mesh):
+        return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                     if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x
+                     for x in inputs)
+
+    def output_fn(mod, out, mesh):
+        out = out.to_local() if isinstance(out, DTensor) else out
+        return _SumGradOverGroup.apply(out, group) if sum_output_grad else out
+
+    distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: Config) -> None:
+    """Shard `model` (a `Transformer`) over `tp_mesh` in place."""
+    sp = cfg.parallel.sequence_parallel
+    seq = Shard(1) if sp else Replicate()
+    tied = model.output is not None and model.tok_embeddings is not None \
+        and model.output.weight is model.tok_embeddings.weight
+
+    top: dict[str, object] = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if model.pos_embeddings is not None:  # [T, D] table: its output is split along T under SP
+        top["pos_embeddings"] = RowwiseParallel(input_layouts=Replicate(),
+                                                output_layouts=Shard(0) if sp else Replicate())
+    if model.output is not None:
+        # vocab-sharded logits stay a DTensor for loss_parallel()
+        top["output"] = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1),
+                                        use_local_output=False)
+    if sp and model.norm is not None:
+        top["norm"] = SequenceParallel(use_local_output=True)
+    parallelize_module(model, tp_mesh, top)
+    if not sp and model.norm is not None:
+        _replicate(model.norm, tp_mesh)
+    if tied:  # both are vocab-row sharded (Shard(0)), so one DTensor serves both
+        model.output.weight = model.tok_embeddings.weight
+
+    n_kv = cfg.model.kv_heads
+    shard_kv = n_kv % tp_mesh.size() == 0
+    for block in model.layers.values():
+        plan: dict[str, object] = {
+            "attention.wq": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=seq),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+        }
+        if block.feed_forward.w3 is not None:
+            plan["feed_forward.w3"] = ColwiseParallel()
+        if shard_kv:
+            plan["attention.wk"] = ColwiseParallel()
+            plan["attention.wv"] = ColwiseParallel()
+        if sp:
+            plan["attention_norm"] = SequenceParallel(use_local_output=True)
+            plan["ffn_norm"] = SequenceParallel(use_local_output=True)
+            # gather the sequence once per sublayer (rope/mask args pass through untouched)
+            plan["attention"] = PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None),
+                use_local_output=True)
+            plan["feed_forward"] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                use_local_output=True)
+        parallelize_module(block, tp_mesh, plan)
+        if not shard_kv:  # MQA: whole wk/wv per rank, gradients summed over tp
+            _replicate(block.attention.wk, tp_mesh, sum_output_grad=True)
+            _replicate(block.attention.wv, tp_mesh, sum_output_grad=True)
+        if not sp:
+            _replicate(block.attention_norm, tp_mesh)
+            _replicate(block.ffn_norm, tp_mesh)

@@ -1,0 +1,173 @@
+"""Multi-rank training on the CPU (gloo, processes spawned by torchrun) against the single-process
+run with the same global batch: per-step losses within 1e-5 relative (fp32) and the final
+weights after gathering (DCP checkpoints converted to one torch file), plus per-rank model-state
+bytes at each ZeRO stage and resume with ZeRO-1 optimizer-state sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from llmtrain.cli import main
+from llmtrain.config import ConfigError, load_config
+
+STEPS = 5
+# Weights after 5 AdamW steps: an element whose gradient is ~0 moves by up to lr * m/sqrt(v),
+# which amplifies float summation-order noise; 1e-4 is lr/30 (a wrong gradient moves by ~lr).
+ATOL = 1e-4
+# the reference each layout is compared with: model overrides shared by both runs
+MODELS = {"mha": {}, "gqa": {"model.n_kv_heads": 2}, "mqa": {"model.n_kv_heads": 1}}
+
+
+def read_losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    out = run / f"weights_{step}.pt"
+    dcp_to_torch_save(run / "checkpoints" / f"step_{step}", out)
+    return torch.load(out, weights_only=True)["model"]
+
+
+def overrides(run: Path, **extra) -> list[str]:
+    return tiny_overrides(run, **{"train.steps": STEPS, **extra})
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), "-m", "llmtrain", "train", *sum((["--set", a] for a in args), [])]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Single-process runs (one per model variant), built once for the whole module."""
+    root = tmp_path_factory.mktemp("reference")
+    cache = {}
+
+    def get(model: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+        if model not in cache:
+            run = root / model
+            args = overrides(run, **MODELS[model])
+            assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
+            cache[model] = read_losses(run), final_weights(run)
+        return cache[model]
+    return get
+
+
+LAYOUTS = {
+    # name: (processes, parallel overrides, reference model)
+    "dp2-zero0": (2, {"parallel.zero_stage": 0}, "mha"),
+    "dp2-zero1": (2, {"parallel.zero_stage": 1}, "mha"),
+    "dp2-zero2": (2, {"parallel.zero_stage": 2}, "mha"),
+    "dp2-zero3": (2, {"parallel.zero_stage": 3}, "mha"),
+    "tp2-sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}, "mha"),
+    "tp2-gqa": (2, {"parallel.tp": 2}, "gqa"),
+    "tp2-mqa-sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}, "mqa"),
+    "tp2xdp2-zero3": (4, {"parallel.tp": 2, "parallel.zero_stage": 3,
+                          "parallel.sequence_parallel": True}, "mha"),
+    "hsdp2x2-zero2": (4, {"parallel.dp_replicate": 2, "parallel.zero_stage": 2,
+                          "train.micro_batch_size": 2}, "mha"),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, tmp_path, reference):
+    nproc, par, model = LAYOUTS[name]
+    ref_losses, ref_weights = reference(model)
+    run = tmp_path / name
+    r = torchrun(nproc, overrides(run, **MODELS[model], **par))
+    assert "layout: world" in r.stdout and "model state:" in r.stdout
+    assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
+    weights = final_weights(run)
+    assert weights.keys() == ref_weights.keys()
+    for k in ref_weights:
+        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=ATOL,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+    mem = [json.loads((run / f"memory_rank{i}.json").read_text()) for i in range(nproc)]
+    full = 4 * mem[0]["n_params"]  # fp32 bytes of every parameter once
+    zero = par.get("parallel.zero_stage", 0)
+    shards = nproc // par.get("parallel.dp_replicate", 1)  # ranks that split each state
+    largest = 4 * 1024 * 64  # the embedding, the largest parameter (whole-tensor partitions)
+    for m in mem:
+        if zero == 1:  # ZeroRedundancyOptimizer splits whole parameters: 1/dp up to one tensor
+            assert abs(m["optim_bytes"] - 2 * full / shards) <= 2 * largest
+            assert m["param_bytes"] == full and m["grad_bytes"] == full
+        elif model == "mqa":  # TP keeps the single kv head's wk/wv whole on every rank
+            assert full / shards < m["param_bytes"] < 0.6 * full
+        elif zero >= 2 or par.get("parallel.tp", 1) > 1:  # FSDP / TP: even shards
+            assert m["optim_bytes"] == pytest.approx(2 * full / shards, rel=0.01)
+            assert m["param_bytes"] == pytest.approx(full / shards, rel=0.01)
+            assert m["grad_bytes"] == pytest.approx(full / shards, rel=0.01)
+        else:
+            assert m["param_bytes"] == full and m["optim_bytes"] == 2 * full
+    if zero == 1:
+        assert sum(m["optim_bytes"] for m in mem) == 2 * full, "every state on exactly one rank"
+
+
+def test_zero1_resume_reproduces_losses_and_weights(tmp_path, reference):
+    """dp=2 ZeRO-1 (per-rank optimizer partitions in DCP): stop after the step-3 checkpoint,
+    resume to step 5; losses and weights equal the uninterrupted single-process run."""
+    ref_losses, ref_weights = reference("mha")
+    run = tmp_path / "zero1"
+    args = overrides(run, **{"parallel.zero_stage": 1, "checkpoint.every": 3})
+    torchrun(2, args)
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")  # as if killed after step 3
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:3]
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    r = torchrun(2, args)
+    assert "resumed from" in r.stdout
+    assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
+    weights = final_weights(run)
+    for k in ref_weights:
+        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=ATOL,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_zero3_bf16_with_cpu_offload_trains(tmp_path):
+    """MixedPrecisionPolicy (bf16 params, fp32 reduction) at dp=2; offload=cpu is accepted (the
+    CPUOffloadPolicy itself needs an accelerator and is applied only on GPU runs)."""
+    run = tmp_path / "bf16"
+    torchrun(2, overrides(run, **{"parallel.zero_stage": 3, "train.precision": "bf16",
+                                  "parallel.offload": "cpu", "optim.lr": 0.01}))
+    losses = read_losses(run)
+    assert all(x == x for x in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("sets, world, message", [
+    ({"parallel.tp": 3}, 3, "parallel.tp=3 does not divide model.n_heads=4; use 1, 2, 4"),
+    ({"parallel.tp": 4, "model.n_kv_heads": 2}, 4,
+     "parallel.tp=4 does not divide model.n_kv_heads=2"),
+    ({"parallel.tp": 2, "parallel.sequence_parallel": True, "train.seq_len": 31}, 2,
+     "sequence_parallel needs train.seq_len=31 divisible by parallel.tp=2"),
+    ({"parallel.tp": 2, "parallel.zero_stage": 1}, 4, "needs parallel.zero_stage=2 or 3"),
+    ({"parallel.offload": "cpu", "parallel.zero_stage": 2}, 2, "offload=cpu needs"),
+    ({"parallel.tp": 2, "parallel.dp_shard": 2}, 2, "does not match the world size 2"),
+    ({"parallel.pp": 2}, 2, "parallel.pp/ep/engine"),
+])
+def test_bad_layouts_are_refused_before_any_group(tmp_path, sets, world, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(None, overrides(tmp_path, **sets), world_size=world)
+
+
+def test_torchrun_script_prints_and_passes_overrides(tmp_path):
+    script = Path(__file__).parent.parent / "launch" / "torchrun.sh"
+    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
+           "LLMTRAIN_DRY_RUN": "1"}
+    r = subprocess.run(["bash", str(script), "configs/tiny.yaml", "--set", "parallel.tp=2"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--nproc_per_node 2" in r.stdout and "--set parallel.tp=2" in r.stdout
