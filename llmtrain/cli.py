@@ -24,9 +24,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set or (), world_size=env.world_size)
     from llmtrain.train.loop import train
     summary = train(cfg, overwrite=args.overwrite)
-    if env.rank == 0:
+    if env.rank == 0 and summary.get("stopped"):
+        print(f"stopped by {summary['stopped']} at step {summary['steps']}; checkpoint written, "
+              f"run the same command to resume")
+    elif env.rank == 0:
+        val = summary["final_val_loss"]
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, final validation "
-              f"loss {summary['final_val_loss']:.4f}; run dir {cfg.logging.run_dir}")
+              f"loss {val:.4f}; run dir {cfg.logging.run_dir}")
     return 0
 
 
@@ -93,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from llmtrain.train.loop import RunError
+        if not isinstance(e, RunError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

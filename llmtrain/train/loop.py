@@ -21,11 +21,20 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 
 from llmtrain.config import Config, ConfigError, save_config
+from llmtrain.engines import deepspeed as deepspeed_engine
+from llmtrain.model.moe import aux_loss as moe_aux_loss
+from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
 from llmtrain.parallel import clip_grad_norm_
 from llmtrain.parallel.data import dp_mesh
 from llmtrain.train import checkpoint as ckpt
+from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
 from llmtrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gib
 from llmtrain.train.optim import lr_at
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (printed as one line; exit code 1): nothing is lost that the last
+    good checkpoint holds."""
 
 
 def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -98,6 +107,7 @@ class Trainer:
         # Data: rank 0 builds the cache first, the others then find it.
         if self.is_main:
             prefix, tok = prepare_corpus(cfg, log=say)
+            tok.save(self.run_dir / "tokenizer.json")  # export and generate read it from here
         if dist.is_initialized():
             dist.barrier()
         if not self.is_main:
@@ -122,17 +132,28 @@ class Trainer:
             model = model.to(torch.bfloat16)
         self.model = parallelize(model, self.mesh, cfg, self.device)
         self.optimizer = build_optimizer(self.model, cfg, self.mesh)
+        self.engine = None  # parallel.engine=deepspeed: engines/deepspeed.py drives the model
+        if cfg.parallel.engine == "deepspeed":
+            self.engine = deepspeed_engine.initialize(self.model, cfg, self.dp_size,
+                                                      self.optimizer, log=say)
+            self.model, self.optimizer = self.engine, self.engine.optimizer
         self.tp = self.mesh["tp"].size() if self.mesh is not None else 1
+        self.pipeline = None  # parallel.pp > 1: a pipeline schedule runs the micro-batches
+        if cfg.parallel.pp > 1:
+            from llmtrain.parallel.pipeline import build_pipeline
+            self.pipeline = build_pipeline(self.model, cfg, self.device, self.dp_size)
 
         self.step = 0
         self.skipped_total = 0
         resume = ckpt.find_resume(cfg)
+        meta: dict = {}
         if resume is not None:
-            meta = ckpt.load(resume, self.model, self.optimizer, cfg, self.device)
+            meta = (deepspeed_engine.load_checkpoint(self, resume) if self.engine is not None
+                    else ckpt.load(resume, self.model, self.optimizer, cfg, self.device))
             self.step = meta["step"]
             self.skipped_total = meta.get("skipped_steps", 0)
             say(f"resumed from {resume} at step {self.step}")
-        else:
+        if resume is None or meta.get("model_only"):  # a model-only checkpoint has no RNG state
             # dropout streams differ by data-parallel rank; the ranks of one tp group share one
             torch.manual_seed(cfg.train.seed + 1 + self.dp_rank)
         self.first_step = self.step
@@ -186,6 +207,8 @@ class Trainer:
         return cross_entropy_sum(logits, labels, mask), mask.sum()
 
     def train_step(self, step: int) -> dict:
+        if self.engine is not None:
+            return deepspeed_engine.train_step(self, step)
         cfg, model, opt = self.cfg, self.model, self.optimizer
         model.train()
         lr = lr_at(step, cfg.optim, cfg.train.steps, cfg.model.d_model)
@@ -195,14 +218,22 @@ class Trainer:
         n_global = _all_reduce_sum(torch.as_tensor(float(sum(b.loss_mask.sum() for b in batches)),
                                                    device=self.device), self.dp_group)
         loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
         n_micro = len(batches)
-        for m, batch in enumerate(batches):
+        if self.pipeline is not None:  # parallel.pp > 1 (parallel/pipeline.py)
+            loss_sum = self.pipeline.run(batches, self.dp_size / float(n_global), self._loss_parallel)
+        for m, batch in enumerate(batches if self.pipeline is None else []):
             sync = m == n_micro - 1
             ctx = model.no_sync() if (hasattr(model, "no_sync") and not sync) \
                 else contextlib.nullcontext()
             with ctx, self._loss_parallel():
                 ce_sum, _ = self._forward_loss(batch)
-                (ce_sum * (self.dp_size / n_global)).backward()
+                step_loss = ce_sum * (self.dp_size / n_global)
+                aux = moe_aux_loss(model)  # MoE balance + z losses of this forward (None if dense)
+                if aux is not None:  # mean over micro-batches; DDP/FSDP average it over dp
+                    step_loss = step_loss + aux / n_micro
+                    aux_sum += aux.detach() / n_micro
+                step_loss.backward()
             loss_sum += ce_sum.detach()
         loss = _all_reduce_sum(loss_sum, self.dp_group) / n_global
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
@@ -210,14 +241,24 @@ class Trainer:
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
             opt.step()
+            routers = [m.router for m in moe_layers(model).values() if m.router.aux_free_bias]
+            for r in routers:  # every rank moves its selection bias by the global load
+                _all_reduce_sum(r.load, self.dp_group)
+            if routers:
+                update_bias(model)
         if step == self.first_step:
             self._report_state_bytes()
         opt.zero_grad(set_to_none=True)
-        return {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
+        return {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
+                "sample_ids": [i for b in batches for i in b.sample_ids],
+                "moe_aux_loss": float(aux_sum), "moe": moe_metrics(model)}
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
+        if self.pipeline is not None:  # parallel.pp > 1 (parallel/pipeline.py)
+            return self.pipeline.evaluate(self.valid_reader, self.cfg.train.eval_steps,
+                                          self._loss_parallel, self.dp_group)
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
         r = self.valid_reader
@@ -229,11 +270,42 @@ class Trainer:
                 count += n
         return float(_all_reduce_sum(total, self.dp_group) / _all_reduce_sum(count, self.dp_group))
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, final: bool = False, writer: MetricsWriter | None = None) -> bool:
+        """Write a checkpoint; on a write error (disk full, unwritable directory) report it, drop
+        the partial directory and keep the last good checkpoint. A failed final save is fatal."""
+        try:
+            self._save_checkpoint()
+            return True
+        except OSError as e:
+            root = ckpt.checkpoint_dir(self.cfg)
+            if self.is_main:
+                import shutil
+                shutil.rmtree(root / f".step_{self.step}.tmp", ignore_errors=True)
+            good = ckpt.list_checkpoints(root)
+            msg = (f"checkpoint at step {self.step} could not be written to {root} "
+                   f"({type(e).__name__}: {e.strerror or e}); last good checkpoint: "
+                   f"{good[-1] if good else 'none'}")
+            if final:
+                raise RunError(msg) from None
+            (writer.message if writer else self.say)(f"warning: {msg}; training continues")
+            return False
+
+    def _save_checkpoint(self) -> None:
+        if self.engine is not None:
+            deepspeed_engine.save_checkpoint(self)
+            return
         c = self.cfg.checkpoint
         ckpt.save(ckpt.checkpoint_dir(self.cfg), self.step, self.model, self.optimizer, self.cfg,
                   self.device, {"tokens": self.step * self.tokens_per_step,
                                 "skipped_steps": self.skipped_total}, keep_last=c.keep_last)
+
+    def _agreed_stop(self, requested: str | None) -> str | None:
+        """Every rank stops after the same step if any rank was asked to (SIGTERM)."""
+        if not dist.is_initialized():
+            return requested
+        flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return (requested or "SIGTERM") if flag.item() else None
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -242,12 +314,24 @@ class Trainer:
         peak = device_peak_flops(self.device)
         consecutive_skips = 0
         last_val = None
+        stopped = None
+        spikes = SpikeDetector()
+        watchdog = HangWatchdog(t.collective_timeout_s)
+        stop = StopSignal()
         t_last, tokens_last = time.perf_counter(), 0
         try:
             while self.step < t.steps:
+                watchdog.arm()  # a step (and its collectives) hung longer than this: dump, exit 1
                 out = self.train_step(self.step)
                 self.step += 1
                 tokens_last += self.tokens_per_step
+                z = spikes.update(out["loss"])
+                if z is not None:
+                    ids = out["sample_ids"]
+                    writer.message(f"warning: loss spike at step {self.step}: loss "
+                                   f"{out['loss']:.4f} is {z:.1f} standard deviations above the "
+                                   f"last {len(spikes.losses)} steps; rank {self.env.rank}'s "
+                                   f"samples: {ids[:16]}{' ...' if len(ids) > 16 else ''}")
                 if out["skipped"]:
                     consecutive_skips += 1
                     self.skipped_total += 1
@@ -255,8 +339,8 @@ class Trainer:
                                    f"(loss {out['loss']}, grad norm {out['grad_norm']}); "
                                    f"optimizer step skipped")
                     if consecutive_skips >= t.max_skipped_steps:
-                        self.save_checkpoint()
-                        raise RuntimeError(
+                        self.save_checkpoint(final=True)
+                        raise RunError(
                             f"{consecutive_skips} consecutive steps had a non-finite loss or "
                             f"gradient norm (train.max_skipped_steps={t.max_skipped_steps}); "
                             f"stopped after saving step {self.step}")
@@ -276,7 +360,10 @@ class Trainer:
                     if peak:
                         world = dist.get_world_size() if dist.is_initialized() else 1
                         rec["mfu"] = self.flops_per_token * tps / (peak * world)
-                    writer.log("metrics", rec)
+                    moe_rec, moe_hist = out["moe"]
+                    if moe_rec:
+                        rec.update(moe_rec, moe_aux_loss=out["moe_aux_loss"])
+                    writer.log("metrics", rec, moe_hist)
                     writer.progress(self.step, f"loss {out['loss']:.3f} lr {out['lr']:.2e} "
                                                f"{tps:,.0f} tok/s")
                     if writer.bar is None:
@@ -289,15 +376,26 @@ class Trainer:
                                         "tokens": self.step * self.tokens_per_step,
                                         "val_loss": last_val})
                     writer.message(f"step {self.step}: validation loss {last_val:.4f}")
+                stopped = self._agreed_stop(stop.requested)
                 every = cfg.checkpoint.every
-                if (every and self.step % every == 0) or self.step == t.steps:
-                    self.save_checkpoint()
+                if stopped or self.step == t.steps:
+                    self.save_checkpoint(final=True)
+                elif every and self.step % every == 0:
+                    self.save_checkpoint(writer=writer)
+                if stopped:
+                    writer.message(f"{stopped}: stopped after step {self.step} with a checkpoint;"
+                                   f" run the same command again to resume")
+                    break
         finally:
+            watchdog.disarm()
+            stop.restore()
             writer.close()
         summary = {"steps": self.step, "tokens": self.step * self.tokens_per_step,
                    "n_params": self.n_params, "n_params_nonembedding": self.n_params_nonemb,
                    "flops_per_token": self.flops_per_token, "final_val_loss": last_val,
                    "skipped_steps": self.skipped_total}
+        if stopped:
+            return {**summary, "stopped": stopped}
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary

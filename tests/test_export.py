@@ -1,0 +1,188 @@
+"""Export to / import from Hugging Face, checked against `transformers` itself (offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from llmtrain.cli import main
+from llmtrain.config import load_config, save_config
+from llmtrain.train import checkpoint as ckpt
+from llmtrain.train.export import (load_checkpoint_model, read_safetensors, resolve_checkpoint,
+                                   run_tokenizer, write_safetensors)
+
+transformers = pytest.importorskip("transformers")
+
+LAYOUTS = {
+    # Llama with grouped-query attention and an untied output layer
+    "llama": {"model.n_kv_heads": 2, "model.tie_embeddings": False},
+    "gpt2": {"model.norm": "layernorm", "model.position": "learned", "model.activation": "gelu",
+             "model.bias": True, "model.tie_embeddings": True},
+}
+TEXT = "def f(x):\n    return x + 1  # héllo wörld<|endoftext|>\tclass A: pass"
+
+
+def cli(*args: str) -> int:
+    return main(list(args))
+
+
+def train_run(run: Path, **extra) -> Path:
+    """A tiny model trained 2 steps through the CLI; returns the run dir."""
+    overrides = tiny_overrides(run, **{"train.steps": 2, **extra})
+    assert cli("train", *sum((["--set", o] for o in overrides), [])) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    return {name: train_run(root / name, **extra) for name, extra in LAYOUTS.items()}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_export_matches_transformers(runs, layout, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+    out = tmp_path / "hf"
+    assert cli("export", str(runs[layout]), "--format", "hf", "--out", str(out)) == 0
+    hf_cfg = json.loads((out / "config.json").read_text())
+    assert hf_cfg["architectures"] == [{"llama": "LlamaForCausalLM",
+                                       "gpt2": "GPT2LMHeadModel"}[layout]]
+
+    path, cfg, run_dir = resolve_checkpoint(runs[layout])
+    assert path.name == "step_2"
+    ours = load_checkpoint_model(path, cfg)
+    theirs = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert theirs.dtype == torch.float32
+    if layout == "llama":
+        assert theirs.config.num_key_value_heads == 2 < theirs.config.num_attention_heads
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 24),
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=0, atol=1e-4)
+
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    ids = run_tokenizer(cfg, run_dir).encode(TEXT)
+    assert tok(TEXT)["input_ids"] == ids
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    assert tok.decode(ids) == TEXT
+
+
+def test_import_round_trips_bit_exactly(runs, tmp_path):
+    hf_dir, imported = tmp_path / "hf", tmp_path / "imported"
+    assert cli("export", str(runs["llama"]), "--out", str(hf_dir)) == 0
+    assert cli("import-hf", str(hf_dir), "--out", str(imported)) == 0
+
+    orig_cfg = load_config(runs["llama"] / "config.yaml")
+    new_cfg = load_config(imported / "config.yaml")
+    assert ckpt.arch_hash(new_cfg) == ckpt.arch_hash(orig_cfg)
+    meta = ckpt.read_meta(imported / "checkpoints" / "step_0")
+    assert meta["model_only"] and meta["step"] == 0
+    a = load_checkpoint_model(runs["llama"] / "checkpoints" / "step_2", orig_cfg).state_dict()
+    b = load_checkpoint_model(imported / "checkpoints" / "step_0", new_cfg).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (imported / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+
+
+def test_sharded_safetensors_round_trip(tmp_path):
+    tensors = {f"w{i}": torch.randn(64, 64) for i in range(5)}
+    names = write_safetensors(tensors, tmp_path, max_shard_bytes=2 * 64 * 64 * 4)
+    assert names == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 64 * 64 * 4
+    assert set(index["weight_map"]) == set(tensors)
+    back = read_safetensors(tmp_path)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("model", [
+    {"norm_position": "post"},
+    {"norm_position": "deepnorm"},
+    {"norm_position": "b2t"},
+    {"norm": "layernorm"},  # layernorm with rope + swiglu
+    {"position": "learned"},  # learned positions with rmsnorm + swiglu
+    {"activation": "gelu"},  # gelu with rope
+    {"norm": "layernorm", "position": "learned", "activation": "gelu", "bias": True,
+     "n_kv_heads": 2},  # GPT-2 layout with GQA
+])
+def test_refused_layouts(model, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(None, tiny_overrides(run, **{f"model.{k}": v for k, v in model.items()}))
+    save_config(cfg, run / "config.yaml")
+    assert cli("export", str(run), "--out", str(tmp_path / "hf")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: this model cannot be exported") and err.count("\n") == 1, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_import_refuses_unsupported_config(tmp_path, capsys):
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    assert cli("import-hf", str(src), "--out", str(tmp_path / "out")) == 2
+    assert "model_type llama" in capsys.readouterr().err
+
+
+def test_training_continues_from_import(runs, tmp_path, capsys):
+    """import-hf -> edit the data section of config.yaml -> `llmtrain train` starts from the
+    imported weights with a fresh optimizer."""
+    import yaml
+    hf_dir, run = tmp_path / "hf", tmp_path / "imported"
+    assert cli("export", str(runs["llama"]), "--out", str(hf_dir)) == 0
+    assert cli("import-hf", str(hf_dir), "--out", str(run)) == 0
+    corpus = tmp_path / "corpus.jsonl"  # one document per line, enough for both splits
+    text = Path(json.__file__).read_text()
+    corpus.write_text("".join(json.dumps({"text": text[i:i + 2000]}) + "\n"
+                              for i in range(0, len(text), 200)))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"].update(source="files", paths=[str(corpus)])
+    cfg["train"].update(steps=2, global_batch_size=4, micro_batch_size=4, seq_len=32,
+                        eval_steps=1)
+    cfg["logging"].update(tensorboard=False, progress=False)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    capsys.readouterr()
+    assert cli("train", str(run / "config.yaml")) == 0
+    assert f"resumed from {run / 'checkpoints' / 'step_0'} at step 0" in capsys.readouterr().out
+    assert ckpt.read_meta(run / "checkpoints" / "step_2")["step"] == 2
+
+
+@pytest.mark.parametrize("model", [
+    # GPT-2 with an untied output layer
+    {"norm": "layernorm", "position": "learned", "activation": "gelu", "bias": True,
+     "tie_embeddings": False},
+    # Llama with tied embeddings, GEGLU (hidden_act=gelu), biases and multi-query attention
+    {"activation": "geglu", "bias": True, "n_kv_heads": 1, "tie_embeddings": True},
+])
+def test_more_layouts_sharded_match_transformers(model, tmp_path):
+    """Initialised (not trained) weights, written as a model-only checkpoint; safetensors split
+    into several shards; Llama ones round-trip through import-hf."""
+    from transformers import AutoModelForCausalLM
+    from llmtrain.model import build_model
+    run, hf_dir = tmp_path / "run", tmp_path / "hf"
+    cfg = load_config(None, tiny_overrides(run, **{f"model.{k}": v for k, v in model.items()}))
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    ours = build_model(cfg.model).eval()
+    with torch.no_grad():  # biases and norms away from their 0 / 1 init
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt.save_model(ckpt.checkpoint_dir(cfg), 1, ours, cfg)
+    assert cli("export", str(run), "--out", str(hf_dir), "--max-shard-size", "200KB") == 0
+    assert (hf_dir / "model.safetensors.index.json").is_file()
+    theirs = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=0, atol=1e-4)
+    if cfg.model.position == "rope":
+        assert cli("import-hf", str(hf_dir), "--out", str(tmp_path / "imported")) == 0
+        back = load_checkpoint_model(tmp_path / "imported" / "checkpoints" / "step_0", cfg)
+        for k, v in ours.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), k

@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Checkpoint -> Hugging Face model directory: the same options as `llmtrain export`.
+
+    python tools/convert_to_hf.py runs/tiny --out hf/tiny
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from llmtrain.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["export", *sys.argv[1:]]))
