@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -30,6 +31,14 @@ from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
 from llmtrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gib
 from llmtrain.train.optim import lr_at
+
+
+def _last_line(e: BaseException) -> str:
+    """The root cause of a (possibly wrapped, multi-line) exception in one line."""
+    if isinstance(e, OSError):
+        return f"{type(e).__name__}: {e.strerror or e}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 class RunError(RuntimeError):
@@ -276,14 +285,14 @@ class Trainer:
         try:
             self._save_checkpoint()
             return True
-        except OSError as e:
+        except (OSError, CheckpointException) as e:
             root = ckpt.checkpoint_dir(self.cfg)
             if self.is_main:
                 import shutil
                 shutil.rmtree(root / f".step_{self.step}.tmp", ignore_errors=True)
             good = ckpt.list_checkpoints(root)
             msg = (f"checkpoint at step {self.step} could not be written to {root} "
-                   f"({type(e).__name__}: {e.strerror or e}); last good checkpoint: "
+                   f"({_last_line(e)}); last good checkpoint: "
                    f"{good[-1] if good else 'none'}")
             if final:
                 raise RunError(msg) from None
@@ -338,15 +347,10 @@ class Trainer:
                     writer.message(f"step {self.step}: non-finite loss or gradient norm "
                                    f"(loss {out['loss']}, grad norm {out['grad_norm']}); "
                                    f"optimizer step skipped")
-                    if consecutive_skips >= t.max_skipped_steps:
-                        self.save_checkpoint(final=True)
-                        raise RunError(
-                            f"{consecutive_skips} consecutive steps had a non-finite loss or "
-                            f"gradient norm (train.max_skipped_steps={t.max_skipped_steps}); "
-                            f"stopped after saving step {self.step}")
                 else:
                     consecutive_skips = 0
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                diverged = consecutive_skips >= t.max_skipped_steps
+                if self.step % t.log_every == 0 or self.step == t.steps or diverged:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
@@ -376,6 +380,12 @@ class Trainer:
                                         "tokens": self.step * self.tokens_per_step,
                                         "val_loss": last_val})
                     writer.message(f"step {self.step}: validation loss {last_val:.4f}")
+                if diverged:
+                    self.save_checkpoint(final=True)
+                    raise RunError(
+                        f"{consecutive_skips} consecutive steps had a non-finite loss or "
+                        f"gradient norm (train.max_skipped_steps={t.max_skipped_steps}); "
+                        f"stopped after saving step {self.step}")
                 stopped = self._agreed_stop(stop.requested)
                 every = cfg.checkpoint.every
                 if stopped or self.step == t.steps:

@@ -1,0 +1,230 @@
+"""Faults provoked for real: diverged numerics, a rank killed mid-run, a kill during a checkpoint
+save, a hung collective, SIGTERM, a full disk, bad input. docs/reliability.md lists them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmtrain.cli import main
+from llmtrain.train import checkpoint as ckpt
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return sum((["--set", o] for o in overrides), [])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(overrides: list[str], nproc: int = 1, restarts: int = 0) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "llmtrain", "train", *sets(overrides)]
+    # a c10d rendezvous, not --standalone: with --standalone the restarted gloo workers were
+    # seen (torch 2.13) dialling the dead round's addresses and failing to form the group
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--rdzv-backend",
+            "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "test",
+            "--nproc_per_node", str(nproc), "--max-restarts", str(restarts), "-m", "llmtrain",
+            "train", *sets(overrides)]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logged_steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def worker_pid(marker: str, local_rank: int) -> int | None:
+    """The torchrun worker of LOCAL_RANK `local_rank` whose command line names `marker`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmd and "torch.distributed.run" not in cmd \
+                and f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny, capfd):
+    # lr 1e30 throws the weights to ~1e30: every loss after that is inf/nan
+    overrides = tiny(**{"optim.lr": 1e30, "optim.min_lr": 0, "optim.warmup_steps": 0,
+                        "train.grad_clip": 0, "train.steps": 20, "train.max_skipped_steps": 3})
+    run = Path(overrides[[o.startswith("logging.run_dir") for o in overrides].index(True)]
+               .split("=", 1)[1])
+    assert main(["train", *sets(overrides)]) == 1
+    err = capfd.readouterr().err
+    assert "3 consecutive steps had a non-finite loss or gradient norm" in err
+    records = read_jsonl(run / "metrics.jsonl")
+    assert records[-1]["skipped_steps"] == 3
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+    saved = ckpt.list_checkpoints(run / "checkpoints")
+    assert saved and saved[-1].name == f"step_{records[-1]['step']}"
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_from_checkpoint_and_finishes(tmp_path, tiny):
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    common = {"train.steps": 30, "checkpoint.every": 4, "model.dropout": 0.0}
+    subprocess.run(train_cmd(tiny(**common, **{"logging.run_dir": ref})), env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    # 3 restarts allowed, one needed: on this loaded 2-core machine a restarted gloo group
+    # sometimes fails its first connect (seen once in three runs) and is restarted again
+    proc = subprocess.Popen(train_cmd(tiny(**common, **{"logging.run_dir": run}), nproc=2,
+                                      restarts=3), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: logged_steps(run) >= 6, 240, "step 6")
+        pid = worker_pid(str(run), local_rank=1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    got, want = read_jsonl(run / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 31)), "every step exactly once"
+    for a, b in zip(got, want):  # same data, same order after the restart: same losses
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+
+
+def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path, tiny):
+    run = tmp_path / "run"
+    overrides = tiny(**{"logging.run_dir": run, "train.steps": 40, "checkpoint.every": 1,
+                        "checkpoint.keep_last": 0, "model.d_model": 128,
+                        "model.vocab_size": 4096})
+    proc = subprocess.Popen(train_cmd(overrides), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        root = run / "checkpoints"
+        wait_for(lambda: len(ckpt.list_checkpoints(root)) >= 2 and any(
+            p.name.endswith(".tmp") for p in root.iterdir()), 240, "a save in progress")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert any(p.name.endswith(".tmp") for p in root.iterdir()), "killed mid-save"
+    good = ckpt.list_checkpoints(root)
+    newest = good[-1]
+    ckpt.verify(newest)  # complete and intact
+    r = subprocess.run(train_cmd(overrides), env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed from {newest}" in r.stdout
+
+
+def test_hung_collective_dumps_stacks_and_exits_nonzero(tmp_path, tiny):
+    run = tmp_path / "hang"
+    overrides = tiny(**{"logging.run_dir": run, "train.steps": 1000,
+                        "train.collective_timeout_s": 10})
+    proc = subprocess.Popen(train_cmd(overrides, nproc=2), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: logged_steps(run) >= 2, 240, "step 2")
+        pid = worker_pid(str(run), local_rank=1)
+        os.kill(pid, signal.SIGSTOP)  # rank 1 sleeps: rank 0 blocks in its next all-reduce
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0
+    assert "most recent call first" in out, out[-3000:]  # faulthandler's stack dump
+    assert "loop.py" in out
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, tiny):
+    run = tmp_path / "term"
+    overrides = tiny(**{"logging.run_dir": run, "train.steps": 400})
+    proc = subprocess.Popen(train_cmd(overrides), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: logged_steps(run) >= 3, 240, "step 3")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out
+    stopped_at = read_jsonl(run / "metrics.jsonl")[-1]["step"]
+    assert ckpt.list_checkpoints(run / "checkpoints")[-1].name == f"step_{stopped_at}"
+    r = subprocess.run(train_cmd(overrides + [f"train.steps={stopped_at + 2}"]),
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped_at}'}" in r.stdout
+    assert [x["step"] for x in read_jsonl(run / "metrics.jsonl")] == list(
+        range(1, stopped_at + 3))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs to provoke a full disk: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_keeps_last_good_checkpoint(tmp_path, tiny, small_tmpfs, capfd):
+    run = tmp_path / "full"
+    # each checkpoint of this model is ~2 MB (params + 2 Adam moments): one fits in 3 MB, two not
+    overrides = tiny(**{"logging.run_dir": run, "checkpoint.dir": small_tmpfs, "train.steps": 6,
+                        "checkpoint.every": 2, "checkpoint.keep_last": 1})
+    assert main(["train", *sets(overrides)]) == 1
+    out, err = capfd.readouterr()
+    assert "checkpoint at step 4 could not be written" in out and "training continues" in out
+    assert "error: checkpoint at step 6 could not be written" in err
+    assert f"last good checkpoint: {small_tmpfs / 'step_2'}" in err
+    assert [p.name for p in small_tmpfs.iterdir()] == ["step_2"], "no partial directory left"
+    ckpt.verify(small_tmpfs / "step_2")
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))
+
+
+def test_incompatible_checkpoint_and_oversized_tokenizer_are_refused(tmp_path, tiny, capsys):
+    run = tmp_path / "a"
+    assert main(["train", *sets(tiny(**{"logging.run_dir": run, "train.steps": 2}))]) == 0
+    other = tmp_path / "b"
+    code = main(["train", *sets(tiny(**{"logging.run_dir": other, "model.d_model": 32,
+                                        "checkpoint.resume": run / "checkpoints" / "step_2"}))])
+    assert code == 2
+    assert "different model or data settings" in capsys.readouterr().err
+    tok = run / "tokenizer.json"
+    code = main(["train", *sets(tiny(**{"logging.run_dir": tmp_path / "c", "data.tokenizer": tok,
+                                        "model.vocab_size": 256}))])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "the tokenizer has 1024 entries but model.vocab_size=256" in err
