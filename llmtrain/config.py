@@ -58,17 +58,27 @@ class ModelConfig:
     d_ff: int | None = _f(None, lo=1, doc="None = 4 * d_model (8/3 * d_model for GLU variants)")
     vocab_size: int = _f(4096, lo=2)
     max_seq_len: int = _f(256, lo=1)
-    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm: Literal["layernorm", "rmsnorm", "none"] = "rmsnorm"
     norm_eps: float = _f(1e-5, lo=0.0, lo_open=True)
     norm_position: Literal["pre", "post", "deepnorm", "b2t"] = "pre"
     position: Literal["rope", "learned", "sinusoidal", "t5_relative", "none"] = "rope"
     rope_theta: float = _f(10000.0, lo=0.0, lo_open=True)
-    activation: Literal["gelu", "swiglu", "geglu"] = "swiglu"
+    activation: Literal["relu", "gelu", "silu", "elu", "selu", "glu", "reglu", "geglu",
+                        "swiglu"] = "swiglu"
     bias: bool = False
     tie_embeddings: bool = True
     dropout: float = _f(0.0, lo=0.0, hi=1.0)
     init_std: float = _f(0.02, lo=0.0, lo_open=True)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # architecture variants (model/transformer.py, mixers.py, output.py; decoder-only)
+    mixer: Literal["attention", "gmlp", "synthesizer_dense", "synthesizer_random"] = "attention"
+    residual: Literal["standard", "rezero"] = "standard"
+    init: Literal["default", "fixup"] = "default"
+    ln_scaling: Literal["none", "inv_sqrt_depth"] = "none"
+    embedding_dim: int | None = _f(None, lo=1, doc="None = d_model; < d_model: ALBERT factorised")
+    share_layers: bool = False
+    output: Literal["softmax", "mos"] = "softmax"
+    mos_k: int = _f(4, lo=1, doc="softmaxes mixed by output=mos")
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +92,7 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
-        if self.activation in ("swiglu", "geglu"):
+        if self.activation in ("glu", "reglu", "geglu", "swiglu"):
             # Shazeer 2020 keeps parameters equal to a 4*d_model MLP: 2/3 * 4 * d_model, rounded up to 8
             return (int(8 * self.d_model / 3) + 7) // 8 * 8
         return 4 * self.d_model
@@ -385,6 +395,99 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     return p.dp_replicate * p.dp_shard
 
 
+def _validate_variants(cfg: Config) -> None:
+    """The architecture variants (model.mixer, residual, init, ...) and what they compose with."""
+    m, p = cfg.model, cfg.parallel
+    variants = {"mixer": (m.mixer, "attention"), "residual": (m.residual, "standard"),
+                "init": (m.init, "default"), "ln_scaling": (m.ln_scaling, "none"),
+                "embedding_dim": (m.embedding_dim, None), "share_layers": (m.share_layers, False),
+                "output": (m.output, "softmax")}
+    changed = [f"model.{k}={v}" for k, (v, default) in variants.items() if v != default]
+    if m.arch != "decoder" and changed:
+        raise ConfigError(f"{changed[0]} is implemented for model.arch=decoder only; leave it at "
+                          f"its default for model.arch={m.arch}")
+    if m.norm == "none" and m.norm_position != "pre":
+        raise ConfigError(f"model.norm=none needs model.norm_position=pre (without a norm the "
+                          f"placements are the plain residual x + f(x)); got {m.norm_position}")
+    if m.residual == "rezero" and m.norm_position != "pre":
+        raise ConfigError(f"model.residual=rezero needs model.norm_position=pre (x + alpha * "
+                          f"f(norm(x))); got {m.norm_position}")
+    if m.init == "fixup" and m.norm != "none":
+        raise ConfigError(f"model.init=fixup is an initialisation for models without "
+                          f"normalisation; set model.norm=none (got {m.norm})")
+    if m.ln_scaling != "none" and (m.norm == "none" or m.norm_position != "pre"):
+        raise ConfigError(f"model.ln_scaling={m.ln_scaling} scales pre-LN outputs; needs "
+                          f"model.norm_position=pre and a norm (got {m.norm_position}, {m.norm})")
+    if m.embedding_dim is not None and m.embedding_dim >= m.d_model:
+        raise ConfigError(f"model.embedding_dim={m.embedding_dim} must be below model.d_model="
+                          f"{m.d_model} (ALBERT's factorised embedding) or null")
+    if m.share_layers and (m.moe.num_experts or m.ln_scaling != "none"):
+        raise ConfigError("model.share_layers=true cannot be combined with model.moe.num_experts "
+                          "> 0 or model.ln_scaling (both differ per layer); use one of them")
+    if m.moe.num_experts and m.activation in ("relu", "silu", "elu", "selu"):
+        raise ConfigError(f"model.activation={m.activation} is not implemented for MoE experts; "
+                          f"use gelu, glu, reglu, geglu or swiglu")
+    if p.pp > 1:
+        bad = [c for c in changed if c.split("=")[0] in
+               ("model.share_layers", "model.embedding_dim", "model.output")]
+        if bad:
+            raise ConfigError(f"{bad[0]} with parallel.pp={p.pp} is not supported (pipeline "
+                              f"stages split layers and embeddings); use pp=1")
+    if p.tp > 1:
+        bad = changed + (["model.norm=none"] if m.norm == "none" else [])
+        bad = [c for c in bad if not c.startswith(("model.init=", "model.ln_scaling="))]
+        if bad:
+            raise ConfigError(f"{bad[0]} with parallel.tp={p.tp} is not supported (the tensor-"
+                              f"parallel plan follows the Llama module names); use tp=1")
+
+
+def _validate_pipeline(cfg: Config, dp: int) -> None:
+    """Rules of parallel.pp > 1 (parallel/pipeline.py splits the decoder by layer ranges)."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    stages = p.pp * p.virtual_stages
+    if stages > m.n_layers:
+        raise ConfigError(f"parallel.pp={p.pp} x parallel.virtual_stages={p.virtual_stages} = "
+                          f"{stages} stages exceeds model.n_layers={m.n_layers}; every stage "
+                          f"needs at least one layer")
+    if p.pp_layers is not None and (len(p.pp_layers) != stages or sum(p.pp_layers) != m.n_layers
+                                    or min(p.pp_layers) < 1):
+        raise ConfigError(f"parallel.pp_layers={p.pp_layers} must hold pp x virtual_stages = "
+                          f"{stages} counts of at least 1 that sum to model.n_layers={m.n_layers}")
+    if p.pp_schedule == "interleaved_1f1b" and p.virtual_stages < 2:
+        raise ConfigError(f"parallel.pp_schedule=interleaved_1f1b needs parallel.virtual_stages "
+                          f">= 2, got {p.virtual_stages}; use 1f1b or raise virtual_stages")
+    if p.virtual_stages > 1 and p.pp_schedule not in ("interleaved_1f1b", "zero_bubble"):
+        raise ConfigError(f"parallel.virtual_stages={p.virtual_stages} needs "
+                          f"parallel.pp_schedule=interleaved_1f1b or zero_bubble, got "
+                          f"{p.pp_schedule}")
+    per_rank = t.global_batch_size // dp
+    n_mb = p.pp_microbatches or per_rank // t.micro_batch_size
+    if per_rank % n_mb:
+        raise ConfigError(f"parallel.pp_microbatches={p.pp_microbatches} does not divide the "
+                          f"batch per data-parallel rank train.global_batch_size / dp = "
+                          f"{per_rank}; use one of {_divisors(per_rank)}")
+    if p.pp_schedule == "1f1b" and n_mb < p.pp:
+        raise ConfigError(f"parallel.pp_schedule=1f1b needs at least parallel.pp={p.pp} "
+                          f"micro-batches, got {n_mb} (parallel.pp_microbatches, 0 = "
+                          f"global_batch_size / dp / micro_batch_size); raise it or use gpipe")
+    if m.tie_embeddings:
+        raise ConfigError("model.tie_embeddings=true with parallel.pp > 1 is not supported (the "
+                          "embedding and the output layer live on different stages); set "
+                          "model.tie_embeddings=false")
+    if m.share_layers:
+        raise ConfigError("model.share_layers=true with parallel.pp > 1 is not supported (one "
+                          "block serves every layer); use pp=1")
+    if m.moe.num_experts:
+        raise ConfigError("parallel.pp > 1 with MoE layers is not supported yet (the router "
+                          "losses are not carried between stages); use pp=1")
+    if cfg.data.reset_attention_at_eod:
+        raise ConfigError("data.reset_attention_at_eod with parallel.pp > 1 is not supported "
+                          "yet (document ids are not sent between stages); use pp=1")
+    if p.sequence_parallel and p.tp > 1:
+        raise ConfigError("parallel.sequence_parallel with parallel.pp > 1 is not supported yet "
+                          "(stages would exchange sequence shards); set it to false")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     m, t, p, o = cfg.model, cfg.train, cfg.parallel, cfg.optim
     if m.d_model % m.n_heads:
@@ -410,6 +513,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     elif m.position in ("sinusoidal", "t5_relative"):
         raise ConfigError(f"model.position={m.position} is implemented for "
                           f"model.arch=encoder_decoder only; use rope, learned or none")
+    _validate_variants(cfg)
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                           f"use at most {m.max_seq_len} or raise model.max_seq_len")
@@ -432,9 +536,22 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}; use a "
             f"multiple of {t.micro_batch_size * dp}")
-    if p.pp > 1 or p.ep > 1 or p.engine != "torch":
-        raise ConfigError("parallel.pp/ep/engine other than the defaults are not supported yet; "
-                          "use pp=1, ep=1, engine=torch")
+    if p.ep > 1:
+        raise ConfigError("parallel.ep other than the default is not supported yet; use ep=1")
+    if p.pp > 1:
+        _validate_pipeline(cfg, dp)
+    if p.engine == "deepspeed":
+        # DeepSpeed's ZeRO shards over every rank and knows nothing of our DTensor TP, pipeline
+        # stages or expert groups
+        bad = [f"{k}={v}" for k, v in (("tp", p.tp), ("pp", p.pp), ("ep", p.ep),
+                                       ("dp_replicate", p.dp_replicate)) if v != 1]
+        if bad:
+            raise ConfigError(f"parallel.engine=deepspeed runs data parallelism (ZeRO) only; got "
+                              f"parallel.{', parallel.'.join(bad)}; set them to 1 or use "
+                              f"parallel.engine=torch")
+        if p.offload != "none" and p.zero_stage == 0:
+            raise ConfigError(f"parallel.offload={p.offload} with engine=deepspeed needs "
+                              f"parallel.zero_stage=1, 2 or 3, got 0")
     if p.tp > 1 and (m.arch != "decoder" or m.moe.num_experts):
         raise ConfigError(f"parallel.tp={p.tp} supports dense decoder models only so far; got "
                           f"model.arch={m.arch}, model.moe.num_experts={m.moe.num_experts}; use "
@@ -460,12 +577,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"parallel.tp={p.tp} with data parallelism {dp} needs "
                           f"parallel.zero_stage=2 or 3 (FSDP2 over the tensor-parallel shards); "
                           f"zero_stage={p.zero_stage} is not supported with tp > 1 yet")
-    if p.offload == "nvme":
-        raise ConfigError("parallel.offload=nvme needs engine=deepspeed, which is not supported "
-                          "yet; use none or cpu")
-    if p.offload == "cpu" and p.zero_stage != 3:
+    if p.offload == "nvme" and p.engine != "deepspeed":
+        raise ConfigError("parallel.offload=nvme needs parallel.engine=deepspeed; use none or cpu "
+                          "with engine=torch")
+    if p.offload == "cpu" and p.zero_stage != 3 and p.engine == "torch":
         raise ConfigError(f"parallel.offload=cpu needs parallel.zero_stage=3, got "
                           f"{p.zero_stage}")
+    if cfg.data.source_field or cfg.data.target_field:
+        raise ConfigError("data.source_field/data.target_field (sequence-to-sequence pairs) are "
+                          "not supported yet; encoder-decoder models train by span corruption "
+                          "of the corpus: leave both unset")
     if cfg.data.source != "stdlib" and not cfg.data.paths:
         raise ConfigError(f"data.source={cfg.data.source} needs data.paths (files or prefixes)")
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from llmtrain.data.span_corruption import corrupt
+
 import numpy as np
 import torch
 
@@ -30,6 +32,8 @@ class Batch:
     loss_mask: torch.Tensor    # [B, T] float, 0 where the loss is not taken
     doc_ids: torch.Tensor | None  # [B, T] document index inside the row (reset_attention_at_eod)
     sample_ids: list[int]      # indices into the split, for logging/debugging
+    src: torch.Tensor | None = None       # [B, S] encoder input (encoder-decoder models)
+    src_mask: torch.Tensor | None = None  # [B, S] bool, True = real token
 
 
 def _split_sizes(cfg: Config) -> list[int]:
@@ -139,3 +143,63 @@ def check_vocab(prefix: str, vocab_size: int) -> None:
     if top >= vocab_size:
         raise ConfigError(f"{prefix}.bin holds token id {top} >= model.vocab_size={vocab_size}; "
                           f"raise model.vocab_size to at least {top + 1}")
+
+
+SENTINEL = "<extra_id_{}>"
+N_SENTINELS = 100  # T5's extra_ids
+
+
+def sentinel_ids(tok: Tokenizer, vocab_size: int, n: int = N_SENTINELS) -> list[int]:
+    """T5 sentinels: the tokenizer's `<extra_id_i>` tokens, else the top `n` ids of the model's
+    vocabulary when the tokenizer leaves them free (T5 puts them at the end of its vocabulary)."""
+    ids = [tok.hf.token_to_id(SENTINEL.format(i)) for i in range(n)]
+    if all(i is not None for i in ids):
+        return ids
+    if tok.vocab_size + n <= vocab_size:
+        return list(range(vocab_size - 1, vocab_size - 1 - n, -1))
+    raise ConfigError(f"span corruption needs {n} sentinel ids: the tokenizer has no "
+                      f"<extra_id_i> tokens and model.vocab_size={vocab_size} leaves only "
+                      f"{vocab_size - tok.vocab_size} ids above its {tok.vocab_size} entries; "
+                      f"raise model.vocab_size to at least {tok.vocab_size + n}")
+
+
+def _pad(rows: list[np.ndarray], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return out, mask
+
+
+class SpanCorruptionReader(BatchReader):
+    """Encoder-decoder batches by T5 span corruption (noise density 0.15, mean span 3) of the
+    same packed samples the decoder-only path reads: the source is the corrupted text + EOS,
+    the target the sentinel-delimited spans + EOS; the decoder input is the target shifted
+    right behind the start token (pad, as T5). The noise of a sample is seeded by (seed, sample
+    id), so it is the same on every run and layout."""
+
+    def __init__(self, dataset, cfg: Config, tok: Tokenizer, dp_rank: int = 0, dp_size: int = 1,
+                 noise_density: float = 0.15, mean_span_length: float = 3.0):
+        super().__init__(dataset, cfg, tok, dp_rank, dp_size)
+        self.sentinels = sentinel_ids(tok, cfg.model.vocab_size)
+        self.noise_density, self.mean_span = noise_density, mean_span_length
+        self.seed = cfg.train.seed
+        self.start = tok.pad if tok.pad >= 0 else tok.eod
+
+    def get(self, step: int, micro: int) -> Batch:
+        ids = self.sample_ids(step, micro)
+        srcs, tgts = [], []
+        for i in ids:
+            item = self.ds[i]
+            text = torch.cat([item["tokens"], item["labels"][-1:]]).numpy()
+            rng = np.random.default_rng([self.seed, i])
+            src, tgt = corrupt(text, self.sentinels, rng, self.noise_density, self.mean_span,
+                               eos=self.tok.eod)
+            srcs.append(src)
+            tgts.append(tgt)
+        src, src_mask = _pad(srcs, self.start)
+        labels, tgt_mask = _pad(tgts, self.start)
+        tgt_in = torch.cat([torch.full((len(ids), 1), self.start), labels[:, :-1]], dim=1)
+        return Batch(tgt_in, labels, tgt_mask.float(), None, ids, src, src_mask)

@@ -149,7 +149,8 @@ def cache_root(cfg: Config) -> Path:
 def _corpus_key(cfg: Config, files: list[str]) -> str:
     d = cfg.data
     ident = {"source": d.source, "vocab": cfg.model.vocab_size, "tokenizer": d.tokenizer,
-             "text_field": d.text_field, "python": sys.version.split()[0] if d.source == "stdlib"
+             "text_field": d.text_field, "sentinels": cfg.model.arch == "encoder_decoder",
+             "python": sys.version.split()[0] if d.source == "stdlib"
              else None,
              "files": [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -189,7 +190,11 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
     else:
         log(f"training a {cfg.model.vocab_size}-entry byte-level BPE tokenizer on the "
             f"{d.source} corpus (once; cached in {out})")
-        tok = Tokenizer.train_bpe(texts(), cfg.model.vocab_size)
+        # encoder-decoder models train by span corruption: T5's 100 sentinels join the vocabulary
+        from llmtrain.data.loader import N_SENTINELS, SENTINEL
+        extra = ([SENTINEL.format(i) for i in range(N_SENTINELS)]
+                 if cfg.model.arch == "encoder_decoder" else [])
+        tok = Tokenizer.train_bpe(texts(), cfg.model.vocab_size, extra_special=extra)
     log(f"tokenizing the {d.source} corpus into {prefix}.bin/.idx")
     stats = write_indexed(encode_documents(texts(), tok), prefix, tok.vocab_size)
     tok.save(tok_file)  # last: its presence marks the cache entry complete

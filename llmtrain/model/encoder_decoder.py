@@ -329,11 +329,6 @@ class EncoderDecoder(nn.Module):
 
 
 def build_encoder_decoder(cfg: ModelConfig, device: str | torch.device = "cpu") -> EncoderDecoder:
-    """Build on the meta device (no memory), materialize on `device`, initialise."""
-    with torch.device("meta"):
-        model = EncoderDecoder(cfg)
-    model.to_empty(device=device)
-    if cfg.tie_embeddings:  # to_empty allocates each module's parameter anew, untying them
-        model.output.weight = model.tok_embeddings.weight
-    model.init_weights()
-    return model
+    """`build_model` for an encoder-decoder config."""
+    from llmtrain.model.transformer import build_model
+    return build_model(cfg, device)

@@ -9,6 +9,30 @@ Residual/normalization placement (`norm_position`), per layer with sublayers f =
             Transformers", eq. 4: the layer input bypasses every LN of the layer but the last)
 Only pre-LN has a final norm (`norm`); for the others `norm` is None, as their last layer
 already ends in an LN.
+
+Variants (config keys of ModelConfig; each default leaves modules, names and math as above):
+  norm: none          LN is the identity (with pre placement: x = x + f(x)).
+  residual: rezero    x = x + alpha * f(norm(x)), one learned scalar alpha per layer (`resweight`)
+                      starting at 0 for both sublayers, so every layer starts as the identity
+                      (Bachlechner et al. 2020, "ReZero is All You Need", eq. 2 and their code).
+  init: fixup         T-Fixup (Huang et al. 2020, "Improving Transformer Optimization Through
+                      Better Initialization", section 3.3, decoder): no normalisation, Xavier
+                      uniform weights, embeddings N(0, d^-1/2); v, output and FFN matrices and the
+                      embeddings scaled by (9N)^(-1/4) for N layers.
+  ln_scaling: inv_sqrt_depth  the outputs of layer l's norms (l = 1..N) times 1/sqrt(l) (Sun et
+                      al. 2025, "The Curse of Depth in Large Language Models", LayerNorm Scaling).
+  mixer               the attention sublayer replaced by a token mixer of mixers.py (`mixer`).
+  embedding_dim: e    ALBERT's factorised embedding (Lan et al. 2020, section 3.1): tokens are
+                      looked up in V x e (`tok_embeddings`) and projected e -> d
+                      (`embedding_proj`); tied, the output is d -> e (`output_proj`) then the
+                      e x V embedding transposed; untied, a plain d x V `output`.
+  share_layers        one block's weights in every layer (ALBERT, section 3.1 "cross-layer
+                      parameter sharing"; Universal Transformer, Dehghani et al. 2019, without
+                      adaptive halting): `layers` holds the block once as layers["0"] and forward
+                      applies it n_layers times, so state dict, checkpoint and parameter count
+                      hold it once; flops_per_token counts n_layers applications.
+  output: mos         Mixture of Softmaxes over `mos_k` components (output.py, `mos`); forward then
+                      returns log-probabilities, which cross entropy reads as logits.
 """
 
 from __future__ import annotations
@@ -20,9 +44,11 @@ from torch import nn
 
 from llmtrain.config import ModelConfig
 from llmtrain.model.attention import Attention
+from llmtrain.model.mixers import build_mixer
 from llmtrain.model.mlp import FeedForward
 from llmtrain.model.moe import MoE, moe_layers, moe_stats, aux_loss as moe_aux_loss
 from llmtrain.model.norms import build_norm
+from llmtrain.model.output import MixtureOfSoftmaxes
 from llmtrain.model.rope import rope_cos_sin
 
 
@@ -36,13 +62,25 @@ def deepnorm_beta(n_layers: int) -> float:
     return (8 * n_layers) ** -0.25
 
 
+def tfixup_scale(n_layers: int) -> float:
+    """T-Fixup's decoder scale for N layers: (9N)^(-1/4) (Huang et al. 2020, section 3.3)."""
+    return (9 * n_layers) ** -0.25
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__()
         self.layer_id = layer_id
         self.n_layers = cfg.n_layers
         self.norm_position = cfg.norm_position
-        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout)
+        self.init = cfg.init
+        if cfg.mixer == "attention":
+            self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias,
+                                       cfg.dropout)
+            self.mixer = None
+        else:
+            self.attention = None
+            self.mixer = build_mixer(cfg)
         # MoE in every n-th layer, counting from the last of each group (Switch: every other)
         moe = cfg.moe.num_experts > 0 and (layer_id + 1) % cfg.moe.every_n_layers == 0
         self.feed_forward = (MoE(cfg) if moe else
@@ -51,18 +89,35 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)  # residual dropout (Vaswani et al. 2017, 5.4)
         self.alpha = deepnorm_alpha(cfg.n_layers) if cfg.norm_position == "deepnorm" else 1.0
+        self.resweight = nn.Parameter(torch.zeros(1)) if cfg.residual == "rezero" else None
+        self.ln_scale = 1 / math.sqrt(layer_id + 1) if cfg.ln_scaling == "inv_sqrt_depth" else 1.0
+
+    @property
+    def token_mixer(self) -> nn.Module:
+        """The attention sublayer's module: `attention`, or `mixer` for model.mixer != attention."""
+        return self.attention if self.attention is not None else self.mixer
+
+    def _branch(self, f, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Pre-LN residual branch f(norm(x)), with LayerNorm Scaling and ReZero's alpha."""
+        h = norm(x)
+        if self.ln_scale != 1.0:
+            h = h * self.ln_scale
+        h = f(h)
+        return h if self.resweight is None else self.resweight * h
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        mixer = self.token_mixer
+
         def attn(h):
-            return self.dropout(self.attention(h, rope, mask))
+            return self.dropout(mixer(h, rope, mask))
 
         def ffn(h):
             return self.dropout(self.feed_forward(h))
 
         if self.norm_position == "pre":
-            h = x + attn(self.attention_norm(x))
-            return h + ffn(self.ffn_norm(h))
+            h = x + self._branch(attn, self.attention_norm, x)
+            return h + self._branch(ffn, self.ffn_norm, h)
         if self.norm_position == "b2t":
             h = self.attention_norm(x + attn(x))
             return self.ffn_norm(h + ffn(h) + x)
@@ -72,16 +127,20 @@ class TransformerBlock(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
-        a, f = self.attention, self.feed_forward
+        mixer, f = self.token_mixer, self.feed_forward
+        qk, inp, out = mixer.linears()  # attention: (wq, wk), (wv,), (wo,)
         moe = isinstance(f, MoE)
         w1, w2, w3 = (None, None, None) if moe else (f.w1, f.w2, f.w3)
-        if self.norm_position == "deepnorm":
+        if self.norm_position == "deepnorm" or self.init == "fixup":
             # DeepNet pseudocode: xavier_normal(gain=1) for q, k; gain=beta for v, out and FFN.
-            beta = deepnorm_beta(self.n_layers)
-            gains = {a.wq: 1.0, a.wk: 1.0, a.wv: beta, a.wo: beta, w1: beta, w2: beta, w3: beta}
+            # T-Fixup: xavier_uniform, gain (9N)^(-1/4) for v, out and FFN.
+            fixup = self.init == "fixup"
+            beta = tfixup_scale(self.n_layers) if fixup else deepnorm_beta(self.n_layers)
+            xavier = nn.init.xavier_uniform_ if fixup else nn.init.xavier_normal_
+            gains = {**{q: 1.0 for q in qk}, **{w: beta for w in (*inp, *out, w1, w2, w3)}}
             for linear, gain in gains.items():
                 if linear is not None:
-                    nn.init.xavier_normal_(linear.weight, gain=gain)
+                    xavier(linear.weight, gain=gain)
             if moe:  # the xavier_normal std of one d x f expert matrix at gain beta
                 d, h = f.experts.w1.shape[1:]
                 f.init_weights(beta * math.sqrt(2 / (d + h)), beta * math.sqrt(2 / (d + h)))
@@ -89,19 +148,23 @@ class TransformerBlock(nn.Module):
             # GPT-2 (Radford et al. 2019): pre-LN residual projections scaled by 1/sqrt(2N),
             # one factor per residual add (two per layer).
             out_std = std / math.sqrt(2 * self.n_layers) if self.norm_position == "pre" else std
-            for linear in (a.wq, a.wk, a.wv, w1, w3):
+            for linear in (*qk, *inp, w1, w3):
                 if linear is not None:
                     nn.init.normal_(linear.weight, 0.0, std)
-            for linear in (a.wo, w2):
+            for linear in (*out, w2):
                 if linear is not None:
                     nn.init.normal_(linear.weight, 0.0, out_std)
             if moe:
                 f.init_weights(std, out_std)
-        for linear in (a.wq, a.wk, a.wv, a.wo, w1, w2, w3):
+        for linear in (*qk, *inp, *out, w1, w2, w3):
             if linear is not None and linear.bias is not None:
                 nn.init.zeros_(linear.bias)
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
+        if self.mixer is not None:
+            self.mixer.reset_parameters()
+        if self.resweight is not None:
+            nn.init.zeros_(self.resweight)  # ReZero: every layer starts as the identity
 
 
 class Transformer(nn.Module):
@@ -112,13 +175,21 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        e = cfg.embedding_dim or cfg.d_model
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, e)
+        self.embedding_proj = (nn.Linear(e, cfg.d_model, bias=False) if cfg.embedding_dim
+                               else None)
         self.pos_embeddings = (nn.Embedding(cfg.max_seq_len, cfg.d_model)
                                if cfg.position == "learned" else None)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, cfg) for i in range(cfg.n_layers)})
+        n_blocks = 1 if cfg.share_layers else cfg.n_layers  # shared: layers["0"] runs n_layers times
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, cfg) for i in range(n_blocks)})
         self.norm = (build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
                      if cfg.norm_position == "pre" else None)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.output_proj = (nn.Linear(cfg.d_model, e, bias=False)
+                            if cfg.embedding_dim and cfg.tie_embeddings else None)
+        self.output = nn.Linear(e if self.output_proj is not None else cfg.d_model,
+                                cfg.vocab_size, bias=False)
+        self.mos = MixtureOfSoftmaxes(cfg.d_model, cfg.mos_k) if cfg.output == "mos" else None
         if cfg.tie_embeddings:  # Press & Wolf 2017
             self.output.weight = self.tok_embeddings.weight
         if cfg.position == "rope":
@@ -134,6 +205,8 @@ class Transformer(nn.Module):
             h = tokens
         else:
             h = self.tok_embeddings(tokens)
+            if self.embedding_proj is not None:
+                h = self.embedding_proj(h)
             if self.pos_embeddings is not None:
                 h = h + self.pos_embeddings(torch.arange(T, device=h.device))
         rope = None if self.rope_cos is None else (self.rope_cos[:T], self.rope_sin[:T])
@@ -142,11 +215,26 @@ class Transformer(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
             mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
             mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
-        for layer in self.layers.values():
+        for layer in self.blocks():
             h = layer(h, rope, mask)
         if self.norm is not None:
             h = self.norm(h)
-        return h if self.output is None else self.output(h)
+        if self.output is None:
+            return h
+        if self.mos is not None:
+            latents, log_prior = self.mos(h)
+            return self.mos.mix(self._logits(latents), log_prior)
+        return self._logits(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(h if self.output_proj is None else self.output_proj(h))
+
+    def blocks(self) -> list[TransformerBlock]:
+        """The blocks in the order forward applies them (share_layers: layers["0"] n_layers
+        times)."""
+        if self.cfg.share_layers:
+            return [self.layers["0"]] * self.cfg.n_layers
+        return list(self.layers.values())
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -158,7 +246,9 @@ class Transformer(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
         if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, 0.0, std)
+            emb_std = (self.cfg.d_model ** -0.5 * tfixup_scale(self.cfg.n_layers)
+                       if self.cfg.init == "fixup" else std)  # T-Fixup: N(0, d^-1/2) (9N)^-1/4
+            nn.init.normal_(self.tok_embeddings.weight, 0.0, emb_std)
         if self.pos_embeddings is not None:
             nn.init.normal_(self.pos_embeddings.weight, 0.0, std)
         for layer in self.layers.values():
@@ -167,6 +257,11 @@ class Transformer(nn.Module):
             self.norm.reset_parameters()
         if self.output is not None and not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, 0.0, std)
+        for proj in (self.embedding_proj, self.output_proj):
+            if proj is not None:
+                nn.init.normal_(proj.weight, 0.0, std)
+        if self.mos is not None:
+            self.mos.reset_parameters(std)
 
     def aux_losses(self) -> torch.Tensor | None:
         """Weighted router balance + z losses of the last forward, summed over the MoE layers
@@ -179,11 +274,13 @@ class Transformer(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Unique parameters (tied weights once). non_embedding drops the vocabulary and position
-        matrices -- token and position embeddings and the output layer, tied or not -- as
-        Kaplan et al. 2020 (section 2.1) count N."""
+        matrices -- token and position embeddings and the output layer, tied or not, and the
+        projections of a factorised embedding -- as Kaplan et al. 2020 (section 2.1) count N.
+        Shared layers (share_layers) count once."""
         params = {id(p): p for p in self.parameters()}
         if non_embedding:
-            for m in (self.tok_embeddings, self.pos_embeddings, self.output):
+            for m in (self.tok_embeddings, self.pos_embeddings, self.output, self.embedding_proj,
+                      self.output_proj):
                 if m is not None:
                     params.pop(id(m.weight), None)
         return sum(p.numel() for p in params.values())
@@ -197,16 +294,31 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token of the whole model: 6 (N + d V) for the matmuls forward and
         backward, plus 12 L d T for attention scores (Kaplan et al. 2020 table 1; PaLM app. B).
-        N counts the active parameters only (k of E experts, see num_active_params)."""
+        N counts the active parameters only (k of E experts, see num_active_params), a shared
+        block once per application. Variants: other mixers replace 12 d T by their own mixing
+        term (mixers.py) and their [L, L] weights leave N; the output term is d V per softmax
+        (K of them for MoS) plus the factorised embedding's projections."""
         c = self.cfg
-        return (6 * (self.num_active_params(non_embedding=True) + c.d_model * c.vocab_size)
-                + 12 * c.n_layers * c.d_model * seq_len)
+        n = self.num_active_params(non_embedding=True)
+        blocks = self.blocks()
+        if c.share_layers:
+            n += (len(blocks) - 1) * sum(p.numel() for p in blocks[0].parameters())
+        n -= sum(b.token_mixer.mixing_params() for b in blocks)
+        head = c.mos_k if c.output == "mos" else 1
+        out = head * (c.embedding_dim if self.output_proj is not None else c.d_model) * c.vocab_size
+        out += sum(p.weight.numel() for p in (self.embedding_proj, self.output_proj)
+                   if p is not None)
+        return 6 * (n + out) + sum(b.token_mixer.mixing_flops_per_token(seq_len) for b in blocks)
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
-    """Build on the meta device (no memory), materialize on `device`, initialise."""
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """Build on the meta device (no memory), materialize on `device`, initialise.
+    `model.arch` picks the family: Transformer (decoder) or EncoderDecoder."""
+    cls = Transformer
+    if cfg.arch == "encoder_decoder":
+        from llmtrain.model.encoder_decoder import EncoderDecoder as cls
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = cls(cfg)
     model.to_empty(device=device)
     if cfg.tie_embeddings:  # to_empty allocates each module's parameter anew, untying them
         model.output.weight = model.tok_embeddings.weight

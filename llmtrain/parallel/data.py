@@ -34,6 +34,14 @@ def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["dp_replicate", "dp_shard"]._flatten("dp")
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of every `layers` ModuleDict: `layers` of a decoder, `encoder.layers` and
+    `decoder.layers` of an encoder-decoder (one FSDP unit each)."""
+    return [block for name, mod in model.named_modules()
+            if name.rsplit(".", 1)[-1] == "layers" and isinstance(mod, nn.ModuleDict)
+            for block in mod.values()]
+
+
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
                device: torch.device) -> nn.Module:
     p = cfg.parallel
@@ -45,7 +53,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
                                                    reduce_dtype=torch.float32)
     if p.offload == "cpu" and device.type != "cpu":  # on a CPU run the states are there already
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for block in model.layers.values():
+    for block in transformer_blocks(model):
         fully_shard(block, **kwargs)
     # the root unit holds embeddings, final norm and output; the root is never resharded after
     # forward (its output layer runs first in the backward)

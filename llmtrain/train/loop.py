@@ -93,7 +93,8 @@ class Trainer:
     """Holds the state of one run; `run()` trains to `train.steps`."""
 
     def __init__(self, cfg: Config, overwrite: bool = False, log=print):
-        from llmtrain.data.loader import BatchReader, build_datasets, check_vocab
+        from llmtrain.data.loader import (BatchReader, SpanCorruptionReader, build_datasets,
+                                          check_vocab)
         from llmtrain.data.preprocess import prepare_corpus
         from llmtrain.model import build_model
         from llmtrain.parallel import build_optimizer, parallelize
@@ -128,8 +129,9 @@ class Trainer:
         self.tokenizer = tok
         self.dp_rank, self.dp_size = dp_info(self.mesh)
         self.dp_group = dp_mesh(self.mesh).get_group() if self.mesh is not None else None
-        self.train_reader = BatchReader(train_ds, cfg, tok, self.dp_rank, self.dp_size)
-        self.valid_reader = BatchReader(valid_ds, cfg, tok, self.dp_rank, self.dp_size)
+        reader = SpanCorruptionReader if cfg.model.arch == "encoder_decoder" else BatchReader
+        self.train_reader = reader(train_ds, cfg, tok, self.dp_rank, self.dp_size)
+        self.valid_reader = reader(valid_ds, cfg, tok, self.dp_rank, self.dp_size)
 
         # Model: identical initial weights on every rank (same seed), then parallelised.
         torch.manual_seed(cfg.train.seed)
@@ -211,8 +213,13 @@ class Trainer:
         mask = batch.loss_mask.to(self.device)
         doc_ids = batch.doc_ids.to(self.device) if batch.doc_ids is not None else None
         with _autocast(self.cfg, self.device):
-            logits = self.model(tokens, doc_ids=doc_ids) if doc_ids is not None \
-                else self.model(tokens)
+            if batch.src is not None:  # encoder-decoder
+                logits = self.model(batch.src.to(self.device), tokens,
+                                    batch.src_mask.to(self.device))
+            elif doc_ids is not None:
+                logits = self.model(tokens, doc_ids=doc_ids)
+            else:
+                logits = self.model(tokens)
         return cross_entropy_sum(logits, labels, mask), mask.sum()
 
     def train_step(self, step: int) -> dict:
