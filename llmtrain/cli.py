@@ -14,7 +14,7 @@ from llmtrain.config import ConfigError, load_config
 
 # Subcommands living in their own packages: module exposing add_parser(subparsers).
 _PLUGINS = ("llmtrain.scaling.cli", "llmtrain.planner.cli", "llmtrain.train.export", "llmtrain.generate",
-            "llmtrain.bench")
+            "llmtrain.bench", "llmtrain.ablate")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -76,21 +75,12 @@ def greedy_encoder_decoder(model: nn.Module, src_ids: Sequence[int] | torch.Tens
 # `llmtrain generate`
 
 
-def build_any_model(cfg: Config, device: torch.device | str) -> nn.Module:
-    """The model `cfg.model.arch` names, built and initialised on `device`."""
-    if cfg.model.arch == "encoder_decoder":
-        from llmtrain.model.encoder_decoder import build_encoder_decoder
-        return build_encoder_decoder(cfg.model, device)
-    from llmtrain.model.transformer import build_model
-    return build_model(cfg.model, device)
-
-
 def load_checkpoint_model(checkpoint_dir: str | Path,
                           device: torch.device | str = "cpu") -> tuple[Config, nn.Module]:
     """(config, model with the checkpoint's weights) from <run_dir>/checkpoints/step_N, reading
     the run's resolved <run_dir>/config.yaml."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from llmtrain.model import build_model
+    from llmtrain.train.checkpoint import load_model
 
     ckpt = Path(checkpoint_dir)
     if not (ckpt / ".metadata").is_file():
@@ -102,12 +92,8 @@ def load_checkpoint_model(checkpoint_dir: str | Path,
                           f"above the checkpoint (<run_dir>/checkpoints/step_<N>)")
     # not validate(): the saved parallel layout describes the training job, not this process
     cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()) or {})
-    model = build_any_model(cfg, device)
-    state = {"model": get_model_state_dict(model)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process
-        dcp.load(state, checkpoint_id=str(ckpt))
-    set_model_state_dict(model, state["model"])
+    model = build_model(cfg.model, device)
+    load_model(ckpt, model)  # verifies the manifest; restricted unpickling
     return cfg, model.eval()
 
 
@@ -116,8 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, model = load_checkpoint_model(args.checkpoint_dir, device)
-    from llmtrain.data.preprocess import prepare_corpus
-    _, tok = prepare_corpus(cfg)
+    from llmtrain.train.export import run_tokenizer
+    tok = run_tokenizer(cfg, Path(args.checkpoint_dir).resolve().parent.parent)
     ids = tok.encode(args.prompt)
     if cfg.model.arch == "encoder_decoder":
         # T5: the source ends in eos; the decoder starts from the pad token (eos without one)

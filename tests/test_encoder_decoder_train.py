@@ -3,7 +3,6 @@ ZeRO 3 against the single-process run, and generation from the trained checkpoin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -6,18 +6,38 @@ stage, offload). A user's own JSON (`parallel.deepspeed_config`) is merged over 
 values stand, ours fill only what the user left unset, and every key where the two disagree is
 reported. Batch sizes are the exception: the data loader follows our config, so a disagreement
 there is an error, not a warning.
+
+The Trainer (train/loop.py) builds the model and a plain AdamW as for the torch engine, then hands
+them to `initialize`; `train_step`, `save_checkpoint` and `load_checkpoint` here replace its own
+when `parallel.engine: deepspeed`. Everything else (data, evaluation, logging) is shared.
+
+Loss normalisation: `engine.backward` divides the loss by gradient_accumulation_steps and the
+gradients are averaged over dp, so each micro-batch passes sum(CE) / N_global * dp * gas; the
+gradients then equal the torch engine's (see train/loop.py).
+
+Checkpoints use DeepSpeed's own format (`engine.save_checkpoint`, every rank writes its ZeRO
+partition) published like train/checkpoint.py: written under `.step_<N>.tmp/`, then meta.json and
+manifest.json, then renamed to `step_<N>/`, so `resume: auto` finds and verifies them. A
+DeepSpeed checkpoint resumes under the DeepSpeed engine only (meta.json says `"engine":
+"deepspeed"`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import torch.distributed as dist
+
 from llmtrain.config import Config, ConfigError
+from llmtrain.train import checkpoint as ckpt
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -68,6 +88,7 @@ def build_config(cfg: Config, dp_size: int) -> tuple[dict[str, Any], list[str]]:
     ours = generated_config(cfg, dp_size)
     path = cfg.parallel.deepspeed_config
     if not path:
+        _check_nvme(ours, path)
         return ours, []
     p = Path(path)
     if not p.is_file():
@@ -84,7 +105,18 @@ def build_config(cfg: Config, dp_size: int) -> tuple[dict[str, Any], list[str]]:
             raise ConfigError(f"parallel.deepspeed_config {key}={user[key]} disagrees with the run "
                               f"config ({key}={ours[key]} from train.global_batch_size, "
                               f"train.micro_batch_size and dp); remove it or set it to \"auto\"")
+    _check_nvme(merged, path)
     return merged, conflicts
+
+
+def _check_nvme(ds: dict[str, Any], path: str | None) -> None:
+    zero = ds.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        off = zero.get(key) or {}
+        if off.get("device") == "nvme" and not off.get("nvme_path"):
+            raise ConfigError(f"parallel.offload=nvme needs zero_optimization.{key}.nvme_path in "
+                              f"parallel.deepspeed_config (got {path!r}): the directory on the "
+                              f"NVMe drive DeepSpeed swaps to")
 
 
 def initialize(model: torch.nn.Module, cfg: Config, dp_size: int, optimizer=None, log=print):
@@ -94,10 +126,116 @@ def initialize(model: torch.nn.Module, cfg: Config, dp_size: int, optimizer=None
     ds_config, conflicts = build_config(cfg, dp_size)
     for c in conflicts:
         log(f"deepspeed config: {c}")
+    if not dist.is_initialized():  # one process, no launcher: DeepSpeed still wants a group
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(key, value)
+    groups = ([{"params": g["params"], "weight_decay": g["weight_decay"]}
+               for g in optimizer.param_groups] if optimizer is not None
+              else [p for p in model.parameters() if p.requires_grad])
     if "optimizer" in ds_config:
-        optimizer = None  # DeepSpeed builds it (offload needs DeepSpeedCPUAdam)
+        # DeepSpeed builds it (offload needs DeepSpeedCPUAdam), on our weight-decay groups
+        optimizer = None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            model_parameters=None if optimizer is not None
-                                           else [p for p in model.parameters()
-                                                 if p.requires_grad])
+                                           else groups)
     return engine
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_step(trainer, step: int) -> dict:
+    """Trainer.train_step for the DeepSpeed engine: the same batches, loss and learning rate;
+    DeepSpeed accumulates, averages over dp, clips and steps (at the last micro-batch)."""
+    from llmtrain.model.moe import aux_loss as moe_aux_loss
+    from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
+    from llmtrain.train.loop import _all_reduce_sum
+    from llmtrain.train.optim import lr_at
+
+    cfg, engine, device = trainer.cfg, trainer.engine, trainer.device
+    engine.train()
+    lr = lr_at(step, cfg.optim, cfg.train.steps, cfg.model.d_model)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    reader = trainer.train_reader
+    batches = [reader.get(step, m) for m in range(reader.n_micro)]
+    n_global = _all_reduce_sum(torch.as_tensor(float(sum(b.loss_mask.sum() for b in batches)),
+                                               device=device), trainer.dp_group)
+    # undo engine.backward's 1/gas and the 1/dp of the gradient average
+    scale = trainer.dp_size * engine.gradient_accumulation_steps() / n_global
+    loss_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    for batch in batches:
+        ce_sum, _ = trainer._forward_loss(batch)
+        step_loss = ce_sum * scale
+        aux = moe_aux_loss(engine.module)  # the torch engine's aux / n_micro, times gas (= n_micro)
+        if aux is not None:
+            step_loss = step_loss + aux
+            aux_sum += aux.detach() / len(batches)
+        engine.backward(step_loss)
+        engine.step()  # a no-op except at the gradient-accumulation boundary
+        loss_sum += ce_sum.detach()
+    routers = [m.router for m in moe_layers(engine.module).values() if m.router.aux_free_bias]
+    for r in routers:  # every rank moves its selection bias by the global load
+        _all_reduce_sum(r.load, trainer.dp_group)
+    if routers:
+        update_bias(engine.module)
+    loss = _all_reduce_sum(loss_sum, trainer.dp_group) / n_global
+    norm = engine.get_global_grad_norm()  # None where DeepSpeed did not compute one (ZeRO 0)
+    grad_norm = float(norm) if norm is not None else float("nan")
+    # DeepSpeed has already stepped; a non-finite step is reported, not skipped (in fp32/bf16
+    # it has no loss scaler that would skip it)
+    finite = math.isfinite(float(loss)) and (norm is None or math.isfinite(grad_norm))
+    return {"loss": float(loss), "lr": lr, "grad_norm": grad_norm, "skipped": not finite,
+            "sample_ids": [i for b in batches for i in b.sample_ids],
+            "moe_aux_loss": float(aux_sum), "moe": moe_metrics(engine.module)}
+
+
+def save_checkpoint(trainer) -> Path:
+    """DeepSpeed's checkpoint (every rank writes its partition) published as `step_<N>/` with
+    meta.json and a manifest, like train/checkpoint.py (collective)."""
+    cfg, step = trainer.cfg, trainer.step
+    root = ckpt.checkpoint_dir(cfg)
+    tmp, final = ckpt._begin(root, step)
+    trainer.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    torch.save(ckpt._rng_state(trainer.device), tmp / f"rng_rank{ckpt._rank()}.pt")
+    ckpt._barrier()
+    if ckpt._rank() == 0:
+        extra = {"engine": "deepspeed", "tokens": step * trainer.tokens_per_step,
+                 "skipped_steps": trainer.skipped_total}
+        ckpt._publish(tmp, final, ckpt._meta(step, cfg, extra))
+        keep = cfg.checkpoint.keep_last
+        if keep:
+            for old in ckpt.list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    ckpt._barrier()
+    return final
+
+
+def load_checkpoint(trainer, path: Path) -> dict:
+    """Resume the engine (module, ZeRO partitions of the optimizer) and the RNG from a checkpoint
+    `save_checkpoint` wrote; returns its meta.json."""
+    path = Path(path)
+    meta = ckpt.read_meta(path)
+    if meta.get("engine") != "deepspeed":
+        raise ConfigError(f"checkpoint {path} was written by the torch engine (DCP); "
+                          f"parallel.engine=deepspeed resumes DeepSpeed checkpoints only; use "
+                          f"engine=torch or checkpoint.resume=none")
+    if meta.get("config_hash") != ckpt.config_hash(trainer.cfg):
+        raise ConfigError(f"checkpoint {path} was written by a run with different model or data "
+                          f"settings; use checkpoint.resume=none to start afresh")
+    loaded, _ = trainer.engine.load_checkpoint(str(path.parent), tag=path.name)
+    if loaded is None:
+        raise ConfigError(f"DeepSpeed could not load checkpoint {path}")
+    rng_file = path / f"rng_rank{ckpt._rank()}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and trainer.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], trainer.device)
+    return meta

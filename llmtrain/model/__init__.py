@@ -2,12 +2,15 @@
 
 from llmtrain.model.attention import Attention
 from llmtrain.model.encoder_decoder import EncoderDecoder, build_encoder_decoder  # noqa: F401
+from llmtrain.model.mixers import SpatialGatingMixer, Synthesizer, build_mixer
 from llmtrain.model.mlp import FeedForward
-from llmtrain.model.norms import RMSNorm, build_norm
+from llmtrain.model.norms import NoNorm, RMSNorm, build_norm
+from llmtrain.model.output import MixtureOfSoftmaxes
 from llmtrain.model.rope import apply_rope, rope_cos_sin, rotate_half
 from llmtrain.model.transformer import (Transformer, TransformerBlock, build_model,
-                                        deepnorm_alpha, deepnorm_beta)
+                                        deepnorm_alpha, deepnorm_beta, tfixup_scale)
 
-__all__ = ["Attention", "FeedForward", "RMSNorm", "Transformer", "TransformerBlock",
-           "apply_rope", "build_model", "build_norm", "deepnorm_alpha", "deepnorm_beta",
-           "rope_cos_sin", "rotate_half"]
+__all__ = ["Attention", "FeedForward", "MixtureOfSoftmaxes", "NoNorm", "RMSNorm",
+           "SpatialGatingMixer", "Synthesizer", "Transformer", "TransformerBlock", "apply_rope",
+           "build_mixer", "build_model", "build_norm", "deepnorm_alpha", "deepnorm_beta",
+           "rope_cos_sin", "rotate_half", "tfixup_scale"]

@@ -40,3 +40,15 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=k.shape[1] != q.shape[1])
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def linears(self):
+        """(query/key-like, input, output) projections, for the block's init schemes."""
+        return (self.wq, self.wk), (self.wv,), (self.wo,)
+
+    def mixing_params(self) -> int:
+        return 0
+
+    def mixing_flops_per_token(self, seq_len: int) -> int:
+        """Scores q k^T and their use on v: 2 x 2 d T forward, x3 with backward (Kaplan et al.
+        2020 table 1; PaLM app. B): 12 d T."""
+        return 12 * self.wq.out_features * seq_len

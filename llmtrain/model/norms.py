@@ -1,4 +1,5 @@
-"""Normalization layers: LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019)."""
+"""Normalization layers: LayerNorm (Ba et al. 2016), RMSNorm (Zhang & Sennrich 2019), and `none`
+(an identity, for ReZero / Fixup models that train without normalisation)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,20 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+class NoNorm(nn.Identity):
+    """`model.norm: none`: the identity, with the reset_parameters() every norm has."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 def build_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
-    """`layernorm` (with a bias only when `bias`) or `rmsnorm`; both reset to weight 1, bias 0."""
+    """`layernorm` (with a bias only when `bias`), `rmsnorm` (both reset to weight 1, bias 0) or
+    `none` (identity)."""
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps, bias=bias)
     if kind == "rmsnorm":
         return RMSNorm(dim, eps=eps)
-    raise ValueError(f"model.norm={kind!r} is not valid; use layernorm or rmsnorm")
+    if kind == "none":
+        return NoNorm()
+    raise ValueError(f"model.norm={kind!r} is not valid; use layernorm, rmsnorm or none")

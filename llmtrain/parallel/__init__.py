@@ -23,8 +23,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     and compile, data parallel. Pipeline and expert parallelism are not in this build; the config
     validator refuses them.
     """
-    if mesh is None:
-        return model
+    if mesh is None or cfg.parallel.engine == "deepspeed":
+        return model  # deepspeed.initialize (engines/deepspeed.py) does the data parallelism
+    if mesh["pp"].size() > 1:  # pipeline split first; TP and data parallelism per stage
+        from llmtrain.parallel.pipeline import parallelize_pipeline
+        return parallelize_pipeline(model, mesh, cfg, device)
     if mesh["tp"].size() > 1:
         apply_tp(model, mesh["tp"], cfg)
     return _data.apply_data_parallel(model, mesh, cfg, device)
@@ -32,6 +35,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
 
 def build_optimizer(model: nn.Module, cfg: Config,
                     mesh: DeviceMesh | None) -> torch.optim.Optimizer:
+    if cfg.parallel.engine == "deepspeed":
+        mesh = None  # a plain AdamW: DeepSpeed's ZeRO optimizer wraps and partitions it
     return _data.build_optimizer(model, cfg, mesh)
 
 
@@ -79,6 +84,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
             for d in dims:
                 torch.distributed.all_reduce(sq, group=mesh.get_group(d))
         total += sq
+    pp_group = getattr(model, "pp_group", None)  # pipeline stages: sum over every stage too
+    if pp_group is not None:
+        torch.distributed.all_reduce(total, group=pp_group)
     norm = total.sqrt()
     coef = min(1.0, max_norm / (float(norm) + 1e-6))
     if coef < 1.0:

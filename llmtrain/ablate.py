@@ -1,0 +1,496 @@
+"""`llmtrain ablate SPEC.yaml`: a variants x seeds study at one shared budget (as Narang et al.
+2021, "Do Transformer Modifications Transfer Across Implementations and Applications?").
+
+A spec (YAML):
+
+    base: ../tiny.yaml          # run config, relative to the spec file (null: the embedded default)
+    set: [train.eval_every=0]   # overrides every variant gets (optional)
+    seeds: 3                    # a count (seeds 0, 1, 2) or a list of train.seed values
+    budget: {steps: 50}         # exactly one of steps, tokens, flops, shared by every variant
+    early_fraction: 0.1         # where "early loss" is read (optional, default 0.1)
+    variants:                   # the first one is the baseline
+      - {name: baseline}
+      - {name: gelu, set: [model.activation=gelu]}
+
+Budgets: `steps` runs every variant that many steps; `tokens` gives each variant
+round(tokens / (global_batch_size x seq_len)) steps; `flops` (training FLOPs) gives each
+round(flops / (flops_per_token x tokens per step)) steps, with the model's own flops_per_token.
+A variant may not set train.steps itself (the budget decides it).
+
+Every variant x seed is one subprocess `python -m llmtrain train BASE --set ...` with run dir
+`<out>/runs/<variant>/seed<k>` (its stdout/stderr in stdout.log/stderr.log there), `--jobs` at
+a time. A run whose summary.json exists is skipped; an interrupted one is started again in its
+run dir and the trainer resumes from its last checkpoint. A failed run (non-zero exit) is
+reported with status failed and its stderr tail, never dropped.
+
+Reported per variant (report.md, report.csv, report.json, loss_curves.png in `<out>`), each
+over the seeds that finished as mean and sample standard deviation (ddof 1):
+  n_params, flops_per_token  from the runs' summary.json
+  tokens_per_s               median of the logged tokens_per_s after the first logged step
+  early_loss                 the training loss of the first logged step >= early_fraction x steps
+  final_val_loss             summary.json's final validation loss
+  delta                      final_val_loss mean minus the baseline's, with Welch's t-test
+                             (scipy.stats.ttest_ind, equal_var=False); `*` marks p < 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmtrain.config import Config, ConfigError, load_config, parse_override
+
+_SPEC_KEYS = ("base", "set", "seeds", "budget", "early_fraction", "variants")
+_BUDGETS = ("steps", "tokens", "flops")
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: list[str]
+    steps: int = 0
+    flops_per_token: int = 0
+
+
+@dataclass
+class Spec:
+    path: Path
+    base: Path | None
+    overrides: list[str]
+    seeds: list[int]
+    budget: tuple[str, float]
+    variants: list[Variant]
+    early_fraction: float = 0.1
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    run_dir: Path
+    cmd: list[str]
+    status: str = "pending"  # ok | failed | skipped (complete before this call)
+    seconds: float = 0.0
+    stderr_tail: str = ""
+    summary: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spec
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of KEY=VALUE strings, got {value!r}")
+    for item in value:
+        parse_override(item)
+    return value
+
+
+def flops_per_token(cfg: Config) -> int:
+    """Training FLOPs per token of the model `cfg` describes (built on the meta device)."""
+    import torch
+    from llmtrain.model import EncoderDecoder, Transformer
+    with torch.device("meta"):
+        model = (EncoderDecoder(cfg.model) if cfg.model.arch == "encoder_decoder"
+                 else Transformer(cfg.model))
+    return int(model.flops_per_token(cfg.train.seq_len))
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and check a spec; resolve every variant's config and its steps under the budget."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"ablation spec {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        raise ConfigError(f"ablation spec {str(path)!r} is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"ablation spec {str(path)!r} must be a mapping with keys "
+                          f"{', '.join(_SPEC_KEYS)}")
+    unknown = [k for k in data if k not in _SPEC_KEYS]
+    if unknown:
+        raise ConfigError(f"unknown ablation spec key {unknown[0]!r}; valid keys: "
+                          f"{', '.join(_SPEC_KEYS)}")
+    base = data.get("base")
+    base = None if base is None else (p.parent / str(base)).resolve()
+    if base is not None and not base.is_file():
+        raise ConfigError(f"spec.base={data['base']!r} does not exist (relative to the spec)")
+    common = _string_list(data.get("set"), "spec.set")
+
+    seeds = data.get("seeds", 1)
+    if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1:
+        seeds = list(range(seeds))
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"spec.seeds={data.get('seeds')!r} must be a count >= 1 or a list of "
+                          f"distinct integers >= 0")
+
+    budget = data.get("budget")
+    if (not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in _BUDGETS):
+        raise ConfigError(f"spec.budget={budget!r} must name exactly one of steps, tokens or "
+                          f"flops, e.g. {{steps: 100}}")
+    kind, amount = next(iter(budget.items()))
+    if isinstance(amount, str):
+        try:
+            amount = float(amount)
+        except ValueError:
+            pass
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+        raise ConfigError(f"spec.budget.{kind}={amount!r} must be a positive number")
+
+    early = data.get("early_fraction", 0.1)
+    if isinstance(early, bool) or not isinstance(early, (int, float)) or not 0 < early <= 1:
+        raise ConfigError(f"spec.early_fraction={early!r} must be in (0, 1]")
+
+    raw = data.get("variants")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("spec.variants is empty; list at least one {name: ..., set: [...]} "
+                          "(the first is the baseline)")
+    variants, names = [], set()
+    for i, v in enumerate(raw):
+        where = f"spec.variants[{i}]"
+        if not isinstance(v, dict) or "name" not in v:
+            raise ConfigError(f"{where} must be a mapping with a name (and optional set), got "
+                              f"{v!r}")
+        bad = [k for k in v if k not in ("name", "set")]
+        if bad:
+            hint = ("; one budget (spec.budget) is shared by every variant" if bad[0] == "budget"
+                    else "")
+            raise ConfigError(f"{where} ({v['name']}) has unknown key {bad[0]!r}; valid keys: "
+                              f"name, set{hint}")
+        name = str(v["name"])
+        if not name or "/" in name or name in names or name.startswith("."):
+            raise ConfigError(f"{where}.name={name!r} must be a unique, non-empty directory name")
+        names.add(name)
+        sets = _string_list(v.get("set"), f"{where}.set")
+        if any(parse_override(s)[0] == "train.steps" for s in sets):
+            raise ConfigError(f"{where} ({name}) sets train.steps, but spec.budget.{kind} "
+                              f"decides every variant's steps; remove it")
+        variants.append(Variant(name, sets))
+
+    spec = Spec(p, base, common, seeds, (kind, float(amount)), variants, float(early))
+    for i, v in enumerate(spec.variants):
+        try:
+            cfg = load_config(base, [*common, *v.overrides])
+        except ConfigError as e:
+            raise ConfigError(f"spec.variants[{i}] ({v.name}): {e}") from None
+        v.flops_per_token = flops_per_token(cfg)
+        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        if kind == "steps":
+            v.steps = int(amount)
+        elif kind == "tokens":
+            v.steps = round(amount / tokens_per_step)
+        else:
+            v.steps = round(amount / (v.flops_per_token * tokens_per_step))
+        if v.steps < 1:
+            raise ConfigError(f"spec.budget.{kind}={amount:g} is less than one step of variant "
+                              f"{v.name} ({tokens_per_step} tokens, {v.flops_per_token:,} "
+                              f"FLOPs per token)")
+    return spec
+
+
+def plan_runs(spec: Spec, out: Path) -> list[Run]:
+    runs = []
+    for v in spec.variants:
+        for seed in spec.seeds:
+            run_dir = out / "runs" / v.name / f"seed{seed}"
+            sets = [*spec.overrides, *v.overrides, f"train.steps={v.steps}",
+                    f"train.seed={seed}", f"logging.run_dir={run_dir}", "logging.progress=false"]
+            cmd = [sys.executable, "-m", "llmtrain", "train",
+                   *([str(spec.base)] if spec.base else []),
+                   *sum((["--set", s] for s in sets), [])]
+            runs.append(Run(v.name, seed, run_dir, cmd))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def _execute(run: Run, env: dict[str, str]) -> Run:
+    summary = run.run_dir / "summary.json"
+    if summary.is_file():
+        run.status = "skipped"
+        run.summary = json.loads(summary.read_text())
+        return run
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(run.run_dir / "stdout.log", "a") as out, open(run.run_dir / "stderr.log", "a") as err:
+        rc = subprocess.call(run.cmd, stdout=out, stderr=err, env=env)
+    run.seconds = time.perf_counter() - t0
+    if rc == 0 and summary.is_file():
+        run.status = "ok"
+        run.summary = json.loads(summary.read_text())
+    else:
+        run.status = "failed"
+        text = (run.run_dir / "stderr.log").read_text(errors="replace")
+        run.stderr_tail = f"exit code {rc}; " + text[-2000:]
+    return run
+
+
+def execute(runs: list[Run], jobs: int = 1, log=print) -> list[Run]:
+    """Run (or skip) every run, `jobs` at a time, printing one progress line per run."""
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # share the cores instead of oversubscribing
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    done = 0
+
+    def one(run: Run) -> Run:
+        nonlocal done
+        _execute(run, env)
+        done += 1
+        what = {"skipped": "complete already, skipped", "ok": f"done in {run.seconds:.1f} s",
+                "failed": f"FAILED after {run.seconds:.1f} s (see {run.run_dir / 'stderr.log'})"}
+        val = run.summary.get("final_val_loss")
+        loss = f", final validation loss {val:.4f}" if isinstance(val, float) else ""
+        log(f"[{done}/{len(runs)}] {run.variant} seed {run.seed}: {what[run.status]}"
+            f"{loss if run.status != 'failed' else ''}", flush=True)
+        return run
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, runs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs and reporting
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_metrics(run_dir: Path, steps: int, early_fraction: float) -> dict[str, Any]:
+    """early_loss, tokens_per_s and the loss curve of one run, from its metrics.jsonl."""
+    recs = [r for r in _jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    by_step = {r["step"]: r for r in recs}  # a resumed run may log a step twice: keep the last
+    recs = [by_step[s] for s in sorted(by_step)]
+    target = math.ceil(early_fraction * steps)
+    early = next((r["loss"] for r in recs if r["step"] >= target), None)
+    tps = [r["tokens_per_s"] for r in recs[1:] if "tokens_per_s" in r] or \
+          [r["tokens_per_s"] for r in recs if "tokens_per_s" in r]
+    tps.sort()
+    median = None
+    if tps:
+        mid = len(tps) // 2
+        median = tps[mid] if len(tps) % 2 else 0.5 * (tps[mid - 1] + tps[mid])
+    return {"early_loss": early, "tokens_per_s": median,
+            "curve": [(r["step"], r.get("tokens", 0), r["loss"]) for r in recs]}
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value); None for no values."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p of Welch's t-test (None with fewer than 2 values a side or no variance)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    from scipy.stats import ttest_ind
+    p = float(ttest_ind(a, b, equal_var=False).pvalue)
+    return p if math.isfinite(p) else None
+
+
+def summarize(spec: Spec, runs: list[Run]) -> dict[str, Any]:
+    rows = []
+    for v in spec.variants:
+        mine = [r for r in runs if r.variant == v.name]
+        per_run = []
+        for r in mine:
+            m = run_metrics(r.run_dir, v.steps, spec.early_fraction)
+            rec = {"seed": r.seed, "status": "ok" if r.status in ("ok", "skipped") else "failed",
+                   "run_dir": str(r.run_dir), "final_val_loss": r.summary.get("final_val_loss"),
+                   "early_loss": m["early_loss"], "tokens_per_s": m["tokens_per_s"],
+                   "seconds": round(r.seconds, 2), "curve": m["curve"]}
+            if r.status == "failed":
+                rec["stderr_tail"] = r.stderr_tail
+            per_run.append(rec)
+        ok = [p for p, r in zip(per_run, mine) if p["status"] == "ok"]
+        summ = next((r.summary for r in mine if r.summary), {})
+        row = {"name": v.name, "overrides": v.overrides, "steps": v.steps,
+               "status": "ok" if len(ok) == len(mine) else f"failed {len(mine) - len(ok)}/"
+                                                           f"{len(mine)}",
+               "seeds_ok": len(ok), "n_params": summ.get("n_params"),
+               "flops_per_token": summ.get("flops_per_token", v.flops_per_token),
+               "tokens": summ.get("tokens")}
+        for key in ("tokens_per_s", "early_loss", "final_val_loss"):
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([p[key] for p in ok])
+        row["final_val_losses"] = [p["final_val_loss"] for p in ok]
+        row["runs"] = per_run
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        if row is base or row["final_val_loss_mean"] is None or base["final_val_loss_mean"] is None:
+            row["delta"], row["p_value"], row["significant"] = None, None, False
+            continue
+        row["delta"] = row["final_val_loss_mean"] - base["final_val_loss_mean"]
+        row["p_value"] = welch_p(row["final_val_losses"], base["final_val_losses"])
+        row["significant"] = row["p_value"] is not None and row["p_value"] < 0.05
+    kind, amount = spec.budget
+    return {"spec": str(spec.path), "base": str(spec.base) if spec.base else None,
+            "budget": {kind: amount}, "seeds": spec.seeds, "early_fraction": spec.early_fraction,
+            "baseline": base["name"], "variants": rows}
+
+
+def _fmt(m: float | None, s: float | None, digits: int = 4) -> str:
+    if m is None:
+        return "-"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _fmt_delta(row: dict) -> str:
+    if row["delta"] is None:
+        return "-"
+    p = "" if row["p_value"] is None else f" (p={row['p_value']:.3f})"
+    return f"{row['delta']:+.4f}{' *' if row['significant'] else ''}{p}"
+
+
+def write_reports(report: dict[str, Any], out: Path) -> None:
+    rows = report["variants"]
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    cols = ["name", "status", "seeds_ok", "steps", "tokens", "n_params", "flops_per_token",
+            "tokens_per_s_mean", "tokens_per_s_std", "early_loss_mean", "early_loss_std",
+            "final_val_loss_mean", "final_val_loss_std", "delta", "p_value", "significant"]
+    with open(out / "report.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for row in rows:
+            w.writerow(["" if row[c] is None else row[c] for c in cols])
+    kind, amount = next(iter(report["budget"].items()))
+    lines = [f"# Ablation: {Path(report['spec']).name}", "",
+             f"Budget {kind} = {amount:g} per run, seeds {report['seeds']}; baseline "
+             f"`{report['baseline']}`. Mean ± sample std over the seeds that finished; early "
+             f"loss = training loss at the first logged step >= {report['early_fraction']:g} x "
+             f"steps; Δ = final validation loss minus the baseline's, * = Welch's t-test "
+             f"p < 0.05.", "",
+             "| variant | status | params | FLOPs/token | steps | tokens/s | early loss | "
+             "final val loss | Δ vs baseline |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in rows:
+        params = f"{row['n_params']:,}" if row["n_params"] else "-"
+        fpt = f"{row['flops_per_token']:,}" if row["flops_per_token"] else "-"
+        tps = "-" if row["tokens_per_s_mean"] is None else \
+            f"{row['tokens_per_s_mean']:,.0f} ± {row['tokens_per_s_std']:,.0f}"
+        lines.append(f"| {row['name']} | {row['status']} | {params} | {fpt} | {row['steps']} | "
+                     f"{tps} | {_fmt(row['early_loss_mean'], row['early_loss_std'])} | "
+                     f"{_fmt(row['final_val_loss_mean'], row['final_val_loss_std'])} | "
+                     f"{_fmt_delta(row)} |")
+    failed = [(row["name"], r) for row in rows for r in row["runs"] if r["status"] == "failed"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        for name, r in failed:
+            tail = r["stderr_tail"].strip().splitlines()[-1:] or [""]
+            lines.append(f"- {name} seed {r['seed']} ({r['run_dir']}): {tail[0][:300]}")
+    if plot_curves(report, out / "loss_curves.png"):
+        lines += ["", "![training loss curves](loss_curves.png)"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_curves(report: dict[str, Any], path: Path) -> bool:
+    """Mean training loss per variant against training FLOPs (flops budget) or tokens, with the
+    min-max spread over seeds shaded. False when no run logged a loss."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    by_flops = "flops" in report["budget"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for row in report["variants"]:
+        curves = [r["curve"] for r in row["runs"] if r["status"] == "ok" and r["curve"]]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(s for s, _, _ in c) for c in curves)))
+        if not steps:
+            continue
+        table = [dict((s, (t, loss)) for s, t, loss in c) for c in curves]
+        x = [table[0][s][0] * (row["flops_per_token"] if by_flops else 1) for s in steps]
+        ys = [[c[s][1] for c in table] for s in steps]
+        mean = [sum(y) / len(y) for y in ys]
+        line, = ax.plot(x, mean, label=row["name"], lw=1.2)
+        ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2,
+                        color=line.get_color())
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("training FLOPs" if by_flops else "tokens")
+    ax.set_ylabel("training loss")
+    ax.set_title("mean over seeds, shaded: min-max")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def ablate(spec_path: str | Path, out: str | Path | None = None, jobs: int = 1,
+           dry_run: bool = False, log=print) -> int:
+    spec = load_spec(spec_path)
+    out = Path(out) if out else Path("runs") / "ablate" / Path(spec_path).stem
+    runs = plan_runs(spec, out)
+    kind, amount = spec.budget
+    log(f"ablation {spec.path.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = "
+        f"{len(runs)} runs, budget {kind} {amount:g}, output {out}", flush=True)
+    if dry_run:
+        for v in spec.variants:
+            log(f"  {v.name}: {v.steps} steps, {v.flops_per_token:,} FLOPs/token, set "
+                f"{' '.join(v.overrides) or '(baseline config)'}")
+        for r in runs:
+            state = "complete" if (r.run_dir / "summary.json").is_file() else "to run"
+            log(f"  {r.run_dir} [{state}]: {' '.join(r.cmd)}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    runs = execute(runs, jobs, log)
+    report = summarize(spec, runs)
+    write_reports(report, out)
+    n_failed = sum(r.status == "failed" for r in runs)
+    log(f"report: {out / 'report.md'}" + (f"; {n_failed} run(s) failed" if n_failed else ""))
+    return 1 if n_failed else 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs={args.jobs} must be >= 1")
+    return ablate(args.spec, args.out, args.jobs, args.dry_run)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ablate", help="run a variants x seeds study at one shared budget and report it",
+        description="Train every variant of SPEC (a YAML file: base config, variants with --set "
+                    "overrides, seeds, one budget in steps, tokens or training FLOPs) for every "
+                    "seed, skip finished runs, and write report.md/.csv/.json and "
+                    "loss_curves.png. See docs/ablations.md.")
+    p.add_argument("spec", help="ablation spec YAML")
+    p.add_argument("--out", help="output directory (default runs/ablate/<spec name>)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs without starting them")
+    p.set_defaults(func=cmd_ablate)

@@ -1,0 +1,228 @@
+"""Pipeline parallelism with `torch.distributed.pipelining` (PipelineStage and its schedules).
+
+The decoder is cut into `pp x virtual_stages` stages by ranges of consecutive layers (balanced,
+or `parallel.pp_layers`); the embedding lives on the first stage, the final norm, the output
+layer and the loss on the last. A stage is the model itself with the layers it does not own
+deleted from `layers` (a ModuleDict keyed by layer index) and `tok_embeddings`/`pos_embeddings`/
+`norm`/`output` set to None where not owned, so parameter names (FQNs) stay those of the whole
+model and every rank checkpoints its own stage with DCP.
+
+Stage `s` runs on pp rank `s % pp` (looped placement, as ScheduleInterleaved1F1B expects), so a
+rank holds stages r, r + pp, ... With virtual_stages > 1 the rank's model (what the optimizer,
+gradient clipping and checkpoints see) holds all its layers, and each stage is a *view* of it: a
+shallow copy of the module sharing the submodules of its own layers (same parameter objects).
+
+Schedules: gpipe (Huang et al. 2019), 1f1b (PipeDream-flush, Narayanan et al. 2021),
+interleaved_1f1b (Megatron-LM's virtual stages, Narayanan et al. 2021), zero_bubble (Qi et al.
+2023, input and weight gradients scheduled apart). The loss handed to the schedule is our
+normalisation: sum of CE over unmasked tokens / global token count * dp size, with
+`scale_grads=False` so the schedule does not divide by the number of micro-batches again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                          ScheduleInterleaved1F1B,
+                                          ScheduleInterleavedZeroBubble)
+
+from llmtrain.config import Config
+
+_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
+              "interleaved_1f1b": ScheduleInterleaved1F1B,
+              "zero_bubble": ScheduleInterleavedZeroBubble}
+_MULTI_STAGE = ("interleaved_1f1b", "zero_bubble")
+# modules of the Transformer outside `layers` that run before the first / after the last layer
+_FIRST_ONLY = ("tok_embeddings", "pos_embeddings", "embedding_proj")
+_LAST_ONLY = ("norm", "output", "output_proj", "mos")
+# attribute on the model given to the trainer: the pp process group, read by clip_grad_norm_
+PP_GROUP_ATTR = "pp_group"
+
+
+def stage_layer_counts(cfg: Config) -> list[int]:
+    """Layers per stage, `pp * virtual_stages` entries: `parallel.pp_layers` or balanced (the
+    first n_layers % stages stages take one more)."""
+    p, n = cfg.parallel, cfg.model.n_layers
+    if p.pp_layers:
+        return list(p.pp_layers)
+    stages = p.pp * p.virtual_stages
+    return [n // stages + (1 if i < n % stages else 0) for i in range(stages)]
+
+
+def stage_layer_ids(cfg: Config) -> list[list[int]]:
+    counts = stage_layer_counts(cfg)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [list(range(s, s + c)) for s, c in zip(starts, counts)]
+
+
+def rank_stages(cfg: Config, pp_rank: int) -> list[int]:
+    """Stage indices pp rank `pp_rank` runs (looped placement)."""
+    return [pp_rank + v * cfg.parallel.pp for v in range(cfg.parallel.virtual_stages)]
+
+
+def _keep(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> None:
+    """Delete from `model` (in place) what a stage with these layers and ends does not own."""
+    for key in list(model.layers.keys()):
+        if int(key) not in layer_ids:
+            del model.layers[key]
+    for name in (() if first else _FIRST_ONLY) + (() if last else _LAST_ONLY):
+        if hasattr(model, name):
+            setattr(model, name, None)
+
+
+def _view(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> nn.Module:
+    """A stage sharing `model`'s submodules: a shallow copy with its own module/hook tables."""
+    part = copy.copy(model)
+    for k, v in vars(model).items():
+        if isinstance(v, dict):  # _modules, _parameters, _buffers, hook tables: not shared
+            part.__dict__[k] = type(v)(v)
+    part.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
+    _keep(part, layer_ids, first, last)
+    return part
+
+
+def split_model(model: nn.Module, cfg: Config,
+                pp_rank: int) -> tuple[nn.Module, list[nn.Module], list[int]]:
+    """(rank model, stage modules, stage indices) of pp rank `pp_rank`. The rank model is `model`
+    with every layer the rank does not own deleted; with one stage per rank it is the stage."""
+    layer_ids = stage_layer_ids(cfg)
+    n_stages = len(layer_ids)
+    stages = rank_stages(cfg, pp_rank)
+    owned = sorted(i for s in stages for i in layer_ids[s])
+    _keep(model, owned, 0 in stages, n_stages - 1 in stages)
+    if len(stages) == 1:
+        return model, [model], stages
+    parts = [_view(model, layer_ids[s], s == 0, s == n_stages - 1) for s in stages]
+    return model, parts, stages
+
+
+def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
+                         device: torch.device) -> nn.Module:
+    """Split `model` into this rank's stages, then tensor and data parallelism on each stage.
+    Returns the module whose parameters are all of this rank's (original FQNs); its stages are
+    in `.pipeline_parts`, their indices in `.pipeline_stages`."""
+    from llmtrain.parallel import data as _data
+    from llmtrain.parallel.tensor import apply_tp
+
+    pp_mesh = mesh["pp"]
+    rank_model, parts, stages = split_model(model, cfg, pp_mesh.get_local_rank())
+    wrapped = []
+    for part in parts:
+        if mesh["tp"].size() > 1:
+            apply_tp(part, mesh["tp"], cfg)
+        if cfg.parallel.zero_stage >= 2:
+            part = _data.apply_data_parallel(part, mesh, cfg, device)
+        if hasattr(part, "set_reshard_after_forward"):
+            # FSDP2 inside a pipeline keeps the gathered parameters from the forward of a
+            # micro-batch to its backward (torchtitan): re-gathering per micro-batch costs more
+            part.set_reshard_after_forward(False)
+        wrapped.append(part)
+    top = wrapped[0] if len(parts) == 1 else rank_model
+    # plain attributes (lists, a process group): not registered as submodules or state
+    top.__dict__["pipeline_parts"] = wrapped
+    top.__dict__["pipeline_stages"] = stages
+    top.__dict__[PP_GROUP_ATTR] = pp_mesh.get_group()
+    # ZeRO 0/1: DDP's reducer expects one backward per forward, a pipeline stage runs one per
+    # micro-batch (and one more for shape inference); the gradients are averaged after the step
+    dp = _data.dp_mesh(mesh)
+    sync = cfg.parallel.zero_stage < 2 and dp.size() > 1
+    top.__dict__["pipeline_grad_sync_group"] = dp.get_group() if sync else None
+    return top
+
+
+class _LossFn:
+    """CE sum over unmasked tokens times `scale` (dp size / global token count while training);
+    `target` is [B, T, 2]: labels and loss mask."""
+
+    def __init__(self):
+        self.scale = 1.0
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        from llmtrain.train.loop import cross_entropy_sum
+        return cross_entropy_sum(logits, target[..., 0], target[..., 1]) * self.scale
+
+
+class Pipeline:
+    """This rank's stages and the schedule that drives them; `run` does forward and backward of
+    every micro-batch of one step (or forward only, for evaluation)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device, n_microbatches: int):
+        self.cfg, self.device = cfg, device
+        self.group = getattr(model, PP_GROUP_ATTR)
+        self.grad_sync_group = model.pipeline_grad_sync_group
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        parts, stage_ids = model.pipeline_parts, model.pipeline_stages
+        n_stages = cfg.parallel.pp * cfg.parallel.virtual_stages
+        self.stages = [PipelineStage(part, s, n_stages, device, group=self.group)
+                       for part, s in zip(parts, stage_ids)]
+        self.has_first = 0 in stage_ids
+        self.has_last = n_stages - 1 in stage_ids
+        self.loss_fn = _LossFn()
+        schedule = _SCHEDULES[cfg.parallel.pp_schedule]
+        stages = self.stages if cfg.parallel.pp_schedule in _MULTI_STAGE else self.stages[0]
+        self.schedule = schedule(stages, n_microbatches=n_microbatches, loss_fn=self.loss_fn,
+                                 scale_grads=False)
+
+    def run(self, batches: list, scale: float, ctx=contextlib.nullcontext,
+            train: bool = True) -> torch.Tensor:
+        """Sum of CE over this dp rank's `batches` (the reader's micro-batches, concatenated and
+        re-split into the schedule's micro-batches), the same on every pp rank."""
+        tokens = torch.cat([b.tokens for b in batches]).to(self.device)
+        target = torch.stack([torch.cat([b.labels for b in batches]),
+                              torch.cat([b.loss_mask for b in batches]).long()], -1)
+        args = (tokens,) if self.has_first else ()
+        kwargs = {"target": target.to(self.device)} if self.has_last else {}
+        self.loss_fn.scale = scale
+        losses: list[torch.Tensor] = []
+        from llmtrain.train.loop import _autocast
+        with ctx(), _autocast(self.cfg, self.device):
+            if train:
+                self.schedule.step(*args, **kwargs, losses=losses, return_outputs=False)
+            else:
+                self.schedule.eval(*args, **kwargs, losses=losses)
+        if train and self.grad_sync_group is not None:
+            self._average_grads()
+        ce_sum = (torch.stack([x.detach().float() for x in losses]).sum() / scale if losses
+                  else torch.zeros((), device=self.device))
+        dist.all_reduce(ce_sum, group=self.group)  # from the last stage to every pp rank
+        return ce_sum
+
+    @torch.no_grad()
+    def _average_grads(self) -> None:
+        """Mean of the gradients over the data-parallel ranks (what DDP does), one flat bucket."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=self.grad_sync_group)
+        flat /= dist.get_world_size(self.grad_sync_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @torch.no_grad()
+    def evaluate(self, reader, steps: int, ctx, dp_group) -> float:
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        for s in range(steps):
+            batches = [reader.get(s, m) for m in range(reader.n_micro)]
+            total += self.run(batches, 1.0, ctx, train=False)
+            count += sum(float(b.loss_mask.sum()) for b in batches)
+        if dp_group is not None:
+            dist.all_reduce(total, group=dp_group)
+            dist.all_reduce(count, group=dp_group)
+        return float(total / count)
+
+
+def build_pipeline(model: nn.Module, cfg: Config, device: torch.device,
+                   dp_size: int) -> Pipeline:
+    """The pipeline of a model returned by `parallelize` with parallel.pp > 1. Micro-batches:
+    `parallel.pp_microbatches`, 0 = the global batch per dp rank / train.micro_batch_size."""
+    t = cfg.train
+    n_mb = cfg.parallel.pp_microbatches or t.global_batch_size // dp_size // t.micro_batch_size
+    return Pipeline(model, cfg, device, n_mb)
