@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Launch with the `deepspeed` launcher: launch/deepspeed.sh CONFIG [--set key=value ...]
-#   HOSTFILE=launch/hostfile.example  multi-node: one "host slots=N" line per node (ssh access)
-#   NUM_GPUS=N                         processes per node without a hostfile (default: GPUs, or 2)
+#   HOSTFILE=launch/hostfile.example  multi-node: one "host slots=N" line per node; the launcher
+#                                     reaches the nodes by passwordless ssh (pdsh)
+#   NUM_GPUS=N                        processes on this node without a hostfile (default: visible
+#                                     GPUs, or 2; on a CPU-only machine these are CPU processes)
+#   MASTER_ADDR=host                  with a hostfile: the first node's address (default: its name)
 #   MASTER_PORT=29500
+#   DEEPSPEED=deepspeed               the launcher executable
 # The engine follows the config (parallel.engine=torch|deepspeed); pass
 # `--set parallel.engine=deepspeed` to wrap the model with deepspeed.initialize.
 # Prints the command it runs; LLMTRAIN_DRY_RUN=1 prints it without running.
@@ -14,14 +18,18 @@ fi
 args=(--master_port "${MASTER_PORT:-29500}" --module --no_local_rank)
 if [ -n "${HOSTFILE:-}" ]; then
   args+=(--hostfile "$HOSTFILE")
+  if [ -n "${MASTER_ADDR:-}" ]; then
+    args+=(--master_addr "$MASTER_ADDR")
+  fi
 else
   if [ -z "${NUM_GPUS:-}" ]; then
-    NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
+    NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null \
+               || echo 2)
   fi
   args+=(--num_gpus "$NUM_GPUS")
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-cmd=(deepspeed "${args[@]}" llmtrain train "$@")
+cmd=("${DEEPSPEED:-deepspeed}" "${args[@]}" llmtrain train "$@")
 echo "${cmd[*]}"
 if [ "${LLMTRAIN_DRY_RUN:-0}" = "1" ]; then
   exit 0

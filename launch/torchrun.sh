@@ -1,19 +1,39 @@
 #!/usr/bin/env bash
-# Single-node launch: launch/torchrun.sh CONFIG [--set key=value ...]
-# NPROC_PER_NODE defaults to the number of visible GPUs, or 2 on a CPU-only machine.
+# Launch with torchrun: launch/torchrun.sh CONFIG [--set key=value ...]
+#   NPROC_PER_NODE=N       processes per node (default: visible GPUs, or 2 on a CPU-only machine)
+#   NNODES=1               nodes; above 1, run this script once on every node with
+#   NODE_RANK=0              this node's index (0 .. NNODES-1)
+#   RDZV_ENDPOINT=host:port  the c10d rendezvous, on node 0 (required when NNODES > 1)
+#   RDZV_ID=llmtrain         the same on every node of one job
+#   MAX_RESTARTS=0         restart the whole group this often after a crashed rank (each restart
+#                          resumes from the newest checkpoint: checkpoint.resume=auto)
+#   PYTHON=python
+# A single node without RDZV_ENDPOINT runs --standalone (a private rendezvous on a free port).
 # Prints the command it runs; LLMTRAIN_DRY_RUN=1 prints it without running.
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 CONFIG [--set key=value ...]" >&2
   exit 2
 fi
+PYTHON="${PYTHON:-python}"
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$(python -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
+  NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)" \
+                   2>/dev/null || echo 2)
+fi
+NNODES="${NNODES:-1}"
+args=(--nproc_per_node "$NPROC_PER_NODE" --max-restarts "${MAX_RESTARTS:-0}")
+if [ "$NNODES" = "1" ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
+  args=(--standalone "${args[@]}")
+else
+  if [ -z "${RDZV_ENDPOINT:-}" ]; then
+    echo "$0: NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the first node)" >&2
+    exit 2
+  fi
+  args+=(--nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --rdzv_backend c10d
+         --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-llmtrain}")
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-PYTHON="${PYTHON:-python}"
-cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE"
-     -m llmtrain train "$@")
+cmd=("$PYTHON" -m torch.distributed.run "${args[@]}" -m llmtrain train "$@")
 echo "${cmd[*]}"
 if [ "${LLMTRAIN_DRY_RUN:-0}" = "1" ]; then
   exit 0

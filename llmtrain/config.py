@@ -474,9 +474,6 @@ def _validate_pipeline(cfg: Config, dp: int) -> None:
         raise ConfigError("model.tie_embeddings=true with parallel.pp > 1 is not supported (the "
                           "embedding and the output layer live on different stages); set "
                           "model.tie_embeddings=false")
-    if m.share_layers:
-        raise ConfigError("model.share_layers=true with parallel.pp > 1 is not supported (one "
-                          "block serves every layer); use pp=1")
     if m.moe.num_experts:
         raise ConfigError("parallel.pp > 1 with MoE layers is not supported yet (the router "
                           "losses are not carried between stages); use pp=1")
