@@ -156,7 +156,8 @@ def test_zero3_bf16_with_cpu_offload_trains(tmp_path):
     ({"parallel.tp": 2, "parallel.zero_stage": 1}, 4, "needs parallel.zero_stage=2 or 3"),
     ({"parallel.offload": "cpu", "parallel.zero_stage": 2}, 2, "offload=cpu needs"),
     ({"parallel.tp": 2, "parallel.dp_shard": 2}, 2, "does not match the world size 2"),
-    ({"parallel.pp": 2}, 2, "parallel.pp/ep/engine"),
+    ({"parallel.pp": 2}, 2, "tie_embeddings=true with parallel.pp > 1"),
+    ({"parallel.ep": 2}, 2, "parallel.ep"),
 ])
 def test_bad_layouts_are_refused_before_any_group(tmp_path, sets, world, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

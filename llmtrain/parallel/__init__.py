@@ -47,7 +47,15 @@ def get_train_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         return (get_model_state_dict(model),
                 _data.zero_state_dict(model, optimizer, init=for_load))
-    return get_state_dict(model, optimizer)
+    return get_state_dict(model, optimizer, options=_state_dict_options(model))
+
+
+def _state_dict_options(model: nn.Module):
+    """Pipeline stages key optimizer param_groups by parameter name (flattened), as torchtitan
+    does: nested, the groups are a list keyed by index and the stages' groups would collide."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(flatten_optimizer_state_dict=getattr(model, "pp_group", None)
+                            is not None)
 
 
 def set_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict,
@@ -57,7 +65,8 @@ def set_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd
         set_model_state_dict(model, model_sd)
         _data.load_zero_state_dict(model, optimizer, optim_sd)
     else:
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=_state_dict_options(model))
 
 
 @torch.no_grad()

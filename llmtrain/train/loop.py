@@ -79,7 +79,8 @@ def check_run_dir(cfg: Config, overwrite: bool = False) -> None:
         return
     from llmtrain.config import load_config
     try:
-        old = load_config(saved)
+        # validated at this job's world size: the saved layout is this job's layout
+        old = load_config(saved, world_size=dist.get_world_size() if dist.is_initialized() else 1)
     except ConfigError:
         old = None
     if old is None or ckpt.config_hash(old) != ckpt.config_hash(cfg):
