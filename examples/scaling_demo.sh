@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A small IsoFLOP sweep of tiny models on the default (stdlib) corpus, then the scaling-law fit.
-# About 10-15 minutes on 2 CPU cores. Usage: examples/scaling_demo.sh [OUT_DIR]
+# About 13 minutes of training on 2 idle CPU cores. Usage: examples/scaling_demo.sh [OUT_DIR]
 #   1. `llmtrain scaling sweep` writes one run config per (budget, model size) point;
 #   2. each runs with the trainer as it is (`llmtrain train`; a finished run is skipped on a rerun);
 #   3. `llmtrain scaling fit` fits the laws and plots them (docs/scaling_demo*.png in the repo).

@@ -105,7 +105,10 @@ def _distinct(optima, k: int) -> list[np.ndarray]:
 
 
 def _interval(samples: np.ndarray) -> list[float] | None:
-    s = samples[np.isfinite(samples)]
+    s = np.asarray(samples)
+    if np.iscomplexobj(s):  # a derived value of a degenerate resample (negative ** fraction)
+        s = np.where(s.imag == 0, s.real, np.nan)
+    s = s[np.isfinite(s)]
     if len(s) < 2:
         return None
     return [float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))]
