@@ -21,7 +21,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from llmtrain.parallel.mesh import DistEnv
     env = DistEnv.from_environ()
     # No CONFIG: the dataclass defaults, which configs/tiny.yaml spells out (a test keeps them equal).
-    cfg = load_config(args.config, args.set or (), world_size=env.world_size)
+    sets = list(args.set or ())
+    if args.plan == "auto":
+        if args.gpus is None or args.gpus != env.world_size:
+            raise ConfigError(f"--plan auto needs --gpus equal to the launched world size "
+                              f"{env.world_size}, got --gpus={args.gpus}")
+        from llmtrain.planner.search import trainable_overrides
+        chosen, est = trainable_overrides(args.config, sets, args.gpus)
+        if env.rank == 0:
+            print(f"plan: {' '.join('--set ' + o for o in chosen)} (estimated "
+                  f"{est.step_time_s:.3g} s/step, {est.memory['total'] / 2**30:.1f} GiB/GPU)")
+        sets += chosen
+    cfg = load_config(args.config, sets, world_size=env.world_size)
     from llmtrain.train.loop import train
     summary = train(cfg, overwrite=args.overwrite)
     if env.rank == 0 and summary.get("stopped"):
@@ -53,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--overwrite", action="store_true",
                    help="allow a run_dir that holds a run with different model/data settings")
+    p.add_argument("--plan", choices=["auto"],
+                   help="auto: apply the best layout `llmtrain plan` finds for --gpus")
+    p.add_argument("--gpus", type=int, help="with --plan auto: the GPUs of this job")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preprocess", help="tokenize a corpus into a megatron-core .bin/.idx dataset",

@@ -580,6 +580,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if p.offload == "cpu" and p.zero_stage != 3 and p.engine == "torch":
         raise ConfigError(f"parallel.offload=cpu needs parallel.zero_stage=3, got "
                           f"{p.zero_stage}")
+    if p.activation_checkpointing == "selective":
+        raise ConfigError("parallel.activation_checkpointing=selective is not supported yet; use "
+                          "none or full")
+    if p.compile:
+        raise ConfigError("parallel.compile=true is not supported yet (per-block torch.compile "
+                          "is planned with the GPU work); use false")
+    if cfg.checkpoint.async_save:
+        raise ConfigError("checkpoint.async=true is not supported yet; checkpoints are written "
+                          "synchronously; use false")
     if cfg.data.source_field or cfg.data.target_field:
         raise ConfigError("data.source_field/data.target_field (sequence-to-sequence pairs) are "
                           "not supported yet; encoder-decoder models train by span corruption "

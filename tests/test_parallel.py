@@ -18,6 +18,8 @@ import torch
 from conftest import tiny_overrides
 from llmtrain.cli import main
 from llmtrain.config import ConfigError, load_config
+from llmtrain.planner.compute import H100_SXM
+from llmtrain.planner.search import Layout, estimate
 
 STEPS = 5
 # Weights after 5 AdamW steps: an element whose gradient is ~0 moves by up to lr * m/sqrt(v),
@@ -116,6 +118,17 @@ def test_layout_matches_single_process(name, tmp_path, reference):
             assert m["param_bytes"] == full and m["optim_bytes"] == 2 * full
     if zero == 1:
         assert sum(m["optim_bytes"] for m in mem) == 2 * full, "every state on exactly one rank"
+
+    # `llmtrain plan`'s model-state estimate against these measured per-rank bytes (within 5%)
+    cfg = load_config(None, overrides(run, **MODELS[model], **par), world_size=nproc)
+    est = estimate(cfg, Layout.from_config(cfg, nproc), H100_SXM).memory
+    for key, measured in (("params", "param_bytes"), ("grads", "grad_bytes"),
+                          ("optimizer", "optim_bytes")):
+        if key == "params" and zero == 2:
+            continue  # the planner counts stage 2's peak (FSDP2 holds all parameters from
+            # forward to backward); measured here is between steps, sharded
+        mean = sum(m[measured] for m in mem) / nproc  # ZeRO-1 splits whole tensors: the mean
+        assert mean == pytest.approx(est[key], rel=0.05), (key, mean, est[key])
 
 
 def test_zero1_resume_reproduces_losses_and_weights(tmp_path, reference):

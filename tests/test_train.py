@@ -113,3 +113,14 @@ def test_default_run_through_the_cli(tmp_path):
     assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
             "peak_memory_gib"} <= rec.keys()
     assert (run / "checkpoints" / "step_4" / "meta.json").is_file()
+
+
+def test_full_activation_checkpointing_gives_the_same_losses(tmp_path, tiny):
+    runs = {}
+    for ac in ("none", "full"):
+        run = tmp_path / ac
+        assert cli_train(tiny(**{"logging.run_dir": run, "train.steps": 3,
+                                 "parallel.activation_checkpointing": ac,
+                                 "model.dropout": 0.1})) == 0
+        runs[ac] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert runs["full"] == pytest.approx(runs["none"], rel=1e-6)

@@ -23,6 +23,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     and compile, data parallel. Pipeline and expert parallelism are not in this build; the config
     validator refuses them.
     """
+    if cfg.parallel.activation_checkpointing == "full":
+        apply_ac(model)
     if mesh is None or cfg.parallel.engine == "deepspeed":
         return model  # deepspeed.initialize (engines/deepspeed.py) does the data parallelism
     if mesh["pp"].size() > 1:  # pipeline split first; TP and data parallelism per stage
@@ -31,6 +33,17 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     if mesh["tp"].size() > 1:
         apply_tp(model, mesh["tp"], cfg)
     return _data.apply_data_parallel(model, mesh, cfg, device)
+
+
+def apply_ac(model: nn.Module) -> None:
+    """Full activation checkpointing: every block keeps only its input and recomputes the rest
+    in the backward (Chen et al. 2016). The block's forward is wrapped in place, so parameter
+    names (FQNs), and with them checkpoints, stay as they are."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+    for block in _data.transformer_blocks(model):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def build_optimizer(model: nn.Module, cfg: Config,

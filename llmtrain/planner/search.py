@@ -409,3 +409,23 @@ def best_layout(cfg: Config, gpus: int, hw: Hardware = compute.H100_SXM) -> Layo
             f"needs {best.memory['total'] / GIB:.1f} GiB ({' '.join(best.layout.overrides())}); "
             f"use more GPUs or GPUs with more memory")
     return best.layout
+
+
+def trainable_overrides(path, sets: list[str], gpus: int,
+                        hw: Hardware = compute.H100_SXM) -> tuple[list[str], Estimate]:
+    """`--set` overrides of the best fitting layout that this build's trainer accepts (the
+    planner enumerates layouts the trainer may not run yet, e.g. tp x dp at ZeRO 1): the
+    ranked plan, filtered through the config validator at `gpus` ranks."""
+    from llmtrain.config import load_config
+    cfg = load_config(path, sets, world_size=gpus)
+    for est in plan(cfg, gpus, hw):
+        if not est.fits:
+            break
+        chosen = est.layout.overrides()
+        try:
+            load_config(path, [*sets, *chosen], world_size=gpus)
+        except ConfigError:
+            continue
+        return chosen, est
+    raise ConfigError(f"no layout of {gpus} GPUs that this trainer runs fits in "
+                      f"{hw.gpu_mem_gib:g} GiB per GPU; run `llmtrain plan` to see the candidates")
