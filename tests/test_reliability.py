@@ -92,7 +92,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny,
 @pytest.mark.slow
 def test_killed_rank_restarts_from_checkpoint_and_finishes(tmp_path, tiny):
     ref, run = tmp_path / "ref", tmp_path / "killed"
-    common = {"train.steps": 30, "checkpoint.every": 4, "model.dropout": 0.0}
+    # a survivor blocked in an all-reduce with the dead rank gets torchrun's SIGTERM; it exits
+    # within the grace period (min(60 s, collective timeout)) so the job can restart
+    common = {"train.steps": 30, "checkpoint.every": 4, "model.dropout": 0.0,
+              "train.collective_timeout_s": 20}
     subprocess.run(train_cmd(tiny(**common, **{"logging.run_dir": ref})), env=ENV, check=True,
                    capture_output=True, timeout=300)
     # 3 restarts allowed, one needed: on this loaded 2-core machine a restarted gloo group

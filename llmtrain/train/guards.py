@@ -55,10 +55,16 @@ class HangWatchdog:
 
 
 class StopSignal:
-    """Records SIGTERM/SIGINT instead of dying mid-step; `requested` is checked between steps."""
+    """Records SIGTERM instead of dying mid-step; `requested` is checked between steps.
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    A process blocked in a collective with a dead peer cannot finish its step (torchrun sends
+    SIGTERM to the survivors when a rank dies): `grace_s` after the signal the watchdog dumps the
+    stacks and exits 1 unless the loop re-armed it at the next step, i.e. unless the step ended.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,), grace_s: float = 60.0):
         self.requested: str | None = None
+        self.grace_s = grace_s
         self._previous = {}
         for sig in signals:
             try:
@@ -68,6 +74,7 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.requested = signal.Signals(signum).name
+        HangWatchdog(self.grace_s).arm()
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -333,7 +333,7 @@ class Trainer:
         stopped = None
         spikes = SpikeDetector()
         watchdog = HangWatchdog(t.collective_timeout_s)
-        stop = StopSignal()
+        stop = StopSignal(grace_s=min(60.0, t.collective_timeout_s))
         t_last, tokens_last = time.perf_counter(), 0
         try:
             while self.step < t.steps:
