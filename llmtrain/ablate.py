@@ -11,14 +11,25 @@ A spec (YAML):
     variants:                   # the first one is the baseline
       - {name: baseline}
       - {name: gelu, set: [model.activation=gelu]}
+    sizes:                      # used with --sizes only: 2-3 model sizes (optional per-size budget)
+      - {name: s, set: [model.d_model=64, model.n_heads=4]}
+      - {name: m, set: [model.d_model=128, model.n_heads=4]}
 
 Budgets: `steps` runs every variant that many steps; `tokens` gives each variant
 round(tokens / (global_batch_size x seq_len)) steps; `flops` (training FLOPs) gives each
 round(flops / (flops_per_token x tokens per step)) steps, with the model's own flops_per_token.
 A variant may not set train.steps itself (the budget decides it).
 
+`--sizes` runs every variant at every size of `sizes` (overrides: spec.set, then the size's, then
+the variant's) and adds each variant's compute multiplier against the baseline (the compute the
+baseline needs to reach the variant's loss over the compute the variant spent; see
+llmtrain/scaling/multiplier.py), from a power law fitted to the baseline's final validation loss
+against training compute (flops_per_token x tokens) over its sizes and seeds. Steps and tokens
+budgets apply to each size as they are (so compute grows with the model); a flops budget would
+give every size the same compute, so with --sizes every size then needs its own `budget`.
+
 Every variant x seed is one subprocess `python -m llmtrain train BASE --set ...` with run dir
-`<out>/runs/<variant>/seed<k>` (its stdout/stderr in stdout.log/stderr.log there), `--jobs` at
+`<out>/runs/<variant>/seed<k>` (`<out>/runs/<variant>/<size>/seed<k>` with --sizes; its stdout/stderr in stdout.log/stderr.log there), `--jobs` at
 a time. A run whose summary.json exists is skipped; an interrupted one is started again in its
 run dir and the trainer resumes from its last checkpoint. A failed run (non-zero exit) is
 reported with status failed and its stderr tail, never dropped.
@@ -29,8 +40,11 @@ over the seeds that finished as mean and sample standard deviation (ddof 1):
   tokens_per_s               median of the logged tokens_per_s after the first logged step
   early_loss                 the training loss of the first logged step >= early_fraction x steps
   final_val_loss             summary.json's final validation loss
-  delta                      final_val_loss mean minus the baseline's, with Welch's t-test
-                             (scipy.stats.ttest_ind, equal_var=False); `*` marks p < 0.05
+  delta                      final_val_loss mean minus the baseline's (at the same size), with
+                             Welch's t-test (scipy.stats.ttest_ind, equal_var=False); `*` marks
+                             p < 0.05
+  multiplier (--sizes)       compute multiplier against the baseline's law, per size, and the
+                             geometric mean over sizes
 """
 
 from __future__ import annotations
@@ -52,16 +66,30 @@ import yaml
 
 from llmtrain.config import Config, ConfigError, load_config, parse_override
 
-_SPEC_KEYS = ("base", "set", "seeds", "budget", "early_fraction", "variants")
+_SPEC_KEYS = ("base", "set", "seeds", "budget", "early_fraction", "variants", "sizes")
 _BUDGETS = ("steps", "tokens", "flops")
 
 
 @dataclass
 class Variant:
+    """A variant; after `load_spec`, one cell of the study: the variant at one size (or at the
+    base config's size without --sizes), with the steps its budget gives it."""
     name: str
     overrides: list[str]
     steps: int = 0
     flops_per_token: int = 0
+    size: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.size is None else f"{self.name}@{self.size}"
+
+
+@dataclass
+class Size:
+    name: str
+    overrides: list[str]
+    budget: tuple[str, float] | None = None
 
 
 @dataclass
@@ -73,6 +101,8 @@ class Spec:
     budget: tuple[str, float]
     variants: list[Variant]
     early_fraction: float = 0.1
+    sizes: list[Size] = field(default_factory=list)  # non-empty with --sizes only
+    cells: list[Variant] = field(default_factory=list)  # variant-major: every variant x size
 
 
 @dataclass
@@ -81,6 +111,7 @@ class Run:
     seed: int
     run_dir: Path
     cmd: list[str]
+    size: str | None = None
     status: str = "pending"  # ok | failed | skipped (complete before this call)
     seconds: float = 0.0
     stderr_tail: str = ""
@@ -111,8 +142,56 @@ def flops_per_token(cfg: Config) -> int:
     return int(model.flops_per_token(cfg.train.seq_len))
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and check a spec; resolve every variant's config and its steps under the budget."""
+def _budget(budget: Any, where: str) -> tuple[str, float]:
+    if (not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in _BUDGETS):
+        raise ConfigError(f"{where}={budget!r} must name exactly one of steps, tokens or "
+                          f"flops, e.g. {{steps: 100}}")
+    kind, amount = next(iter(budget.items()))
+    if isinstance(amount, str):
+        try:
+            amount = float(amount)
+        except ValueError:
+            pass
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+        raise ConfigError(f"{where}.{kind}={amount!r} must be a positive number")
+    return kind, float(amount)
+
+
+def _dir_name(name: str, where: str, taken: set[str]) -> str:
+    if not name or "/" in name or name in taken or name.startswith("."):
+        raise ConfigError(f"{where}.name={name!r} must be a unique, non-empty directory name")
+    taken.add(name)
+    return name
+
+
+def _sizes(raw: Any, budget: tuple[str, float]) -> list[Size]:
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise ConfigError(f"spec.sizes={raw!r} must list two or more model sizes, e.g. "
+                          f"[{{name: s, set: [model.d_model=64]}}, {{name: m, set: "
+                          f"[model.d_model=128]}}]")
+    sizes, names = [], set()
+    for i, s in enumerate(raw):
+        where = f"spec.sizes[{i}]"
+        if not isinstance(s, dict) or "name" not in s:
+            raise ConfigError(f"{where} must be a mapping with a name (and optional set, "
+                              f"budget), got {s!r}")
+        bad = [k for k in s if k not in ("name", "set", "budget")]
+        if bad:
+            raise ConfigError(f"{where} ({s['name']}) has unknown key {bad[0]!r}; valid keys: "
+                              f"name, set, budget")
+        name = _dir_name(str(s["name"]), where, names)
+        own = _budget(s["budget"], f"{where}.budget") if "budget" in s else None
+        if own is None and budget[0] == "flops":
+            raise ConfigError(f"{where} ({name}) has no budget of its own, and spec.budget.flops "
+                              f"would give every size the same compute; give each size a "
+                              f"budget or use a steps or tokens budget")
+        sizes.append(Size(name, _string_list(s.get("set"), f"{where}.set"), own))
+    return sizes
+
+
+def load_spec(path: str | Path, sizes: bool = False) -> Spec:
+    """Read and check a spec; resolve every cell's config (each variant, at each size with
+    `sizes`) and its steps under the budget."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"ablation spec {str(path)!r} does not exist")
@@ -141,18 +220,7 @@ def load_spec(path: str | Path) -> Spec:
         raise ConfigError(f"spec.seeds={data.get('seeds')!r} must be a count >= 1 or a list of "
                           f"distinct integers >= 0")
 
-    budget = data.get("budget")
-    if (not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in _BUDGETS):
-        raise ConfigError(f"spec.budget={budget!r} must name exactly one of steps, tokens or "
-                          f"flops, e.g. {{steps: 100}}")
-    kind, amount = next(iter(budget.items()))
-    if isinstance(amount, str):
-        try:
-            amount = float(amount)
-        except ValueError:
-            pass
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
-        raise ConfigError(f"spec.budget.{kind}={amount!r} must be a positive number")
+    kind, amount = _budget(data.get("budget"), "spec.budget")
 
     early = data.get("early_fraction", 0.1)
     if isinstance(early, bool) or not isinstance(early, (int, float)) or not 0 < early <= 1:
@@ -174,48 +242,63 @@ def load_spec(path: str | Path) -> Spec:
                     else "")
             raise ConfigError(f"{where} ({v['name']}) has unknown key {bad[0]!r}; valid keys: "
                               f"name, set{hint}")
-        name = str(v["name"])
-        if not name or "/" in name or name in names or name.startswith("."):
-            raise ConfigError(f"{where}.name={name!r} must be a unique, non-empty directory name")
-        names.add(name)
+        name = _dir_name(str(v["name"]), where, names)
         sets = _string_list(v.get("set"), f"{where}.set")
         if any(parse_override(s)[0] == "train.steps" for s in sets):
             raise ConfigError(f"{where} ({name}) sets train.steps, but spec.budget.{kind} "
                               f"decides every variant's steps; remove it")
         variants.append(Variant(name, sets))
 
-    spec = Spec(p, base, common, seeds, (kind, float(amount)), variants, float(early))
+    size_list = []
+    if sizes:
+        if "sizes" not in data:
+            raise ConfigError(f"--sizes needs spec.sizes in {str(path)!r}: a list of 2-3 "
+                              f"{{name: ..., set: [...]}} model sizes")
+        size_list = _sizes(data["sizes"], (kind, amount))
+    elif "sizes" in data:
+        _sizes(data["sizes"], (kind, amount))  # checked now, used with --sizes
+
+    spec = Spec(p, base, common, seeds, (kind, amount), variants, float(early), size_list)
     for i, v in enumerate(spec.variants):
-        try:
-            cfg = load_config(base, [*common, *v.overrides])
-        except ConfigError as e:
-            raise ConfigError(f"spec.variants[{i}] ({v.name}): {e}") from None
-        v.flops_per_token = flops_per_token(cfg)
-        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-        if kind == "steps":
-            v.steps = int(amount)
-        elif kind == "tokens":
-            v.steps = round(amount / tokens_per_step)
-        else:
-            v.steps = round(amount / (v.flops_per_token * tokens_per_step))
-        if v.steps < 1:
-            raise ConfigError(f"spec.budget.{kind}={amount:g} is less than one step of variant "
-                              f"{v.name} ({tokens_per_step} tokens, {v.flops_per_token:,} "
-                              f"FLOPs per token)")
+        for size in size_list or [None]:
+            cell = Variant(v.name, v.overrides, size=size.name if size else None)
+            size_sets = size.overrides if size else []
+            try:
+                cfg = load_config(base, [*common, *size_sets, *v.overrides])
+            except ConfigError as e:
+                at = f" at size {size.name}" if size else ""
+                raise ConfigError(f"spec.variants[{i}] ({v.name}){at}: {e}") from None
+            cell.flops_per_token = flops_per_token(cfg)
+            tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+            b_kind, b_amount = size.budget if size and size.budget else (kind, amount)
+            if b_kind == "steps":
+                cell.steps = int(b_amount)
+            elif b_kind == "tokens":
+                cell.steps = round(b_amount / tokens_per_step)
+            else:
+                cell.steps = round(b_amount / (cell.flops_per_token * tokens_per_step))
+            if cell.steps < 1:
+                raise ConfigError(f"budget {b_kind}={b_amount:g} is less than one step of "
+                                  f"{cell.label} ({tokens_per_step} tokens, "
+                                  f"{cell.flops_per_token:,} FLOPs per token)")
+            cell.overrides = [*size_sets, *v.overrides]
+            spec.cells.append(cell)
+    if not size_list:  # one cell per variant: the variants carry their steps, as before
+        spec.variants = spec.cells
     return spec
 
 
 def plan_runs(spec: Spec, out: Path) -> list[Run]:
     runs = []
-    for v in spec.variants:
+    for v in spec.cells:
         for seed in spec.seeds:
-            run_dir = out / "runs" / v.name / f"seed{seed}"
+            run_dir = out / "runs" / v.name / (v.size or "") / f"seed{seed}"
             sets = [*spec.overrides, *v.overrides, f"train.steps={v.steps}",
                     f"train.seed={seed}", f"logging.run_dir={run_dir}", "logging.progress=false"]
             cmd = [sys.executable, "-m", "llmtrain", "train",
                    *([str(spec.base)] if spec.base else []),
                    *sum((["--set", s] for s in sets), [])]
-            runs.append(Run(v.name, seed, run_dir, cmd))
+            runs.append(Run(v.name, seed, run_dir, cmd, v.size))
     return runs
 
 
@@ -259,7 +342,8 @@ def execute(runs: list[Run], jobs: int = 1, log=print) -> list[Run]:
                 "failed": f"FAILED after {run.seconds:.1f} s (see {run.run_dir / 'stderr.log'})"}
         val = run.summary.get("final_val_loss")
         loss = f", final validation loss {val:.4f}" if isinstance(val, float) else ""
-        log(f"[{done}/{len(runs)}] {run.variant} seed {run.seed}: {what[run.status]}"
+        at = f" at size {run.size}" if run.size else ""
+        log(f"[{done}/{len(runs)}] {run.variant}{at} seed {run.seed}: {what[run.status]}"
             f"{loss if run.status != 'failed' else ''}", flush=True)
         return run
 
@@ -317,8 +401,8 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
 
 def summarize(spec: Spec, runs: list[Run]) -> dict[str, Any]:
     rows = []
-    for v in spec.variants:
-        mine = [r for r in runs if r.variant == v.name]
+    for v in spec.cells:
+        mine = [r for r in runs if r.variant == v.name and r.size == v.size]
         per_run = []
         for r in mine:
             m = run_metrics(r.run_dir, v.steps, spec.early_fraction)
@@ -331,7 +415,7 @@ def summarize(spec: Spec, runs: list[Run]) -> dict[str, Any]:
             per_run.append(rec)
         ok = [p for p, r in zip(per_run, mine) if p["status"] == "ok"]
         summ = next((r.summary for r in mine if r.summary), {})
-        row = {"name": v.name, "overrides": v.overrides, "steps": v.steps,
+        row = {"name": v.name, "size": v.size, "overrides": v.overrides, "steps": v.steps,
                "status": "ok" if len(ok) == len(mine) else f"failed {len(mine) - len(ok)}/"
                                                            f"{len(mine)}",
                "seeds_ok": len(ok), "n_params": summ.get("n_params"),
@@ -340,10 +424,13 @@ def summarize(spec: Spec, runs: list[Run]) -> dict[str, Any]:
         for key in ("tokens_per_s", "early_loss", "final_val_loss"):
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([p[key] for p in ok])
         row["final_val_losses"] = [p["final_val_loss"] for p in ok]
+        fpt, tokens = row["flops_per_token"], row["tokens"]
+        row["compute"] = fpt * tokens if fpt and tokens else None  # training FLOPs of one run
         row["runs"] = per_run
         rows.append(row)
-    base = rows[0]
+    baseline = spec.cells[0].name
     for row in rows:
+        base = next(b for b in rows if b["name"] == baseline and b["size"] == row["size"])
         if row is base or row["final_val_loss_mean"] is None or base["final_val_loss_mean"] is None:
             row["delta"], row["p_value"], row["significant"] = None, None, False
             continue
@@ -351,9 +438,48 @@ def summarize(spec: Spec, runs: list[Run]) -> dict[str, Any]:
         row["p_value"] = welch_p(row["final_val_losses"], base["final_val_losses"])
         row["significant"] = row["p_value"] is not None and row["p_value"] < 0.05
     kind, amount = spec.budget
-    return {"spec": str(spec.path), "base": str(spec.base) if spec.base else None,
-            "budget": {kind: amount}, "seeds": spec.seeds, "early_fraction": spec.early_fraction,
-            "baseline": base["name"], "variants": rows}
+    report = {"spec": str(spec.path), "base": str(spec.base) if spec.base else None,
+              "budget": {kind: amount}, "seeds": spec.seeds,
+              "early_fraction": spec.early_fraction, "baseline": baseline, "variants": rows}
+    if spec.sizes:
+        report["sizes"] = [{"name": z.name, "set": z.overrides,
+                            "budget": dict([z.budget]) if z.budget else None} for z in spec.sizes]
+        report["scaling"] = scaling_summary(spec, rows)
+    return report
+
+
+def _fit(rows: list[dict]):
+    """The loss-compute law through the finished runs of `rows`, or the reason there is none."""
+    from llmtrain.scaling.multiplier import fit_loss_compute
+    pts = [(row["compute"], loss) for row in rows if row["compute"]
+           for loss in row["final_val_losses"] if loss is not None]
+    try:
+        return fit_loss_compute([c for c, _ in pts], [y for _, y in pts]), None
+    except ValueError as e:
+        return None, str(e)
+
+
+def scaling_summary(spec: Spec, rows: list[dict]) -> dict[str, Any]:
+    """Each cell's compute multiplier against the baseline's law (set on the rows), each
+    variant's own exponent and geometric-mean multiplier."""
+    from llmtrain.scaling.multiplier import compute_multiplier, geometric_mean
+    baseline = spec.cells[0].name
+    law, why = _fit([r for r in rows if r["name"] == baseline])
+    out: dict[str, Any] = {"baseline_law": law.as_dict() if law else None,
+                           "note": None if law else f"no baseline law: {why}", "variants": {}}
+    for v in spec.variants:
+        mine = [r for r in rows if r["name"] == v.name]
+        for row in mine:
+            row["multiplier"], row["extrapolated"] = None, None
+            if law and row["compute"] and row["final_val_loss_mean"] is not None:
+                m = compute_multiplier(law, row["compute"], row["final_val_loss_mean"])
+                row["multiplier"], row["extrapolated"] = m["multiplier"], m["extrapolated"]
+        own, own_why = _fit(mine)
+        out["variants"][v.name] = {
+            "alpha": own.alpha if own else None, "alpha_note": own_why,
+            "multiplier_geomean": geometric_mean(r["multiplier"] for r in mine),
+            "multipliers": {r["size"]: r["multiplier"] for r in mine}}
+    return out
 
 
 def _fmt(m: float | None, s: float | None, digits: int = 4) -> str:
@@ -372,33 +498,38 @@ def _fmt_delta(row: dict) -> str:
 def write_reports(report: dict[str, Any], out: Path) -> None:
     rows = report["variants"]
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    cols = ["name", "status", "seeds_ok", "steps", "tokens", "n_params", "flops_per_token",
-            "tokens_per_s_mean", "tokens_per_s_std", "early_loss_mean", "early_loss_std",
-            "final_val_loss_mean", "final_val_loss_std", "delta", "p_value", "significant"]
+    sized = "sizes" in report
+    cols = ["name", *(["size"] if sized else []), "status", "seeds_ok", "steps", "tokens",
+            "n_params", "flops_per_token", "compute", "tokens_per_s_mean", "tokens_per_s_std",
+            "early_loss_mean", "early_loss_std", "final_val_loss_mean", "final_val_loss_std",
+            "delta", "p_value", "significant", *(["multiplier", "extrapolated"] if sized else [])]
     with open(out / "report.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for row in rows:
-            w.writerow(["" if row[c] is None else row[c] for c in cols])
+            w.writerow(["" if row.get(c) is None else row[c] for c in cols])
     kind, amount = next(iter(report["budget"].items()))
     lines = [f"# Ablation: {Path(report['spec']).name}", "",
              f"Budget {kind} = {amount:g} per run, seeds {report['seeds']}; baseline "
              f"`{report['baseline']}`. Mean ± sample std over the seeds that finished; early "
              f"loss = training loss at the first logged step >= {report['early_fraction']:g} x "
-             f"steps; Δ = final validation loss minus the baseline's, * = Welch's t-test "
-             f"p < 0.05.", "",
+             f"steps; Δ = final validation loss minus the baseline's"
+             f"{' at the same size' if sized else ''}, * = Welch's t-test p < 0.05.", "",
              "| variant | status | params | FLOPs/token | steps | tokens/s | early loss | "
              "final val loss | Δ vs baseline |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in rows:
+        label = row["name"] if row["size"] is None else f"{row['name']} @ {row['size']}"
         params = f"{row['n_params']:,}" if row["n_params"] else "-"
         fpt = f"{row['flops_per_token']:,}" if row["flops_per_token"] else "-"
         tps = "-" if row["tokens_per_s_mean"] is None else \
             f"{row['tokens_per_s_mean']:,.0f} ± {row['tokens_per_s_std']:,.0f}"
-        lines.append(f"| {row['name']} | {row['status']} | {params} | {fpt} | {row['steps']} | "
+        lines.append(f"| {label} | {row['status']} | {params} | {fpt} | {row['steps']} | "
                      f"{tps} | {_fmt(row['early_loss_mean'], row['early_loss_std'])} | "
                      f"{_fmt(row['final_val_loss_mean'], row['final_val_loss_std'])} | "
                      f"{_fmt_delta(row)} |")
+    if sized:
+        lines += _multiplier_lines(report)
     failed = [(row["name"], r) for row in rows for r in row["runs"] if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -407,7 +538,78 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
             lines.append(f"- {name} seed {r['seed']} ({r['run_dir']}): {tail[0][:300]}")
     if plot_curves(report, out / "loss_curves.png"):
         lines += ["", "![training loss curves](loss_curves.png)"]
+    if sized and plot_compute(report, out / "loss_vs_compute.png"):
+        lines += ["", "![final validation loss against training compute](loss_vs_compute.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _multiplier_lines(report: dict[str, Any]) -> list[str]:
+    sc, sizes = report["scaling"], [z["name"] for z in report["sizes"]]
+    lines = ["", "## Compute multiplier against the baseline", ""]
+    law = sc["baseline_law"]
+    if law is None:
+        return lines + [f"None: {sc['note']}."]
+    lines += [f"Baseline `{report['baseline']}`: L(C) = (C0 / C)^alpha fitted to its "
+              f"{law['n_points']} finished runs (final validation loss against training FLOPs): "
+              f"alpha = {law['alpha']:.4f}, C0 = {law['C0']:.4g}. Multiplier = the compute the "
+              f"baseline needs to reach the variant's loss over the compute the variant spent "
+              f"(> 1: the variant is better); † = the variant's loss lies outside the baseline's "
+              f"range (extrapolated). alpha = the variant's own fitted exponent.", "",
+              "| variant | alpha | " + " | ".join(f"× at {z}" for z in sizes)
+              + " | geometric mean |",
+              "| --- | ---: | " + " | ".join("---:" for _ in sizes) + " | ---: |"]
+    rows = report["variants"]
+    for name, v in sc["variants"].items():
+        cells = []
+        for z in sizes:
+            row = next(r for r in rows if r["name"] == name and r["size"] == z)
+            m = row.get("multiplier")
+            cells.append("-" if m is None else f"{m:.3f}{' †' if row['extrapolated'] else ''}")
+        alpha = "-" if v["alpha"] is None else f"{v['alpha']:.4f}"
+        gm = "-" if v["multiplier_geomean"] is None else f"{v['multiplier_geomean']:.3f}"
+        lines.append(f"| {name} | {alpha} | " + " | ".join(cells) + f" | {gm} |")
+    return lines
+
+
+def plot_compute(report: dict[str, Any], path: Path) -> bool:
+    """Final validation loss against training FLOPs per variant (log-log; mean over seeds, every
+    seed as a dot) with the baseline's fitted law dashed. False when nothing finished."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for name in report["scaling"]["variants"]:
+        mine = [r for r in report["variants"] if r["name"] == name and r["compute"]
+                and r["final_val_loss_mean"] is not None]
+        if not mine:
+            continue
+        mine.sort(key=lambda r: r["compute"])
+        line, = ax.plot([r["compute"] for r in mine], [r["final_val_loss_mean"] for r in mine],
+                        marker="o", lw=1.2, label=name)
+        for r in mine:
+            ax.scatter([r["compute"]] * len(r["final_val_losses"]), r["final_val_losses"], s=8,
+                       color=line.get_color(), alpha=0.5)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    law = report["scaling"]["baseline_law"]
+    if law:
+        import numpy as np
+        cs = [r["compute"] for r in report["variants"] if r["compute"]]
+        grid = np.geomspace(min(cs), max(cs), 50)
+        ax.plot(grid, (law["C0"] / grid) ** law["alpha"], "k--", lw=1,
+                label=f"baseline fit, alpha={law['alpha']:.3f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("final validation loss")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> bool:
@@ -430,7 +632,8 @@ def plot_curves(report: dict[str, Any], path: Path) -> bool:
         x = [table[0][s][0] * (row["flops_per_token"] if by_flops else 1) for s in steps]
         ys = [[c[s][1] for c in table] for s in steps]
         mean = [sum(y) / len(y) for y in ys]
-        line, = ax.plot(x, mean, label=row["name"], lw=1.2)
+        label = row["name"] if row["size"] is None else f"{row['name']}@{row['size']}"
+        line, = ax.plot(x, mean, label=label, lw=1.2)
         ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2,
                         color=line.get_color())
         drawn = True
@@ -452,16 +655,17 @@ def plot_curves(report: dict[str, Any], path: Path) -> bool:
 
 
 def ablate(spec_path: str | Path, out: str | Path | None = None, jobs: int = 1,
-           dry_run: bool = False, log=print) -> int:
-    spec = load_spec(spec_path)
+           dry_run: bool = False, sizes: bool = False, log=print) -> int:
+    spec = load_spec(spec_path, sizes=sizes)
     out = Path(out) if out else Path("runs") / "ablate" / Path(spec_path).stem
     runs = plan_runs(spec, out)
     kind, amount = spec.budget
-    log(f"ablation {spec.path.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = "
-        f"{len(runs)} runs, budget {kind} {amount:g}, output {out}", flush=True)
+    at = f" x {len(spec.sizes)} sizes" if spec.sizes else ""
+    log(f"ablation {spec.path.name}: {len(spec.variants)} variants{at} x {len(spec.seeds)} seeds "
+        f"= {len(runs)} runs, budget {kind} {amount:g}, output {out}", flush=True)
     if dry_run:
-        for v in spec.variants:
-            log(f"  {v.name}: {v.steps} steps, {v.flops_per_token:,} FLOPs/token, set "
+        for v in spec.cells:
+            log(f"  {v.label}: {v.steps} steps, {v.flops_per_token:,} FLOPs/token, set "
                 f"{' '.join(v.overrides) or '(baseline config)'}")
         for r in runs:
             state = "complete" if (r.run_dir / "summary.json").is_file() else "to run"
@@ -479,7 +683,7 @@ def ablate(spec_path: str | Path, out: str | Path | None = None, jobs: int = 1,
 def cmd_ablate(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError(f"--jobs={args.jobs} must be >= 1")
-    return ablate(args.spec, args.out, args.jobs, args.dry_run)
+    return ablate(args.spec, args.out, args.jobs, args.dry_run, args.sizes)
 
 
 def add_parser(subparsers) -> None:
@@ -493,4 +697,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", help="output directory (default runs/ablate/<spec name>)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--dry-run", action="store_true", help="print the runs without starting them")
+    p.add_argument("--sizes", action="store_true",
+                   help="run every variant at each of spec.sizes and report its compute "
+                        "multiplier against the baseline's loss-compute power law")
     p.set_defaults(func=cmd_ablate)

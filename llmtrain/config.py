@@ -172,7 +172,8 @@ class CheckpointConfig:
     every: int = _f(100, lo=0, doc="0 = only at the end")
     keep_last: int = _f(2, lo=0, doc="0 = keep all")
     resume: str = _f("auto", doc="auto | none | PATH")
-    async_save: bool = False
+    async_save: bool = _f(False, doc="YAML key checkpoint.async: periodic saves are written "
+                          "in the background (DCP async_save); the final save is synchronous")
 
 
 @dataclass
@@ -586,9 +587,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if p.compile:
         raise ConfigError("parallel.compile=true is not supported yet (per-block torch.compile "
                           "is planned with the GPU work); use false")
-    if cfg.checkpoint.async_save:
-        raise ConfigError("checkpoint.async=true is not supported yet; checkpoints are written "
-                          "synchronously; use false")
+    if cfg.checkpoint.async_save and p.engine == "deepspeed":
+        raise ConfigError("checkpoint.async=true is for parallel.engine=torch (DCP async_save); "
+                          "the deepspeed engine writes its checkpoints synchronously: use false")
     if cfg.data.source_field or cfg.data.target_field:
         raise ConfigError("data.source_field/data.target_field (sequence-to-sequence pairs) are "
                           "not supported yet; encoder-decoder models train by span corruption "

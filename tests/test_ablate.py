@@ -128,3 +128,88 @@ def test_bad_specs_are_one_line_errors(change, message, tmp_path, capsys):
     assert main(["ablate", str(spec), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# --sizes: compute multipliers
+
+
+def test_compute_multiplier_recovers_a_known_factor():
+    """A variant whose loss at compute C is the baseline's at k x C is worth k x compute."""
+    from llmtrain.scaling.multiplier import compute_multiplier, fit_loss_compute, geometric_mean
+    alpha, c0, k = 0.07, 3e8, 1.7
+
+    def base_loss(c):
+        return (c0 / c) ** alpha
+    cs = [1e12, 4e12, 1.6e13]
+    law = fit_loss_compute(cs, [base_loss(c) for c in cs])
+    assert law.alpha == pytest.approx(alpha) and law.compute_for(base_loss(2e12)) == \
+        pytest.approx(2e12)
+    ms = [compute_multiplier(law, c, base_loss(k * c)) for c in cs]
+    assert [m["multiplier"] for m in ms] == pytest.approx([k] * 3)
+    # the largest size's variant loss is below every baseline loss: extrapolated
+    assert [m["extrapolated"] for m in ms] == [False, False, True]
+    assert geometric_mean([2.0, 8.0, None]) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="does not fall"):
+        fit_loss_compute(cs, [3.0, 3.1, 3.2])
+    with pytest.raises(ValueError, match="two or more different compute"):
+        fit_loss_compute([1e12, 1e12], [3.0, 2.9])
+
+
+def test_sizes_study_reports_compute_multipliers(tmp_path, capsys):
+    """2 variants x 2 sizes x 1 seed (the larger size with its own, longer budget): every
+    multiplier equals the one recomputed from the runs' summary.json files."""
+    sizes = [{"name": "s", "set": ["model.d_model=32", "model.n_heads=2"]},
+             {"name": "m", "set": ["model.d_model=64"], "budget": {"steps": 30}}]
+    spec = write_spec(tmp_path / "spec.yaml", seeds=1, budget={"steps": 10}, sizes=sizes)
+    out = tmp_path / "out"
+    assert main(["ablate", str(spec), "--out", str(out), "--sizes"]) == 0
+    assert "2 variants x 2 sizes x 1 seeds = 4 runs" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["name"], r["size"]): r for r in report["variants"]}
+    assert list(rows) == [("base", "s"), ("base", "m"), ("gelu", "s"), ("gelu", "m")]
+    point = {}
+    for (name, size), row in rows.items():
+        summary = json.loads((out / "runs" / name / size / "seed0" / "summary.json").read_text())
+        assert row["steps"] == summary["steps"] == (10 if size == "s" else 30)
+        point[name, size] = (summary["flops_per_token"] * summary["tokens"],
+                             summary["final_val_loss"])
+        assert row["compute"] == point[name, size][0]
+    # the baseline's law through its two points, in closed form
+    (c1, l1), (c2, l2) = point["base", "s"], point["base", "m"]
+    alpha = -(math.log(l2) - math.log(l1)) / (math.log(c2) - math.log(c1))
+    assert report["scaling"]["baseline_law"]["alpha"] == pytest.approx(alpha)
+    for (name, size), row in rows.items():
+        c, loss = point[name, size]
+        expected = c1 * (loss / l1) ** (-1 / alpha) / c
+        assert row["multiplier"] == pytest.approx(expected, rel=1e-6)
+        assert row["extrapolated"] == (not min(l1, l2) <= loss <= max(l1, l2))
+        if name == "base":  # two points: the baseline lies on its own law
+            assert row["multiplier"] == pytest.approx(1.0)
+    gelu = report["scaling"]["variants"]["gelu"]
+    assert gelu["multiplier_geomean"] == pytest.approx(
+        math.sqrt(rows["gelu", "s"]["multiplier"] * rows["gelu", "m"]["multiplier"]))
+    md = (out / "report.md").read_text()
+    assert "## Compute multiplier against the baseline" in md and "| gelu @ m | ok |" in md
+    assert (out / "loss_vs_compute.png").is_file()
+    with open(out / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["name"], r["size"]) for r in table] == list(rows)
+    assert float(table[3]["multiplier"]) == pytest.approx(rows["gelu", "m"]["multiplier"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({}, "--sizes needs spec.sizes"),
+    ({"sizes": [{"name": "s"}]}, "must list two or more model sizes"),
+    ({"sizes": [{"name": "s"}, {"name": "s"}]}, r"spec.sizes\[1\].name='s' must be a unique"),
+    ({"sizes": [{"name": "s"}, {"name": "m", "sett": []}]}, "has unknown key 'sett'"),
+    ({"sizes": [{"name": "s"}, {"name": "m", "set": ["model.d_model=65"]}]},
+     r"spec.variants\[0\] \(base\) at size m: .*model.d_model"),
+    ({"budget": {"flops": 1e12}, "sizes": [{"name": "s"}, {"name": "m"}]},
+     r"spec.sizes\[0\] \(s\) has no budget of its own"),
+])
+def test_bad_sizes_are_one_line_errors(change, message, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", **change)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_spec(spec, sizes=True)
+    assert "\n" not in str(e.value)

@@ -149,3 +149,111 @@ def test_loading_unpickles_no_foreign_objects(run, tmp_path):
     with pytest.raises(ConfigError, match="not valid DCP metadata.*os"):
         ckpt.load(step, model, torch.optim.AdamW(model.parameters()), cfg, torch.device("cpu"))
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint.async
+
+
+def test_async_save_returns_before_the_write_and_snapshots_the_state(tmp_path, monkeypatch):
+    """The save returns after staging while the write is held back; the training state changed
+    after that is not in the checkpoint; once written it is published intact."""
+    import threading
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    release, writing = threading.Event(), threading.Event()
+    write_data = FileSystemWriter.write_data
+
+    def held_write(self, *args, **kwargs):
+        writing.set()
+        assert release.wait(60), "the test never released the write"
+        return write_data(self, *args, **kwargs)
+    monkeypatch.setattr(FileSystemWriter, "write_data", held_write)
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "run"))
+    model = build_model(cfg.model)
+    from llmtrain.train.optim import build_optimizer
+    opt = build_optimizer(model, cfg.optim)
+    model(torch.randint(0, 1024, (2, 8))).float().mean().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saver = ckpt.AsyncSaver()
+    root = tmp_path / "ckpts"
+    final = saver.save(root, 7, model, opt, cfg, torch.device("cpu"), {"tokens": 0})
+    try:
+        assert writing.wait(30) and saver.in_flight == 7
+        assert not final.exists() and (root / ".step_7.tmp").is_dir()  # written, not published
+        with torch.no_grad():  # training goes on while the write is held back
+            for p in model.parameters():
+                p.add_(1.0)
+    finally:
+        release.set()
+    saver.close()
+    assert saver.in_flight is None and ckpt.list_checkpoints(root) == [final]
+    ckpt.verify(final)
+    fresh = build_model(cfg.model)
+    ckpt.load_model(final, fresh)
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_async_checkpoints_resume_like_synchronous_ones(tmp_path):
+    """Async saves every 2 steps: each published checkpoint equals the synchronous run's, and
+    resuming from step 4 reproduces the synchronous run's losses."""
+    common = {"train.steps": 6, "checkpoint.every": 2, "checkpoint.keep_last": 0,
+              "model.dropout": 0.0}
+    runs = {}
+    for name, extra in (("sync", {}), ("async", {"checkpoint.async": True})):
+        run = tmp_path / name
+        args = tiny_overrides(run, **common, **extra)
+        assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
+        runs[name] = run
+    steps = [p.name for p in ckpt.list_checkpoints(runs["async"] / "checkpoints")]
+    assert steps == ["step_2", "step_4", "step_6"]
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    for step in steps:
+        ckpt.verify(runs["async"] / "checkpoints" / step)
+        got = {}
+        for name in ("sync", "async"):
+            dcp_to_torch_save(runs[name] / "checkpoints" / step, tmp_path / f"{name}.pt")
+            got[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        for part in ("model", "optim"):
+            assert got["async"][part].keys() == got["sync"][part].keys()
+        for k, v in got["sync"]["model"].items():
+            torch.testing.assert_close(got["async"]["model"][k], v, rtol=0, atol=0)
+
+    run = runs["async"]
+    shutil.rmtree(run / "checkpoints" / "step_6")
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:4]
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    args = tiny_overrides(run, **common, **{"checkpoint.async": True})
+    assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
+
+    def losses(r):
+        return [json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()]
+    assert losses(run) == pytest.approx(losses(runs["sync"]), rel=1e-6)
+
+
+def test_failed_async_save_is_reported_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    """The background write of step 4 fails (disk full): a warning at the next save names the
+    step, its partial directory is gone, step 2 and the final step 6 are intact."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    write_data = FileSystemWriter.write_data
+
+    def full_disk(self, *args, **kwargs):
+        if ".step_4.tmp" in str(self.path):
+            raise OSError(28, "No space left on device")
+        return write_data(self, *args, **kwargs)
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    run = tmp_path / "run"
+    args = tiny_overrides(run, **{"train.steps": 6, "checkpoint.every": 2,
+                                  "checkpoint.keep_last": 0, "checkpoint.async": True})
+    assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "background save of step 4 failed" in text and "No space left on device" in text
+    assert "last good checkpoint: " in text and "step_2" in text
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_2", "step_6"]
+    assert not (run / "checkpoints" / ".step_4.tmp").exists()
+    for p in ckpt.list_checkpoints(run / "checkpoints"):
+        ckpt.verify(p)

@@ -185,3 +185,86 @@ def test_torchrun_script_prints_and_passes_overrides(tmp_path):
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "--nproc_per_node 2" in r.stdout and "--set parallel.tp=2" in r.stdout
+
+
+RESHARD_TARGETS = {
+    # name: (processes, parallel overrides of the resumed job)
+    "dp4-zero1": (4, {"parallel.zero_stage": 1, "train.micro_batch_size": 2}),
+    "pp2": (2, {"parallel.pp": 2}),
+    "single": (1, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def resharded_source(tmp_path_factory):
+    """A 10-step single-process reference, and the same run at tp=2 x dp=2 (ZeRO-3, sequence
+    parallel) cut back to its step-5 checkpoint as if killed there."""
+    root = tmp_path_factory.mktemp("reshard")
+    # untied embeddings: the pp=2 target puts the embedding and the output layer on two stages
+    steps = {"train.steps": 10, "checkpoint.every": 5, "model.tie_embeddings": False}
+    ref = root / "ref"
+    assert main(["train", *sum((["--set", a] for a in tiny_overrides(ref, **steps)), [])]) == 0
+    src = root / "tp2xdp2"
+    torchrun(4, tiny_overrides(src, **steps, **{"parallel.tp": 2, "parallel.zero_stage": 3,
+                                                "parallel.sequence_parallel": True}))
+    for step in (5, 10):  # what the layout saved is the single-process run's state
+        saved, expected = final_weights(src, step), final_weights(ref, step)
+        for k in expected:
+            torch.testing.assert_close(saved[k], expected[k], rtol=1e-4, atol=ATOL)
+    shutil.rmtree(src / "checkpoints" / "step_10")
+    lines = (src / "metrics.jsonl").read_text().splitlines()[:5]
+    (src / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    return steps, ref, src
+
+
+@pytest.mark.parametrize("target", list(RESHARD_TARGETS))
+def test_checkpoint_reshards_to_another_layout(target, tmp_path, resharded_source):
+    """The tp2 x dp2 ZeRO-3 step-5 checkpoint resumed at dp=4 (ZeRO-1), pp=2 and one process:
+    steps 6-10 (so weights, optimizer state, schedule and data position) match the uninterrupted
+    single-process run, losses within 1e-5 relative and final weights within ATOL."""
+    steps, ref, src = resharded_source
+    nproc, par = RESHARD_TARGETS[target]
+    run = tmp_path / target
+    shutil.copytree(src, run)
+    args = tiny_overrides(run, **steps, **par)
+    if nproc == 1:
+        out = subprocess.run([sys.executable, "-m", "llmtrain", "train",
+                              *sum((["--set", a] for a in args), [])],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    else:
+        out = torchrun(nproc, args)
+    assert "resumed from" in out.stdout and "step_5" in out.stdout
+    assert read_losses(run) == pytest.approx(read_losses(ref), rel=1e-5)
+    weights, expected = final_weights(run, 10), final_weights(ref, 10)
+    assert weights.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(weights[k], expected[k], rtol=1e-4, atol=ATOL,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_async_checkpoints_with_two_ranks_resume_exactly(tmp_path, reference):
+    """dp=2 ZeRO-3 with checkpoint.async (the background writes on their own gloo group): the
+    step-2 and step-4 saves are published intact, and resuming from step 4 reproduces the
+    single-process run."""
+    from llmtrain.train import checkpoint as ckpt
+    ref_losses, ref_weights = reference("mha")
+    run = tmp_path / "async"
+    args = overrides(run, **{"parallel.zero_stage": 3, "checkpoint.every": 2,
+                             "checkpoint.keep_last": 0, "checkpoint.async": True})
+    torchrun(2, args)
+    saved = ckpt.list_checkpoints(run / "checkpoints")
+    assert [p.name for p in saved] == ["step_2", "step_4", f"step_{STEPS}"]
+    for p in saved:
+        ckpt.verify(p)
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:4]
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    r = torchrun(2, args)
+    assert "resumed from" in r.stdout and "step_4" in r.stdout
+    assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
+    weights = final_weights(run)
+    for k in ref_weights:
+        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=ATOL,
+                                   msg=lambda m, k=k: f"{k}: {m}")

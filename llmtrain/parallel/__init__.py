@@ -64,11 +64,12 @@ def get_train_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def _state_dict_options(model: nn.Module):
-    """Pipeline stages key optimizer param_groups by parameter name (flattened), as torchtitan
-    does: nested, the groups are a list keyed by index and the stages' groups would collide."""
+    """Optimizer states flattened and keyed by parameter name ("state.<fqn>.exp_avg",
+    "param_groups.<fqn>.lr"), as torchtitan saves them, at every layout: nested, param_groups
+    are a list keyed by group index, which differs between pipeline stages (each holds only its
+    own groups) and the whole model, so a checkpoint could not change layout."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(flatten_optimizer_state_dict=getattr(model, "pp_group", None)
-                            is not None)
+    return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def set_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict,

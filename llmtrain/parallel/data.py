@@ -105,22 +105,28 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 
 def zero_state_dict(model: nn.Module, opt: ZeroRedundancyOptimizer,
                     init: bool = False) -> dict:
-    """{"state": {name: {step, exp_avg, exp_avg_sq}} of this rank's partition, "param_groups"}.
-    init=True creates zero states first (the tensors DCP loads into)."""
+    """This rank's partition in the flattened layout of torch's `flatten_optimizer_state_dict`
+    ("state.<fqn>.<key>" tensors, "param_groups.<fqn>.<key>" hyper-parameters), the layout every
+    engine here saves, so a ZeRO-1 checkpoint loads at any other layout and back. Each state
+    is saved by the one rank that owns it. init=True creates zero states first (the tensors DCP
+    loads into)."""
     names = _param_names(model)
     local = opt.optim
-    state = {}
+    sd: dict = {}
     for group in local.param_groups:
         for p in group["params"]:
             if init and p not in local.state:
                 local.state[p] = {"step": torch.zeros((), dtype=torch.float32),
                                   "exp_avg": torch.zeros_like(p),
                                   "exp_avg_sq": torch.zeros_like(p)}
-            if p in local.state:
-                state[names[id(p)]] = local.state[p]
-    groups = [{k: v for k, v in g.items() if k != "params"} | {
-        "params": [names[id(p)] for p in g["params"]]} for g in opt.param_groups]
-    return {"state": state, "param_groups": groups}
+            for k, v in local.state.get(p, {}).items():
+                sd[f"state.{names[id(p)]}.{k}"] = v
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in group.items():
+                if k != "params":
+                    sd[f"param_groups.{names[id(p)]}.{k}"] = v
+    return sd
 
 
 def load_zero_state_dict(model: nn.Module, opt: ZeroRedundancyOptimizer, sd: dict) -> None:
@@ -129,9 +135,12 @@ def load_zero_state_dict(model: nn.Module, opt: ZeroRedundancyOptimizer, sd: dic
     names = _param_names(model)
     for group in opt.optim.param_groups:
         for p in group["params"]:
-            opt.optim.state[p] = sd["state"][names[id(p)]]
-    for group, saved in zip(opt.param_groups, sd["param_groups"]):
-        for k, v in saved.items():
-            if k != "params":
-                group[k] = v
+            n = names[id(p)]
+            opt.optim.state[p] = {k: sd[f"state.{n}.{k}"]
+                                  for k in ("step", "exp_avg", "exp_avg_sq")}
+    for group in opt.param_groups:
+        first = names[id(group["params"][0])]
+        for k in group:
+            if k != "params" and f"param_groups.{first}.{k}" in sd:
+                group[k] = sd[f"param_groups.{first}.{k}"]
     # the local optimizer's groups are synced from these by ZeroRedundancyOptimizer.step()

@@ -7,6 +7,7 @@ and sha256 of every other file). Every rank writes into `.step_<N>.tmp/`; rank 0
 `step_<N>/` after all ranks finished, so a directory named `step_<N>` was complete when written,
 and the manifest tells whether it still is (truncated copies, flipped bits). `resume: auto` takes
 the newest checkpoint that verifies. The data position is the step (see data/loader.py).
+With `checkpoint.async: true` the same files are written in the background (`AsyncSaver`).
 
 A model-only checkpoint (`"model_only": true` in meta.json, written by `llmtrain import-hf`) holds
 the model and no optimizer or RNG state; loading it leaves the optimizer as built (fresh).
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from llmtrain.config import Config, ConfigError
@@ -296,6 +298,83 @@ def save(path_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+class AsyncSaver:
+    """`checkpoint.async: true`: `dcp.async_save` copies the state to CPU memory (the only part
+    the training loop waits for), then writes it in a background thread while training goes on;
+    rank 0 publishes the checkpoint (meta.json, manifest, rename) from a helper thread once every
+    rank's write and DCP's metadata are done. One save is in flight at a time: the next save, the
+    final (synchronous) save and `close()` first wait for it, so nothing is lost at exit.
+
+    The background writes coordinate over their own gloo group (created once, collectively, in
+    the constructor): sharing the training group with the loop's collectives from another thread
+    would interleave two streams of collectives on one communicator.
+    """
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        if self.group is None:  # one process: DCP says it assumes so, from the writer thread
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmtrain-ckpt")
+        self._pending = None  # (step, tmp dir, Future of the publish)
+
+    def save(self, path_root: Path, step: int, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device, extra: dict,
+             keep_last: int = 0) -> Path:
+        """Stage `step_<step>` and return; the write and the publish finish in the background.
+        Raises the error of the previous save, if it failed (see `wait`)."""
+        self.wait()
+        tmp, final = _begin(path_root, step)
+        model_sd, optim_sd = get_train_state(model, optimizer)
+        # Before the async save: every rank's RNG file exists once rank 0's save completes
+        # (that completion needs every rank's background write to have started).
+        torch.save(_rng_state(device), tmp / f"rng_rank{_rank()}.pt")
+        upload = dcp.async_save({"model": model_sd, "optim": optim_sd},
+                                checkpoint_id=str(tmp), process_group=self.group)
+        meta, main = _meta(step, cfg, extra), _rank() == 0
+
+        def finish() -> None:
+            upload.result()
+            if main:
+                _publish(tmp, final, meta)
+                if keep_last:
+                    for old in list_checkpoints(path_root)[:-keep_last]:
+                        shutil.rmtree(old, ignore_errors=True)
+        self._pending = (step, tmp, self._pool.submit(finish))
+        return final
+
+    @property
+    def in_flight(self) -> int | None:
+        """The step of the save still being written, if any."""
+        return self._pending[0] if self._pending and not self._pending[2].done() else None
+
+    def wait(self) -> None:
+        """Block until the save in flight is written and published. If it failed, its partial
+        directory is removed and `AsyncSaveError` (naming the step) is raised."""
+        if self._pending is None:
+            return
+        (step, tmp, future), self._pending = self._pending, None
+        try:
+            future.result()
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise AsyncSaveError(step, e) from e
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+class AsyncSaveError(OSError):
+    def __init__(self, step: int, cause: BaseException):
+        last = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
+        super().__init__(f"background save of step {step} failed: {last}")
+        self.step = step
 
 
 def save_model(path_root: Path, step: int, model: torch.nn.Module, cfg: Config,

@@ -77,11 +77,18 @@ def check_run_dir(cfg: Config, overwrite: bool = False) -> None:
     saved = Path(cfg.logging.run_dir) / "config.yaml"
     if not saved.is_file() or overwrite:
         return
-    from llmtrain.config import load_config
+    import yaml
+    from llmtrain.config import config_from_dict, validate
     try:
-        # validated at this job's world size: the saved layout is this job's layout
-        old = load_config(saved, world_size=dist.get_world_size() if dist.is_initialized() else 1)
-    except ConfigError:
+        # Only the model and data must match (the layout, batch split and steps may change
+        # between jobs: checkpoints reshard on load), so the saved model and data sections are
+        # read into this job's config and validated at this job's world size.
+        saved_data = yaml.safe_load(saved.read_text()) or {}
+        data = cfg.to_dict()
+        data.update({k: saved_data.get(k, {}) for k in ("model", "data")})
+        old = config_from_dict(data)
+        validate(old, world_size=dist.get_world_size() if dist.is_initialized() else 1)
+    except (ConfigError, yaml.YAMLError, TypeError, AttributeError):
         old = None
     if old is None or ckpt.config_hash(old) != ckpt.config_hash(cfg):
         raise ConfigError(f"logging.run_dir={cfg.logging.run_dir!r} already holds a run with "
@@ -148,6 +155,8 @@ class Trainer:
             self.engine = deepspeed_engine.initialize(self.model, cfg, self.dp_size,
                                                       self.optimizer, log=say)
             self.model, self.optimizer = self.engine, self.engine.optimizer
+        # checkpoint.async: periodic saves written in the background (its own gloo group)
+        self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
         self.tp = self.mesh["tp"].size() if self.mesh is not None else 1
         self.pipeline = None  # parallel.pp > 1: a pipeline schedule runs the micro-batches
         if cfg.parallel.pp > 1:
@@ -288,9 +297,16 @@ class Trainer:
 
     def save_checkpoint(self, final: bool = False, writer: MetricsWriter | None = None) -> bool:
         """Write a checkpoint; on a write error (disk full, unwritable directory) report it, drop
-        the partial directory and keep the last good checkpoint. A failed final save is fatal."""
+        the partial directory and keep the last good checkpoint. A failed final save is fatal.
+        With checkpoint.async, periodic saves return after staging; a background save that
+        failed is reported here, at the next save."""
+        if self.saver is not None:
+            self.finish_async_save(writer)
         try:
-            self._save_checkpoint()
+            if self.saver is not None and not final:
+                self._save_checkpoint(self.saver.save)
+            else:
+                self._save_checkpoint()
             return True
         except (OSError, CheckpointException) as e:
             root = ckpt.checkpoint_dir(self.cfg)
@@ -306,14 +322,25 @@ class Trainer:
             (writer.message if writer else self.say)(f"warning: {msg}; training continues")
             return False
 
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self, save=ckpt.save) -> None:
         if self.engine is not None:
             deepspeed_engine.save_checkpoint(self)
             return
         c = self.cfg.checkpoint
-        ckpt.save(ckpt.checkpoint_dir(self.cfg), self.step, self.model, self.optimizer, self.cfg,
-                  self.device, {"tokens": self.step * self.tokens_per_step,
-                                "skipped_steps": self.skipped_total}, keep_last=c.keep_last)
+        save(ckpt.checkpoint_dir(self.cfg), self.step, self.model, self.optimizer, self.cfg,
+             self.device, {"tokens": self.step * self.tokens_per_step,
+                           "skipped_steps": self.skipped_total}, keep_last=c.keep_last)
+
+    def finish_async_save(self, writer: MetricsWriter | None = None) -> None:
+        """Wait for the background save in flight; a failure is a warning (the previous
+        checkpoint stays the last good one), as for a synchronous periodic save."""
+        try:
+            self.saver.wait()
+        except ckpt.AsyncSaveError as e:
+            good = ckpt.list_checkpoints(ckpt.checkpoint_dir(self.cfg))
+            (writer.message if writer else self.say)(
+                f"warning: checkpoint {e}; last good checkpoint: "
+                f"{good[-1] if good else 'none'}; training continues")
 
     def _agreed_stop(self, requested: str | None) -> str | None:
         """Every rank stops after the same step if any rank was asked to (SIGTERM)."""
@@ -406,6 +433,9 @@ class Trainer:
         finally:
             watchdog.disarm()
             stop.restore()
+            if self.saver is not None:  # also on an error: a save in flight is finished
+                self.finish_async_save(writer)
+                self.saver.close()
             writer.close()
         summary = {"steps": self.step, "tokens": self.step * self.tokens_per_step,
                    "n_params": self.n_params, "n_params_nonembedding": self.n_params_nonemb,
