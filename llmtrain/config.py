@@ -571,10 +571,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if p.sequence_parallel and p.tp > 1 and m.position == "learned" and m.max_seq_len % p.tp:
         raise ConfigError(f"parallel.sequence_parallel with position=learned needs "
                           f"model.max_seq_len={m.max_seq_len} divisible by parallel.tp={p.tp}")
-    if p.tp > 1 and dp > 1 and p.zero_stage < 2:
-        raise ConfigError(f"parallel.tp={p.tp} with data parallelism {dp} needs "
-                          f"parallel.zero_stage=2 or 3 (FSDP2 over the tensor-parallel shards); "
-                          f"zero_stage={p.zero_stage} is not supported with tp > 1 yet")
     if p.offload == "nvme" and p.engine != "deepspeed":
         raise ConfigError("parallel.offload=nvme needs parallel.engine=deepspeed; use none or cpu "
                           "with engine=torch")

@@ -10,6 +10,11 @@ The standard torch mapping of the stages:
      parameter sharding; torch has no stage-2 primitive with replicated parameters.)
   3  FSDP2 `fully_shard(reshard_after_forward=True)`: parameters are re-gathered for the backward;
      per block, with the next block prefetched (FSDP2's implicit forward/backward prefetch).
+With tensor parallelism (DTensor parameters) stages 0 and 1 cannot use DDP or
+ZeroRedundancyOptimizer, which handle plain tensors only; there the gradients are averaged over
+the dp ranks after the last micro-batch (`average_gradients`, one all-reduce per bucket of local
+shards, not overlapped with the backward as DDP's is) and stage 1 is `PartitionedAdamW`: the
+same partition-step-broadcast as ZeroRedundancyOptimizer, over the local shards.
 With dp_replicate > 1, stages 2/3 are HSDP: `fully_shard` on the 2-D (dp_replicate, dp_shard)
 mesh shards within a replica group and all-reduces across them. bf16 runs keep bf16 compute
 params and fp32 gradient reduction (MixedPrecisionPolicy); `parallel.offload=cpu` keeps the
@@ -19,8 +24,10 @@ stage-3 shards and optimizer step on the CPU (CPUOffloadPolicy).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -61,6 +68,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     return model
 
 
+# Attribute of a model whose gradients the loop averages over this group after the backward
+# (stages 0/1 with tensor parallelism, where DDP cannot wrap DTensor parameters).
+GRAD_SYNC_ATTR = "grad_sync_group"
+
+
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
                         device: torch.device) -> nn.Module:
     if cfg.parallel.zero_stage >= 2:
@@ -68,18 +80,112 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     dp = dp_mesh(mesh)
     if dp.size() == 1:
         return model
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        model.__dict__[GRAD_SYNC_ATTR] = dp.get_group()  # a plain attribute, not state
+        return model
     return DDP(model, process_group=dp.get_group(), broadcast_buffers=False,
                device_ids=[device.index] if device.type == "cuda" else None)
 
 
+@torch.no_grad()
+def average_gradients(params, group, bucket_numel: int = 1 << 26) -> None:
+    """Mean of the gradients over `group` (DDP's all-reduce, after the backward instead of
+    overlapped with it): local shards of DTensor gradients, flattened into buckets of at most
+    `bucket_numel` elements per dtype. A missing gradient (a parameter this rank's batch did not
+    reach, e.g. an idle expert) is taken as zero so that every rank reduces the same buckets."""
+    grads: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        grads.setdefault(g.dtype, []).append(g)
+    world = dist.get_world_size(group)
+    for same_dtype in grads.values():
+        bucket: list[torch.Tensor] = []
+        for i, g in enumerate(same_dtype):
+            bucket.append(g)
+            if i == len(same_dtype) - 1 or sum(b.numel() for b in bucket) >= bucket_numel:
+                flat = torch.cat([b.flatten() for b in bucket])
+                dist.all_reduce(flat, group=group)
+                flat /= world
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket = []
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class PartitionedAdamW(torch.optim.AdamW):
+    """ZeRO stage 1 for tensor-parallel (DTensor) parameters, which ZeroRedundancyOptimizer
+    cannot broadcast. Every parameter is owned by one rank of `group` (largest first to the
+    least-loaded rank, as ZeroRedundancyOptimizer assigns them); this AdamW holds and steps only
+    the owned ones, then each owner broadcasts its updated local shards (one flat buffer per
+    owner and dtype). Its state dict is an ordinary AdamW's over the owned parameters, so each
+    rank saves its partition by parameter name and a checkpoint loads at any layout."""
+
+    def __init__(self, groups: list[dict], group, **kw):
+        self.dp_group = group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.all_params = [p for g in groups for p in g["params"]]
+        load, self.owner = [0] * world, {}
+        for p in sorted(self.all_params, key=lambda p: -_local(p).numel()):  # stable: same order
+            r = min(range(world), key=load.__getitem__)
+            self.owner[p] = r
+            load[r] += _local(p).numel()
+        if len(set(self.owner.values())) < world:
+            raise ValueError(f"{world} data-parallel ranks but only {len(self.all_params)} "
+                             f"parameters to partition")
+        mine = [{**g, "params": [p for p in g["params"] if self.owner[p] == rank]}
+                for g in groups]
+        super().__init__([g for g in mine if g["params"]], **kw)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        rank = dist.get_rank(self.dp_group)
+        for r in range(dist.get_world_size(self.dp_group)):
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for p in self.all_params:
+                if self.owner[p] == r:
+                    by_dtype.setdefault(p.dtype, []).append(_local(p))
+            for tensors in by_dtype.values():
+                flat = (torch.cat([t.flatten() for t in tensors]) if r == rank else
+                        torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype,
+                                    device=tensors[0].device))
+                dist.broadcast(flat, src=dist.get_global_rank(self.dp_group, r),
+                               group=self.dp_group)
+                if r != rank:
+                    offset = 0
+                    for t in tensors:
+                        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                        offset += t.numel()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.all_params:  # the gradients of parameters other ranks own too
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+
 def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> torch.optim.Optimizer:
     """AdamW with the usual groups (no decay on norms, biases, embeddings); at ZeRO stage 1 the
-    states are partitioned over dp_shard by ZeroRedundancyOptimizer."""
+    states are partitioned over dp_shard by ZeroRedundancyOptimizer (PartitionedAdamW for
+    tensor-parallel parameters)."""
     o = cfg.optim
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     groups = param_groups(model, o.weight_decay)
     if mesh is None or cfg.parallel.zero_stage != 1 or mesh["dp_shard"].size() == 1:
         return torch.optim.AdamW(groups, **kw)
+    if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
+        return PartitionedAdamW(groups, mesh["dp_shard"].get_group(), **kw)
     # ZeroRedundancyOptimizer takes one group at construction; add the others after.
     zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
                                    process_group=mesh["dp_shard"].get_group(),

@@ -193,17 +193,10 @@ class Pipeline:
         dist.all_reduce(ce_sum, group=self.group)  # from the last stage to every pp rank
         return ce_sum
 
-    @torch.no_grad()
     def _average_grads(self) -> None:
-        """Mean of the gradients over the data-parallel ranks (what DDP does), one flat bucket."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat, group=self.grad_sync_group)
-        flat /= dist.get_world_size(self.grad_sync_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        """Mean of the gradients over the data-parallel ranks (what DDP does)."""
+        from llmtrain.parallel.data import average_gradients
+        average_gradients(self.params, self.grad_sync_group)
 
     @torch.no_grad()
     def evaluate(self, reader, steps: int, ctx, dp_group) -> float:

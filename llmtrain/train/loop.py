@@ -25,6 +25,7 @@ from llmtrain.engines import deepspeed as deepspeed_engine
 from llmtrain.model.moe import aux_loss as moe_aux_loss
 from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
 from llmtrain.parallel import clip_grad_norm_
+from llmtrain.parallel.data import GRAD_SYNC_ATTR, average_gradients
 from llmtrain.parallel.data import dp_mesh
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
@@ -260,6 +261,9 @@ class Trainer:
                     aux_sum += aux.detach() / n_micro
                 step_loss.backward()
             loss_sum += ce_sum.detach()
+        sync_group = getattr(model, GRAD_SYNC_ATTR, None)  # ZeRO 0/1 with tp: no DDP wrapper
+        if sync_group is not None and self.pipeline is None:
+            average_gradients(model.parameters(), sync_group)
         loss = _all_reduce_sum(loss_sum, self.dp_group) / n_global
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm_(model, clip)  # over TP/FSDP shards too
