@@ -486,6 +486,24 @@ def _validate_pipeline(cfg: Config, dp: int) -> None:
                           "(stages would exchange sequence shards); set it to false")
 
 
+def _validate_expert_parallel(cfg: Config, world_size: int) -> None:
+    m, p = cfg.model, cfg.parallel
+    e = m.moe.num_experts
+    if not e:
+        raise ConfigError(f"parallel.ep={p.ep} needs an MoE model (model.moe.num_experts > 0)")
+    if e % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} does not divide model.moe.num_experts={e}; use "
+                          f"one of {_divisors(e)}")
+    dp_shard = p.dp_shard if p.dp_shard > 0 else world_size // (p.pp * p.dp_replicate * p.tp)
+    if dp_shard % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel shard size "
+                          f"{dp_shard} (expert-parallel ranks are data-parallel ranks)")
+    for key, value, ok in (("pp", p.pp, 1), ("tp", p.tp, 1), ("zero_stage", p.zero_stage, 0)):
+        if value != ok:
+            raise ConfigError(f"parallel.ep={p.ep} with parallel.{key}={value} is not supported "
+                              f"yet; expert parallelism runs with pp=1, tp=1, zero_stage=0")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     m, t, p, o = cfg.model, cfg.train, cfg.parallel, cfg.optim
     if m.d_model % m.n_heads:
@@ -535,7 +553,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}; use a "
             f"multiple of {t.micro_batch_size * dp}")
     if p.ep > 1:
-        raise ConfigError("parallel.ep other than the default is not supported yet; use ep=1")
+        _validate_expert_parallel(cfg, world_size)
     if p.pp > 1:
         _validate_pipeline(cfg, dp)
     if p.engine == "deepspeed":

@@ -96,7 +96,11 @@ class GroupedExperts(nn.Module):
         return aligned and _grouped_mm_works(x.device, dtype)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        weights = (self.w1, self.w2, self.w3)
+        return self.run(x, counts, (self.w1, self.w2, self.w3))
+
+    def run(self, x: torch.Tensor, counts: torch.Tensor, weights) -> torch.Tensor:
+        """forward with the given (w1, w2, w3): len(counts) experts, e.g. this rank's share of
+        them under expert parallelism (parallel/expert.py)."""
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -104,6 +108,8 @@ class GroupedExperts(nn.Module):
             # one kernel for all experts; groups are the row ranges ending at offs
             offs = counts.cumsum(0).to(torch.int32)
             x = x.to(dtype)
+            if x.shape[0] == 0:
+                return x.new_zeros(0, weights[1].shape[-1])
             w1, w2, w3 = (None if w is None else w.to(dtype) for w in weights)
             return self._mlp(x, w1, w2, w3, functools.partial(torch._grouped_mm, offs=offs))
         # a loop over contiguous slices; unbind (not w[e]) so that the backward stacks the
@@ -113,7 +119,7 @@ class GroupedExperts(nn.Module):
         ys = [self._mlp(xe, w1, w2, w3, torch.matmul)
               for xe, (w1, w2, w3), n in zip(x.split(counts.tolist()), per_expert, counts.tolist())
               if n]
-        return torch.cat(ys) if ys else x.new_zeros(0, self.w2.shape[-1], dtype=dtype)
+        return torch.cat(ys) if ys else x.new_zeros(0, weights[1].shape[-1], dtype=dtype)
 
 
 class Router(nn.Module):

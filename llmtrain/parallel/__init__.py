@@ -20,8 +20,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     shard of them).
 
     Order (DESIGN.md): pipeline split, tensor parallel, expert parallel, activation checkpointing
-    and compile, data parallel. Pipeline and expert parallelism are not in this build; the config
-    validator refuses them.
+    and compile, data parallel. The config validator refuses the combinations not built yet
+    (expert parallelism with pp, tp or ZeRO > 0; compile).
     """
     if cfg.parallel.activation_checkpointing == "full":
         apply_ac(model)
@@ -32,6 +32,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
         return parallelize_pipeline(model, mesh, cfg, device)
     if mesh["tp"].size() > 1:
         apply_tp(model, mesh["tp"], cfg)
+    if cfg.parallel.ep > 1:
+        from llmtrain.parallel.expert import apply_ep, build_ep_mesh
+        experts = apply_ep(model, build_ep_mesh(mesh, cfg.parallel.ep))
+        model.__dict__[_data.EXPERT_PARAMS_ATTR] = experts  # a plain attribute, not state
     return _data.apply_data_parallel(model, mesh, cfg, device)
 
 

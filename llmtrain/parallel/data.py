@@ -68,9 +68,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     return model
 
 
-# Attribute of a model whose gradients the loop averages over this group after the backward
-# (stages 0/1 with tensor parallelism, where DDP cannot wrap DTensor parameters).
-GRAD_SYNC_ATTR = "grad_sync_group"
+# Attribute of a model whose gradients the loop reduces after the backward, where DDP cannot
+# wrap the model (stages 0/1 with tensor parallelism: DTensor parameters; expert parallelism:
+# expert weights differ between ranks): a list of (parameters, group, divisor), each gradient
+# summed over its group and divided by the divisor (see `average_gradients`).
+GRAD_SYNC_ATTR = "grad_sync"
 
 
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
@@ -80,19 +82,33 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     dp = dp_mesh(mesh)
     if dp.size() == 1:
         return model
+    expert = getattr(model, EXPERT_PARAMS_ATTR, None)
+    if expert:  # expert parallelism (parallel/expert.py)
+        ids = {id(p) for p in expert}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        ep_rep = expert[0].device_mesh["ep_replicate"].get_group()
+        model.__dict__[GRAD_SYNC_ATTR] = [(rest, dp.get_group(), dp.size()),
+                                          (expert, ep_rep, dp.size())]
+        return model
     if any(isinstance(p, DTensor) for p in model.parameters()):
-        model.__dict__[GRAD_SYNC_ATTR] = dp.get_group()  # a plain attribute, not state
+        # a plain attribute, not state
+        model.__dict__[GRAD_SYNC_ATTR] = [(list(model.parameters()), dp.get_group(), dp.size())]
         return model
     return DDP(model, process_group=dp.get_group(), broadcast_buffers=False,
                device_ids=[device.index] if device.type == "cuda" else None)
 
 
+EXPERT_PARAMS_ATTR = "expert_params"  # set by parallel/expert.py: the ep-sharded parameters
+
+
 @torch.no_grad()
-def average_gradients(params, group, bucket_numel: int = 1 << 26) -> None:
-    """Mean of the gradients over `group` (DDP's all-reduce, after the backward instead of
-    overlapped with it): local shards of DTensor gradients, flattened into buckets of at most
-    `bucket_numel` elements per dtype. A missing gradient (a parameter this rank's batch did not
-    reach, e.g. an idle expert) is taken as zero so that every rank reduces the same buckets."""
+def average_gradients(params, group, divisor: int | None = None,
+                      bucket_numel: int = 1 << 26) -> None:
+    """Sum of the gradients over `group` divided by `divisor` (default the group's size: the
+    mean, DDP's all-reduce, but after the backward instead of overlapped with it): local shards
+    of DTensor gradients, flattened into buckets of at most `bucket_numel` elements per dtype. A
+    missing gradient (a parameter this rank's batch did not reach, e.g. an idle expert) is taken
+    as zero so that every rank reduces the same buckets."""
     grads: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         if not p.requires_grad:
@@ -101,7 +117,7 @@ def average_gradients(params, group, bucket_numel: int = 1 << 26) -> None:
             p.grad = torch.zeros_like(p)
         g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         grads.setdefault(g.dtype, []).append(g)
-    world = dist.get_world_size(group)
+    world = divisor or dist.get_world_size(group)
     for same_dtype in grads.values():
         bucket: list[torch.Tensor] = []
         for i, g in enumerate(same_dtype):

@@ -1,0 +1,89 @@
+"""Expert parallelism (`parallel.ep`): each MoE layer's E experts split over ep ranks.
+
+The ep ranks are data-parallel ranks (ep divides dp_shard): every rank routes its own tokens as
+before, with the same per-rank capacity, so the result is the data-parallel run's. Then, per MoE
+layer (GShard, Lepikhin et al. 2020; the layout of DeepSpeed-MoE and torchtitan):
+
+  1. the routed assignments, already sorted by global expert, are sent to the rank owning each
+     expert: expert e lives on ep rank e // (E / ep). The per-(rank, local expert) counts go first
+     (`all_to_all_single` of E integers), then the token vectors (`all_to_all_single` with uneven
+     splits, differentiable);
+  2. the received rows (grouped by source rank, then local expert) are regrouped by local expert
+     and run through this rank's E / ep experts (one grouped matmul);
+  3. the outputs travel back by the inverse permutation and the reverse all-to-all, in the order
+     they were sent, and the MoE layer combines them with the gates as before.
+Per step the all-to-alls move 2 x (assignments sent off-rank) x d_model values each way.
+
+Expert weights are DTensors on a 2-D mesh (ep_replicate, ep) with placements (Replicate,
+Shard(0)): checkpoints store them at their global shape [E, ...] and reshard on load like any
+other parameter. Gradients: each owner's expert gradient already sums the contributions of every
+ep rank's tokens (the backward of the all-to-all), so expert gradients are summed over the ranks
+that replicate the same experts (ep_replicate) and divided by the whole data-parallel size; the
+other parameters are averaged over all dp ranks (`grad_sync` plan, run by the training loop
+after the backward, see parallel/data.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+
+def build_ep_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
+    """The (ep_replicate, ep) mesh: each dp_shard group split into contiguous chunks of ep ranks
+    (the expert groups); ranks holding the same experts form the ep_replicate groups. Collective:
+    every rank builds every group. Needs pp = tp = 1 (validated in config)."""
+    ranks = mesh.mesh.reshape(-1, ep)  # (pp=1, dp_replicate, dp_shard, tp=1) in rank order
+    return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("ep_replicate", "ep"))
+
+
+def _ep_forward(experts: nn.Module, group, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """GroupedExperts.forward across the ep group: x [M, d] sorted by global expert, counts [E]."""
+    ep = dist.get_world_size(group)
+    n_local = counts.numel() // ep
+    send = counts.view(ep, n_local)  # rows to each rank, per its local expert
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv.view(-1), send.reshape(-1), group=group)
+    in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+    received = all_to_all_single_autograd(x, out_splits, in_splits, group)
+    received = torch.ops._c10d_functional.wait_tensor(received)
+    # received: by source rank, then local expert -> regroup by local expert, then source rank
+    sizes = recv.reshape(-1).tolist()  # chunk (source s, expert e) at index s * n_local + e
+    chunks = torch.arange(len(sizes)).view(ep, n_local).t().reshape(-1).tolist()
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    perm = torch.cat([torch.arange(starts[c], starts[c] + sizes[c]) for c in chunks]
+                     + [torch.zeros(0, dtype=torch.long)]).to(x.device)
+    local_weights = tuple(None if w is None else w.to_local()
+                          for w in (experts.w1, experts.w2, experts.w3))
+    y = experts.run(received[perm], recv.sum(0), local_weights)
+    back = torch.empty_like(y).index_copy(0, perm, y)  # inverse permutation
+    out = all_to_all_single_autograd(back, in_splits, out_splits, group)
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
+def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Parameter]:
+    """Shard every MoE layer's experts over ep_mesh["ep"] and route their forward through the
+    all-to-alls; returns the expert parameters (for the gradient plan). Parameter names stay."""
+    from llmtrain.model.moe import moe_layers
+    group = ep_mesh["ep"].get_group()
+    placements = [Replicate(), Shard(0)]
+    expert_params = []
+    for moe in moe_layers(model).values():
+        experts = moe.experts
+        for name in ("w1", "w2", "w3"):
+            w = getattr(experts, name)
+            if w is None:
+                continue
+            sharded = nn.Parameter(distribute_tensor(w.detach(), ep_mesh, placements))
+            setattr(experts, name, sharded)
+            expert_params.append(sharded)
+        experts.forward = functools.partial(_ep_forward, experts, group)
+    return expert_params
