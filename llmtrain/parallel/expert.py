@@ -51,6 +51,8 @@ def _ep_forward(experts: nn.Module, group, x: torch.Tensor, counts: torch.Tensor
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv.view(-1), send.reshape(-1), group=group)
     in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+    # rows this forward sends to other ranks (each comes back once): benchmarks/moe_alltoall.py
+    experts.a2a_rows_off_rank = sum(in_splits) - in_splits[dist.get_rank(group)]
     received = all_to_all_single_autograd(x, out_splits, in_splits, group)
     received = torch.ops._c10d_functional.wait_tensor(received)
     # received: by source rank, then local expert -> regroup by local expert, then source rank
