@@ -605,9 +605,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("checkpoint.async=true is for parallel.engine=torch (DCP async_save); "
                           "the deepspeed engine writes its checkpoints synchronously: use false")
     if cfg.data.source_field or cfg.data.target_field:
-        raise ConfigError("data.source_field/data.target_field (sequence-to-sequence pairs) are "
-                          "not supported yet; encoder-decoder models train by span corruption "
-                          "of the corpus: leave both unset")
+        d = cfg.data
+        if not (d.source_field and d.target_field):
+            raise ConfigError(f"data.source_field={d.source_field!r} and data.target_field="
+                              f"{d.target_field!r}: the sequence-to-sequence objective needs both")
+        if m.arch != "encoder_decoder":
+            raise ConfigError(f"data.source_field/target_field (sequence-to-sequence pairs) need "
+                              f"model.arch=encoder_decoder, got {m.arch}")
+        if d.source != "files" or d.blend:
+            raise ConfigError(f"data.source_field/target_field read pairs from jsonl/parquet "
+                              f"files: use data.source=files without data.blend (got "
+                              f"data.source={d.source})")
     if cfg.data.source != "stdlib" and not cfg.data.paths:
         raise ConfigError(f"data.source={cfg.data.source} needs data.paths (files or prefixes)")
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():

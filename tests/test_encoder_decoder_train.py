@@ -62,3 +62,86 @@ def test_tensor_parallel_is_refused_for_encoder_decoder(tmp_path, capsys):
     from llmtrain.config import ConfigError
     with pytest.raises(ConfigError, match="parallel.tp=2 with model.arch=encoder_decoder"):
         load_config(None, args, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sequence-to-sequence objective on paired jsonl fields
+
+
+def write_pairs(path: Path, n: int = 600) -> list[dict]:
+    """Pairs "w1 w2 ... wk" -> the same words reversed, from a 20-word vocabulary."""
+    import json
+    words = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+             "november oscar papa quebec romeo sierra tango").split()
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(n):
+        w = list(rng.choice(words, size=int(rng.integers(3, 7))))
+        rows.append({"id": len(rows), "question": " ".join(w), "answer": " ".join(w[::-1])})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def pair_overrides(run: Path, data: Path, **extra) -> list[str]:
+    return run_overrides(run, **{"data.source": "files", "data.paths": f"[{data}]",
+                                 "data.source_field": "question", "data.target_field": "answer",
+                                 "data.split": "90,10,0", "data.cache_dir": str(run / "cache"),
+                                 "model.vocab_size": 512, **extra})
+
+
+def test_pair_batches_hold_the_jsonl_fields(tmp_path):
+    from llmtrain.data.loader import Seq2SeqReader, build_pair_datasets
+    rows = write_pairs(tmp_path / "pairs.jsonl")
+    cfg = load_config(None, pair_overrides(tmp_path / "r", tmp_path / "pairs.jsonl"))
+    prefix, tok = prepare_corpus(cfg, log=lambda *a: None)
+    train, valid = build_pair_datasets(cfg, prefix)
+    assert (len(train), len(valid)) == (540, 60)
+    assert sorted(train.docs.tolist()) == list(range(540)), "the training split, shuffled"
+    reader = Seq2SeqReader(train, cfg, tok)
+    batch = reader.get(0, 0)
+    assert (batch.tokens[:, 0] == reader.start).all()
+    assert (batch.tokens[:, 1:] == batch.labels[:, :-1]).all(), "decoder input = shifted target"
+    for row, i in enumerate(batch.sample_ids):
+        doc = int(train.docs[i])
+        src = batch.src[row][batch.src_mask[row]].tolist()
+        tgt = batch.labels[row][batch.loss_mask[row] > 0].tolist()
+        assert src[-1] == tgt[-1] == tok.eod
+        assert tok.decode(src[:-1]).strip() == rows[doc]["question"]
+        assert tok.decode(tgt[:-1]).strip() == rows[doc]["answer"]
+    # both sides are cut to train.seq_len, keeping the EOS
+    short = load_config(None, pair_overrides(tmp_path / "r", tmp_path / "pairs.jsonl",
+                                             **{"train.seq_len": 4}))
+    b = Seq2SeqReader(train, short, tok).get(0, 0)
+    assert b.src.shape[1] <= 4 and b.labels.shape[1] <= 4 and (b.labels[:, -1] == tok.eod).any()
+
+
+def test_seq2seq_pairs_train_through_the_cli(tmp_path, capsys):
+    """Word-order reversal from a jsonl of pairs: learned to near-zero validation loss in 600
+    steps (about 10 s), and `generate` reverses a new sentence."""
+    import json
+    write_pairs(tmp_path / "pairs.jsonl", n=3000)
+    run = tmp_path / "run"
+    args = pair_overrides(run, tmp_path / "pairs.jsonl", **{
+        "train.steps": 600, "train.eval_every": 600, "train.log_every": 50,
+        "train.global_batch_size": 32, "train.micro_batch_size": 32,
+        "optim.warmup_steps": 10, "optim.lr": 3e-3, "model.dropout": 0.0})
+    assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
+    assert json.loads((run / "summary.json").read_text())["final_val_loss"] < 0.05
+    capsys.readouterr()
+    assert main(["generate", str(run / "checkpoints" / "step_600"), "--prompt",
+                 "golf alpha tango mike", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip() == "mike tango alpha golf"
+
+
+@pytest.mark.parametrize("sets, message", [
+    ({"data.source_field": "q"}, "needs both"),
+    ({"data.source_field": "q", "data.target_field": "a", "model.arch": "decoder"},
+     "need model.arch=encoder_decoder"),
+    ({"data.source_field": "q", "data.target_field": "a", "model.arch": "encoder_decoder",
+      "model.n_encoder_layers": 2, "model.n_decoder_layers": 2, "data.source": "stdlib"},
+     "use data.source=files"),
+])
+def test_pair_config_errors(sets, message):
+    from llmtrain.config import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"{k}={v}" for k, v in sets.items()])

@@ -168,7 +168,7 @@ def _pad(rows: list[np.ndarray], value: int) -> tuple[torch.Tensor, torch.Tensor
     out = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        out[i, :len(r)] = torch.as_tensor(np.array(r, dtype=np.int64))
         mask[i, :len(r)] = True
     return out, mask
 
@@ -199,7 +199,78 @@ class SpanCorruptionReader(BatchReader):
                                eos=self.tok.eod)
             srcs.append(src)
             tgts.append(tgt)
-        src, src_mask = _pad(srcs, self.start)
-        labels, tgt_mask = _pad(tgts, self.start)
-        tgt_in = torch.cat([torch.full((len(ids), 1), self.start), labels[:, :-1]], dim=1)
-        return Batch(tgt_in, labels, tgt_mask.float(), None, ids, src, src_mask)
+        return _seq2seq_batch(srcs, tgts, self.start, ids)
+
+
+def _seq2seq_batch(srcs: list[np.ndarray], tgts: list[np.ndarray], start: int,
+                   ids: list[int]) -> Batch:
+    """Padded encoder inputs and targets; the decoder input is the target shifted right behind
+    the start token; the loss covers every real target token."""
+    src, src_mask = _pad(srcs, start)
+    labels, tgt_mask = _pad(tgts, start)
+    tgt_in = torch.cat([torch.full((len(ids), 1), start), labels[:, :-1]], dim=1)
+    return Batch(tgt_in, labels, tgt_mask.float(), None, ids, src, src_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence-to-sequence pairs (data.source_field / data.target_field)
+
+
+class PairDataset:
+    """Pairs (source tokens, target tokens) of the aligned PREFIX_src / PREFIX_tgt indexed
+    datasets (each document ends with EOD), restricted to `docs` (a split, in its order)."""
+
+    def __init__(self, prefix: str, docs: np.ndarray):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        from llmtrain.data.preprocess import PAIR_SUFFIXES
+        self.src, self.tgt = (IndexedDataset(prefix + s) for s in PAIR_SUFFIXES)
+        self.docs = docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        d = int(self.docs[i])
+        return self.src[d], self.tgt[d]
+
+
+def build_pair_datasets(cfg: Config, prefix: str) -> tuple[PairDataset, PairDataset]:
+    """(train, valid) over the pairs, split by `data.split` weights in corpus order (as megatron
+    splits documents); the training pairs are shuffled once by the seed (epoch 0), later epochs
+    by EpochOrder."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from llmtrain.data.preprocess import PAIR_SUFFIXES
+    n = len(IndexedDataset(prefix + PAIR_SUFFIXES[0]))
+    weights = [float(w) for w in cfg.data.split.replace("/", ",").split(",")]
+    total = sum(weights)
+    n_train = int(round(n * weights[0] / total))
+    n_valid = int(round(n * weights[1] / total)) if len(weights) > 1 else 0
+    if n_train == 0 or n_valid == 0:
+        raise ConfigError(f"data.split={cfg.data.split!r} leaves {n_train} training and "
+                          f"{n_valid} validation pairs of {n}; both need at least one")
+    train = np.random.default_rng(cfg.train.seed).permutation(n_train)
+    valid = np.arange(n_train, min(n, n_train + n_valid))
+    return PairDataset(prefix, train), PairDataset(prefix, valid)
+
+
+class Seq2SeqReader(BatchReader):
+    """Encoder-decoder batches from source -> target pairs: each side truncated to
+    train.seq_len tokens (keeping its final EOS)."""
+
+    def __init__(self, dataset, cfg: Config, tok: Tokenizer, dp_rank: int = 0, dp_size: int = 1):
+        super().__init__(dataset, cfg, tok, dp_rank, dp_size)
+        self.max_len = cfg.train.seq_len
+        self.start = tok.pad if tok.pad >= 0 else tok.eod
+
+    def _clip(self, doc: np.ndarray) -> np.ndarray:
+        if len(doc) <= self.max_len:
+            return doc
+        return np.append(doc[:self.max_len - 1], self.tok.eod)
+
+    def get(self, step: int, micro: int) -> Batch:
+        ids = self.sample_ids(step, micro)
+        pairs = [self.ds[i] for i in ids]
+        return _seq2seq_batch([self._clip(s) for s, _ in pairs], [self._clip(t) for _, t in pairs],
+                              self.start, ids)

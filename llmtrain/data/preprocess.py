@@ -26,6 +26,10 @@ _FORMATS = {".txt": "text", ".text": "text", ".py": "text", ".md": "text", ".jso
             ".jsonl": "json", ".parquet": "parquet"}
 
 
+# a sequence-to-sequence corpus is two aligned indexed datasets: PREFIX_src and PREFIX_tgt
+PAIR_SUFFIXES = ("_src", "_tgt")
+
+
 def token_dtype(vocab_size: int) -> type:
     """Smallest dtype that holds every id (megatron-core's rule: uint16 below 65500)."""
     return np.uint16 if vocab_size < 65500 else np.int32
@@ -93,6 +97,32 @@ def iter_file_texts(files: list[str], text_field: str = "text",
                 yield text
 
 
+def iter_file_pairs(files: list[str], source_field: str,
+                    target_field: str) -> Iterator[tuple[str, str]]:
+    """(source, target) of every jsonl/parquet row, streamed; a row whose source or target is
+    empty is skipped (the same rows on every pass, so the two sides stay aligned)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    for path in files:
+        fmt = _FORMATS.get(Path(path).suffix.lower())
+        if fmt in (None, "text"):
+            raise ConfigError(f"{path!r}: sequence-to-sequence pairs are read from jsonl or "
+                              f"parquet files (data.source_field/target_field)")
+    for path in files:
+        ds = datasets.load_dataset(_FORMATS[Path(path).suffix.lower()], data_files=[path],
+                                   split="train", streaming=True)
+        for row in ds:
+            for key, field in (("data.source_field", source_field),
+                               ("data.target_field", target_field)):
+                if field not in row:
+                    raise ConfigError(f"{key}={field!r} is not a field of {path} (fields: "
+                                      f"{', '.join(row)})")
+            src, tgt = row[source_field], row[target_field]
+            if isinstance(src, str) and isinstance(tgt, str) and src.strip() and tgt.strip():
+                yield src, tgt
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing an indexed dataset
 
@@ -150,6 +180,7 @@ def _corpus_key(cfg: Config, files: list[str]) -> str:
     d = cfg.data
     ident = {"source": d.source, "vocab": cfg.model.vocab_size, "tokenizer": d.tokenizer,
              "text_field": d.text_field, "sentinels": cfg.model.arch == "encoder_decoder",
+             "pairs": [d.source_field, d.target_field] if d.source_field else None,
              "python": sys.version.split()[0] if d.source == "stdlib"
              else None,
              "files": [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in files]}
@@ -179,12 +210,19 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
     out = cache_root(cfg) / f"corpus-{d.source}-{_corpus_key(cfg, files)}"
     prefix = out / "data"
     tok_file = out / "tokenizer.json"
-    if tok_file.is_file() and Path(f"{prefix}.idx").is_file():
+    last = f"{prefix}{PAIR_SUFFIXES[1]}.idx" if d.source_field else f"{prefix}.idx"
+    if tok_file.is_file() and Path(last).is_file():
         return str(prefix), Tokenizer.load(tok_file)
 
     out.mkdir(parents=True, exist_ok=True)
-    texts = iter_stdlib_texts if d.source == "stdlib" else (lambda: iter_file_texts(files,
-                                                                                  d.text_field))
+    def texts() -> Iterator[str]:
+        if d.source == "stdlib":
+            yield from iter_stdlib_texts()
+        elif d.source_field:  # sequence-to-sequence pairs: both sides train the tokenizer
+            for pair in iter_file_pairs(files, d.source_field, d.target_field):
+                yield from pair
+        else:
+            yield from iter_file_texts(files, d.text_field)
     if d.tokenizer:
         tok = Tokenizer.load(d.tokenizer)
     else:
@@ -195,6 +233,18 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
         extra = ([SENTINEL.format(i) for i in range(N_SENTINELS)]
                  if cfg.model.arch == "encoder_decoder" else [])
         tok = Tokenizer.train_bpe(texts(), cfg.model.vocab_size, extra_special=extra)
+    if d.source_field:
+        # two aligned indexed datasets, document i of each = the two sides of pair i
+        log(f"tokenizing the {d.source_field} -> {d.target_field} pairs into {prefix}"
+            f"{{{PAIR_SUFFIXES[0]},{PAIR_SUFFIXES[1]}}}.bin/.idx")
+        for side, suffix in enumerate(PAIR_SUFFIXES):
+            stats = write_indexed(encode_documents(
+                (pair[side] for pair in iter_file_pairs(files, d.source_field, d.target_field)),
+                tok), f"{prefix}{suffix}", tok.vocab_size)
+        stats["documents"] = f"{stats['documents']} pairs;"
+        tok.save(tok_file)  # last: its presence marks the cache entry complete
+        log(f"corpus ready: {stats['documents']} {stats['tokens']:,} target tokens")
+        return str(prefix), tok
     log(f"tokenizing the {d.source} corpus into {prefix}.bin/.idx")
     stats = write_indexed(encode_documents(texts(), tok), prefix, tok.vocab_size)
     tok.save(tok_file)  # last: its presence marks the cache entry complete

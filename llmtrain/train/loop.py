@@ -101,7 +101,8 @@ class Trainer:
     """Holds the state of one run; `run()` trains to `train.steps`."""
 
     def __init__(self, cfg: Config, overwrite: bool = False, log=print):
-        from llmtrain.data.loader import (BatchReader, SpanCorruptionReader, build_datasets,
+        from llmtrain.data.loader import (BatchReader, Seq2SeqReader, SpanCorruptionReader,
+                                          build_datasets, build_pair_datasets,
                                           check_vocab)
         from llmtrain.data.preprocess import prepare_corpus
         from llmtrain.model import build_model
@@ -133,11 +134,14 @@ class Trainer:
         if cfg.data.source == "indexed":
             for p in ([p for _, p in cfg.data.blend] if cfg.data.blend else [prefix]):
                 check_vocab(str(p), cfg.model.vocab_size)
-        train_ds, valid_ds = build_datasets(cfg, prefix, tok)
+        pairs = bool(cfg.data.source_field)  # encoder-decoder on source -> target pairs
+        train_ds, valid_ds = (build_pair_datasets(cfg, prefix) if pairs
+                              else build_datasets(cfg, prefix, tok))
         self.tokenizer = tok
         self.dp_rank, self.dp_size = dp_info(self.mesh)
         self.dp_group = dp_mesh(self.mesh).get_group() if self.mesh is not None else None
-        reader = SpanCorruptionReader if cfg.model.arch == "encoder_decoder" else BatchReader
+        reader = (Seq2SeqReader if pairs else SpanCorruptionReader
+                  if cfg.model.arch == "encoder_decoder" else BatchReader)
         self.train_reader = reader(train_ds, cfg, tok, self.dp_rank, self.dp_size)
         self.valid_reader = reader(valid_ds, cfg, tok, self.dp_rank, self.dp_size)
 
