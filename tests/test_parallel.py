@@ -275,3 +275,20 @@ def test_async_checkpoints_with_two_ranks_resume_exactly(tmp_path, reference):
     for k in ref_weights:
         torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=ATOL,
                                    msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_fresh_corpus_cache_with_two_ranks(tmp_path):
+    """On an empty cache rank 0 trains the tokenizer and writes the corpus while rank 1 waits,
+    then both build megatron-core's index cache under one key (a rank-dependent key once made
+    rank 1 look for index files nobody wrote)."""
+    import random
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(300)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(
+        json.dumps({"text": " ".join(rng.choices(words, k=200))}) + "\n" for _ in range(200)))
+    run = tmp_path / "run"
+    torchrun(2, overrides(run, **{"train.steps": 2, "data.source": "files",
+                                  "data.paths": f"[{corpus}]",
+                                  "data.cache_dir": str(tmp_path / "cache")}))
+    assert len(read_losses(run)) == 2

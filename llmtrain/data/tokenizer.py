@@ -29,8 +29,9 @@ class Tokenizer:
         self.eod = self._special_id((EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "[SEP]"))
         pad = hf.token_to_id(PAD_TOKEN)
         self.pad = pad if pad is not None else -1  # megatron-core: -1 = "no pad token"
-        # megatron-core hashes this into its dataset cache key
-        self.unique_identifiers = {"class": "llmtrain.Tokenizer", "path": path,
+        # megatron-core hashes this into its dataset cache key, which must be the same on every
+        # rank: no path (rank 0 may hold the tokenizer it just trained, the others its file)
+        self.unique_identifiers = {"class": "llmtrain.Tokenizer",
                                    "vocab_size": self.vocab_size, "eod": self.eod}
 
     def _special_id(self, names: tuple[str, ...]) -> int:

@@ -97,6 +97,20 @@ def check_run_dir(cfg: Config, overwrite: bool = False) -> None:
                           f"--overwrite")
 
 
+def _one_builder_first(env, build):
+    """`build()` on global rank 0, then on the first rank of every other node, then on the rest,
+    with a barrier after each stage: the corpus cache is written by whoever first misses it, so
+    concurrently one rank would read another's half-written files. The second stage covers
+    node-local cache directories; on a shared one it only reads."""
+    result = None
+    for mine in (env.rank == 0, env.local_rank == 0 and env.rank != 0, env.local_rank != 0):
+        if mine:
+            result = build()
+        if dist.is_initialized():
+            dist.barrier()
+    return result
+
+
 class Trainer:
     """Holds the state of one run; `run()` trains to `train.steps`."""
 
@@ -123,14 +137,11 @@ class Trainer:
         say = log if self.is_main else (lambda *a, **k: None)
         self.say = say
 
-        # Data: rank 0 builds the cache first, the others then find it.
+        # Data: the corpus cache is built by one process and then found by the others (see
+        # `_one_builder_first`); megatron-core's builder stages its index cache the same way.
+        prefix, tok = _one_builder_first(env, lambda: prepare_corpus(cfg, log=say))
         if self.is_main:
-            prefix, tok = prepare_corpus(cfg, log=say)
             tok.save(self.run_dir / "tokenizer.json")  # export and generate read it from here
-        if dist.is_initialized():
-            dist.barrier()
-        if not self.is_main:
-            prefix, tok = prepare_corpus(cfg, log=say)
         if cfg.data.source == "indexed":
             for p in ([p for _, p in cfg.data.blend] if cfg.data.blend else [prefix]):
                 check_vocab(str(p), cfg.model.vocab_size)
