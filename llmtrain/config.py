@@ -523,9 +523,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if p.pp > 1:
             raise ConfigError(f"parallel.pp={p.pp} with model.arch=encoder_decoder is not "
                               f"supported; use pp=1")
-        if p.tp > 1:
-            raise ConfigError(f"parallel.tp={p.tp} with model.arch=encoder_decoder is not "
-                              f"supported yet; use tp=1")
+        if p.tp > 1 and p.sequence_parallel:
+            raise ConfigError(f"parallel.sequence_parallel with model.arch=encoder_decoder is not "
+                              f"supported yet (parallel.tp={p.tp} works without it); use false")
     elif m.position in ("sinusoidal", "t5_relative"):
         raise ConfigError(f"model.position={m.position} is implemented for "
                           f"model.arch=encoder_decoder only; use rope, learned or none")
@@ -568,10 +568,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if p.offload != "none" and p.zero_stage == 0:
             raise ConfigError(f"parallel.offload={p.offload} with engine=deepspeed needs "
                               f"parallel.zero_stage=1, 2 or 3, got 0")
-    if p.tp > 1 and (m.arch != "decoder" or m.moe.num_experts):
-        raise ConfigError(f"parallel.tp={p.tp} supports dense decoder models only so far; got "
-                          f"model.arch={m.arch}, model.moe.num_experts={m.moe.num_experts}; use "
-                          f"parallel.tp=1")
+    if p.tp > 1 and m.moe.num_experts:
+        raise ConfigError(f"parallel.tp={p.tp} supports dense models only so far; got "
+                          f"model.moe.num_experts={m.moe.num_experts}; use parallel.tp=1 (and "
+                          f"parallel.ep for the experts)")
     if m.n_heads % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}; use "
                           f"{_divisors(m.n_heads)}")

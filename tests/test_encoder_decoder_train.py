@@ -57,10 +57,29 @@ def test_dp2_zero3_equals_single_process_and_generates(tmp_path, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_tensor_parallel_is_refused_for_encoder_decoder(tmp_path, capsys):
-    args = run_overrides(tmp_path / "x", **{"parallel.tp": 2})
+@pytest.mark.parametrize("name, extra", [
+    ("tp2-t5-tied", {}),  # relative bias split over heads, tied vocab-parallel embeddings
+    ("tp2-gqa-learned-untied", {"model.n_kv_heads": 2, "model.position": "learned",
+                                "model.tie_embeddings": False, "model.norm_position": "post"}),
+    ("tp2-mqa-sinusoidal", {"model.n_kv_heads": 1, "model.position": "sinusoidal"}),
+])
+def test_tensor_parallel_equals_single_process(tmp_path, name, extra):
+    """tp=2 for encoder-decoder models (self- and cross-attention column/row parallel over
+    heads): losses and final weights equal the single-process run."""
+    ref, par = tmp_path / "ref", tmp_path / name
+    assert main(["train", *sum((["--set", o] for o in run_overrides(ref, **extra)), [])]) == 0
+    torchrun(2, run_overrides(par, **{"parallel.tp": 2, **extra}))
+    assert read_losses(par) == pytest.approx(read_losses(ref), rel=1e-5)
+    wa, wb = final_weights(ref), final_weights(par)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max() <= ATOL, k
+
+
+def test_sequence_parallel_is_refused_for_encoder_decoder():
     from llmtrain.config import ConfigError
-    with pytest.raises(ConfigError, match="parallel.tp=2 with model.arch=encoder_decoder"):
+    args = run_overrides(Path("x"), **{"parallel.tp": 2, "parallel.sequence_parallel": True})
+    with pytest.raises(ConfigError, match="sequence_parallel with model.arch=encoder_decoder"):
         load_config(None, args, world_size=2)
 
 

@@ -64,8 +64,78 @@ def _replicate(module: nn.Module, mesh: DeviceMesh, sum_output_grad: bool = Fals
     distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)
 
 
+def _block_plan(block: nn.Module, shard_kv: bool, seq) -> dict[str, object]:
+    """Column-parallel q/k/v (if shard_kv) and w1/w3, row-parallel wo and w2 (output `seq`),
+    for the self-attention and, in an encoder-decoder's decoder block, the cross-attention."""
+    plan: dict[str, object] = {}
+    for name in ("attention", "cross_attention"):
+        if getattr(block, name, None) is None:
+            continue
+        plan[f"{name}.wq"] = ColwiseParallel()
+        plan[f"{name}.wo"] = RowwiseParallel(output_layouts=seq)
+        if shard_kv:
+            plan[f"{name}.wk"] = ColwiseParallel()
+            plan[f"{name}.wv"] = ColwiseParallel()
+    plan["feed_forward.w1"] = ColwiseParallel()
+    plan["feed_forward.w2"] = RowwiseParallel(output_layouts=seq)
+    if block.feed_forward.w3 is not None:
+        plan["feed_forward.w3"] = ColwiseParallel()
+    return plan
+
+
+def _replicate_block_rest(block: nn.Module, tp_mesh: DeviceMesh, shard_kv: bool) -> None:
+    """What the plan leaves whole: norms, and under MQA the single kv head's wk/wv (their
+    gradients summed over tp, as each rank's query heads use only part of them)."""
+    for name in ("attention", "cross_attention"):
+        attn = getattr(block, name, None)
+        if attn is not None and not shard_kv:
+            _replicate(attn.wk, tp_mesh, sum_output_grad=True)
+            _replicate(attn.wv, tp_mesh, sum_output_grad=True)
+    for name in ("attention_norm", "cross_attention_norm", "ffn_norm"):
+        norm = getattr(block, name, None)
+        if norm is not None:
+            _replicate(norm, tp_mesh)
+
+
+def apply_tp_encoder_decoder(model: nn.Module, tp_mesh: DeviceMesh, cfg: Config) -> None:
+    """Shard an `EncoderDecoder` over `tp_mesh` in place (no sequence parallelism): every
+    encoder and decoder block as a decoder block (the decoder's cross-attention like its
+    self-attention: queries, keys and values column-parallel over heads, output row-parallel),
+    vocab-parallel embeddings and output, and T5's relative position bias split over heads like
+    the attention (its [buckets, heads] table column-parallel), so each rank adds the bias of
+    exactly its own heads."""
+    top: dict[str, object] = {}
+    embed = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = embed
+    top["output"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, top)
+    if model.tok_embeddings is not None:  # tied: both vocab-row sharded, one DTensor serves both
+        model.output.weight = model.tok_embeddings.weight
+    n_kv = cfg.model.kv_heads
+    shard_kv = n_kv % tp_mesh.size() == 0
+    for stack in (model.encoder, model.decoder):
+        plan: dict[str, object] = {}
+        if stack.tok_embeddings is not None:
+            plan["tok_embeddings"] = embed
+        if stack.pos_embeddings is not None:
+            plan["pos_embeddings"] = RowwiseParallel(input_layouts=Replicate(),
+                                                     output_layouts=Replicate())
+        if stack.relative_bias is not None:
+            plan["relative_bias.relative_attention_bias"] = ColwiseParallel()
+        parallelize_module(stack, tp_mesh, plan)
+        if stack.norm is not None:
+            _replicate(stack.norm, tp_mesh)
+        for block in stack.layers.values():
+            parallelize_module(block, tp_mesh, _block_plan(block, shard_kv, Replicate()))
+            _replicate_block_rest(block, tp_mesh, shard_kv)
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: Config) -> None:
-    """Shard `model` (a `Transformer`) over `tp_mesh` in place."""
+    """Shard `model` (a `Transformer` or an `EncoderDecoder`) over `tp_mesh` in place."""
+    if cfg.model.arch == "encoder_decoder":
+        apply_tp_encoder_decoder(model, tp_mesh, cfg)
+        return
     sp = cfg.parallel.sequence_parallel
     seq = Shard(1) if sp else Replicate()
     tied = model.output is not None and model.tok_embeddings is not None \
@@ -92,17 +162,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: Config) -> None:
     n_kv = cfg.model.kv_heads
     shard_kv = n_kv % tp_mesh.size() == 0
     for block in model.layers.values():
-        plan: dict[str, object] = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=seq),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
-        }
-        if block.feed_forward.w3 is not None:
-            plan["feed_forward.w3"] = ColwiseParallel()
-        if shard_kv:
-            plan["attention.wk"] = ColwiseParallel()
-            plan["attention.wv"] = ColwiseParallel()
+        plan = _block_plan(block, shard_kv, seq)
         if sp:
             plan["attention_norm"] = SequenceParallel(use_local_output=True)
             plan["ffn_norm"] = SequenceParallel(use_local_output=True)
