@@ -603,6 +603,9 @@ def plot_compute(report: dict[str, Any], path: Path) -> bool:
                 label=f"baseline fit, alpha={law['alpha']:.3f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+    for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_formatter(FormatStrFormatter("%.2f"))  # plain losses, not 5.4 x 10^0
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("final validation loss")
     ax.legend(fontsize=7, ncol=2)

@@ -1,8 +1,9 @@
 """Enumerate the parallel layouts a run can use on N GPUs, estimate each, rank by step time.
 
 `check_layout` is the planner's own copy of the layout rules (DESIGN.md "The mesh"):
-`config.validate()` still refuses tp/pp/ep/ZeRO > defaults because the parallel code is not
-written yet, and the planner must reason about exactly those layouts.
+`config.validate()` also refuses combinations this build's trainer does not run yet (expert
+parallelism with tp, pp or ZeRO > 0, for one), and the planner must reason about those layouts
+too; `trainable_overrides` (`llmtrain train --plan auto`) keeps to what the validator accepts.
 
 Overlap assumptions (stated once, used by `estimate`):
 - tensor-parallel and expert all-to-all collectives sit on the critical path (not overlapped);
@@ -414,7 +415,7 @@ def best_layout(cfg: Config, gpus: int, hw: Hardware = compute.H100_SXM) -> Layo
 def trainable_overrides(path, sets: list[str], gpus: int,
                         hw: Hardware = compute.H100_SXM) -> tuple[list[str], Estimate]:
     """`--set` overrides of the best fitting layout that this build's trainer accepts (the
-    planner enumerates layouts the trainer may not run yet, e.g. tp x dp at ZeRO 1): the
+    planner enumerates layouts the trainer may not run yet, e.g. ep with ZeRO 3): the
     ranked plan, filtered through the config validator at `gpus` ranks."""
     from llmtrain.config import load_config
     cfg = load_config(path, sets, world_size=gpus)
