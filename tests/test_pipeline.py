@@ -75,6 +75,32 @@ def test_pipeline_matches_single_process(name, tmp_path, reference):
     for k in ref_weights:
         torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=ATOL,
                                    msg=lambda m, k=k: f"{k}: {m}")
+    check_planner_model_state(run, nproc, par)
+
+
+def check_planner_model_state(run, nproc: int, par: dict) -> None:
+    """`llmtrain plan`'s model-state estimate for the fullest GPU against the largest measured
+    per-rank bytes (within 5%)."""
+    import json
+
+    from llmtrain.planner.compute import H100_SXM
+    from llmtrain.planner.search import Layout, estimate
+    mem = [json.loads((run / f"memory_rank{i}.json").read_text()) for i in range(nproc)]
+    cfg = load_config(None, overrides(run, **par), world_size=nproc)
+    est = estimate(cfg, Layout.from_config(cfg, nproc), H100_SXM).memory
+    zero = par.get("parallel.zero_stage", 0)
+    for key, measured in (("params", "param_bytes"), ("grads", "grad_bytes"),
+                          ("optimizer", "optim_bytes")):
+        if key == "grads" and par.get("parallel.tp", 1) > 1:
+            # Known gap, not a planner error: under the pipeline schedules the vocab-parallel
+            # embedding's gradient comes back Replicate (whole on every tp rank: 463,872 bytes
+            # on stage 0 of pp2xtp2 against 332,800 with it sharded); values are right (the
+            # losses and weights above), the memory is not yet what the planner assumes.
+            continue
+        values = [m[measured] for m in mem]
+        # ZeRO-1 splits whole tensors: compare the mean partition with the planner's 1/dp
+        got = sum(values) / len(values) if zero == 1 and key == "optimizer" else max(values)
+        assert got == pytest.approx(est[key], rel=0.05), (key, values, est[key])
 
 
 def test_split_keeps_fqns():

@@ -324,12 +324,12 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_field: str =
         else:
             yield from _account(map(tok.encode_batch, batches))
 
-    def _account(encoded: Iterable[list[list[int]]]) -> Iterator[list[int]]:
+    def _account(encoded: Iterable[list]) -> Iterator:
         for batch in encoded:
-            for ids in batch:
+            for ids in batch:  # a list (in process) or an int32 array (from a worker)
                 stats["documents"] += 1
                 stats["tokens"] += len(ids) + len(eod)
-                yield ids + eod
+                yield ids + (eod if isinstance(ids, list) else type(ids)("i", eod))
             if bar is not None:
                 dt = max(time.perf_counter() - t0, 1e-9)
                 bar.n = stats["documents"]

@@ -171,6 +171,18 @@ class Estimate:
                 "hw_tflops_per_gpu": self.hw_tflops_per_gpu}
 
 
+def _stage_layer_counts(cfg: Config, lay: Layout) -> list[int]:
+    """Layers on each pipeline rank, split as parallel/pipeline.py splits them: one entry per
+    model chunk (pp x virtual_stages; `parallel.pp_layers` when the config sets them for this
+    layout, else balanced with the first chunks taking the remainder), rank r holding chunks
+    r, r + pp, ..."""
+    n, p, v = cfg.model.n_layers, lay.pp, lay.virtual_stages
+    given = cfg.parallel.pp_layers
+    chunks = (list(given) if given and len(given) == p * v else
+              [n // (p * v) + (1 if i < n % (p * v) else 0) for i in range(p * v)])
+    return [sum(chunks[r::p]) for r in range(p)]
+
+
 def _act_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
@@ -182,7 +194,8 @@ def estimate(cfg: Config, lay: Layout, hw: Hardware, flash: bool = True) -> Esti
     s, b, t, p, v = tr.seq_len, lay.micro_batch_size, lay.tp, lay.pp, lay.virtual_stages
     mb, ac, sp = lay.pp_microbatches, lay.activation_checkpointing, lay.sequence_parallel
     h, ab = m.d_model, _act_bytes(tr.precision)
-    per_stage = math.ceil(m.n_layers / p)
+    counts = _stage_layer_counts(cfg, lay)  # layers on each pipeline rank
+    per_stage, first_n, last_n = max(counts), counts[0], counts[-1]
     moe_frac = pc.n_moe_layers / m.n_layers
     moe = m.moe
 
@@ -190,15 +203,16 @@ def estimate(cfg: Config, lay: Layout, hw: Hardware, flash: bool = True) -> Esti
     dense_gpu = (pc.attention + pc.mlp) / t + pc.norms
     expert_gpu = pc.moe_layer_experts / lay.ep / t
     moe_shared_gpu = pc.attention / t + pc.norms + pc.router
-    layers_shared = per_stage * ((1 - moe_frac) * dense_gpu + moe_frac * moe_shared_gpu)
-    layers_expert = per_stage * moe_frac * expert_gpu
+    layer_shared = (1 - moe_frac) * dense_gpu + moe_frac * moe_shared_gpu
+    layer_expert = moe_frac * expert_gpu
     out_proj = (pc.output if (pc.output or p > 1) else 0) / t  # tied: last stage keeps a copy
-    first = layers_shared + pc.embedding / t + (pc.final_norm + out_proj if p == 1 else 0)
-    last = layers_shared + pc.final_norm + out_proj
+    first = first_n * layer_shared + pc.embedding / t + (pc.final_norm + out_proj if p == 1
+                                                         else 0)
+    last = last_n * layer_shared + pc.final_norm + out_proj
 
-    def states(shared: float) -> dict[str, float]:
+    def states(shared: float, n_layers: int) -> dict[str, float]:
         st = memory.model_state_bytes(shared, tr.precision, lay.zero_stage, lay.dp_shard)
-        ex = memory.model_state_bytes(layers_expert, tr.precision, lay.zero_stage,
+        ex = memory.model_state_bytes(n_layers * layer_expert, tr.precision, lay.zero_stage,
                                       max(lay.dp_shard // lay.ep, 1))
         return {k: st[k] + ex[k] for k in st}
 
@@ -215,7 +229,7 @@ def estimate(cfg: Config, lay: Layout, hw: Hardware, flash: bool = True) -> Esti
     logits = 4 * s * b * m.vocab_size / t  # fp32 logits for the loss (Korthikanti Sec. 4.3)
     inflight = memory.inflight_layers(m.n_layers, p, lay.pp_schedule, mb, v)
     act_first = inflight * layer_act + transient + (logits if p == 1 else 0)
-    act_last = per_stage * layer_act + transient + logits
+    act_last = last_n * layer_act + transient + logits
     zero3_gather = 0.0
     if lay.zero_stage >= 3 and lay.dp_shard > 1:  # one layer gathered, the next prefetched
         zero3_gather = 2 * (dense_gpu + expert_gpu * moe_frac) * memory.STATE_BYTES[
@@ -223,8 +237,8 @@ def estimate(cfg: Config, lay: Layout, hw: Hardware, flash: bool = True) -> Esti
 
     overhead = hw.overhead_gib * GIB
     mems = []
-    for shared, act in ((first, act_first), (last, act_last)):
-        st = states(shared)
+    for shared, act, n_layers in ((first, act_first, first_n), (last, act_last, last_n)):
+        st = states(shared, n_layers)
         mem = {**st, "activations": act + zero3_gather, "overhead": overhead}
         mem["total"] = sum(mem.values())
         mems.append(mem)
