@@ -186,12 +186,26 @@ class Pipeline:
                 self.schedule.step(*args, **kwargs, losses=losses, return_outputs=False)
             else:
                 self.schedule.eval(*args, **kwargs, losses=losses)
+        if train:
+            self._shard_grads_like_params()
         if train and self.grad_sync_group is not None:
             self._average_grads()
         ce_sum = (torch.stack([x.detach().float() for x in losses]).sum() / scale if losses
                   else torch.zeros((), device=self.device))
         dist.all_reduce(ce_sum, group=self.group)  # from the last stage to every pp rank
         return ce_sum
+
+    @torch.no_grad()
+    def _shard_grads_like_params(self) -> None:
+        """Under the pipeline schedules the vocab-parallel embedding's gradient comes back
+        Replicate (whole on every tp rank) instead of Shard(0) like its parameter; the values
+        are right, the memory is tp times too much and the optimizer would redistribute it at
+        every step. Replicate -> Shard is a local slice (no communication)."""
+        from torch.distributed.tensor import DTensor
+        for p in self.params:
+            g = p.grad
+            if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
+                p.grad = g.redistribute(p.device_mesh, p.placements)
 
     def _average_grads(self) -> None:
         """Mean of the gradients over the data-parallel ranks (what DDP does)."""
