@@ -47,7 +47,7 @@ def main() -> None:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         curves[name] = [(r["step"], r["loss"]) for r in recs]
-        print(f"   loss at steps 10/50/last: "
+        print("   loss at steps 10/50/last: "
               + " / ".join(f"{dict(curves[name]).get(s, float('nan')):.3f}"
                            for s in (10, 50, args.steps)), flush=True)
 

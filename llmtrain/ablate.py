@@ -164,6 +164,18 @@ def _dir_name(name: str, where: str, taken: set[str]) -> str:
     return name
 
 
+def _check_entry(item: Any, where: str, keys: tuple[str, ...],
+                 hints: dict[str, str] | None = None) -> None:
+    """A variant or size entry: a mapping with a name and no keys but `keys`."""
+    if not isinstance(item, dict) or "name" not in item:
+        raise ConfigError(f"{where} must be a mapping with a name (and optional "
+                          f"{', '.join(keys[1:])}), got {item!r}")
+    bad = [k for k in item if k not in keys]
+    if bad:
+        raise ConfigError(f"{where} ({item['name']}) has unknown key {bad[0]!r}; valid keys: "
+                          f"{', '.join(keys)}{(hints or {}).get(bad[0], '')}")
+
+
 def _sizes(raw: Any, budget: tuple[str, float]) -> list[Size]:
     if not isinstance(raw, list) or len(raw) < 2:
         raise ConfigError(f"spec.sizes={raw!r} must list two or more model sizes, e.g. "
@@ -172,13 +184,7 @@ def _sizes(raw: Any, budget: tuple[str, float]) -> list[Size]:
     sizes, names = [], set()
     for i, s in enumerate(raw):
         where = f"spec.sizes[{i}]"
-        if not isinstance(s, dict) or "name" not in s:
-            raise ConfigError(f"{where} must be a mapping with a name (and optional set, "
-                              f"budget), got {s!r}")
-        bad = [k for k in s if k not in ("name", "set", "budget")]
-        if bad:
-            raise ConfigError(f"{where} ({s['name']}) has unknown key {bad[0]!r}; valid keys: "
-                              f"name, set, budget")
+        _check_entry(s, where, ("name", "set", "budget"))
         name = _dir_name(str(s["name"]), where, names)
         own = _budget(s["budget"], f"{where}.budget") if "budget" in s else None
         if own is None and budget[0] == "flops":
@@ -233,15 +239,8 @@ def load_spec(path: str | Path, sizes: bool = False) -> Spec:
     variants, names = [], set()
     for i, v in enumerate(raw):
         where = f"spec.variants[{i}]"
-        if not isinstance(v, dict) or "name" not in v:
-            raise ConfigError(f"{where} must be a mapping with a name (and optional set), got "
-                              f"{v!r}")
-        bad = [k for k in v if k not in ("name", "set")]
-        if bad:
-            hint = ("; one budget (spec.budget) is shared by every variant" if bad[0] == "budget"
-                    else "")
-            raise ConfigError(f"{where} ({v['name']}) has unknown key {bad[0]!r}; valid keys: "
-                              f"name, set{hint}")
+        _check_entry(v, where, ("name", "set"),
+                     {"budget": "; one budget (spec.budget) is shared by every variant"})
         name = _dir_name(str(v["name"]), where, names)
         sets = _string_list(v.get("set"), f"{where}.set")
         if any(parse_override(s)[0] == "train.steps" for s in sets):
@@ -608,6 +607,11 @@ def plot_compute(report: dict[str, Any], path: Path) -> bool:
         axis_formatter(FormatStrFormatter("%.2f"))  # plain losses, not 5.4 x 10^0
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("final validation loss")
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> bool:
+    import matplotlib.pyplot as plt
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -646,11 +650,7 @@ def plot_curves(report: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("training FLOPs" if by_flops else "tokens")
     ax.set_ylabel("training loss")
     ax.set_title("mean over seeds, shaded: min-max")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path)
 
 
 # ----------------------------------------------------------------------------------------------

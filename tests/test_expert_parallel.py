@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_overrides
 from llmtrain.cli import main
 from llmtrain.config import ConfigError, load_config
-from test_parallel import ATOL, final_weights, read_losses, torchrun
+from test_parallel import assert_weights_close, cut_back, final_weights, read_losses, torchrun
 
 STEPS = 5
 # top-2 of 4 experts in every layer, with capacity: drops happen, so the per-rank routing and
@@ -30,14 +30,6 @@ def grad_norms(run):
             (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_weights(got, expected):
-    assert got.keys() == expected.keys()
-    for k in expected:
-        import torch
-        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=ATOL,
-                                   msg=lambda m, k=k: f"{k}: {m}")
-
-
 @pytest.mark.parametrize("nproc, extra", [(2, {}), (4, {"train.micro_batch_size": 2})],
                          ids=["dp2-ep2", "dp4-ep2"])
 def test_expert_parallel_equals_data_parallel(tmp_path, nproc, extra):
@@ -48,7 +40,7 @@ def test_expert_parallel_equals_data_parallel(tmp_path, nproc, extra):
     assert read_losses(ep) == pytest.approx(read_losses(ref), rel=1e-5)
     # the gradient norm covers the expert gradients' scale, which AdamW's update would hide
     assert grad_norms(ep) == pytest.approx(grad_norms(ref), rel=1e-5)
-    assert_same_weights(final_weights(ep, STEPS), final_weights(ref, STEPS))
+    assert_weights_close(final_weights(ep, STEPS), final_weights(ref, STEPS))
     assert "layout: world" in r.stdout
     # each rank holds half of every MoE layer's experts: ep=2 saves exactly that many bytes
     import json
@@ -82,13 +74,10 @@ def test_expert_parallel_config_errors(sets, world, message):
 def test_expert_parallel_checkpoint_resumes_without_it(tmp_path):
     """An ep=2 checkpoint (experts as DTensors of global shape [E, ...]) resumed at ep=1 (DDP)
     after step 3 continues exactly as the uninterrupted ep=2 run."""
-    import shutil
     run = tmp_path / "ep2"
     torchrun(2, run_args(run, **{"parallel.ep": 2, "checkpoint.every": 3}))
     full = read_losses(run)
-    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
-    lines = (run / "metrics.jsonl").read_text().splitlines()[:3]
-    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    cut_back(run, 3)
     r = torchrun(2, run_args(run, **{"checkpoint.every": 3}))
     assert "resumed from" in r.stdout and "step_3" in r.stdout
     assert read_losses(run) == pytest.approx(full, rel=1e-5)

@@ -188,7 +188,7 @@ def test_aux_free_bias_changes_selection_not_gates_and_updates_by_sign():
     layer = make_moe(router="switch", capacity_factor=0.0, aux_free_bias=True,
                      bias_update_rate=0.1)
     x = hand_routed(layer, [1, 1, -1, 1])
-    e0, e1 = dense_expert(layer, 0), dense_expert(layer, 1)
+    e1 = dense_expert(layer, 1)
     layer.train()
     layer(x)
     assert moe_stats(layer)[""]["load"] == [3, 1]

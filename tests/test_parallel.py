@@ -40,6 +40,21 @@ def final_weights(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=True)["model"]
 
 
+def cut_back(run: Path, keep: int, last: int = STEPS) -> None:
+    """As if the run had been killed after the step-`keep` checkpoint: drop the step-`last`
+    checkpoint and the metrics logged after step `keep`."""
+    shutil.rmtree(run / "checkpoints" / f"step_{last}")
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:keep]
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def assert_weights_close(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=ATOL,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
 def overrides(run: Path, **extra) -> list[str]:
     return tiny_overrides(run, **{"train.steps": STEPS, **extra})
 
@@ -96,11 +111,7 @@ def test_layout_matches_single_process(name, tmp_path, reference):
     r = torchrun(nproc, overrides(run, **MODELS[model], **par))
     assert "layout: world" in r.stdout and "model state:" in r.stdout
     assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
-    weights = final_weights(run)
-    assert weights.keys() == ref_weights.keys()
-    for k in ref_weights:
-        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=ATOL,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+    assert_weights_close(final_weights(run), ref_weights)
 
     mem = [json.loads((run / f"memory_rank{i}.json").read_text()) for i in range(nproc)]
     full = 4 * mem[0]["n_params"]  # fp32 bytes of every parameter once
@@ -144,16 +155,11 @@ def test_zero1_resume_reproduces_losses_and_weights(tmp_path, reference):
     run = tmp_path / "zero1"
     args = overrides(run, **{"parallel.zero_stage": 1, "checkpoint.every": 3})
     torchrun(2, args)
-    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")  # as if killed after step 3
-    lines = (run / "metrics.jsonl").read_text().splitlines()[:3]
-    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    cut_back(run, 3)
     r = torchrun(2, args)
     assert "resumed from" in r.stdout
     assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
-    weights = final_weights(run)
-    for k in ref_weights:
-        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=ATOL,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+    assert_weights_close(final_weights(run), ref_weights)
 
 
 def test_zero3_bf16_with_cpu_offload_trains(tmp_path):
@@ -217,9 +223,7 @@ def resharded_source(tmp_path_factory):
         saved, expected = final_weights(src, step), final_weights(ref, step)
         for k in expected:
             torch.testing.assert_close(saved[k], expected[k], rtol=1e-4, atol=ATOL)
-    shutil.rmtree(src / "checkpoints" / "step_10")
-    lines = (src / "metrics.jsonl").read_text().splitlines()[:5]
-    (src / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    cut_back(src, 5, last=10)
     return steps, ref, src
 
 
@@ -244,11 +248,7 @@ def test_checkpoint_reshards_to_another_layout(target, tmp_path, resharded_sourc
         out = torchrun(nproc, args)
     assert "resumed from" in out.stdout and "step_5" in out.stdout
     assert read_losses(run) == pytest.approx(read_losses(ref), rel=1e-5)
-    weights, expected = final_weights(run, 10), final_weights(ref, 10)
-    assert weights.keys() == expected.keys()
-    for k in expected:
-        torch.testing.assert_close(weights[k], expected[k], rtol=1e-4, atol=ATOL,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+    assert_weights_close(final_weights(run, 10), final_weights(ref, 10))
 
 
 def test_async_checkpoints_with_two_ranks_resume_exactly(tmp_path, reference):
@@ -265,16 +265,11 @@ def test_async_checkpoints_with_two_ranks_resume_exactly(tmp_path, reference):
     assert [p.name for p in saved] == ["step_2", "step_4", f"step_{STEPS}"]
     for p in saved:
         ckpt.verify(p)
-    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")
-    lines = (run / "metrics.jsonl").read_text().splitlines()[:4]
-    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    cut_back(run, 4)
     r = torchrun(2, args)
     assert "resumed from" in r.stdout and "step_4" in r.stdout
     assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
-    weights = final_weights(run)
-    for k in ref_weights:
-        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=ATOL,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+    assert_weights_close(final_weights(run), ref_weights)
 
 
 def test_fresh_corpus_cache_with_two_ranks(tmp_path):

@@ -1,7 +1,7 @@
 """Plain PyTorch model code (no distributed code): see transformer.py."""
 
 from llmtrain.model.attention import Attention
-from llmtrain.model.encoder_decoder import EncoderDecoder, build_encoder_decoder  # noqa: F401
+from llmtrain.model.encoder_decoder import EncoderDecoder, build_encoder_decoder
 from llmtrain.model.mixers import SpatialGatingMixer, Synthesizer, build_mixer
 from llmtrain.model.mlp import FeedForward
 from llmtrain.model.norms import NoNorm, RMSNorm, build_norm
@@ -10,7 +10,7 @@ from llmtrain.model.rope import apply_rope, rope_cos_sin, rotate_half
 from llmtrain.model.transformer import (Transformer, TransformerBlock, build_model,
                                         deepnorm_alpha, deepnorm_beta, tfixup_scale)
 
-__all__ = ["Attention", "FeedForward", "MixtureOfSoftmaxes", "NoNorm", "RMSNorm",
+__all__ = ["Attention", "EncoderDecoder", "FeedForward", "MixtureOfSoftmaxes", "NoNorm", "RMSNorm",
            "SpatialGatingMixer", "Synthesizer", "Transformer", "TransformerBlock", "apply_rope",
-           "build_mixer", "build_model", "build_norm", "deepnorm_alpha", "deepnorm_beta",
+           "build_encoder_decoder", "build_mixer", "build_model", "build_norm", "deepnorm_alpha", "deepnorm_beta",
            "rope_cos_sin", "rotate_half", "tfixup_scale"]

@@ -30,7 +30,7 @@ from llmtrain.model.mlp import FeedForward
 from llmtrain.model.moe import MoE, aux_loss, moe_layers, moe_stats
 from llmtrain.model.norms import build_norm
 from llmtrain.model.positions import RelativePositionBias, sinusoidal_table
-from llmtrain.model.rope import rope_cos_sin
+from llmtrain.model.rope import register_rope_tables, reset_rope_tables
 
 
 def deepnorm_encoder_alpha(n_encoder_layers: int, n_decoder_layers: int) -> float:
@@ -205,12 +205,7 @@ class EncoderDecoder(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if tied:
             self.output.weight = self.tok_embeddings.weight
-        if cfg.position == "rope":
-            cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        else:
-            self.rope_cos = self.rope_sin = None
+        register_rope_tables(self, cfg)
         if cfg.position == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model),
                                  persistent=False)
@@ -251,11 +246,7 @@ class EncoderDecoder(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter and buffer in place (works after to_empty)."""
         c, std = self.cfg, self.cfg.init_std
-        if self.rope_cos is not None:
-            cos, sin = rope_cos_sin(c.head_dim, c.max_seq_len, c.rope_theta,
-                                    device=self.rope_cos.device)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        reset_rope_tables(self, c)
         if self.pos_table is not None:
             self.pos_table.copy_(sinusoidal_table(c.max_seq_len, c.d_model,
                                                   device=self.pos_table.device))

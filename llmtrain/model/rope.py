@@ -19,6 +19,27 @@ def rope_cos_sin(head_dim: int, seq_len: int, theta: float = 10000.0,
     return angles.cos(), angles.sin()
 
 
+def register_rope_tables(module: torch.nn.Module, cfg) -> None:
+    """`module.rope_cos` / `rope_sin`: non-persistent [max_seq_len, head_dim] buffers for
+    `cfg.position == "rope"`, else None (a model config: head_dim, max_seq_len, rope_theta)."""
+    if cfg.position != "rope":
+        module.rope_cos = module.rope_sin = None
+        return
+    cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    module.register_buffer("rope_cos", cos, persistent=False)
+    module.register_buffer("rope_sin", sin, persistent=False)
+
+
+@torch.no_grad()
+def reset_rope_tables(module: torch.nn.Module, cfg) -> None:
+    """Recompute the tables in place (after `to_empty` on the meta device)."""
+    if module.rope_cos is not None:
+        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
+                                device=module.rope_cos.device)
+        module.rope_cos.copy_(cos)
+        module.rope_sin.copy_(sin)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

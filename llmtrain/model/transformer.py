@@ -49,7 +49,7 @@ from llmtrain.model.mlp import FeedForward
 from llmtrain.model.moe import MoE, moe_layers, moe_stats, aux_loss as moe_aux_loss
 from llmtrain.model.norms import build_norm
 from llmtrain.model.output import MixtureOfSoftmaxes
-from llmtrain.model.rope import rope_cos_sin
+from llmtrain.model.rope import register_rope_tables, reset_rope_tables
 
 
 def deepnorm_alpha(n_layers: int) -> float:
@@ -192,12 +192,7 @@ class Transformer(nn.Module):
         self.mos = MixtureOfSoftmaxes(cfg.d_model, cfg.mos_k) if cfg.output == "mos" else None
         if cfg.tie_embeddings:  # Press & Wolf 2017
             self.output.weight = self.tok_embeddings.weight
-        if cfg.position == "rope":
-            cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        else:
-            self.rope_cos = self.rope_sin = None
+        register_rope_tables(self, cfg)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         T = tokens.shape[1]
@@ -240,11 +235,7 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter and the rope tables in place (works after to_empty)."""
         std = self.cfg.init_std
-        if self.rope_cos is not None:
-            cos, sin = rope_cos_sin(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
-                                    device=self.rope_cos.device)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        reset_rope_tables(self, self.cfg)
         if self.tok_embeddings is not None:
             emb_std = (self.cfg.d_model ** -0.5 * tfixup_scale(self.cfg.n_layers)
                        if self.cfg.init == "fixup" else std)  # T-Fixup: N(0, d^-1/2) (9N)^-1/4

@@ -19,7 +19,6 @@ Overlap assumptions (stated once, used by `estimate`):
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from llmtrain.config import Config, ConfigError
