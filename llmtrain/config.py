@@ -498,10 +498,11 @@ def _validate_expert_parallel(cfg: Config, world_size: int) -> None:
     if dp_shard % p.ep:
         raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel shard size "
                           f"{dp_shard} (expert-parallel ranks are data-parallel ranks)")
-    for key, value, ok in (("pp", p.pp, 1), ("tp", p.tp, 1), ("zero_stage", p.zero_stage, 0)):
-        if value != ok:
+    for key, value, ok in (("pp", p.pp, (1,)), ("tp", p.tp, (1,)),
+                           ("zero_stage", p.zero_stage, (0, 1))):
+        if value not in ok:
             raise ConfigError(f"parallel.ep={p.ep} with parallel.{key}={value} is not supported "
-                              f"yet; expert parallelism runs with pp=1, tp=1, zero_stage=0")
+                              f"yet; expert parallelism runs with pp=1, tp=1, zero_stage 0 or 1")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:

@@ -81,3 +81,32 @@ def test_expert_parallel_checkpoint_resumes_without_it(tmp_path):
     r = torchrun(2, run_args(run, **{"checkpoint.every": 3}))
     assert "resumed from" in r.stdout and "step_3" in r.stdout
     assert read_losses(run) == pytest.approx(full, rel=1e-5)
+
+
+def test_expert_parallel_with_zero1_equals_without(tmp_path):
+    """ep=2 over dp=4 with ZeRO-1 (PartitionedAdamW: dense parameters partitioned over the 4 dp
+    ranks, expert weights over the 2 ranks holding the same experts) equals ep=2 at ZeRO 0, and
+    every optimizer state is held by exactly one rank."""
+    import json
+    extra = {"train.micro_batch_size": 2, "parallel.ep": 2}
+    ref, z1 = tmp_path / "zero0", tmp_path / "zero1"
+    torchrun(4, run_args(ref, **extra))
+    z1_args = run_args(z1, **extra, **{"parallel.zero_stage": 1, "checkpoint.every": 3})
+    torchrun(4, z1_args)
+    assert read_losses(z1) == pytest.approx(read_losses(ref), rel=1e-5)
+    assert grad_norms(z1) == pytest.approx(grad_norms(ref), rel=1e-5)
+    assert_weights_close(final_weights(z1, STEPS), final_weights(ref, STEPS))
+    full = [json.loads((ref / f"memory_rank{i}.json").read_text())["optim_bytes"]
+            for i in range(4)]
+    part = [json.loads((z1 / f"memory_rank{i}.json").read_text())["optim_bytes"]
+            for i in range(4)]
+    m = load_config(None, run_args(z1)).model
+    # AdamW's m and v (fp32) of all experts: 2 MoE layers x 4 experts x (w1, w2, w3)
+    experts = 2 * 4 * 2 * 4 * 3 * m.d_model * m.ffn_dim
+    dense = full[0] - experts / 2  # ZeRO 0: every rank holds all dense states, half the experts
+    assert sum(part) == dense + experts, "every state held by exactly one rank"
+    assert all(a < b for a, b in zip(part, full))  # whole tensors: the split is not even
+    # the partitioned states (expert ones as DTensors held by one replica) resume exactly
+    cut_back(z1, 3)
+    assert "resumed from" in torchrun(4, z1_args).stdout
+    assert read_losses(z1) == pytest.approx(read_losses(ref), rel=1e-5)

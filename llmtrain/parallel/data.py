@@ -138,49 +138,59 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class PartitionedAdamW(torch.optim.AdamW):
-    """ZeRO stage 1 for tensor-parallel (DTensor) parameters, which ZeroRedundancyOptimizer
-    cannot broadcast. Every parameter is owned by one rank of `group` (largest first to the
-    least-loaded rank, as ZeroRedundancyOptimizer assigns them); this AdamW holds and steps only
-    the owned ones, then each owner broadcasts its updated local shards (one flat buffer per
-    owner and dtype). Its state dict is an ordinary AdamW's over the owned parameters, so each
-    rank saves its partition by parameter name and a checkpoint loads at any layout."""
+    """ZeRO stage 1 where ZeroRedundancyOptimizer cannot go: DTensor parameters (tensor or
+    expert parallelism), whose local shards it cannot broadcast. Parameters come in domains
+    `(params, group)`: each parameter is owned by one rank of its domain's group (largest first
+    to the least-loaded rank, as ZeroRedundancyOptimizer assigns them). This AdamW holds and
+    steps only the owned ones, then each owner broadcasts its updated local shards to its group
+    (one flat buffer per owner and dtype). Expert weights form their own domain over the ranks
+    that replicate the same experts. The state dict is an ordinary AdamW's over the owned
+    parameters, so each rank saves its partition by parameter name and a checkpoint loads at
+    any layout."""
 
-    def __init__(self, groups: list[dict], group, **kw):
-        self.dp_group = group
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    def __init__(self, groups: list[dict], domains: list[tuple[list, object]], **kw):
         self.all_params = [p for g in groups for p in g["params"]]
-        load, self.owner = [0] * world, {}
-        for p in sorted(self.all_params, key=lambda p: -_local(p).numel()):  # stable: same order
-            r = min(range(world), key=load.__getitem__)
-            self.owner[p] = r
-            load[r] += _local(p).numel()
-        if len(set(self.owner.values())) < world:
-            raise ValueError(f"{world} data-parallel ranks but only {len(self.all_params)} "
-                             f"parameters to partition")
-        mine = [{**g, "params": [p for p in g["params"] if self.owner[p] == rank]}
+        in_domain = {id(p): i for i, (params, _) in enumerate(domains) for p in params}
+        self.domains = [([p for p in self.all_params if in_domain.get(id(p)) == i], group)
+                        for i, (_, group) in enumerate(domains)]
+        if len(in_domain) != len({id(p) for p in self.all_params}):
+            raise ValueError("every optimized parameter needs exactly one partition domain")
+        self.owner: dict = {}  # parameter -> rank of its domain's group
+        for params, group in self.domains:
+            world = dist.get_world_size(group)
+            load = [0] * world
+            for p in sorted(params, key=lambda p: -_local(p).numel()):  # stable: same order
+                r = min(range(world), key=load.__getitem__)
+                self.owner[p] = r
+                load[r] += _local(p).numel()
+            if len({self.owner[p] for p in params}) < world:
+                raise ValueError(f"{world} data-parallel ranks but only {len(params)} "
+                                 f"parameters to partition")
+        my_rank = {id(p): dist.get_rank(group) for params, group in self.domains for p in params}
+        mine = [{**g, "params": [p for p in g["params"] if self.owner[p] == my_rank[id(p)]]}
                 for g in groups]
         super().__init__([g for g in mine if g["params"]], **kw)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = super().step(closure)
-        rank = dist.get_rank(self.dp_group)
-        for r in range(dist.get_world_size(self.dp_group)):
-            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-            for p in self.all_params:
-                if self.owner[p] == r:
-                    by_dtype.setdefault(p.dtype, []).append(_local(p))
-            for tensors in by_dtype.values():
-                flat = (torch.cat([t.flatten() for t in tensors]) if r == rank else
-                        torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype,
-                                    device=tensors[0].device))
-                dist.broadcast(flat, src=dist.get_global_rank(self.dp_group, r),
-                               group=self.dp_group)
-                if r != rank:
-                    offset = 0
-                    for t in tensors:
-                        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                        offset += t.numel()
+        for params, group in self.domains:
+            rank = dist.get_rank(group)
+            for r in range(dist.get_world_size(group)):
+                by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+                for p in params:
+                    if self.owner[p] == r:
+                        by_dtype.setdefault(p.dtype, []).append(_local(p))
+                for tensors in by_dtype.values():
+                    flat = (torch.cat([t.flatten() for t in tensors]) if r == rank else
+                            torch.empty(sum(t.numel() for t in tensors),
+                                        dtype=tensors[0].dtype, device=tensors[0].device))
+                    dist.broadcast(flat, src=dist.get_global_rank(group, r), group=group)
+                    if r != rank:
+                        offset = 0
+                        for t in tensors:
+                            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                            offset += t.numel()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -200,8 +210,16 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
     groups = param_groups(model, o.weight_decay)
     if mesh is None or cfg.parallel.zero_stage != 1 or mesh["dp_shard"].size() == 1:
         return torch.optim.AdamW(groups, **kw)
-    if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
-        return PartitionedAdamW(groups, mesh["dp_shard"].get_group(), **kw)
+    params = [p for g in groups for p in g["params"]]
+    expert = getattr(model, EXPERT_PARAMS_ATTR, None)
+    if expert:  # expert weights: partitioned over the ranks holding the same experts
+        ids = {id(p) for p in expert}
+        rest = [p for p in params if id(p) not in ids]
+        ep_rep = expert[0].device_mesh["ep_replicate"].get_group()
+        return PartitionedAdamW(groups, [(rest, mesh["dp_shard"].get_group()),
+                                         (expert, ep_rep)], **kw)
+    if any(isinstance(p, DTensor) for p in params):
+        return PartitionedAdamW(groups, [(params, mesh["dp_shard"].get_group())], **kw)
     # ZeroRedundancyOptimizer takes one group at construction; add the others after.
     zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
                                    process_group=mesh["dp_shard"].get_group(),
