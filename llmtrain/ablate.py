@@ -550,7 +550,7 @@ def _multiplier_lines(report: dict[str, Any]) -> list[str]:
         return lines + [f"None: {sc['note']}."]
     lines += [f"Baseline `{report['baseline']}`: L(C) = (C0 / C)^alpha fitted to its "
               f"{law['n_points']} finished runs (final validation loss against training FLOPs): "
-              f"alpha = {law['alpha']:.4f}, C0 = {law['C0']:.4g}. Multiplier = the compute the "
+              f"alpha = {law['alpha']:.4f}, C0 = 10^{law['log10_C0']:.1f}. Multiplier = the compute the "
               f"baseline needs to reach the variant's loss over the compute the variant spent "
               f"(> 1: the variant is better); † = the variant's loss lies outside the baseline's "
               f"range (extrapolated). alpha = the variant's own fitted exponent.", "",
@@ -598,7 +598,8 @@ def plot_compute(report: dict[str, Any], path: Path) -> bool:
         import numpy as np
         cs = [r["compute"] for r in report["variants"] if r["compute"]]
         grid = np.geomspace(min(cs), max(cs), 50)
-        ax.plot(grid, (law["C0"] / grid) ** law["alpha"], "k--", lw=1,
+        ln_c0 = law["log10_C0"] * np.log(10)
+        ax.plot(grid, np.exp(law["alpha"] * (ln_c0 - np.log(grid))), "k--", lw=1,
                 label=f"baseline fit, alpha={law['alpha']:.3f}")
     ax.set_xscale("log")
     ax.set_yscale("log")

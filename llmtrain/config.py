@@ -498,6 +498,17 @@ def _validate_expert_parallel(cfg: Config, world_size: int) -> None:
     if dp_shard % p.ep:
         raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel shard size "
                           f"{dp_shard} (expert-parallel ranks are data-parallel ranks)")
+    if p.zero_stage == 1:  # ZeRO-1 gives every expert weight one owner among its replicas
+        stacks = ((m.n_encoder_layers, m.n_decoder_layers) if m.arch == "encoder_decoder"
+                  else (m.n_layers,))
+        n_moe = sum((i + 1) % m.moe.every_n_layers == 0 for n in stacks for i in range(n))
+        tensors = n_moe * (3 if m.activation in ("glu", "reglu", "geglu", "swiglu") else 2)
+        replicas = world_size // (p.pp * p.tp * p.ep)
+        if tensors < replicas:
+            raise ConfigError(f"parallel.ep={p.ep} with zero_stage=1 splits the expert weights "
+                              f"({tensors} tensors) over the {replicas} ranks holding the same "
+                              f"experts; each needs at least one: use zero_stage=0 or a larger "
+                              f"ep")
     for key, value, ok in (("pp", p.pp, (1,)), ("tp", p.tp, (1,)),
                            ("zero_stage", p.zero_stage, (0, 1))):
         if value not in ok:

@@ -143,13 +143,17 @@ def test_compute_multiplier_recovers_a_known_factor():
         return (c0 / c) ** alpha
     cs = [1e12, 4e12, 1.6e13]
     law = fit_loss_compute(cs, [base_loss(c) for c in cs])
-    assert law.alpha == pytest.approx(alpha) and law.compute_for(base_loss(2e12)) == \
-        pytest.approx(2e12)
+    assert law.alpha == pytest.approx(alpha)
+    assert math.exp(law.log_compute_for(base_loss(2e12))) == pytest.approx(2e12)
     ms = [compute_multiplier(law, c, base_loss(k * c)) for c in cs]
     assert [m["multiplier"] for m in ms] == pytest.approx([k] * 3)
     # the largest size's variant loss is below every baseline loss: extrapolated
     assert [m["extrapolated"] for m in ms] == [False, False, True]
     assert geometric_mean([2.0, 8.0, None]) == pytest.approx(4.0)
+    # a nearly flat baseline (alpha ~ 0.0014): C0 = e^1142 overflows a float, logs do not
+    flat = fit_loss_compute([1e12, 4e12], [5.0, 4.99])
+    assert flat.as_dict()["log10_C0"] > 300
+    assert compute_multiplier(flat, 1e12, 4.995)["multiplier"] == pytest.approx(2.0, rel=0.01)
     with pytest.raises(ValueError, match="does not fall"):
         fit_loss_compute(cs, [3.0, 3.1, 3.2])
     with pytest.raises(ValueError, match="two or more different compute"):

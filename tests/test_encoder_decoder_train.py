@@ -113,7 +113,7 @@ def test_pair_batches_hold_the_jsonl_fields(tmp_path):
     rows = write_pairs(tmp_path / "pairs.jsonl")
     cfg = load_config(None, pair_overrides(tmp_path / "r", tmp_path / "pairs.jsonl"))
     prefix, tok = prepare_corpus(cfg, log=lambda *a: None)
-    train, valid = build_pair_datasets(cfg, prefix)
+    train, valid = build_pair_datasets(cfg, prefix, tok)
     assert (len(train), len(valid)) == (540, 60)
     assert sorted(train.docs.tolist()) == list(range(540)), "the training split, shuffled"
     reader = Seq2SeqReader(train, cfg, tok)
@@ -127,6 +127,12 @@ def test_pair_batches_hold_the_jsonl_fields(tmp_path):
         assert src[-1] == tgt[-1] == tok.eod
         assert tok.decode(src[:-1]).strip() == rows[doc]["question"]
         assert tok.decode(tgt[:-1]).strip() == rows[doc]["answer"]
+    # a model vocabulary smaller than the tokenizer's is a one-line error, not an IndexError
+    from llmtrain.config import ConfigError
+    small = load_config(None, pair_overrides(tmp_path / "r", tmp_path / "pairs.jsonl",
+                                             **{"model.vocab_size": tok.vocab_size - 1}))
+    with pytest.raises(ConfigError, match="raise model.vocab_size"):
+        build_pair_datasets(small, prefix, tok)
     # both sides are cut to train.seq_len, keeping the EOS
     short = load_config(None, pair_overrides(tmp_path / "r", tmp_path / "pairs.jsonl",
                                              **{"train.seq_len": 4}))

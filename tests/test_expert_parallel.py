@@ -63,10 +63,14 @@ def test_expert_parallel_equals_data_parallel(tmp_path, nproc, extra):
     ({"parallel.ep": 4, "model.moe.num_experts": 4}, 2, "must divide the data-parallel shard"),
     ({"parallel.ep": 2, "model.moe.num_experts": 4, "parallel.zero_stage": 3}, 2,
      "zero_stage=3 is not supported yet"),
+    # one GeLU MoE layer: 2 expert tensors cannot be split over 4 replicas (dp 8 / ep 2)
+    ({"parallel.ep": 2, "model.moe.num_experts": 4, "parallel.zero_stage": 1,
+      "model.activation": "gelu", "model.n_layers": 2, "model.moe.every_n_layers": 2}, 8,
+     r"splits the expert weights \(2 tensors\) over the 4 ranks"),
 ])
 def test_expert_parallel_config_errors(sets, world, message):
     with pytest.raises(ConfigError, match=message) as e:
-        batch = {"train.micro_batch_size": 1, "train.global_batch_size": 12}
+        batch = {"train.micro_batch_size": 1, "train.global_batch_size": 24}
         load_config(None, [f"{k}={v}" for k, v in {**batch, **sets}.items()], world_size=world)
     assert "\n" not in str(e.value)
 

@@ -45,6 +45,13 @@ def _split_sizes(cfg: Config) -> list[int]:
     return [t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0]
 
 
+def check_tokenizer_fits(tok: Tokenizer, cfg: Config) -> None:
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} entries but model.vocab_size="
+                          f"{cfg.model.vocab_size}; raise model.vocab_size to at least "
+                          f"{tok.vocab_size}")
+
+
 def build_datasets(cfg: Config, prefix: str, tok: Tokenizer):
     """(train, valid) GPTDatasets over `prefix` (or over `data.blend`), with megatron's split."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
@@ -52,10 +59,7 @@ def build_datasets(cfg: Config, prefix: str, tok: Tokenizer):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer has {tok.vocab_size} entries but model.vocab_size="
-                          f"{cfg.model.vocab_size}; raise model.vocab_size to at least "
-                          f"{tok.vocab_size}")
+    check_tokenizer_fits(tok, cfg)
     d, t = cfg.data, cfg.train
     if d.blend:
         blend = ([str(p) for _, p in d.blend], [float(w) for w, _ in d.blend])
@@ -235,13 +239,15 @@ class PairDataset:
         return self.src[d], self.tgt[d]
 
 
-def build_pair_datasets(cfg: Config, prefix: str) -> tuple[PairDataset, PairDataset]:
+def build_pair_datasets(cfg: Config, prefix: str,
+                        tok: Tokenizer) -> tuple[PairDataset, PairDataset]:
     """(train, valid) over the pairs, split by `data.split` weights in corpus order (as megatron
     splits documents); the training pairs are shuffled once by the seed (epoch 0), later epochs
     by EpochOrder."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from llmtrain.data.preprocess import PAIR_SUFFIXES
+    check_tokenizer_fits(tok, cfg)
     n = len(IndexedDataset(prefix + PAIR_SUFFIXES[0]))
     weights = [float(w) for w in cfg.data.split.replace("/", ",").split(",")]
     total = sum(weights)

@@ -208,10 +208,16 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
     o = cfg.optim
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     groups = param_groups(model, o.weight_decay)
+    expert = getattr(model, EXPERT_PARAMS_ATTR, None)
+    if expert:  # AdamW's foreach kernels (the CUDA default) cannot mix DTensors and tensors
+        ids = {id(p) for p in expert}
+        groups = [{**g, "name": g["name"] + suffix, "params": [p for p in g["params"]
+                                                              if (id(p) in ids) == is_expert]}
+                  for g in groups for suffix, is_expert in (("", False), ("_experts", True))]
+        groups = [g for g in groups if g["params"]]
     if mesh is None or cfg.parallel.zero_stage != 1 or mesh["dp_shard"].size() == 1:
         return torch.optim.AdamW(groups, **kw)
     params = [p for g in groups for p in g["params"]]
-    expert = getattr(model, EXPERT_PARAMS_ATTR, None)
     if expert:  # expert weights: partitioned over the ranks holding the same experts
         ids = {id(p) for p in expert}
         rest = [p for p in params if id(p) not in ids]

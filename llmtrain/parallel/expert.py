@@ -66,6 +66,10 @@ def _ep_forward(experts: nn.Module, group, x: torch.Tensor, counts: torch.Tensor
     local_weights = tuple(None if w is None else w.to_local()
                           for w in (experts.w1, experts.w2, experts.w3))
     y = experts.run(received[perm], recv.sum(0), local_weights)
+    if y.shape[0] == 0:
+        # No rank sent this rank a token. The empty result must still hang off `received`:
+        # otherwise this rank's backward skips both all-to-alls the other ranks wait in.
+        y = received[perm] * 0
     back = torch.empty_like(y).index_copy(0, perm, y)  # inverse permutation
     out = all_to_all_single_autograd(back, in_splits, out_splits, group)
     return torch.ops._c10d_functional.wait_tensor(out)

@@ -37,13 +37,14 @@ class LossComputeLaw:
     def loss(self, compute: float) -> float:
         return math.exp(self.alpha * (self.log_c0 - math.log(compute)))
 
-    def compute_for(self, loss: float) -> float:
-        """The compute at which the law reaches `loss`."""
-        return math.exp(self.log_c0 - math.log(loss) / self.alpha)
+    def log_compute_for(self, loss: float) -> float:
+        """ln of the compute at which the law reaches `loss` (in logs: with a small alpha the
+        compute itself overflows a float)."""
+        return self.log_c0 - math.log(loss) / self.alpha
 
     def as_dict(self) -> dict:
         return {"formula": "L(C) = (C0 / C)^alpha", "alpha": self.alpha,
-                "C0": math.exp(self.log_c0), "loss_range": list(self.loss_range),
+                "log10_C0": self.log_c0 / math.log(10), "loss_range": list(self.loss_range),
                 "n_points": self.n_points}
 
 
@@ -67,7 +68,8 @@ def fit_loss_compute(compute, loss) -> LossComputeLaw:
 def compute_multiplier(baseline: LossComputeLaw, compute: float, loss: float) -> dict:
     """The multiplier of a variant that reached `loss` with `compute`, against `baseline`."""
     lo, hi = baseline.loss_range
-    return {"multiplier": baseline.compute_for(loss) / compute,
+    log_m = baseline.log_compute_for(loss) - math.log(compute)
+    return {"multiplier": math.exp(min(log_m, 700.0)),  # beyond e^700: inf in all but name
             "extrapolated": not lo <= loss <= hi}
 
 

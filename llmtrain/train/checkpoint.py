@@ -312,9 +312,12 @@ class AsyncSaver:
     would interleave two streams of collectives on one communicator.
     """
 
-    def __init__(self):
+    def __init__(self, timeout_s: float = 1800.0):
+        import datetime
         from concurrent.futures import ThreadPoolExecutor
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.group = (dist.new_group(backend="gloo",
+                                     timeout=datetime.timedelta(seconds=timeout_s))
+                      if dist.is_initialized() else None)
         if self.group is None:  # one process: DCP says it assumes so, from the writer thread
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmtrain-ckpt")

@@ -146,7 +146,7 @@ class Trainer:
             for p in ([p for _, p in cfg.data.blend] if cfg.data.blend else [prefix]):
                 check_vocab(str(p), cfg.model.vocab_size)
         pairs = bool(cfg.data.source_field)  # encoder-decoder on source -> target pairs
-        train_ds, valid_ds = (build_pair_datasets(cfg, prefix) if pairs
+        train_ds, valid_ds = (build_pair_datasets(cfg, prefix, tok) if pairs
                               else build_datasets(cfg, prefix, tok))
         self.tokenizer = tok
         self.dp_rank, self.dp_size = dp_info(self.mesh)
@@ -172,7 +172,8 @@ class Trainer:
                                                       self.optimizer, log=say)
             self.model, self.optimizer = self.engine, self.engine.optimizer
         # checkpoint.async: periodic saves written in the background (its own gloo group)
-        self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
+        self.saver = (ckpt.AsyncSaver(cfg.train.collective_timeout_s)
+                      if cfg.checkpoint.async_save else None)
         self.tp = self.mesh["tp"].size() if self.mesh is not None else 1
         self.pipeline = None  # parallel.pp > 1: a pipeline schedule runs the micro-batches
         if cfg.parallel.pp > 1:
@@ -452,10 +453,13 @@ class Trainer:
         finally:
             watchdog.disarm()
             stop.restore()
-            if self.saver is not None:  # also on an error: a save in flight is finished
-                self.finish_async_save(writer)
-                self.saver.close()
-            writer.close()
+            try:
+                if self.saver is not None:  # also on an error: a save in flight is finished
+                    self.finish_async_save(writer)
+            finally:
+                if self.saver is not None:
+                    self.saver.close()
+                writer.close()
         summary = {"steps": self.step, "tokens": self.step * self.tokens_per_step,
                    "n_params": self.n_params, "n_params_nonembedding": self.n_params_nonemb,
                    "flops_per_token": self.flops_per_token, "final_val_loss": last_val,
