@@ -114,3 +114,77 @@ def test_expert_parallel_with_zero1_equals_without(tmp_path):
     cut_back(z1, 3)
     assert "resumed from" in torchrun(4, z1_args).stdout
     assert read_losses(z1) == pytest.approx(read_losses(ref), rel=1e-5)
+
+
+def _skewed_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llmtrain.config import ModelConfig, MoEConfig
+    from llmtrain.model.moe import MoE
+    from llmtrain.parallel.expert import apply_ep, build_ep_mesh
+    from llmtrain.parallel.mesh import MESH_DIMS
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = ModelConfig(d_model=16, n_heads=1, activation="swiglu", moe=MoEConfig(
+            num_experts=4, router="topk", top_k=1, capacity_factor=0.0))
+        torch.manual_seed(0)
+        layer = MoE(cfg)
+        layer.init_weights(0.02, 0.02)
+        with torch.no_grad():  # every token to expert 0 or 1: ep rank 1 (experts 2, 3) gets none
+            layer.router.gate.weight[2:] = -10.0
+        x = torch.rand(8, 16, generator=torch.Generator().manual_seed(rank)) + 0.1 + rank
+        apply_ep(layer, build_ep_mesh(init_device_mesh("cpu", (1, 1, 2, 1),
+                                                       mesh_dim_names=MESH_DIMS), 2))
+        y = layer(x)
+        y.square().sum().backward()  # hung here before: rank 1 skipped its backward all-to-alls
+        w1 = layer.experts.w1  # no gradient at all on the idle rank: its experts saw nothing
+        grad = w1.grad.to_local() if w1.grad is not None else torch.zeros_like(w1.to_local())
+        torch.save({"y": y.detach(), "w1_grad": grad}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_whose_experts_get_no_tokens_still_joins_the_backward(tmp_path):
+    """All tokens routed to the experts of ep rank 0: rank 1 receives nothing, yet both ranks
+    finish the backward (within a timeout), with the outputs of the unsharded layer and zero
+    gradients for the idle experts."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from llmtrain.config import ModelConfig, MoEConfig
+    from llmtrain.model.moe import MoE
+    ctx = mp.start_processes(_skewed_worker, args=(29653, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    import time
+    deadline = time.monotonic() + 60
+    while not ctx.join(timeout=5):  # False until every process has exited
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("expert-parallel backward did not finish: a collective mismatch")
+    cfg = ModelConfig(d_model=16, n_heads=1, activation="swiglu", moe=MoEConfig(
+        num_experts=4, router="topk", top_k=1, capacity_factor=0.0))
+    torch.manual_seed(0)
+    ref = MoE(cfg)
+    ref.init_weights(0.02, 0.02)
+    with torch.no_grad():
+        ref.router.gate.weight[2:] = -10.0
+    grad = torch.zeros_like(ref.experts.w1)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        x = torch.rand(8, 16, generator=torch.Generator().manual_seed(rank)) + 0.1 + rank
+        ref.zero_grad()
+        y = ref(x)
+        y.square().sum().backward()
+        torch.testing.assert_close(got["y"], y.detach())
+        grad += ref.experts.w1.grad
+        assert got["w1_grad"].shape[0] == 2
+    g0 = torch.load(tmp_path / "rank0.pt", weights_only=True)["w1_grad"]
+    g1 = torch.load(tmp_path / "rank1.pt", weights_only=True)["w1_grad"]
+    torch.testing.assert_close(torch.cat([g0, g1]), grad)  # summed over both ranks' tokens
+    assert g1.abs().sum() == 0

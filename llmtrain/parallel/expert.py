@@ -67,9 +67,10 @@ def _ep_forward(experts: nn.Module, group, x: torch.Tensor, counts: torch.Tensor
                           for w in (experts.w1, experts.w2, experts.w3))
     y = experts.run(received[perm], recv.sum(0), local_weights)
     if y.shape[0] == 0:
-        # No rank sent this rank a token. The empty result must still hang off `received`:
-        # otherwise this rank's backward skips both all-to-alls the other ranks wait in.
-        y = received[perm] * 0
+        # No rank sent this rank a token. The empty result must still hang off the tokens and
+        # this rank's expert weights, as everyone else's does: otherwise this rank's backward
+        # skips the all-to-alls the other ranks wait in.
+        y = received[perm] * 0 + sum(w.sum() for w in local_weights if w is not None) * 0
     back = torch.empty_like(y).index_copy(0, perm, y)  # inverse permutation
     out = all_to_all_single_autograd(back, in_splits, out_splits, group)
     return torch.ops._c10d_functional.wait_tensor(out)
