@@ -8,6 +8,8 @@ never leaves a pair that looks complete.
 
 from __future__ import annotations
 
+from array import array
+
 import glob
 import hashlib
 import json
@@ -241,9 +243,8 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
             stats = write_indexed(encode_documents(
                 (pair[side] for pair in iter_file_pairs(files, d.source_field, d.target_field)),
                 tok), f"{prefix}{suffix}", tok.vocab_size)
-        stats["documents"] = f"{stats['documents']} pairs;"
         tok.save(tok_file)  # last: its presence marks the cache entry complete
-        log(f"corpus ready: {stats['documents']} {stats['tokens']:,} target tokens")
+        log(f"corpus ready: {stats['documents']} pairs; {stats['tokens']:,} target tokens")
         return str(prefix), tok
     log(f"tokenizing the {d.source} corpus into {prefix}.bin/.idx")
     stats = write_indexed(encode_documents(texts(), tok), prefix, tok.vocab_size)
@@ -304,6 +305,7 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_field: str =
     out.parent.mkdir(parents=True, exist_ok=True)
     tok = resolve_tokenizer(tokenizer, texts, log)
     eod = [tok.eod] if append_eod else []
+    eod_array = array("i", eod)  # appended to the int32 arrays the workers send back
     stats = {"documents": 0, "tokens": 0, "bytes": 0}
     bar = None
     if progress:
@@ -329,7 +331,7 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_field: str =
             for ids in batch:  # a list (in process) or an int32 array (from a worker)
                 stats["documents"] += 1
                 stats["tokens"] += len(ids) + len(eod)
-                yield ids + (eod if isinstance(ids, list) else type(ids)("i", eod))
+                yield ids + (eod if isinstance(ids, list) else eod_array)
             if bar is not None:
                 dt = max(time.perf_counter() - t0, 1e-9)
                 bar.n = stats["documents"]

@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -208,11 +207,7 @@ def save_checkpoint(trainer) -> Path:
     if ckpt._rank() == 0:
         extra = {"engine": "deepspeed", "tokens": step * trainer.tokens_per_step,
                  "skipped_steps": trainer.skipped_total}
-        ckpt._publish(tmp, final, ckpt._meta(step, cfg, extra))
-        keep = cfg.checkpoint.keep_last
-        if keep:
-            for old in ckpt.list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        ckpt._publish(tmp, final, ckpt._meta(step, cfg, extra), cfg.checkpoint.keep_last)
     ckpt._barrier()
     return final
 

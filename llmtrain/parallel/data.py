@@ -84,9 +84,7 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
         return model
     expert = getattr(model, EXPERT_PARAMS_ATTR, None)
     if expert:  # expert parallelism (parallel/expert.py)
-        ids = {id(p) for p in expert}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        ep_rep = expert[0].device_mesh["ep_replicate"].get_group()
+        rest, ep_rep = _split_experts(list(model.parameters()), expert)
         model.__dict__[GRAD_SYNC_ATTR] = [(rest, dp.get_group(), dp.size()),
                                           (expert, ep_rep, dp.size())]
         return model
@@ -99,6 +97,22 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
 
 
 EXPERT_PARAMS_ATTR = "expert_params"  # set by parallel/expert.py: the ep-sharded parameters
+
+
+def _split_experts(params: list, expert: list) -> tuple[list, object]:
+    """(the parameters that are not expert weights, the group of ranks holding the same
+    experts: what expert gradients are reduced and their optimizer states partitioned over)."""
+    ids = {id(p) for p in expert}
+    return ([p for p in params if id(p) not in ids],
+            expert[0].device_mesh["ep_replicate"].get_group())
+
+
+def _copy_from_flat(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Inverse of torch.cat([t.flatten() for t in tensors]): copy `flat` back into `tensors`."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 @torch.no_grad()
@@ -120,17 +134,16 @@ def average_gradients(params, group, divisor: int | None = None,
     world = divisor or dist.get_world_size(group)
     for same_dtype in grads.values():
         bucket: list[torch.Tensor] = []
+        size = 0
         for i, g in enumerate(same_dtype):
             bucket.append(g)
-            if i == len(same_dtype) - 1 or sum(b.numel() for b in bucket) >= bucket_numel:
+            size += g.numel()
+            if i == len(same_dtype) - 1 or size >= bucket_numel:
                 flat = torch.cat([b.flatten() for b in bucket])
                 dist.all_reduce(flat, group=group)
                 flat /= world
-                offset = 0
-                for b in bucket:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                    offset += b.numel()
-                bucket = []
+                _copy_from_flat(flat, bucket)
+                bucket, size = [], 0
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -187,10 +200,7 @@ class PartitionedAdamW(torch.optim.AdamW):
                                         dtype=tensors[0].dtype, device=tensors[0].device))
                     dist.broadcast(flat, src=dist.get_global_rank(group, r), group=group)
                     if r != rank:
-                        offset = 0
-                        for t in tensors:
-                            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                            offset += t.numel()
+                        _copy_from_flat(flat, tensors)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -219,9 +229,7 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
         return torch.optim.AdamW(groups, **kw)
     params = [p for g in groups for p in g["params"]]
     if expert:  # expert weights: partitioned over the ranks holding the same experts
-        ids = {id(p) for p in expert}
-        rest = [p for p in params if id(p) not in ids]
-        ep_rep = expert[0].device_mesh["ep_replicate"].get_group()
+        rest, ep_rep = _split_experts(params, expert)
         return PartitionedAdamW(groups, [(rest, mesh["dp_shard"].get_group()),
                                          (expert, ep_rep)], **kw)
     if any(isinstance(p, DTensor) for p in params):

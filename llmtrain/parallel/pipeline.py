@@ -129,10 +129,11 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     top.__dict__["pipeline_stages"] = stages
     top.__dict__[PP_GROUP_ATTR] = pp_mesh.get_group()
     # ZeRO 0/1: DDP's reducer expects one backward per forward, a pipeline stage runs one per
-    # micro-batch (and one more for shape inference); the gradients are averaged after the step
+    # micro-batch (and one more for shape inference); the loop averages the gradients after the
+    # schedule's step, by the same plan as for tensor parallelism without DDP
     dp = _data.dp_mesh(mesh)
-    sync = cfg.parallel.zero_stage < 2 and dp.size() > 1
-    top.__dict__["pipeline_grad_sync_group"] = dp.get_group() if sync else None
+    if cfg.parallel.zero_stage < 2 and dp.size() > 1:
+        top.__dict__[_data.GRAD_SYNC_ATTR] = [(list(top.parameters()), dp.get_group(), dp.size())]
     return top
 
 
@@ -155,7 +156,6 @@ class Pipeline:
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, n_microbatches: int):
         self.cfg, self.device = cfg, device
         self.group = getattr(model, PP_GROUP_ATTR)
-        self.grad_sync_group = model.pipeline_grad_sync_group
         self.params = [p for p in model.parameters() if p.requires_grad]
         parts, stage_ids = model.pipeline_parts, model.pipeline_stages
         n_stages = cfg.parallel.pp * cfg.parallel.virtual_stages
@@ -188,8 +188,6 @@ class Pipeline:
                 self.schedule.eval(*args, **kwargs, losses=losses)
         if train:
             self._shard_grads_like_params()
-        if train and self.grad_sync_group is not None:
-            self._average_grads()
         ce_sum = (torch.stack([x.detach().float() for x in losses]).sum() / scale if losses
                   else torch.zeros((), device=self.device))
         dist.all_reduce(ce_sum, group=self.group)  # from the last stage to every pp rank
@@ -206,11 +204,6 @@ class Pipeline:
             g = p.grad
             if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
                 p.grad = g.redistribute(p.device_mesh, p.placements)
-
-    def _average_grads(self) -> None:
-        """Mean of the gradients over the data-parallel ranks (what DDP does)."""
-        from llmtrain.parallel.data import average_gradients
-        average_gradients(self.params, self.grad_sync_group)
 
     @torch.no_grad()
     def evaluate(self, reader, steps: int, ctx, dp_group) -> float:

@@ -263,14 +263,18 @@ def _begin(path_root: Path, step: int) -> tuple[Path, Path]:
     return tmp, final
 
 
-def _publish(tmp: Path, final: Path, meta: dict) -> None:
-    """Rank 0, after every rank wrote its files: meta.json, then the manifest, then the rename."""
+def _publish(tmp: Path, final: Path, meta: dict, keep_last: int = 0) -> None:
+    """Rank 0, after every rank wrote its files: meta.json, then the manifest, then the rename;
+    then all but the newest `keep_last` checkpoints are removed (0: keep all)."""
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     _VERIFIED.discard(final.resolve())
     os.replace(tmp, final)
+    if keep_last:
+        for old in list_checkpoints(final.parent)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _meta(step: int, cfg: Config, extra: dict) -> dict:
@@ -292,10 +296,7 @@ def save(path_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
     torch.save(_rng_state(device), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
-        _publish(tmp, final, _meta(step, cfg, extra))
-        if keep_last:
-            for old in list_checkpoints(path_root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final, _meta(step, cfg, extra), keep_last)
     _barrier()
     return final
 
@@ -341,10 +342,7 @@ class AsyncSaver:
         def finish() -> None:
             upload.result()
             if main:
-                _publish(tmp, final, meta)
-                if keep_last:
-                    for old in list_checkpoints(path_root)[:-keep_last]:
-                        shutil.rmtree(old, ignore_errors=True)
+                _publish(tmp, final, meta, keep_last)
         self._pending = (step, tmp, self._pool.submit(finish))
         return final
 

@@ -277,9 +277,9 @@ class Trainer:
                     aux_sum += aux.detach() / n_micro
                 step_loss.backward()
             loss_sum += ce_sum.detach()
-        if self.pipeline is None:  # ZeRO 0/1 with tp, expert parallelism: no DDP wrapper
-            for params, group, divisor in getattr(model, GRAD_SYNC_ATTR, ()):
-                average_gradients(params, group, divisor)
+        # no DDP wrapper (ZeRO 0/1 with tp, pipeline stages, expert parallelism): reduce now
+        for params, group, divisor in getattr(model, GRAD_SYNC_ATTR, ()):
+            average_gradients(params, group, divisor)
         loss = _all_reduce_sum(loss_sum, self.dp_group) / n_global
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm_(model, clip)  # over TP/FSDP shards too
