@@ -59,14 +59,33 @@ def mesh_shape(cfg: Config, world_size: int) -> dict[str, int]:
     return {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp}
 
 
+def restart_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store | None:
+    """The launcher's store with this restart's own key prefix, under a torchrun agent; else None.
+
+    torchrun's agent keeps one TCPStore for the whole job (TORCHELASTIC_USE_AGENT_STORE) and the
+    process groups' keys carry no restart number, so after `--max-restarts` restarts the workers a
+    worker that joins late can read a dead worker's address from the round before and time out
+    dialling it (gloo's "connectFullMesh failed"); one failed round then fails every later one the
+    same way. A prefix per restart keeps each round's keys apart.
+    """
+    environ = os.environ
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), env.world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"llmtrain/restart_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                            store)
+
+
 def init_distributed(cfg: Config, env: DistEnv, device: torch.device) -> DeviceMesh | None:
     """Join the process group (NCCL on CUDA, gloo on CPU) and build the mesh; None for 1 process."""
     if env.world_size == 1:
         return None
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
+                                timeout=timeout, store=restart_store(env, timeout))
     shape = mesh_shape(cfg, env.world_size)
     return init_device_mesh(device.type, tuple(shape.values()), mesh_dim_names=MESH_DIMS)
 
