@@ -314,3 +314,25 @@ def test_moe_metrics_record():
     for stat in ("aux_loss", "z_loss", "load_max_over_mean"):
         assert f"moe/layer1/{stat}" in record
     assert moe_metrics(build_model(ModelConfig(n_layers=1, d_model=16, n_heads=2))) == ({}, {})
+
+
+def test_activation_checkpointing_leaves_moe_training_unchanged(tmp_path):
+    # The grouped-matmul probe ran inside the first checkpointed forward and made the recompute
+    # save fewer tensors (CheckpointError); with the aux-free bias the recompute must not count
+    # the routed tokens again either.
+    runs = {}
+    for ac in ("none", "full"):
+        run = tmp_path / ac
+        _grouped_mm_works.cache_clear()  # probe again, this time inside the checkpointed forward
+        overrides = tiny_overrides(run, **{"train.steps": 4, "model.moe.num_experts": 4,
+                                           "model.moe.every_n_layers": 1, "model.dropout": 0.0,
+                                           "model.moe.aux_free_bias": True,
+                                           "model.moe.bias_update_rate": 0.05,
+                                           "parallel.activation_checkpointing": ac})
+        assert main(["train", *sum((["--set", o] for o in overrides), [])]) == 0
+        runs[ac] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "grad_norm", "moe_aux_loss"):
+        assert [r[key] for r in runs["full"]] == pytest.approx([r[key] for r in runs["none"]],
+                                                              rel=1e-5), key
+    assert [r["moe/layer0/load"] for r in runs["full"]] == \
+        [r["moe/layer0/load"] for r in runs["none"]]

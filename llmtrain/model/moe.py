@@ -56,8 +56,12 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
+        # saved_tensors_hooks of its own: the first probe often runs inside an activation-
+        # checkpointed forward, whose hooks would count the probe's saved tensors and then find
+        # them missing from the recompute (CheckpointError)
         with torch.inference_mode(False), torch.enable_grad(), \
-                torch.autocast(device.type, enabled=False):
+                torch.autocast(device.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             x = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
             w = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
             offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
@@ -218,7 +222,8 @@ class MoE(nn.Module):
         balance = n_exp * (counts.float() / (k * n) * probs.mean(0)).sum()
         z = torch.logsumexp(logits, dim=-1).square().mean()
         self.aux_loss = self.aux_loss_coef * balance + self.z_loss_coef * z
-        if self.training:
+        if self.training and torch.is_grad_enabled():
+            # a forward no backward follows is not a training step's
             self.router.load += counts
         self.stats = {"aux_loss": balance.detach(), "z_loss": z.detach(),
                       "drop_frac": 1 - kept.sum().float() / (k * n),
