@@ -475,9 +475,6 @@ def _validate_pipeline(cfg: Config, dp: int) -> None:
         raise ConfigError("model.tie_embeddings=true with parallel.pp > 1 is not supported (the "
                           "embedding and the output layer live on different stages); set "
                           "model.tie_embeddings=false")
-    if m.moe.num_experts:
-        raise ConfigError("parallel.pp > 1 with MoE layers is not supported yet (the router "
-                          "losses are not carried between stages); use pp=1")
     if cfg.data.reset_attention_at_eod:
         raise ConfigError("data.reset_attention_at_eod with parallel.pp > 1 is not supported "
                           "yet (document ids are not sent between stages); use pp=1")
@@ -499,21 +496,28 @@ def _validate_expert_parallel(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel shard size "
                           f"{dp_shard} (expert-parallel ranks are data-parallel ranks)")
     if p.zero_stage == 1:  # ZeRO-1 gives every expert weight one owner among its replicas
-        stacks = ((m.n_encoder_layers, m.n_decoder_layers) if m.arch == "encoder_decoder"
-                  else (m.n_layers,))
-        n_moe = sum((i + 1) % m.moe.every_n_layers == 0 for n in stacks for i in range(n))
-        tensors = n_moe * (3 if m.activation in ("glu", "reglu", "geglu", "swiglu") else 2)
+        per_layer = 3 if m.activation in ("glu", "reglu", "geglu", "swiglu") else 2
+
+        def tensors_in(layer_ids) -> int:
+            return per_layer * sum((i + 1) % m.moe.every_n_layers == 0 for i in layer_ids)
+        if p.pp > 1:  # each stage partitions the experts of its own layers
+            from llmtrain.parallel.pipeline import stage_layer_ids
+            tensors = min([t for t in map(tensors_in, stage_layer_ids(cfg)) if t] or [0])
+        else:
+            stacks = ((m.n_encoder_layers, m.n_decoder_layers) if m.arch == "encoder_decoder"
+                      else (m.n_layers,))
+            tensors = sum(tensors_in(range(n)) for n in stacks)
         replicas = world_size // (p.pp * p.tp * p.ep)
-        if tensors < replicas:
+        if 0 < tensors < replicas:
+            where = " in the pipeline stage with the fewest" if p.pp > 1 else ""
             raise ConfigError(f"parallel.ep={p.ep} with zero_stage=1 splits the expert weights "
-                              f"({tensors} tensors) over the {replicas} ranks holding the same "
-                              f"experts; each needs at least one: use zero_stage=0 or a larger "
-                              f"ep")
-    for key, value, ok in (("pp", p.pp, (1,)), ("tp", p.tp, (1,)),
-                           ("zero_stage", p.zero_stage, (0, 1))):
+                              f"({tensors} tensors{where}) over the {replicas} ranks holding the "
+                              f"same experts; each needs at least one: use zero_stage=0 or a "
+                              f"larger ep")
+    for key, value, ok in (("tp", p.tp, (1,)), ("zero_stage", p.zero_stage, (0, 1))):
         if value not in ok:
             raise ConfigError(f"parallel.ep={p.ep} with parallel.{key}={value} is not supported "
-                              f"yet; expert parallelism runs with pp=1, tp=1, zero_stage 0 or 1")
+                              f"yet; expert parallelism runs with tp=1, zero_stage 0 or 1")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:

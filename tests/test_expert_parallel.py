@@ -67,6 +67,13 @@ def test_expert_parallel_equals_data_parallel(tmp_path, nproc, extra):
     ({"parallel.ep": 2, "model.moe.num_experts": 4, "parallel.zero_stage": 1,
       "model.activation": "gelu", "model.n_layers": 2, "model.moe.every_n_layers": 2}, 8,
      r"splits the expert weights \(2 tensors\) over the 4 ranks"),
+    # pp=2 over 4 GeLU layers, MoE every 2nd: each stage has 2 expert tensors, 4 replicas each
+    ({"parallel.ep": 2, "model.moe.num_experts": 4, "parallel.zero_stage": 1, "parallel.pp": 2,
+      "model.tie_embeddings": False, "model.activation": "gelu", "model.n_layers": 4,
+      "model.moe.every_n_layers": 2}, 16,
+     r"\(2 tensors in the pipeline stage with the fewest\) over the 4 ranks"),
+    ({"parallel.ep": 2, "model.moe.num_experts": 4, "parallel.tp": 2}, 4,
+     "parallel.tp=2 is not supported yet"),
 ])
 def test_expert_parallel_config_errors(sets, world, message):
     with pytest.raises(ConfigError, match=message) as e:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmtrain.config import ConfigError, config_from_dict, load_config
-from test_parallel import final_weights, read_losses, torchrun
+from test_parallel import assert_weights_close, final_weights, read_losses, torchrun
 
 STEPS = 4
 # An untied embedding row of a rare token has a ~0 gradient, which AdamW turns into a step of up to
@@ -95,6 +95,72 @@ def check_planner_model_state(run, nproc: int, par: dict) -> None:
         # ZeRO-1 splits whole tensors: compare the mean partition with the planner's 1/dp
         got = sum(values) / len(values) if zero == 1 and key == "optimizer" else max(values)
         assert got == pytest.approx(est[key], rel=0.05), (key, values, est[key])
+
+
+# MoE in every layer, top-2 of 4 with drops; router losses weighted 1.0 (100x the default) so a
+# missing router-loss gradient moves the gradient norm far beyond 1e-5; the aux-free bias makes
+# the routing depend on the tokens counted (torch's shape-inference forward must not count)
+MOE = {"model.moe.num_experts": 4, "model.moe.router": "topk", "model.moe.top_k": 2,
+       "model.moe.capacity_factor": 1.0, "model.moe.every_n_layers": 1,
+       "model.activation": "swiglu", "model.dropout": 0.0, "model.moe.aux_loss_coef": 1.0,
+       "model.moe.z_loss_coef": 0.01, "model.moe.aux_free_bias": True,
+       "model.moe.bias_update_rate": 0.01, "train.micro_batch_size": 2}
+MOE_LAYOUTS = {
+    "pp2-1f1b": (2, PP),
+    "pp2-interleaved-v2": (2, {**PP, "parallel.pp_schedule": "interleaved_1f1b",
+                               "parallel.virtual_stages": 2}),
+    "pp2-zero-bubble": (2, {**PP, "parallel.pp_schedule": "zero_bubble"}),
+    "pp2xdp2-zero1": (4, {**PP, "parallel.zero_stage": 1}),
+    "pp2xep2": (4, {**PP, "parallel.ep": 2}),
+    "pp2xep2-zero1": (4, {**PP, "parallel.ep": 2, "parallel.zero_stage": 1}),
+}
+
+
+def records(run) -> list[dict]:
+    import json
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory):
+    from llmtrain.cli import main
+    run = tmp_path_factory.mktemp("moe_reference") / "ref"
+    assert main(["train", *sum((["--set", a] for a in overrides(run, **MOE)), [])]) == 0
+    return records(run), final_weights(run, STEPS)
+
+
+@pytest.mark.parametrize("name", list(MOE_LAYOUTS))
+def test_moe_pipeline_matches_single_process(name, tmp_path, moe_reference):
+    """Router losses of every stage reach the backward; loss, gradient norm, summed router loss
+    and the expert loads (hence the aux-free bias) equal the single-process run's."""
+    nproc, par = MOE_LAYOUTS[name]
+    ref, ref_weights = moe_reference
+    run = tmp_path / name
+    torchrun(nproc, overrides(run, **MOE, **par), timeout=300)
+    got = records(run)
+    for key in ("loss", "grad_norm", "moe_aux_loss"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-5), key
+    if nproc == 2:  # one data-parallel rank: the logged per-layer stats are the whole batch's
+        for layer in range(4):  # stages 0 and 1 (rank 0 and 1) gathered into rank 0's record
+            key = f"moe/layer{layer}/load"
+            assert [r[key] for r in got] == [r[key] for r in ref], key
+    assert_weights_close(final_weights(run, STEPS), ref_weights)
+    if par.get("parallel.ep"):  # each rank of a stage holds half of that stage's experts
+        import json
+        stage_layers = [(0, 1), (2, 3)]  # ranks 0-1 run stage 0, ranks 2-3 stage 1 (pp outermost)
+        for rank in range(nproc):
+            layers = stage_layers[rank // 2]
+            want = 0
+            for name, w in ref_weights.items():
+                if name.endswith("router.expert_bias"):
+                    continue  # a buffer, not a parameter
+                layer = name.split(".")[1] if name.startswith("layers.") else None
+                owned = (int(layer) in layers if layer is not None
+                         else (name.startswith("tok_embeddings") == (rank < 2)))
+                if owned:
+                    want += w.numel() * 4 // (2 if ".experts.w" in name else 1)
+            got_bytes = json.loads((run / f"memory_rank{rank}.json").read_text())["param_bytes"]
+            assert got_bytes == want, rank
 
 
 def test_split_keeps_fqns():

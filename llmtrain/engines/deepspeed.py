@@ -153,7 +153,7 @@ def train_step(trainer, step: int) -> dict:
     DeepSpeed accumulates, averages over dp, clips and steps (at the last micro-batch)."""
     from llmtrain.model.moe import aux_loss as moe_aux_loss
     from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
-    from llmtrain.train.loop import _all_reduce_sum
+    from llmtrain.train.loop import _all_reduce_sum, reduce_step_losses
     from llmtrain.train.optim import lr_at
 
     cfg, engine, device = trainer.cfg, trainer.engine, trainer.device
@@ -184,7 +184,8 @@ def train_step(trainer, step: int) -> dict:
         _all_reduce_sum(r.load, trainer.dp_group)
     if routers:
         update_bias(engine.module)
-    loss = _all_reduce_sum(loss_sum, trainer.dp_group) / n_global
+    loss, aux_mean = reduce_step_losses(loss_sum, aux_sum, n_global, trainer.dp_group,
+                                        trainer.dp_size)
     norm = engine.get_global_grad_norm()  # None where DeepSpeed did not compute one (ZeRO 0)
     grad_norm = float(norm) if norm is not None else float("nan")
     # DeepSpeed has already stepped; a non-finite step is reported, not skipped (in fp32/bf16
@@ -192,7 +193,7 @@ def train_step(trainer, step: int) -> dict:
     finite = math.isfinite(float(loss)) and (norm is None or math.isfinite(grad_norm))
     return {"loss": float(loss), "lr": lr, "grad_norm": grad_norm, "skipped": not finite,
             "sample_ids": [i for b in batches for i in b.sample_ids],
-            "moe_aux_loss": float(aux_sum), "moe": moe_metrics(engine.module)}
+            "moe_aux_loss": float(aux_mean), "moe": moe_metrics(engine.module)}
 
 
 def save_checkpoint(trainer) -> Path:

@@ -21,7 +21,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
 
     Order (DESIGN.md): pipeline split, tensor parallel, expert parallel, activation checkpointing
     and compile, data parallel. The config validator refuses the combinations not built yet
-    (expert parallelism with pp, tp or ZeRO > 0; compile).
+    (expert parallelism with tp or ZeRO 2/3; compile).
     """
     if cfg.parallel.activation_checkpointing == "full":
         apply_ac(model)

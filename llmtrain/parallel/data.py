@@ -82,21 +82,30 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     dp = dp_mesh(mesh)
     if dp.size() == 1:
         return model
-    expert = getattr(model, EXPERT_PARAMS_ATTR, None)
-    if expert:  # expert parallelism (parallel/expert.py)
-        rest, ep_rep = _split_experts(list(model.parameters()), expert)
-        model.__dict__[GRAD_SYNC_ATTR] = [(rest, dp.get_group(), dp.size()),
-                                          (expert, ep_rep, dp.size())]
-        return model
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        # a plain attribute, not state
-        model.__dict__[GRAD_SYNC_ATTR] = [(list(model.parameters()), dp.get_group(), dp.size())]
+    if getattr(model, EXPERT_PARAMS_ATTR, None) or \
+            any(isinstance(p, DTensor) for p in model.parameters()):
+        set_grad_sync(model, dp)
         return model
     return DDP(model, process_group=dp.get_group(), broadcast_buffers=False,
                device_ids=[device.index] if device.type == "cuda" else None)
 
 
 EXPERT_PARAMS_ATTR = "expert_params"  # set by parallel/expert.py: the ep-sharded parameters
+
+
+def set_grad_sync(model: nn.Module, dp: DeviceMesh) -> None:
+    """Where no DDP wrapper reduces the gradients (DTensor parameters, expert parallelism,
+    pipeline stages): the plan the training loop runs after the backward, as a plain attribute
+    (not state). Gradients are averaged over dp; expert weights (parallel/expert.py) are summed
+    over the ranks holding the same experts and divided by the same dp size."""
+    params = list(model.parameters())
+    expert = getattr(model, EXPERT_PARAMS_ATTR, None)
+    if expert:
+        rest, ep_rep = _split_experts(params, expert)
+        plan = [(rest, dp.get_group(), dp.size()), (expert, ep_rep, dp.size())]
+    else:
+        plan = [(params, dp.get_group(), dp.size())]
+    model.__dict__[GRAD_SYNC_ATTR] = plan
 
 
 def _split_experts(params: list, expert: list) -> tuple[list, object]:

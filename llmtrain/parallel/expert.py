@@ -20,7 +20,8 @@ other parameter. Gradients: each owner's expert gradient already sums the contri
 ep rank's tokens (the backward of the all-to-all), so expert gradients are summed over the ranks
 that replicate the same experts (ep_replicate) and divided by the whole data-parallel size; the
 other parameters are averaged over all dp ranks (`grad_sync` plan, run by the training loop
-after the backward, see parallel/data.py).
+after the backward, see parallel/data.py). Under pipeline parallelism each stage shards the
+experts of its own layers over the ep ranks of that stage.
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 
 def build_ep_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
-    """The (ep_replicate, ep) mesh: each dp_shard group split into contiguous chunks of ep ranks
-    (the expert groups); ranks holding the same experts form the ep_replicate groups. Collective:
-    every rank builds every group. Needs pp = tp = 1 (validated in config)."""
-    ranks = mesh.mesh.reshape(-1, ep)  # (pp=1, dp_replicate, dp_shard, tp=1) in rank order
-    return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("ep_replicate", "ep"))
+    """This rank's (ep_replicate, ep) mesh: within each pipeline stage, each dp_shard group split
+    into contiguous chunks of ep ranks (the expert groups); ranks of the stage holding the same
+    experts form the ep_replicate groups. Collective: every rank builds every stage's groups
+    (as a (pp, ep_replicate, ep) mesh) and keeps its stage's slice. Needs tp = 1 (validated in
+    config)."""
+    pp = mesh["pp"].size()
+    ranks = mesh.mesh.reshape(pp, -1, ep)  # (pp, dp_replicate, dp_shard, tp=1) in rank order
+    full = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("ep_pp", "ep_replicate", "ep"))
+    return full["ep_replicate", "ep"]
 
 
 def _ep_forward(experts: nn.Module, group, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

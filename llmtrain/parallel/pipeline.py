@@ -17,6 +17,12 @@ interleaved_1f1b (Megatron-LM's virtual stages, Narayanan et al. 2021), zero_bub
 2023, input and weight gradients scheduled apart). The loss handed to the schedule is our
 normalisation: sum of CE over unmasked tokens / global token count * dp size, with
 `scale_grads=False` so the schedule does not divide by the number of micro-batches again.
+
+MoE router losses (balance + z) arise on whatever stage holds the MoE layer, where the schedule's
+loss is not. Each MoE layer's output therefore carries its router loss into the backward
+(`_CarryRouterLoss`, the trick of Megatron-LM's MoEAuxLossAutoScaler): identity forward, and
+the backward adds d(router loss) / n_microbatches, exactly the weight the loop gives it without a
+pipeline (with parallel.pp_microbatches = 0 the schedule's micro-batches are the loop's).
 """
 
 from __future__ import annotations
@@ -112,6 +118,10 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
 
     pp_mesh = mesh["pp"]
     rank_model, parts, stages = split_model(model, cfg, pp_mesh.get_local_rank())
+    expert = []
+    if cfg.parallel.ep > 1:  # the experts of this rank's layers, over the ep ranks of its stage
+        from llmtrain.parallel.expert import apply_ep, build_ep_mesh
+        expert = apply_ep(rank_model, build_ep_mesh(mesh, cfg.parallel.ep))
     wrapped = []
     for part in parts:
         if mesh["tp"].size() > 1:
@@ -128,13 +138,88 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     top.__dict__["pipeline_parts"] = wrapped
     top.__dict__["pipeline_stages"] = stages
     top.__dict__[PP_GROUP_ATTR] = pp_mesh.get_group()
+    if expert:
+        top.__dict__[_data.EXPERT_PARAMS_ATTR] = expert
     # ZeRO 0/1: DDP's reducer expects one backward per forward, a pipeline stage runs one per
     # micro-batch (and one more for shape inference); the loop averages the gradients after the
     # schedule's step, by the same plan as for tensor parallelism without DDP
     dp = _data.dp_mesh(mesh)
     if cfg.parallel.zero_stage < 2 and dp.size() > 1:
-        top.__dict__[_data.GRAD_SYNC_ATTR] = [(list(top.parameters()), dp.get_group(), dp.size())]
+        _data.set_grad_sync(top, dp)
     return top
+
+
+class _CarryRouterLoss(torch.autograd.Function):
+    """y = x in the forward; in the backward, also d(weight * aux)/d(aux) = weight into `aux`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.aux_meta
+        return grad, torch.full(shape, ctx.weight, dtype=dtype, device=device), None
+
+
+class _RouterLosses:
+    """Forward hooks on this rank's MoE layers: while training, each output carries its layer's
+    router loss into the backward (weight 1 / n_microbatches) and the detached losses are summed
+    for the metrics.
+
+    The schedules run each stage once more on its first step to infer shapes (torch's
+    "metadata inference", on the first stage's tokens and on empty tensors elsewhere). That
+    forward must leave no trace: `inference()` wraps it, and the hooks then restore the routers'
+    load counts (what the aux-free bias update reads) and count no router loss."""
+
+    def __init__(self, model: nn.Module, n_microbatches: int):
+        from llmtrain.model.moe import moe_layers
+        self.weight = 1.0 / n_microbatches
+        self.total = torch.zeros(())
+        self.inferring = False
+        self._loads: dict[int, torch.Tensor] = {}
+        for layer in moe_layers(model).values():
+            layer.register_forward_pre_hook(self._before)
+            layer.register_forward_hook(self._carry)
+
+    @contextlib.contextmanager
+    def inference(self):
+        self.inferring = True
+        try:
+            yield
+        finally:
+            self.inferring = False
+
+    def _before(self, module, args):
+        if self.inferring:
+            self._loads[id(module)] = module.router.load.clone()
+
+    def _carry(self, module, args, out):
+        if self.inferring:
+            module.router.load.copy_(self._loads.pop(id(module)))
+            return None
+        if not (module.training and torch.is_grad_enabled()) or module.aux_loss is None:
+            return None  # evaluation (no router loss in the validation loss)
+        self.total = self.total.to(out.device) + module.aux_loss.detach().float() * self.weight
+        return _CarryRouterLoss.apply(out, module.aux_loss, self.weight)
+
+    def pop(self) -> torch.Tensor:
+        total, self.total = self.total, torch.zeros((), device=self.total.device)
+        return total
+
+    def hide(self, stage: PipelineStage) -> None:
+        """Run `stage`'s shape-inference forward inside `inference()`. The method's name is
+        torch's and has changed (2.13: _forward_metadata_inference; before: _shape_inference);
+        a torch with neither runs no such forward."""
+        for name in ("_forward_metadata_inference", "_shape_inference"):
+            method = getattr(stage, name, None)
+            if method is not None:
+                def hidden(*args, _method=method, **kwargs):
+                    with self.inference():
+                        return _method(*args, **kwargs)
+                setattr(stage, name, hidden)
 
 
 class _LossFn:
@@ -164,15 +249,19 @@ class Pipeline:
         self.has_first = 0 in stage_ids
         self.has_last = n_stages - 1 in stage_ids
         self.loss_fn = _LossFn()
+        self.router_losses = _RouterLosses(model, n_microbatches)
+        for stage in self.stages:
+            self.router_losses.hide(stage)
         schedule = _SCHEDULES[cfg.parallel.pp_schedule]
         stages = self.stages if cfg.parallel.pp_schedule in _MULTI_STAGE else self.stages[0]
         self.schedule = schedule(stages, n_microbatches=n_microbatches, loss_fn=self.loss_fn,
                                  scale_grads=False)
 
     def run(self, batches: list, scale: float, ctx=contextlib.nullcontext,
-            train: bool = True) -> torch.Tensor:
-        """Sum of CE over this dp rank's `batches` (the reader's micro-batches, concatenated and
-        re-split into the schedule's micro-batches), the same on every pp rank."""
+            train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of CE, router losses averaged over micro-batches and summed over MoE layers) of
+        this dp rank's `batches` (the reader's micro-batches, concatenated and re-split into the
+        schedule's micro-batches), the same on every pp rank."""
         tokens = torch.cat([b.tokens for b in batches]).to(self.device)
         target = torch.stack([torch.cat([b.labels for b in batches]),
                               torch.cat([b.loss_mask for b in batches]).long()], -1)
@@ -190,8 +279,23 @@ class Pipeline:
             self._shard_grads_like_params()
         ce_sum = (torch.stack([x.detach().float() for x in losses]).sum() / scale if losses
                   else torch.zeros((), device=self.device))
-        dist.all_reduce(ce_sum, group=self.group)  # from the last stage to every pp rank
-        return ce_sum
+        # from the last stage to every pp rank; router losses from every stage
+        sums = torch.stack([ce_sum, self.router_losses.pop().to(self.device)])
+        dist.all_reduce(sums, group=self.group)
+        return sums[0], sums[1]
+
+    def moe_metrics(self, model: nn.Module):
+        """moe_metrics of the whole model: every stage's MoE layers, gathered over pp."""
+        from llmtrain.model.moe import moe_metrics
+        if not self.cfg.model.moe.num_experts:
+            return {}, {}
+        parts = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(parts, moe_metrics(model), group=self.group)
+        record, histograms = {}, {}
+        for r, h in parts:
+            record.update(r)
+            histograms.update(h)
+        return record, histograms
 
     @torch.no_grad()
     def _shard_grads_like_params(self) -> None:
@@ -211,7 +315,7 @@ class Pipeline:
         count = torch.zeros((), device=self.device)
         for s in range(steps):
             batches = [reader.get(s, m) for m in range(reader.n_micro)]
-            total += self.run(batches, 1.0, ctx, train=False)
+            total += self.run(batches, 1.0, ctx, train=False)[0]
             count += sum(float(b.loss_mask.sum()) for b in batches)
         if dp_group is not None:
             dist.all_reduce(total, group=dp_group)

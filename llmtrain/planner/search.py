@@ -2,7 +2,7 @@
 
 `check_layout` is the planner's own copy of the layout rules (DESIGN.md "The mesh"):
 `config.validate()` also refuses combinations this build's trainer does not run yet (expert
-parallelism with tp, pp or ZeRO > 0, for one), and the planner must reason about those layouts
+parallelism with tp or ZeRO 2/3, for one), and the planner must reason about those layouts
 too; `trainable_overrides` (`llmtrain train --plan auto`) keeps to what the validator accepts.
 
 Overlap assumptions (stated once, used by `estimate`):

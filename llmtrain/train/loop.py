@@ -53,6 +53,14 @@ def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     return t
 
 
+def reduce_step_losses(ce_sum: torch.Tensor, aux: torch.Tensor, n_global: torch.Tensor, group,
+                       dp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE per token over the global batch, router losses averaged over the dp ranks, as they
+    enter the gradient) from this rank's sums: one all-reduce."""
+    sums = _all_reduce_sum(torch.stack([ce_sum, aux]), group)
+    return sums[0] / n_global, sums[1] / dp_size
+
+
 def _autocast(cfg: Config, device: torch.device):
     if cfg.train.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -263,7 +271,8 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         n_micro = len(batches)
         if self.pipeline is not None:  # parallel.pp > 1 (parallel/pipeline.py)
-            loss_sum = self.pipeline.run(batches, self.dp_size / float(n_global), self._loss_parallel)
+            loss_sum, aux_sum = self.pipeline.run(batches, self.dp_size / float(n_global),
+                                                  self._loss_parallel)
         for m, batch in enumerate(batches if self.pipeline is None else []):
             sync = m == n_micro - 1
             ctx = model.no_sync() if (hasattr(model, "no_sync") and not sync) \
@@ -280,7 +289,8 @@ class Trainer:
         # no DDP wrapper (ZeRO 0/1 with tp, pipeline stages, expert parallelism): reduce now
         for params, group, divisor in getattr(model, GRAD_SYNC_ATTR, ()):
             average_gradients(params, group, divisor)
-        loss = _all_reduce_sum(loss_sum, self.dp_group) / n_global
+        loss, aux_mean = reduce_step_losses(loss_sum, aux_sum, n_global, self.dp_group,
+                                            self.dp_size)
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm_(model, clip)  # over TP/FSDP shards too
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
@@ -296,7 +306,9 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
                 "sample_ids": [i for b in batches for i in b.sample_ids],
-                "moe_aux_loss": float(aux_sum), "moe": moe_metrics(model)}
+                "moe_aux_loss": float(aux_mean),
+                "moe": moe_metrics(model) if self.pipeline is None
+                else self.pipeline.moe_metrics(model)}
 
     @torch.no_grad()
     def evaluate(self) -> float:
