@@ -8,14 +8,13 @@ never leaves a pair that looks complete.
 
 from __future__ import annotations
 
-from array import array
-
 import glob
 import hashlib
 import json
 import os
 import sys
 import sysconfig
+from array import array
 from pathlib import Path
 from typing import Iterable, Iterator
 

@@ -174,10 +174,10 @@ class _RouterLosses:
     forward must leave no trace: `inference()` wraps it, and the hooks then restore the routers'
     load counts (what the aux-free bias update reads) and count no router loss."""
 
-    def __init__(self, model: nn.Module, n_microbatches: int):
+    def __init__(self, model: nn.Module, n_microbatches: int, device: torch.device):
         from llmtrain.model.moe import moe_layers
         self.weight = 1.0 / n_microbatches
-        self.total = torch.zeros(())
+        self.total = torch.zeros((), device=device)
         self.inferring = False
         self._loads: dict[int, torch.Tensor] = {}
         for layer in moe_layers(model).values():
@@ -202,11 +202,11 @@ class _RouterLosses:
             return None
         if not (module.training and torch.is_grad_enabled()) or module.aux_loss is None:
             return None  # evaluation (no router loss in the validation loss)
-        self.total = self.total.to(out.device) + module.aux_loss.detach().float() * self.weight
+        self.total = self.total + module.aux_loss.detach().float() * self.weight
         return _CarryRouterLoss.apply(out, module.aux_loss, self.weight)
 
     def pop(self) -> torch.Tensor:
-        total, self.total = self.total, torch.zeros((), device=self.total.device)
+        total, self.total = self.total, torch.zeros_like(self.total)
         return total
 
     def hide(self, stage: PipelineStage) -> None:
@@ -249,7 +249,7 @@ class Pipeline:
         self.has_first = 0 in stage_ids
         self.has_last = n_stages - 1 in stage_ids
         self.loss_fn = _LossFn()
-        self.router_losses = _RouterLosses(model, n_microbatches)
+        self.router_losses = _RouterLosses(model, n_microbatches, device)
         for stage in self.stages:
             self.router_losses.hide(stage)
         schedule = _SCHEDULES[cfg.parallel.pp_schedule]
@@ -280,7 +280,7 @@ class Pipeline:
         ce_sum = (torch.stack([x.detach().float() for x in losses]).sum() / scale if losses
                   else torch.zeros((), device=self.device))
         # from the last stage to every pp rank; router losses from every stage
-        sums = torch.stack([ce_sum, self.router_losses.pop().to(self.device)])
+        sums = torch.stack([ce_sum, self.router_losses.pop()])
         dist.all_reduce(sums, group=self.group)
         return sums[0], sums[1]
 
