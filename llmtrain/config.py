@@ -514,10 +514,6 @@ def _validate_expert_parallel(cfg: Config, world_size: int) -> None:
                               f"({tensors} tensors{where}) over the {replicas} ranks holding the "
                               f"same experts; each needs at least one: use zero_stage=0 or a "
                               f"larger ep")
-    for key, value, ok in (("tp", p.tp, (1,)), ("zero_stage", p.zero_stage, (0, 1))):
-        if value not in ok:
-            raise ConfigError(f"parallel.ep={p.ep} with parallel.{key}={value} is not supported "
-                              f"yet; expert parallelism runs with tp=1, zero_stage 0 or 1")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -584,10 +580,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if p.offload != "none" and p.zero_stage == 0:
             raise ConfigError(f"parallel.offload={p.offload} with engine=deepspeed needs "
                               f"parallel.zero_stage=1, 2 or 3, got 0")
-    if p.tp > 1 and m.moe.num_experts:
-        raise ConfigError(f"parallel.tp={p.tp} supports dense models only so far; got "
-                          f"model.moe.num_experts={m.moe.num_experts}; use parallel.tp=1 (and "
-                          f"parallel.ep for the experts)")
     if m.n_heads % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}; use "
                           f"{_divisors(m.n_heads)}")

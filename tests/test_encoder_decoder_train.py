@@ -62,10 +62,15 @@ def test_dp2_zero3_equals_single_process_and_generates(tmp_path, capsys):
     ("tp2-gqa-learned-untied", {"model.n_kv_heads": 2, "model.position": "learned",
                                 "model.tie_embeddings": False, "model.norm_position": "post"}),
     ("tp2-mqa-sinusoidal", {"model.n_kv_heads": 1, "model.position": "sinusoidal"}),
+    # top-2 of 4 experts with drops and a shared expert in every second layer of both stacks
+    ("tp2-moe", {"model.moe.num_experts": 4, "model.moe.router": "topk", "model.moe.top_k": 2,
+                 "model.moe.capacity_factor": 1.0, "model.moe.n_shared_experts": 1,
+                 "model.dropout": 0.0}),
 ])
 def test_tensor_parallel_equals_single_process(tmp_path, name, extra):
     """tp=2 for encoder-decoder models (self- and cross-attention column/row parallel over
-    heads): losses and final weights equal the single-process run."""
+    heads; MoE experts over hidden units): losses and final weights equal the single-process
+    run."""
     ref, par = tmp_path / "ref", tmp_path / name
     assert main(["train", *sum((["--set", o] for o in run_overrides(ref, **extra)), [])]) == 0
     torchrun(2, run_overrides(par, **{"parallel.tp": 2, **extra}))

@@ -1,7 +1,9 @@
 """Expert parallelism on the CPU (gloo, torchrun): ep=2 over dp=2 and ep=2 over dp=4 (two expert
-replicas) against the same data-parallel run with ep=1 (and the single-process run): per-step
-losses within 1e-5 relative and every final weight, experts included, after gathering the DCP
-checkpoints; one-line errors for layouts expert parallelism does not support."""
+replicas) against the same data-parallel run with ep=1 (and the single-process run); MoE under
+tensor parallelism, ep x tp and ep at ZeRO 2/3 against the single-process run: per-step losses
+and gradient norms within 1e-5 relative and every final weight, experts included, after
+gathering the DCP checkpoints; one-line errors for layouts expert parallelism does not
+support."""
 
 from __future__ import annotations
 
@@ -61,8 +63,6 @@ def test_expert_parallel_equals_data_parallel(tmp_path, nproc, extra):
     ({"parallel.ep": 2, "model.moe.num_experts": 0}, 2, "needs an MoE model"),
     ({"parallel.ep": 3, "model.moe.num_experts": 4}, 3, "does not divide model.moe.num_experts=4"),
     ({"parallel.ep": 4, "model.moe.num_experts": 4}, 2, "must divide the data-parallel shard"),
-    ({"parallel.ep": 2, "model.moe.num_experts": 4, "parallel.zero_stage": 3}, 2,
-     "zero_stage=3 is not supported yet"),
     # one GeLU MoE layer: 2 expert tensors cannot be split over 4 replicas (dp 8 / ep 2)
     ({"parallel.ep": 2, "model.moe.num_experts": 4, "parallel.zero_stage": 1,
       "model.activation": "gelu", "model.n_layers": 2, "model.moe.every_n_layers": 2}, 8,
@@ -72,8 +72,8 @@ def test_expert_parallel_equals_data_parallel(tmp_path, nproc, extra):
       "model.tie_embeddings": False, "model.activation": "gelu", "model.n_layers": 4,
       "model.moe.every_n_layers": 2}, 16,
      r"\(2 tensors in the pipeline stage with the fewest\) over the 4 ranks"),
-    ({"parallel.ep": 2, "model.moe.num_experts": 4, "parallel.tp": 2}, 4,
-     "parallel.tp=2 is not supported yet"),
+    ({"parallel.ep": 2, "model.moe.num_experts": 4, "parallel.engine": "deepspeed"}, 2,
+     "parallel.engine=deepspeed runs data parallelism"),
 ])
 def test_expert_parallel_config_errors(sets, world, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -82,11 +82,62 @@ def test_expert_parallel_config_errors(sets, world, message):
     assert "\n" not in str(e.value)
 
 
-def test_expert_parallel_checkpoint_resumes_without_it(tmp_path):
-    """An ep=2 checkpoint (experts as DTensors of global shape [E, ...]) resumed at ep=1 (DDP)
-    after step 3 continues exactly as the uninterrupted ep=2 run."""
+# MoE layers under tensor parallelism (router whole, experts split over hidden units, shared
+# expert a dense FFN), with expert parallelism and at ZeRO 2/3: name -> (processes, overrides)
+SHARED = {"model.moe.n_shared_experts": 1}
+LAYOUTS = {
+    "tp2": (2, {"parallel.tp": 2}),
+    "tp2-sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
+    "dp2xtp2-ep2": (4, {"parallel.tp": 2, "parallel.ep": 2}),
+    "dp2-ep2-zero2": (2, {"parallel.ep": 2, "parallel.zero_stage": 2}),
+    "dp2-ep2-zero3": (2, {"parallel.ep": 2, "parallel.zero_stage": 3}),
+    # two replicas of each expert: FSDP shards them over the replicas
+    "dp4-ep2-zero3": (4, {"parallel.ep": 2, "parallel.zero_stage": 3,
+                          "train.micro_batch_size": 2}),
+    "dp2xtp2-ep2-zero3": (4, {"parallel.tp": 2, "parallel.ep": 2, "parallel.zero_stage": 3}),
+}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """Single-process runs with shared experts, one per micro-batch size (routing and capacity
+    are per micro-batch), built on first use."""
+    root, cache = tmp_path_factory.mktemp("moe_single"), {}
+
+    def get(micro_batch: int):
+        if micro_batch not in cache:
+            run = root / f"mb{micro_batch}"
+            args = run_args(run, **SHARED, **{"train.micro_batch_size": micro_batch})
+            assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
+            cache[micro_batch] = (read_losses(run), grad_norms(run), final_weights(run, STEPS))
+        return cache[micro_batch]
+    return get
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_moe_layout_matches_single_process(name, tmp_path, single_process):
+    nproc, par = LAYOUTS[name]
+    losses, norms, weights = single_process(par.get("train.micro_batch_size", 4))
+    run = tmp_path / name
+    torchrun(nproc, run_args(run, **SHARED, **par))
+    assert read_losses(run) == pytest.approx(losses, rel=1e-5)
+    # sequence parallelism sums the norms' gradients over sequence shards in another order:
+    # dense models show the same 4e-5 there
+    rel = 1e-4 if par.get("parallel.sequence_parallel") else 1e-5
+    assert grad_norms(run) == pytest.approx(norms, rel=rel)
+    assert_weights_close(final_weights(run, STEPS), weights)
+
+
+@pytest.mark.parametrize("nproc, par", [
+    (2, {"parallel.ep": 2}),
+    (4, {"parallel.ep": 2, "parallel.tp": 2, "parallel.zero_stage": 3}),
+], ids=["dp2-ep2", "dp2xtp2-ep2-zero3"])
+def test_expert_parallel_checkpoint_resumes_without_it(tmp_path, nproc, par):
+    """An expert-parallel checkpoint (experts as DTensors of global shape [E, ...], over ep, or
+    over (ep, tp) and sharded by FSDP) resumed at ep=1 on 2 ranks (DDP) after step 3 continues
+    exactly as the uninterrupted expert-parallel run."""
     run = tmp_path / "ep2"
-    torchrun(2, run_args(run, **{"parallel.ep": 2, "checkpoint.every": 3}))
+    torchrun(nproc, run_args(run, **par, **{"checkpoint.every": 3}))
     full = read_losses(run)
     cut_back(run, 3)
     r = torchrun(2, run_args(run, **{"checkpoint.every": 3}))
@@ -121,6 +172,100 @@ def test_expert_parallel_with_zero1_equals_without(tmp_path):
     cut_back(z1, 3)
     assert "resumed from" in torchrun(4, z1_args).stdout
     assert read_losses(z1) == pytest.approx(read_losses(ref), rel=1e-5)
+
+
+LAYER = dict(d_model=16, n_heads=1, d_ff=32, activation="swiglu")
+
+
+def _layer_worker(rank: int, world: int, tp: int, port: int, out: str) -> None:
+    """One MoE layer (top-2 of 4 experts, drops) split over ep=world/tp and tp; each dp rank (its
+    tp ranks alike) feeds its own tokens; saves the output and every local gradient."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llmtrain.config import ModelConfig, MoEConfig
+    from llmtrain.model.moe import MoE, local_tensor
+    from llmtrain.parallel.expert import apply_ep, build_ep_mesh
+    from llmtrain.parallel.mesh import MESH_DIMS
+    from llmtrain.parallel.tensor import apply_tp_moe
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        layer = MoE(ModelConfig(**LAYER, moe=MoEConfig(num_experts=4, router="topk", top_k=2,
+                                                       capacity_factor=1.0)))
+        layer.init_weights(0.2, 0.2)
+        mesh = init_device_mesh("cpu", (1, 1, world // tp, tp), mesh_dim_names=MESH_DIMS)
+        if tp > 1:
+            apply_tp_moe(layer, mesh["tp"])
+        apply_ep(layer, build_ep_mesh(mesh, world // tp))
+        x, target = _layer_input(rank // tp)
+        y = layer(x)
+        (y * target).sum().backward()
+        grads = {name: local_tensor(p.grad) for name, p in layer.named_parameters()}
+        torch.save({"y": y.detach(), **grads}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _layer_input(dp_rank: int):
+    import torch
+    g = torch.Generator().manual_seed(dp_rank)
+    return torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+
+
+def _spawn(fn, args, nprocs: int, timeout: float = 90) -> None:
+    """Run fn(rank, *args) in `nprocs` processes; fail (not hang) on a collective mismatch."""
+    import time
+
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):  # False until every process has exited
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the expert-parallel processes did not finish: a collective mismatch")
+
+
+@pytest.mark.parametrize("world, tp", [(2, 1), (4, 2)], ids=["ep2", "ep2xtp2"])
+def test_expert_parallel_layer_outputs_and_expert_gradients(tmp_path, world, tp):
+    """ep=2 and ep=2 x tp=2 against the unsharded layer run on each dp rank's tokens: outputs
+    and router gradients per rank, and each rank's slice (its experts, its hidden units) of the
+    expert gradients summed over the ep group's tokens, within 1e-5 relative (fp32)."""
+    import torch
+
+    from llmtrain.config import ModelConfig, MoEConfig
+    from llmtrain.model.moe import MoE
+    _spawn(_layer_worker, (world, tp, 29655 + world, str(tmp_path)), world)
+    torch.manual_seed(0)
+    ref = MoE(ModelConfig(**LAYER, moe=MoEConfig(num_experts=4, router="topk", top_k=2,
+                                                 capacity_factor=1.0)))
+    ref.init_weights(0.2, 0.2)
+    ys, router_grads = [], []
+    for dp_rank in range(world // tp):  # expert gradients accumulate over the dp ranks' tokens
+        x, target = _layer_input(dp_rank)
+        router_before = ref.router.gate.weight.grad
+        router_before = 0 if router_before is None else router_before.clone()
+        y = ref(x)
+        (y * target).sum().backward()
+        ys.append(y.detach())
+        router_grads.append(ref.router.gate.weight.grad - router_before)
+    assert ref.stats["drop_frac"] > 0  # capacity binds: dropping must match too
+    ep = world // tp
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        e, t = (rank // tp) % ep, rank % tp  # this rank's expert chunk and hidden-unit chunk
+        torch.testing.assert_close(got["y"], ys[rank // tp], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["router.gate.weight"], router_grads[rank // tp],
+                                   rtol=1e-5, atol=1e-6)
+        for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+            full = getattr(ref.experts, name).grad.chunk(ep, 0)[e].chunk(tp, dim)[t]
+            torch.testing.assert_close(got[f"experts.{name}"], full, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
 
 
 def _skewed_worker(rank: int, port: int, out: str) -> None:
@@ -161,19 +306,10 @@ def test_rank_whose_experts_get_no_tokens_still_joins_the_backward(tmp_path):
     finish the backward (within a timeout), with the outputs of the unsharded layer and zero
     gradients for the idle experts."""
     import torch
-    import torch.multiprocessing as mp
 
     from llmtrain.config import ModelConfig, MoEConfig
     from llmtrain.model.moe import MoE
-    ctx = mp.start_processes(_skewed_worker, args=(29653, str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    import time
-    deadline = time.monotonic() + 60
-    while not ctx.join(timeout=5):  # False until every process has exited
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("expert-parallel backward did not finish: a collective mismatch")
+    _spawn(_skewed_worker, (29653, str(tmp_path)), 2, timeout=60)
     cfg = ModelConfig(d_model=16, n_heads=1, activation="swiglu", moe=MoEConfig(
         num_experts=4, router="topk", top_k=1, capacity_factor=0.0))
     torch.manual_seed(0)

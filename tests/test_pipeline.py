@@ -113,6 +113,8 @@ MOE_LAYOUTS = {
     "pp2xdp2-zero1": (4, {**PP, "parallel.zero_stage": 1}),
     "pp2xep2": (4, {**PP, "parallel.ep": 2}),
     "pp2xep2-zero1": (4, {**PP, "parallel.ep": 2, "parallel.zero_stage": 1}),
+    "pp2xep2-zero3": (4, {**PP, "parallel.ep": 2, "parallel.zero_stage": 3}),
+    "pp2xtp2": (4, {**PP, "parallel.tp": 2}),
 }
 
 
@@ -145,7 +147,8 @@ def test_moe_pipeline_matches_single_process(name, tmp_path, moe_reference):
             key = f"moe/layer{layer}/load"
             assert [r[key] for r in got] == [r[key] for r in ref], key
     assert_weights_close(final_weights(run, STEPS), ref_weights)
-    if par.get("parallel.ep"):  # each rank of a stage holds half of that stage's experts
+    if par.get("parallel.ep") and par.get("parallel.zero_stage", 0) < 2:
+        # each rank of a stage holds half of that stage's experts (ZeRO 3 shards the rest too)
         import json
         stage_layers = [(0, 1), (2, 3)]  # ranks 0-1 run stage 0, ranks 2-3 stage 1 (pp outermost)
         for rank in range(nproc):

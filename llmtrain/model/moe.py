@@ -44,6 +44,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llmtrain.config import ModelConfig
 from llmtrain.model.mlp import GLU_ACTIVATIONS, FeedForward
@@ -72,6 +73,13 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor parameter (differentiable), a plain tensor as it is: under
+    tensor or expert parallelism the weights here are DTensors and the code runs on their
+    shards."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class GroupedExperts(nn.Module):
     """E expert MLPs as stacked weights. forward(x, counts): x [M, d] holds the tokens sorted by
     expert, counts[e] rows for expert e in order; returns each row through its expert, [M, d]."""
@@ -93,22 +101,24 @@ class GroupedExperts(nn.Module):
             return mm(F.gelu(mm(x, w1)), w2)
         return mm(GLU_ACTIVATIONS[self.activation](mm(x, w1)) * mm(x, w3), w2)
 
-    def _use_grouped_mm(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    def _use_grouped_mm(self, x: torch.Tensor, w1: torch.Tensor, dtype: torch.dtype) -> bool:
         if self.impl != "auto":
             return self.impl == "grouped_mm"
-        aligned = x.shape[-1] % 8 == 0 and self.w1.shape[-1] % 8 == 0  # 16-byte rows in bf16
+        aligned = x.shape[-1] % 8 == 0 and w1.shape[-1] % 8 == 0  # 16-byte rows in bf16
         return aligned and _grouped_mm_works(x.device, dtype)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return self.run(x, counts, (self.w1, self.w2, self.w3))
+        return self.run(x, counts, tuple(None if w is None else local_tensor(w)
+                                         for w in (self.w1, self.w2, self.w3)))
 
     def run(self, x: torch.Tensor, counts: torch.Tensor, weights) -> torch.Tensor:
-        """forward with the given (w1, w2, w3): len(counts) experts, e.g. this rank's share of
-        them under expert parallelism (parallel/expert.py)."""
+        """forward with the given (w1, w2, w3), plain tensors: len(counts) experts, e.g. this
+        rank's share of them under expert parallelism (parallel/expert.py), each expert's share
+        of hidden units under tensor parallelism (parallel/tensor.py)."""
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        if self._use_grouped_mm(x, dtype):
+        if self._use_grouped_mm(x, weights[0], dtype):
             # one kernel for all experts; groups are the row ranges ending at offs
             offs = counts.cumsum(0).to(torch.int32)
             x = x.to(dtype)
@@ -146,7 +156,7 @@ class Router(nn.Module):
             x = x.float()
             if self.training and self.jitter > 0:
                 x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
-            logits = F.linear(x, self.gate.weight.float())
+            logits = F.linear(x, local_tensor(self.gate.weight).float())
         probs = logits.softmax(dim=-1)
         scores = probs.detach() + self.expert_bias if self.aux_free_bias else probs.detach()
         experts = scores.topk(self.top_k, dim=-1).indices

@@ -20,8 +20,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     shard of them).
 
     Order (DESIGN.md): pipeline split, tensor parallel, expert parallel, activation checkpointing
-    and compile, data parallel. The config validator refuses the combinations not built yet
-    (expert parallelism with tp or ZeRO 2/3; compile).
+    and compile, data parallel. The config validator refuses the combinations not built yet.
     """
     if cfg.parallel.activation_checkpointing == "full":
         apply_ac(model)
@@ -34,8 +33,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
         apply_tp(model, mesh["tp"], cfg)
     if cfg.parallel.ep > 1:
         from llmtrain.parallel.expert import apply_ep, build_ep_mesh
-        experts = apply_ep(model, build_ep_mesh(mesh, cfg.parallel.ep))
-        model.__dict__[_data.EXPERT_PARAMS_ATTR] = experts  # a plain attribute, not state
+        apply_ep(model, build_ep_mesh(mesh, cfg.parallel.ep))
     return _data.apply_data_parallel(model, mesh, cfg, device)
 
 

@@ -33,6 +33,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llmtrain.config import Config
+from llmtrain.model.moe import moe_layers
 from llmtrain.train.optim import param_groups
 
 
@@ -60,12 +61,33 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
                                                    reduce_dtype=torch.float32)
     if p.offload == "cpu" and device.type != "cpu":  # on a CPU run the states are there already
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    dp_size = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
     for block in transformer_blocks(model):
+        for moe in moe_layers(block).values():
+            ep_replicate = getattr(moe.experts, "replicate_mesh", None)
+            if ep_replicate is not None:  # expert-parallel weights (DTensors over ep): FSDP
+                # shards them over the ranks holding the same experts, as a unit of its own
+                _shard_experts(moe.experts, ep_replicate, dp_size, kwargs)
         fully_shard(block, **kwargs)
     # the root unit holds embeddings, final norm and output; the root is never resharded after
     # forward (its output layer runs first in the backward)
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model
+
+
+def _shard_experts(experts: nn.Module, ep_replicate: DeviceMesh, dp_size: int,
+                   kwargs: dict) -> None:
+    """One layer's ep-sharded experts as an FSDP unit over `ep_replicate`. Their gradients are
+    summed over it and divided by the whole dp size, as the dense ones are averaged (see
+    parallel/expert.py): FSDP's own mean would divide by the replicas only. Sum-then-divide
+    (force_sum_reduction) over more than one replica, because gloo has no PREMUL_SUM, the op FSDP
+    uses for a custom divisor; not over one, where torch 2.13's FSDP would divide twice (by the
+    factor when it skips the reduce-scatter, then again as its post-divide).
+    """
+    fully_shard(experts, **{**kwargs, "mesh": ep_replicate})
+    experts.set_gradient_divide_factor(float(dp_size))
+    if ep_replicate.size() > 1:
+        experts.set_force_sum_reduction_for_comms(True)
 
 
 # Attribute of a model whose gradients the loop reduces after the backward, where DDP cannot
@@ -82,7 +104,7 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     dp = dp_mesh(mesh)
     if dp.size() == 1:
         return model
-    if getattr(model, EXPERT_PARAMS_ATTR, None) or \
+    if expert_params(model) or \
             any(isinstance(p, DTensor) for p in model.parameters()):
         set_grad_sync(model, dp)
         return model
@@ -90,7 +112,12 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
                device_ids=[device.index] if device.type == "cuda" else None)
 
 
-EXPERT_PARAMS_ATTR = "expert_params"  # set by parallel/expert.py: the ep-sharded parameters
+def expert_params(model: nn.Module) -> list[nn.Parameter]:
+    """The expert weights sharded by expert parallelism (parallel/expert.py), as the model holds
+    them now (FSDP replaces parameters with its own)."""
+    return [p for m in moe_layers(model).values()
+            if getattr(m.experts, "replicate_mesh", None) is not None
+            for p in m.experts.parameters()]
 
 
 def set_grad_sync(model: nn.Module, dp: DeviceMesh) -> None:
@@ -99,21 +126,21 @@ def set_grad_sync(model: nn.Module, dp: DeviceMesh) -> None:
     (not state). Gradients are averaged over dp; expert weights (parallel/expert.py) are summed
     over the ranks holding the same experts and divided by the same dp size."""
     params = list(model.parameters())
-    expert = getattr(model, EXPERT_PARAMS_ATTR, None)
+    expert = expert_params(model)
     if expert:
-        rest, ep_rep = _split_experts(params, expert)
+        rest, ep_rep = _split_experts(model, params, expert)
         plan = [(rest, dp.get_group(), dp.size()), (expert, ep_rep, dp.size())]
     else:
         plan = [(params, dp.get_group(), dp.size())]
     model.__dict__[GRAD_SYNC_ATTR] = plan
 
 
-def _split_experts(params: list, expert: list) -> tuple[list, object]:
+def _split_experts(model: nn.Module, params: list, expert: list) -> tuple[list, object]:
     """(the parameters that are not expert weights, the group of ranks holding the same
     experts: what expert gradients are reduced and their optimizer states partitioned over)."""
     ids = {id(p) for p in expert}
-    return ([p for p in params if id(p) not in ids],
-            expert[0].device_mesh["ep_replicate"].get_group())
+    mesh = next(m.experts.replicate_mesh for m in moe_layers(model).values())
+    return [p for p in params if id(p) not in ids], mesh.get_group()
 
 
 def _copy_from_flat(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -227,7 +254,7 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
     o = cfg.optim
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     groups = param_groups(model, o.weight_decay)
-    expert = getattr(model, EXPERT_PARAMS_ATTR, None)
+    expert = expert_params(model)
     if expert:  # AdamW's foreach kernels (the CUDA default) cannot mix DTensors and tensors
         ids = {id(p) for p in expert}
         groups = [{**g, "name": g["name"] + suffix, "params": [p for p in g["params"]
@@ -238,7 +265,7 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
         return torch.optim.AdamW(groups, **kw)
     params = [p for g in groups for p in g["params"]]
     if expert:  # expert weights: partitioned over the ranks holding the same experts
-        rest, ep_rep = _split_experts(params, expert)
+        rest, ep_rep = _split_experts(model, params, expert)
         return PartitionedAdamW(groups, [(rest, mesh["dp_shard"].get_group()),
                                          (expert, ep_rep)], **kw)
     if any(isinstance(p, DTensor) for p in params):

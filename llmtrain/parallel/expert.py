@@ -14,14 +14,16 @@ layer (GShard, Lepikhin et al. 2020; the layout of DeepSpeed-MoE and torchtitan)
      they were sent, and the MoE layer combines them with the gates as before.
 Per step the all-to-alls move 2 x (assignments sent off-rank) x d_model values each way.
 
-Expert weights are DTensors on a 2-D mesh (ep_replicate, ep) with placements (Replicate,
-Shard(0)): checkpoints store them at their global shape [E, ...] and reshard on load like any
-other parameter. Gradients: each owner's expert gradient already sums the contributions of every
-ep rank's tokens (the backward of the all-to-all), so expert gradients are summed over the ranks
-that replicate the same experts (ep_replicate) and divided by the whole data-parallel size; the
-other parameters are averaged over all dp ranks (`grad_sync` plan, run by the training loop
-after the backward, see parallel/data.py). Under pipeline parallelism each stage shards the
-experts of its own layers over the ep ranks of that stage.
+Expert weights are DTensors sharded Shard(0) over the ep group (and, with tensor parallelism,
+over tp along their hidden units: a 2-D (ep, tp) mesh): checkpoints store them at their global
+shape [E, ...] and reshard on load like any other parameter. Gradients: each owner's expert
+gradient already sums the contributions of every ep rank's tokens (the backward of the
+all-to-all), so expert gradients are summed over the ranks that replicate the same experts
+(`ep_replicate`) and divided by the whole data-parallel size; the other parameters are averaged
+over all dp ranks (`grad_sync` plan, run by the training loop after the backward, see
+parallel/data.py). At ZeRO 2/3 the experts of each layer are an FSDP unit of their own, sharded
+over ep_replicate, with the same divisor (torchtitan's layout). Under pipeline parallelism each
+stage shards the experts of its own layers over the ep ranks of that stage.
 """
 
 from __future__ import annotations
@@ -33,19 +35,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 
 def build_ep_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
-    """This rank's (ep_replicate, ep) mesh: within each pipeline stage, each dp_shard group split
-    into contiguous chunks of ep ranks (the expert groups); ranks of the stage holding the same
-    experts form the ep_replicate groups. Collective: every rank builds every stage's groups
-    (as a (pp, ep_replicate, ep) mesh) and keeps its stage's slice. Needs tp = 1 (validated in
-    config)."""
-    pp = mesh["pp"].size()
-    ranks = mesh.mesh.reshape(pp, -1, ep)  # (pp, dp_replicate, dp_shard, tp=1) in rank order
-    full = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("ep_pp", "ep_replicate", "ep"))
-    return full["ep_replicate", "ep"]
+    """The (ep_pp, ep_replicate, ep, tp) mesh: within each pipeline stage and tp index, each
+    dp_shard group split into contiguous chunks of ep ranks (the expert groups); ranks of the
+    stage and tp index holding the same experts form the ep_replicate groups. Collective: every
+    rank builds every group; index it by name for this rank's ("ep", "ep_replicate", ...)."""
+    pp, tp = mesh["pp"].size(), mesh["tp"].size()
+    ranks = mesh.mesh.reshape(pp, -1, ep, tp)  # (pp, dp_replicate, dp_shard, tp) in rank order
+    return DeviceMesh(mesh.device_type, ranks,
+                      mesh_dim_names=("ep_pp", "ep_replicate", "ep", "tp"))
 
 
 def _ep_forward(experts: nn.Module, group, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -81,21 +82,25 @@ def _ep_forward(experts: nn.Module, group, x: torch.Tensor, counts: torch.Tensor
     return torch.ops._c10d_functional.wait_tensor(out)
 
 
-def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Parameter]:
-    """Shard every MoE layer's experts over ep_mesh["ep"] and route their forward through the
-    all-to-alls; returns the expert parameters (for the gradient plan). Parameter names stay."""
+def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Shard every MoE layer's experts over ep_mesh["ep"] (built by `build_ep_mesh`; experts
+    already split over tp by parallel/tensor.py keep that split on its "tp" dimension) and route
+    their forward through the all-to-alls. Each GroupedExperts gets `replicate_mesh`, the ranks
+    holding its experts (what its gradients are reduced over: parallel/data.py). Names stay."""
     from llmtrain.model.moe import moe_layers
     group = ep_mesh["ep"].get_group()
-    placements = [Replicate(), Shard(0)]
-    expert_params = []
     for moe in moe_layers(model).values():
         experts = moe.experts
         for name in ("w1", "w2", "w3"):
             w = getattr(experts, name)
             if w is None:
                 continue
-            sharded = nn.Parameter(distribute_tensor(w.detach(), ep_mesh, placements))
+            if isinstance(w, DTensor):  # split over tp: gather once, shard over (ep, tp)
+                mesh, placements = ep_mesh["ep", "tp"], [Shard(0), *w.placements]
+                w = w.full_tensor()
+            else:
+                mesh, placements = ep_mesh["ep"], [Shard(0)]
+            sharded = nn.Parameter(distribute_tensor(w.detach(), mesh, placements))
             setattr(experts, name, sharded)
-            expert_params.append(sharded)
         experts.forward = functools.partial(_ep_forward, experts, group)
-    return expert_params
+        experts.replicate_mesh = ep_mesh["ep_replicate"]

@@ -118,14 +118,14 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
 
     pp_mesh = mesh["pp"]
     rank_model, parts, stages = split_model(model, cfg, pp_mesh.get_local_rank())
-    expert = []
+    if mesh["tp"].size() > 1:
+        for part in parts:
+            apply_tp(part, mesh["tp"], cfg)
     if cfg.parallel.ep > 1:  # the experts of this rank's layers, over the ep ranks of its stage
         from llmtrain.parallel.expert import apply_ep, build_ep_mesh
-        expert = apply_ep(rank_model, build_ep_mesh(mesh, cfg.parallel.ep))
+        apply_ep(rank_model, build_ep_mesh(mesh, cfg.parallel.ep))
     wrapped = []
     for part in parts:
-        if mesh["tp"].size() > 1:
-            apply_tp(part, mesh["tp"], cfg)
         if cfg.parallel.zero_stage >= 2:
             part = _data.apply_data_parallel(part, mesh, cfg, device)
         if hasattr(part, "set_reshard_after_forward"):
@@ -138,8 +138,6 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     top.__dict__["pipeline_parts"] = wrapped
     top.__dict__["pipeline_stages"] = stages
     top.__dict__[PP_GROUP_ATTR] = pp_mesh.get_group()
-    if expert:
-        top.__dict__[_data.EXPERT_PARAMS_ATTR] = expert
     # ZeRO 0/1: DDP's reducer expects one backward per forward, a pipeline stage runs one per
     # micro-batch (and one more for shape inference); the loop averages the gradients after the
     # schedule's step, by the same plan as for tensor parallelism without DDP
@@ -195,6 +193,11 @@ class _RouterLosses:
     def _before(self, module, args):
         if self.inferring:
             self._loads[id(module)] = module.router.load.clone()
+            # a later stage infers shapes from uninitialised (torch.empty) inputs, different on
+            # every tp rank: routed on zeros instead, all tp ranks route alike and the sizes of
+            # their expert all-reduces match
+            return (torch.zeros_like(args[0]), *args[1:])
+        return None
 
     def _carry(self, module, args, out):
         if self.inferring:

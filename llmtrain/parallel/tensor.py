@@ -12,6 +12,15 @@ The vocabulary is split too: the embedding is row-parallel over vocab rows (inpu
 the output projection column-parallel over vocab, and the cross entropy is computed on the
 vocab-sharded logits under `loss_parallel()` without gathering [B, T, V].
 
+Mixture-of-Experts layers: the router stays whole on every tp rank (each routes the same
+tokens the same way); every expert is split like the dense FFN, w1/w3 by hidden columns and w2
+by hidden rows, so each tp rank runs all routed tokens through its share of every expert's hidden
+units (Megatron's expert tensor parallelism); the partial expert outputs are summed over tp
+before the gates weight them, so that the gates' gradient sees whole outputs. Shared experts are
+a dense FFN. Under sequence parallelism the layer takes the gathered sequence and returns its
+sequence shard. With expert parallelism (parallel/expert.py) each rank's experts are split
+over tp the same way.
+
 Key/value heads: with tp dividing n_kv_heads, wk/wv are column-parallel like wq. Multi-query
 attention (n_kv_heads=1) keeps wk/wv whole on every tp rank (each rank's query heads read the
 single kv head); the gradient of k/v is then summed over tp before it reaches wk/wv, since each
@@ -20,20 +29,25 @@ rank's query heads contribute only part of it. Other n_kv_heads < tp are refused
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor import (DTensor, Replicate, Shard, distribute_module,
+                                      distribute_tensor)
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
-                                               RowwiseParallel, SequenceParallel,
-                                               parallelize_module)
+                                               PrepareModuleInputOutput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
 
 from llmtrain.config import Config
+from llmtrain.model.moe import MoE
 
 
 class _SumGradOverGroup(torch.autograd.Function):
-    """Identity forward; backward all-reduces (sums) the gradient over a process group."""
+    """Identity forward; backward all-reduces (sums) the gradient over a process group
+    (Megatron's f: the input of a computation split over the group)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -43,8 +57,47 @@ class _SumGradOverGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
+        if grad.numel():  # empty on every rank of the group alike (same tokens on each)
+            dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Forward all-reduces (sums) partial results over a process group; the backward is the
+    identity (Megatron's g: every rank's part gets the whole sum's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone(memory_format=torch.contiguous_format)
+        if x.numel():
+            dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _experts_run_tp(run, group, x: torch.Tensor, counts: torch.Tensor, weights) -> torch.Tensor:
+    """GroupedExperts.run on this rank's hidden units of every expert: the same tokens on every
+    tp rank in, the sum of the tp ranks' partial outputs out."""
+    return _SumOverGroup.apply(run(_SumGradOverGroup.apply(x, group), counts, weights), group)
+
+
+def apply_tp_moe(moe: MoE, tp_mesh: DeviceMesh) -> None:
+    """Split an MoE layer's router and experts over `tp_mesh` in place (see the module
+    docstring): router weight replicated, experts split over hidden units, their run wrapped in
+    the tp reductions. The shared experts are left to the block's plan (`_block_plan`)."""
+    gate = moe.router.gate
+    gate.weight = nn.Parameter(DTensor.from_local(gate.weight.detach(), tp_mesh, [Replicate()],
+                                                  run_check=False))
+    experts = moe.experts
+    for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):  # [E, d, f], [E, d, f], [E, f, d]
+        w = getattr(experts, name)
+        if w is not None:
+            setattr(experts, name, nn.Parameter(distribute_tensor(w.detach(), tp_mesh,
+                                                                  [Shard(dim)])))
+    experts.run = functools.partial(_experts_run_tp, experts.run, tp_mesh.get_group())
 
 
 def _replicate(module: nn.Module, mesh: DeviceMesh, sum_output_grad: bool = False) -> None:
@@ -76,16 +129,23 @@ def _block_plan(block: nn.Module, shard_kv: bool, seq) -> dict[str, object]:
         if shard_kv:
             plan[f"{name}.wk"] = ColwiseParallel()
             plan[f"{name}.wv"] = ColwiseParallel()
-    plan["feed_forward.w1"] = ColwiseParallel()
-    plan["feed_forward.w2"] = RowwiseParallel(output_layouts=seq)
-    if block.feed_forward.w3 is not None:
-        plan["feed_forward.w3"] = ColwiseParallel()
+    ffn, prefix = block.feed_forward, "feed_forward"
+    if isinstance(ffn, MoE):  # the shared experts are a dense FFN inside the layer
+        ffn, prefix, seq = ffn.shared_experts, "feed_forward.shared_experts", Replicate()
+    if ffn is not None:
+        plan[f"{prefix}.w1"] = ColwiseParallel()
+        plan[f"{prefix}.w2"] = RowwiseParallel(output_layouts=seq)
+        if ffn.w3 is not None:
+            plan[f"{prefix}.w3"] = ColwiseParallel()
     return plan
 
 
 def _replicate_block_rest(block: nn.Module, tp_mesh: DeviceMesh, shard_kv: bool) -> None:
     """What the plan leaves whole: norms, and under MQA the single kv head's wk/wv (their
-    gradients summed over tp, as each rank's query heads use only part of them)."""
+    gradients summed over tp, as each rank's query heads use only part of them); and an MoE
+    layer's router and experts."""
+    if isinstance(block.feed_forward, MoE):
+        apply_tp_moe(block.feed_forward, tp_mesh)
     for name in ("attention", "cross_attention"):
         attn = getattr(block, name, None)
         if attn is not None and not shard_kv:
@@ -173,6 +233,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: Config) -> None:
             plan["feed_forward"] = PrepareModuleInput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                 use_local_output=True)
+            if isinstance(block.feed_forward, MoE):  # whole output on every rank: keep a shard
+                plan["feed_forward"] = PrepareModuleInputOutput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                    use_local_input=True, output_layouts=(Replicate(),),
+                    desired_output_layouts=(Shard(1),), use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
         if not shard_kv:  # MQA: whole wk/wv per rank, gradients summed over tp
             _replicate(block.attention.wk, tp_mesh, sum_output_grad=True)
@@ -180,3 +245,5 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: Config) -> None:
         if not sp:
             _replicate(block.attention_norm, tp_mesh)
             _replicate(block.ffn_norm, tp_mesh)
+        if isinstance(block.feed_forward, MoE):
+            apply_tp_moe(block.feed_forward, tp_mesh)
