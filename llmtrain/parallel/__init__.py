@@ -9,6 +9,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
 from llmtrain.config import Config
+from llmtrain.model.moe import local_tensor
 from llmtrain.parallel import data as _data
 from llmtrain.parallel.tensor import apply_tp
 
@@ -121,8 +122,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def _local_bytes(t: torch.Tensor) -> int:
-    if isinstance(t, DTensor):
-        t = t.to_local()
+    t = local_tensor(t)
     return t.numel() * t.element_size()
 
 

@@ -33,7 +33,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llmtrain.config import Config
-from llmtrain.model.moe import moe_layers
+from llmtrain.model.moe import local_tensor, moe_layers
 from llmtrain.train.optim import param_groups
 
 
@@ -165,7 +165,7 @@ def average_gradients(params, group, divisor: int | None = None,
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        g = local_tensor(p.grad)
         grads.setdefault(g.dtype, []).append(g)
     world = divisor or dist.get_world_size(group)
     for same_dtype in grads.values():
@@ -180,10 +180,6 @@ def average_gradients(params, group, divisor: int | None = None,
                 flat /= world
                 _copy_from_flat(flat, bucket)
                 bucket, size = [], 0
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class PartitionedAdamW(torch.optim.AdamW):
@@ -208,10 +204,10 @@ class PartitionedAdamW(torch.optim.AdamW):
         for params, group in self.domains:
             world = dist.get_world_size(group)
             load = [0] * world
-            for p in sorted(params, key=lambda p: -_local(p).numel()):  # stable: same order
+            for p in sorted(params, key=lambda p: -local_tensor(p).numel()):  # stable: same order
                 r = min(range(world), key=load.__getitem__)
                 self.owner[p] = r
-                load[r] += _local(p).numel()
+                load[r] += local_tensor(p).numel()
             if len({self.owner[p] for p in params}) < world:
                 raise ValueError(f"{world} data-parallel ranks but only {len(params)} "
                                  f"parameters to partition")
@@ -229,7 +225,7 @@ class PartitionedAdamW(torch.optim.AdamW):
                 by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
                 for p in params:
                     if self.owner[p] == r:
-                        by_dtype.setdefault(p.dtype, []).append(_local(p))
+                        by_dtype.setdefault(p.dtype, []).append(local_tensor(p))
                 for tensors in by_dtype.values():
                     flat = (torch.cat([t.flatten() for t in tensors]) if r == rank else
                             torch.empty(sum(t.numel() for t in tensors),
