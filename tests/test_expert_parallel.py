@@ -174,7 +174,18 @@ def test_expert_parallel_with_zero1_equals_without(tmp_path):
     assert read_losses(z1) == pytest.approx(read_losses(ref), rel=1e-5)
 
 
-LAYER = dict(d_model=16, n_heads=1, d_ff=32, activation="swiglu")
+def _seeded_layer():
+    """The MoE layer of the layer-level test, with the same weights in every process: top-2 of 4
+    SwiGLU experts with capacity (drops happen)."""
+    import torch
+
+    from llmtrain.config import ModelConfig, MoEConfig
+    from llmtrain.model.moe import MoE
+    torch.manual_seed(0)
+    layer = MoE(ModelConfig(d_model=16, n_heads=1, d_ff=32, activation="swiglu", moe=MoEConfig(
+        num_experts=4, router="topk", top_k=2, capacity_factor=1.0)))
+    layer.init_weights(0.2, 0.2)
+    return layer
 
 
 def _layer_worker(rank: int, world: int, tp: int, port: int, out: str) -> None:
@@ -186,18 +197,14 @@ def _layer_worker(rank: int, world: int, tp: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from llmtrain.config import ModelConfig, MoEConfig
-    from llmtrain.model.moe import MoE, local_tensor
+    from llmtrain.model.moe import local_tensor
     from llmtrain.parallel.expert import apply_ep, build_ep_mesh
     from llmtrain.parallel.mesh import MESH_DIMS
     from llmtrain.parallel.tensor import apply_tp_moe
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        layer = MoE(ModelConfig(**LAYER, moe=MoEConfig(num_experts=4, router="topk", top_k=2,
-                                                       capacity_factor=1.0)))
-        layer.init_weights(0.2, 0.2)
+        layer = _seeded_layer()
         mesh = init_device_mesh("cpu", (1, 1, world // tp, tp), mesh_dim_names=MESH_DIMS)
         if tp > 1:
             apply_tp_moe(layer, mesh["tp"])
@@ -238,13 +245,8 @@ def test_expert_parallel_layer_outputs_and_expert_gradients(tmp_path, world, tp)
     expert gradients summed over the ep group's tokens, within 1e-5 relative (fp32)."""
     import torch
 
-    from llmtrain.config import ModelConfig, MoEConfig
-    from llmtrain.model.moe import MoE
     _spawn(_layer_worker, (world, tp, 29655 + world, str(tmp_path)), world)
-    torch.manual_seed(0)
-    ref = MoE(ModelConfig(**LAYER, moe=MoEConfig(num_experts=4, router="topk", top_k=2,
-                                                 capacity_factor=1.0)))
-    ref.init_weights(0.2, 0.2)
+    ref = _seeded_layer()
     ys, router_grads = [], []
     for dp_rank in range(world // tp):  # expert gradients accumulate over the dp ranks' tokens
         x, target = _layer_input(dp_rank)
