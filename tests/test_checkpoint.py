@@ -137,17 +137,89 @@ class _Payload:
         return os.makedirs, (str(self.marker),)
 
 
-def test_loading_unpickles_no_foreign_objects(run, tmp_path):
-    """A `.metadata` whose pickle calls os.makedirs (consistent with its manifest, as a crafted
-    download would be) is refused without running the call."""
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _call(module: str, name: str, arg: str) -> bytes:
+    """Pickle opcodes for `module.name(arg)` (the name may be a dotted attribute path)."""
+    return _global(module, name) + b"(V" + arg.encode() + b"\ntR"
+
+
+_META = "torch.distributed.checkpoint.metadata"
+
+# Each writes `marker` if its call runs. Protocol 4 resolves dotted names in find_class.
+GADGETS = {
+    "reduce": lambda m: pickle.dumps(_Payload(m)),
+    "attribute path through an allowed module": lambda m: b"\x80\x04" + _call(
+        _META, "os.makedirs.__call__", str(m)) + b".",
+    "module named by an allowed module": lambda m: b"\x80\x04" + _global(_META, "os") + b".",
+    "builtins": lambda m: b"\x80\x04" + _call("builtins", "exec", f"import os; os.makedirs("
+                                                                    f"{str(m)!r})") + b".",
+    "nested in a dict": lambda m: b"\x80\x04}(Vstorage_data\n" + _call(
+        _META, "os.makedirs.__call__", str(m)) + b"u.",
+    "torch attribute": lambda m: b"\x80\x04" + _call("torch", "serialization.os.makedirs",
+                                                      str(m)) + b".",
+    "setting attributes of an allowed class": lambda m: b"\x80\x04" + _global(_META, "Metadata")
+        + b"N}V__repr__\n" + _global("torch.serialization", "_get_layout") + b"s\x86b.",
+    "reduce on an allowed class": lambda m: b"\x80\x04" + _call(
+        "collections", "OrderedDict", "x") + b".",
+}
+
+
+@pytest.mark.parametrize("gadget", list(GADGETS))
+def test_loading_unpickles_no_foreign_objects(run, tmp_path, gadget):
+    """A `.metadata` crafted to run code or reach foreign names (consistent with its manifest,
+    as a crafted download would be) is refused without running anything."""
+    from torch.distributed.checkpoint.metadata import Metadata
     step = run / "checkpoints" / "step_4"
     marker = tmp_path / "pwned"
-    (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    (step / ".metadata").write_bytes(GADGETS[gadget](marker))
     ckpt.write_manifest(step)
     cfg = config(run)
     model = build_model(cfg.model)
-    with pytest.raises(ConfigError, match="not valid DCP metadata.*os"):
+    repr_before = Metadata.__repr__
+    with pytest.raises(ConfigError, match="not valid DCP metadata"):
         ckpt.load(step, model, torch.optim.AdamW(model.parameters()), cfg, torch.device("cpu"))
+    assert not marker.exists()
+    assert Metadata.__repr__ is repr_before
+
+
+def test_storage_records_cannot_point_outside_the_checkpoint(run, tmp_path):
+    """Well-formed DCP metadata whose storage record names a file outside the checkpoint."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    step = run / "checkpoints" / "step_4"
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x" * 4096)
+    meta = ckpt._read_metadata(step / ".metadata")
+    key = next(iter(meta.storage_data))
+    meta.storage_data[key] = _StorageInfo(f"../../../{secret.name}", 0, 16)
+    (step / ".metadata").write_bytes(pickle.dumps(meta))
+    ckpt.write_manifest(step)
+    with pytest.raises(ConfigError, match="not a shard file"):
+        ckpt._read_metadata(step / ".metadata")
+    meta.storage_data[key] = _StorageInfo(SHARD, 0, 10**12)  # beyond the shard's end
+    (step / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(ConfigError, match="outside that file"):
+        ckpt._read_metadata(step / ".metadata")
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "export"])
+def test_crafted_checkpoint_runs_nothing_from_the_cli(run, tmp_path, capsys, command):
+    """Resume, generate and export of a checkpoint with a code-running `.metadata`: exit 2 with
+    one line, and the call never ran."""
+    step = run / "checkpoints" / "step_4"
+    marker = tmp_path / "pwned"
+    (step / ".metadata").write_bytes(GADGETS["attribute path through an allowed module"](marker))
+    ckpt.write_manifest(step)
+    args = {"train": ["train", *sum((["--set", o] for o in tiny_overrides(
+                run, **{"train.steps": 6, "checkpoint.resume": str(step)})), [])],
+            "generate": ["generate", str(step), "--prompt", "def"],
+            "export": ["export", str(step), "--format", "hf", "--out", str(tmp_path / "hf")]}
+    capsys.readouterr()
+    assert main(args[command]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not valid DCP metadata" in err[0], err
     assert not marker.exists()
 
 

@@ -168,38 +168,87 @@ def latest_intact(root: Path, log=None) -> Path | None:
 # Loading without unpickling arbitrary objects
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only what DCP writes into `.metadata`: its metadata dataclasses, torch.Size,
-    dtypes and layouts, and the path it records as checkpoint id."""
+# Exactly the globals DCP writes into `.metadata` (found by recording find_class while loading real
+# checkpoints): anything else, a dotted attribute path, or a module is refused.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # maps a layout's name to torch.strided etc.
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+} | {("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath",
+                                     "PureWindowsPath")}
 
-    _ALLOWED = {
-        "torch.distributed.checkpoint.metadata": None,  # any name defined there
-        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-        "torch.serialization": {"_get_layout"},
-        "torch": {"Size"},
-        "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
-        "collections": {"OrderedDict"},
-    }
+
+class _MetadataUnpickler(pickle._Unpickler):
+    """Reads DCP's `.metadata` admitting only `_METADATA_GLOBALS` and torch dtypes.
+
+    The pure-Python unpickler, because its opcode table can be narrowed: BUILD (which sets
+    attributes) is allowed on instances of the admitted classes only, never on a class, module or
+    function, so a file cannot monkeypatch what it was allowed to name."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
-        allowed = self._ALLOWED.get(module, set())
-        obj = None
-        if allowed is None or name in allowed:
-            obj = super().find_class(module, name)
-        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            obj = getattr(torch, name)
-        if obj is None or (allowed is None and getattr(obj, "__module__", module) != module):
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
-        return obj
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and "." not in name \
+                and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module[:60]}.{name[:60]} is not allowed in DCP "
+                                     f"metadata")
+
+    def load_build(self):
+        target = self.stack[-2]  # BUILD pops the state above its target
+        allowed = {super(_MetadataUnpickler, self).find_class(m, n) for m, n in _METADATA_GLOBALS}
+        if type(target) not in allowed:
+            raise pickle.UnpicklingError(f"setting attributes of a {type(target).__name__} is "
+                                         f"not allowed in DCP metadata")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _check_storage(metadata, path: Path) -> None:
+    """Every storage record must point into a shard file of this checkpoint, within its size
+    (a crafted record could otherwise read any file the process can open)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+    if not isinstance(metadata, Metadata):
+        raise ConfigError(f"checkpoint file {path} is not valid DCP metadata: it holds a "
+                          f"{type(metadata).__name__}")
+    sizes: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or not isinstance(rel, str) \
+                or rel != os.path.basename(rel) or rel in ("", ".", ".."):
+            raise ConfigError(f"checkpoint file {path} is not valid DCP metadata: a storage "
+                              f"record names {str(rel)[:60]!r}, not a shard file of the "
+                              f"checkpoint")
+        if rel not in sizes:
+            shard = path.parent / rel
+            sizes[rel] = shard.stat().st_size if shard.is_file() else -1
+        if not (isinstance(info.offset, int) and isinstance(info.length, int)
+                and 0 <= info.offset and 0 <= info.length
+                and info.offset + info.length <= sizes[rel]):
+            raise ConfigError(f"checkpoint file {path} is not valid DCP metadata: its record "
+                              f"for {rel} lies outside that file")
 
 
 def _read_metadata(path: Path):
     """Unpickle DCP's `.metadata` with _MetadataUnpickler; a ConfigError naming it if refused."""
     with open(path, "rb") as f:
         try:
-            return _MetadataUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-            raise ConfigError(f"checkpoint file {path} is not valid DCP metadata: {e}") from None
+            metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError,
+                KeyError, IndexError, RuntimeError, RecursionError) as e:
+            raise ConfigError(f"checkpoint file {path} is not valid DCP metadata: "
+                              f"{str(e)[:200]}") from None
+    _check_storage(metadata, path)
+    return metadata
 
 
 class _SafeReader(FileSystemReader):
