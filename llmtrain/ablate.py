@@ -62,9 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from llmtrain.config import Config, ConfigError, load_config, parse_override
+from llmtrain.config import Config, ConfigError, load_config, parse_override, read_yaml_file
 
 _SPEC_KEYS = ("base", "set", "seeds", "budget", "early_fraction", "variants", "sizes")
 _BUDGETS = ("steps", "tokens", "flops")
@@ -199,12 +198,7 @@ def load_spec(path: str | Path, sizes: bool = False) -> Spec:
     """Read and check a spec; resolve every cell's config (each variant, at each size with
     `sizes`) and its steps under the budget."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"ablation spec {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        raise ConfigError(f"ablation spec {str(path)!r} is not valid YAML") from None
+    data = read_yaml_file(p, "ablation spec")
     if not isinstance(data, dict):
         raise ConfigError(f"ablation spec {str(path)!r} must be a mapping with keys "
                           f"{', '.join(_SPEC_KEYS)}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,16 +33,34 @@ def _f(default: Any, *, lo: float | None = None, hi: float | None = None, lo_ope
     return field(default=default, metadata=meta)
 
 
+# Upper bounds of the integers that size layers, buffers and loops. Each lies far beyond any real
+# run (the largest published models have ~10**2 layers, d_model ~2**14, vocabularies ~2**18,
+# contexts ~2**23 tokens, ~2**11 experts; jobs use ~10**5 GPUs and ~10**7 steps), so only a typo
+# like 1e11 meets them, and it is refused before it sizes an allocation or a loop.
+_LAYERS = 4096
+_WIDTH = 2 ** 17  # d_model, embedding_dim
+_HEADS = 2 ** 14
+_FFN = 2 ** 20
+_VOCAB = 2 ** 24
+_TOKENS = 2 ** 24  # sequence lengths
+_EXPERTS = 2 ** 16
+_RANKS = 2 ** 20  # each degree of parallelism
+_BATCH = 2 ** 24  # sequences per batch, micro-batches per step
+_STEPS = 10 ** 10  # steps and step counts or intervals
+_COUNT = 1024  # small counts: softmaxes mixed, data loader processes
+
+
 @dataclass
 class MoEConfig:
-    num_experts: int = _f(0, lo=0, doc="0 = dense FFN everywhere")
-    top_k: int = _f(1, lo=1)
+    num_experts: int = _f(0, lo=0, hi=_EXPERTS, doc="0 = dense FFN everywhere")
+    top_k: int = _f(1, lo=1, hi=_EXPERTS)
     router: Literal["switch", "topk"] = "switch"
-    capacity_factor: float = _f(1.25, lo=0.0)
+    # sizes each expert's buffer (capacity_factor * tokens / experts); >= num_experts keeps all
+    capacity_factor: float = _f(1.25, lo=0.0, hi=_EXPERTS)
     aux_loss_coef: float = _f(0.01, lo=0.0)
     z_loss_coef: float = _f(0.001, lo=0.0)
-    every_n_layers: int = _f(1, lo=1)
-    n_shared_experts: int = _f(0, lo=0)
+    every_n_layers: int = _f(1, lo=1, hi=_LAYERS)
+    n_shared_experts: int = _f(0, lo=0, hi=_EXPERTS)
     router_jitter: float = _f(0.0, lo=0.0, hi=1.0, doc="router input times U(1-eps, 1+eps)")
     aux_free_bias: bool = False  # DeepSeek-V3 aux-loss-free balancing (selection bias)
     bias_update_rate: float = _f(0.001, lo=0.0, doc="aux_free_bias step per update_bias()")
@@ -49,15 +69,16 @@ class MoEConfig:
 @dataclass
 class ModelConfig:
     arch: Literal["decoder", "encoder_decoder"] = "decoder"
-    n_layers: int = _f(4, lo=1)
-    n_encoder_layers: int = _f(0, lo=0)
-    n_decoder_layers: int = _f(0, lo=0)
-    d_model: int = _f(128, lo=1)
-    n_heads: int = _f(4, lo=1)
-    n_kv_heads: int | None = _f(None, lo=1, doc="None = n_heads (MHA); 1 = MQA")
-    d_ff: int | None = _f(None, lo=1, doc="None = 4 * d_model (8/3 * d_model for GLU variants)")
-    vocab_size: int = _f(4096, lo=2)
-    max_seq_len: int = _f(256, lo=1)
+    n_layers: int = _f(4, lo=1, hi=_LAYERS)
+    n_encoder_layers: int = _f(0, lo=0, hi=_LAYERS)
+    n_decoder_layers: int = _f(0, lo=0, hi=_LAYERS)
+    d_model: int = _f(128, lo=1, hi=_WIDTH)
+    n_heads: int = _f(4, lo=1, hi=_HEADS)
+    n_kv_heads: int | None = _f(None, lo=1, hi=_HEADS, doc="None = n_heads (MHA); 1 = MQA")
+    d_ff: int | None = _f(None, lo=1, hi=_FFN,
+                          doc="None = 4 * d_model (8/3 * d_model for GLU variants)")
+    vocab_size: int = _f(4096, lo=2, hi=_VOCAB)
+    max_seq_len: int = _f(256, lo=1, hi=_TOKENS)
     norm: Literal["layernorm", "rmsnorm", "none"] = "rmsnorm"
     norm_eps: float = _f(1e-5, lo=0.0, lo_open=True)
     norm_position: Literal["pre", "post", "deepnorm", "b2t"] = "pre"
@@ -75,10 +96,11 @@ class ModelConfig:
     residual: Literal["standard", "rezero"] = "standard"
     init: Literal["default", "fixup"] = "default"
     ln_scaling: Literal["none", "inv_sqrt_depth"] = "none"
-    embedding_dim: int | None = _f(None, lo=1, doc="None = d_model; < d_model: ALBERT factorised")
+    embedding_dim: int | None = _f(None, lo=1, hi=_WIDTH,
+                                   doc="None = d_model; < d_model: ALBERT factorised")
     share_layers: bool = False
     output: Literal["softmax", "mos"] = "softmax"
-    mos_k: int = _f(4, lo=1, doc="softmaxes mixed by output=mos")
+    mos_k: int = _f(4, lo=1, hi=_COUNT, doc="softmaxes mixed by output=mos")
 
     @property
     def head_dim(self) -> int:
@@ -100,17 +122,17 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = _f(1, lo=1)
-    dp_shard: int = _f(-1, lo=-1, doc="-1 = all ranks left over by the other dimensions")
-    tp: int = _f(1, lo=1)
-    pp: int = _f(1, lo=1)
-    ep: int = _f(1, lo=1)
+    dp_replicate: int = _f(1, lo=1, hi=_RANKS)
+    dp_shard: int = _f(-1, lo=-1, hi=_RANKS, doc="-1 = all ranks left over by the other dimensions")
+    tp: int = _f(1, lo=1, hi=_RANKS)
+    pp: int = _f(1, lo=1, hi=_RANKS)
+    ep: int = _f(1, lo=1, hi=_RANKS)
     zero_stage: int = _f(0, lo=0, hi=3)
     sequence_parallel: bool = False
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
-    pp_microbatches: int = _f(0, lo=0, doc="0 = global batch / micro batch")
-    virtual_stages: int = _f(1, lo=1)
-    pp_layers: list[int] | None = None
+    pp_microbatches: int = _f(0, lo=0, hi=_BATCH, doc="0 = global batch / micro batch")
+    virtual_stages: int = _f(1, lo=1, hi=_LAYERS)
+    pp_layers: list[int] | None = _f(None, hi=_LAYERS, doc="layers per stage (each item)")
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     compile: bool = False
     engine: Literal["torch", "deepspeed"] = "torch"
@@ -120,19 +142,22 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(300, lo=1)
-    global_batch_size: int = _f(16, lo=1, doc="sequences per optimizer step, all ranks together")
-    micro_batch_size: int = _f(16, lo=1, doc="sequences per forward pass on one rank")
-    seq_len: int = _f(128, lo=2)
+    steps: int = _f(300, lo=1, hi=_STEPS)
+    global_batch_size: int = _f(16, lo=1, hi=_BATCH,
+                                doc="sequences per optimizer step, all ranks together")
+    micro_batch_size: int = _f(16, lo=1, hi=_BATCH, doc="sequences per forward pass on one rank")
+    seq_len: int = _f(128, lo=2, hi=_TOKENS)
     precision: Literal["fp32", "bf16", "bf16_pure"] = "fp32"
     grad_clip: float = _f(1.0, lo=0.0, doc="0 = no clipping")
-    seed: int = _f(1234, lo=0)
-    eval_every: int = _f(50, lo=0, doc="0 = only at the end")
-    eval_steps: int = _f(8, lo=1)
-    log_every: int = _f(10, lo=1)
+    # torch generators take 64 bits and the data order seeds with seed * 1_000_003 + epoch
+    seed: int = _f(1234, lo=0, hi=2 ** 32 - 1)
+    eval_every: int = _f(50, lo=0, hi=_STEPS, doc="0 = only at the end")
+    eval_steps: int = _f(8, lo=1, hi=_STEPS)
+    log_every: int = _f(10, lo=1, hi=_STEPS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_skipped_steps: int = _f(10, lo=1)
-    collective_timeout_s: float = _f(600.0, lo=0.0, lo_open=True)
+    max_skipped_steps: int = _f(10, lo=1, hi=_STEPS)
+    # 10**7 s (116 days): datetime.timedelta and threading waits overflow near 10**9 s
+    collective_timeout_s: float = _f(600.0, lo=0.0, lo_open=True, hi=10 ** 7)
 
 
 @dataclass
@@ -143,11 +168,11 @@ class OptimConfig:
     beta1: float = _f(0.9, lo=0.0, hi=1.0)
     beta2: float = _f(0.95, lo=0.0, hi=1.0)
     eps: float = _f(1e-8, lo=0.0, lo_open=True)
-    warmup_steps: int = _f(30, lo=0)
+    warmup_steps: int = _f(30, lo=0, hi=_STEPS)
     schedule: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd", "noam"] = "cosine"
-    decay_steps: int | None = _f(None, lo=0, doc="wsd: length of the final decay; others: "
-                                                  "steps from end of warmup to min_lr "
-                                                  "(None = until train.steps)")
+    decay_steps: int | None = _f(None, lo=0, hi=_STEPS,
+                                 doc="wsd: length of the final decay; others: steps from end of "
+                                     "warmup to min_lr (None = until train.steps)")
 
 
 @dataclass
@@ -157,20 +182,22 @@ class DataConfig:
     blend: list[list[Any]] | None = None
     tokenizer: str | None = _f(None, doc="tokenizer.json or HF tokenizer dir; None = train BPE")
     split: str = "98,2,0"
-    num_workers: int = _f(0, lo=0)
+    num_workers: int = _f(0, lo=0, hi=_COUNT)
     text_field: str = "text"
     cache_dir: str | None = _f(None, doc="None = $LLMTRAIN_CACHE or ~/.cache/llmtrain")
     reset_attention_at_eod: bool = False
     mask_eod_loss: bool = False
     source_field: str | None = None
     target_field: str | None = None
+    skip_bad_lines: bool = _f(False, doc="skip malformed jsonl lines / non-UTF-8 text with a "
+                              "counted warning instead of stopping on the first")
 
 
 @dataclass
 class CheckpointConfig:
     dir: str | None = _f(None, doc="None = <run_dir>/checkpoints")
-    every: int = _f(100, lo=0, doc="0 = only at the end")
-    keep_last: int = _f(2, lo=0, doc="0 = keep all")
+    every: int = _f(100, lo=0, hi=_STEPS, doc="0 = only at the end")
+    keep_last: int = _f(2, lo=0, hi=_STEPS, doc="0 = keep all")
     resume: str = _f("auto", doc="auto | none | PATH")
     async_save: bool = _f(False, doc="YAML key checkpoint.async: periodic saves are written "
                           "in the background (DCP async_save); the final save is synchronous")
@@ -207,6 +234,30 @@ _YAML_NAMES = {v: k for k, v in _ALIASES.items()}
 # Building dataclasses from plain data, with typed errors
 
 
+_PRINTABLE_INT = 10 ** 30  # larger ints are shown by their size
+
+
+class _BoundedRepr(reprlib.Repr):
+    """repr() for messages: reprlib cuts long strings, lists and mappings; an integer too long
+    to print (Python 3.11+ refuses str() beyond 4300 digits) is shown by its size."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if abs(x) < _PRINTABLE_INT:
+            return repr(x)
+        sign = "negative " if x < 0 else ""
+        return f"<{sign}integer of ~{int(x.bit_length() * math.log10(2)) + 1} digits>"
+
+
+_repr = _BoundedRepr()
+_repr.maxstring = _repr.maxother = 60
+_short = _repr.repr
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """`text` (a key or path, printed without quotes) cut to about `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit - 20]}...{text[-15:]}"
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -219,6 +270,21 @@ def _type_name(tp: Any) -> str:
             str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _number(value: Any) -> int | float | None:
+    """An int or float `value` as it is, a numeric string as a float (YAML 1.1 reads 3e-4 and
+    1e6, without a dot, as strings), anything else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check `value` against the annotation `tp`, converting where lossless (int -> float)."""
     origin = typing.get_origin(tp)
@@ -226,7 +292,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices:
             return value
-        raise ConfigError(f"{path}={value!r} is not valid; use one of: "
+        raise ConfigError(f"{path}={_short(value)} is not valid; use one of: "
                           + ", ".join(str(c) for c in choices))
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = typing.get_args(tp)
@@ -239,58 +305,68 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError:
                 pass
-        raise ConfigError(f"{path}={value!r} has the wrong type; expected {_type_name(tp)}")
+        raise ConfigError(f"{path}={_short(value)} has the wrong type; expected {_type_name(tp)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}={value!r} has the wrong type; expected a list")
+            raise ConfigError(f"{path}={_short(value)} has the wrong type; expected a list")
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}={value!r} has the wrong type; expected a mapping of "
+            raise ConfigError(f"{path}={_short(value)} has the wrong type; expected a mapping of "
                               f"{', '.join(f.name for f in dataclasses.fields(tp))}")
         return _build(tp, value, path)
+    number = _number(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        if isinstance(number, int):
+            return number  # its field's range bounds it
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        if number is not None:
             try:
-                return float(value)
-            except ValueError:
-                pass
+                number = float(number)
+            except OverflowError:  # an int beyond 1e308
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{path}={_short(value)} must be a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) or (isinstance(number, int) and abs(number) < _PRINTABLE_INT):
             return str(value)
-    raise ConfigError(f"{path}={value!r} has the wrong type; expected {_type_name(tp)}")
+    raise ConfigError(f"{path}={_short(value)} has the wrong type; expected {_type_name(tp)}")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    kwargs, given_as = {}, {}
     for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        path = _ALIASES.get(path, path)
-        name = path.rsplit(".", 1)[-1]
+        name = _field_name(prefix, key)
         if name not in names:
-            raise ConfigError(_unknown_key_message(path, [_yaml_path(prefix, n) for n in names]))
-        kwargs[name] = _coerce(value, hints[name], _yaml_path(prefix, name))
+            raise ConfigError(_unknown_key_message(_yaml_path(prefix, _clip(str(key))),
+                                                   [_yaml_path(prefix, n) for n in names]))
+        path = _yaml_path(prefix, name)
+        if name in kwargs:  # `async` and its field name `async_save`
+            raise ConfigError(f"{path} is given twice (as {given_as[name]} and {key}); keep one")
+        kwargs[name], given_as[name] = _coerce(value, hints[name], path), key
     obj = cls(**kwargs)
     for f in dataclasses.fields(cls):
         _check_range(getattr(obj, f.name), f, _yaml_path(prefix, f.name))
     return obj
+
+
+def _field_name(prefix: str, key: Any) -> Any:
+    """The field a YAML key sets: the key itself, or the field of a YAML alias (`async`)."""
+    alias = _ALIASES.get(f"{prefix}.{key}" if prefix else str(key))
+    return alias.rsplit(".", 1)[-1] if alias else key
 
 
 def _yaml_path(prefix: str, name: str) -> str:
@@ -305,14 +381,162 @@ def _unknown_key_message(path: str, valid: list[str]) -> str:
 
 
 def _check_range(value: Any, f: dataclasses.Field, path: str) -> None:
+    """`value` (or each item of a list value) within its field's [lo, hi]."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_range(item, f, f"{path}[{i}]")
+        return
     lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if lo is not None and (value <= lo if lo_open else value < lo):
         bound = f"> {lo}" if lo_open else f">= {lo}"
-        raise ConfigError(f"{path}={value} is out of range; must be {bound}")
+        raise ConfigError(f"{path}={_short(value)} is out of range; must be {bound}")
     if hi is not None and value > hi:
-        raise ConfigError(f"{path}={value} is out of range; must be <= {hi}")
+        raise ConfigError(f"{path}={_short(value)} is out of range; must be <= {hi}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading YAML
+
+# What a config may hold. A full config is ~130 values in ~4 KiB; these bounds leave orders of
+# magnitude of room (long data.paths lists) and refuse what would hang or exhaust memory once the
+# data is walked: an alias bomb ("billion laughs") expands to 10**9 values from 1 KiB of text.
+_MAX_YAML_BYTES = 1 << 20  # 1 MiB
+_MAX_YAML_VALUES = 100_000  # nodes, an aliased one counted at every use
+_MAX_YAML_DEPTH = 32  # nested lists and mappings; a config nests 4 deep (data.blend)
+_MAX_INT_DIGITS = 100  # int() of a long literal is quadratic, and refused beyond 4300 digits
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses, with a ConfigError naming `where` and the line, what would
+    otherwise pass silently or blow up later: a key twice in one mapping (PyYAML keeps the last),
+    aliases expanding to over _MAX_YAML_VALUES values or into themselves, nesting deeper than
+    _MAX_YAML_DEPTH and huge integer literals. Aliases stay allowed (anchors are a fair way to
+    repeat a section) but every use counts its whole subtree."""
+
+    def __init__(self, text: str, where: str):
+        super().__init__(text)
+        self.where = where
+        self._sizes: dict[int, int] = {}  # id(node) -> values in it, aliases expanded
+        self._values = 0  # in the document so far, aliases expanded
+        self._open: list[str | None] = []  # anchors of the nodes being composed, outermost first
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise ConfigError(f"{self.where}: alias *{_clip(event.anchor)} at line {line} is "
+                                  f"inside the list or mapping it names")
+            node = super().compose_node(parent, index)  # composed (and sized) before
+            self._count(self._sizes[id(node)], line, "YAML aliases expand to")
+            return node
+        if len(self._open) >= _MAX_YAML_DEPTH:
+            raise ConfigError(f"{self.where}: nested more than {_MAX_YAML_DEPTH} levels deep at "
+                              f"line {line}")
+        self._count(1, line, "it holds")  # before composing: a long list stops early
+        self._open.append(event.anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._open.pop()
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair]
+                    if isinstance(node, yaml.MappingNode) else [])
+        self._sizes[id(node)] = 1 + sum(self._sizes[id(c)] for c in children)
+        return node
+
+    def _count(self, values: int, line: int, what: str) -> None:
+        self._values += values
+        if self._values > _MAX_YAML_VALUES:
+            raise ConfigError(f"{self.where}: {what} more than {_MAX_YAML_VALUES} values at line "
+                              f"{line}; a config needs far fewer")
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ConfigError:
+            raise
+        except (ValueError, OverflowError, TypeError) as e:  # `!!float abc`, the date 2024-13-45
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_clip(tag)} {_short(node.value)} ({_clip(str(e))})",
+                node.start_mark) from None
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys merged in with `<<: *base` may be set again: that is the point
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                twice = key in first_line
+            except TypeError:
+                continue  # an unhashable key, which SafeConstructor refuses
+            if twice:
+                raise ConfigError(f"{self.where}: key {_short(key)} appears twice in one mapping "
+                                  f"(lines {first_line[key]} and {line}); keep one")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: Any) -> int:
+        digits = sum(c.isdigit() for c in self.construct_scalar(node))
+        if digits > _MAX_INT_DIGITS:
+            raise ConfigError(f"{self.where}: integer of {digits} digits at line "
+                              f"{node.start_mark.line + 1}; config integers have at most "
+                              f"{_MAX_INT_DIGITS}")
+        return super().construct_yaml_int(node)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """The data in the YAML `text` (None if it holds none), read by `_ConfigLoader`. `where`
+    names the source in errors: malformed YAML raises yaml.YAMLError, the rest a ConfigError."""
+    if len(text) > _MAX_YAML_BYTES:
+        raise ConfigError(f"{where} is larger than 1 MiB; a run config is a few KiB")
+    loader = _ConfigLoader(text, where)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The data in the YAML file at `path`, every problem with it a one-line ConfigError: not a
+    readable regular file, over 1 MiB, not UTF-8, malformed YAML or refused by `_ConfigLoader`."""
+    where = f"{what} {_clip(repr(str(path)), 200)}"
+    p = Path(path)
+    try:
+        if not p.is_file():
+            problem = ("is a directory; pass a YAML file" if p.is_dir() else
+                       "is not a regular file" if p.exists() else "does not exist")
+            raise ConfigError(f"{where} {problem}")
+        with p.open("rb") as fh:
+            raw = fh.read(_MAX_YAML_BYTES + 1)
+    except OSError as e:  # unreadable, or a name too long to look up
+        raise ConfigError(f"{where} cannot be read: {e.strerror or e}") from None
+    if len(raw) > _MAX_YAML_BYTES:
+        raise ConfigError(f"{where} is larger than 1 MiB; a run config is a few KiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+    try:
+        return parse_yaml(text, where)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML{_yaml_problem(e)}") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """' at line N: what PyYAML found', one line and bounded ('' where it says nothing)."""
+    mark = getattr(e, "problem_mark", None)
+    said = [getattr(e, "context", None), getattr(e, "problem", None) or getattr(e, "reason", None)]
+    text = " ".join(", ".join(str(s) for s in said if s).split())  # PyYAML's lines, joined
+    return (f" at line {mark.line + 1}" if mark else "") + (f": {_clip(text, 200)}" if text else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,13 +546,15 @@ def _check_range(value: Any, f: dataclasses.Field, path: str) -> None:
 def parse_override(item: str) -> tuple[str, Any]:
     """`a.b=c` -> ("a.b", typed c). The value is read as YAML, so 2, 1e-3, true and [1, 2] work."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r} is not of the form section.key=value")
+        raise ConfigError(f"--set {_short(item)} is not of the form section.key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
+    if not all(key.split(".")):
+        raise ConfigError(f"--set {_short(item)} has an empty key; use section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw, f"--set {_clip(key)}") if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML, e.g. a path with ": " in it: the plain string
     return key, value
 
 
@@ -338,33 +564,46 @@ def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+            raise ConfigError(f"--set {_clip(key)}: {_clip('.'.join(parts[:i + 1]))} is not a "
+                              f"section")
         node = child
     node[parts[-1]] = value
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),
-                world_size: int = 1) -> Config:
-    """Read YAML at `path` (None = the embedded default), apply `--set` overrides, validate."""
+                world_size: int = 1, log=None) -> Config:
+    """Read YAML at `path` (None = the embedded default), apply `--set` overrides, validate.
+    `log` receives notices about values adjusted to the world size (see `fit_micro_batch`)."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
+        data = read_yaml_file(path)
+        if data is None:  # empty, or comments only
+            data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, "
-                              f"got {type(data).__name__}")
+            raise ConfigError(f"config file {_clip(repr(str(path)), 200)} must hold a mapping of "
+                              f"sections, got {type(data).__name__}")
     for item in overrides:
         _apply_override(data, *parse_override(item))
     cfg = config_from_dict(data)
+    fit_micro_batch(cfg, world_size, log)
     validate(cfg, world_size=world_size)
     return cfg
+
+
+def fit_micro_batch(cfg: Config, world_size: int, log=None) -> None:
+    """A micro batch larger than one data-parallel rank's share of the global batch is capped at
+    that share, with a notice: the same config then runs on 1 process and under torchrun on N
+    (the global batch, and so the training, stays the same; only accumulation changes)."""
+    t = cfg.train
+    dp = data_parallel_size(cfg, world_size)
+    if dp < 1 or t.global_batch_size % dp or t.micro_batch_size * dp <= t.global_batch_size:
+        return  # validate() reports layouts and batches that cannot be split
+    per_rank = t.global_batch_size // dp
+    if log is not None:
+        log(f"notice: train.micro_batch_size={t.micro_batch_size} exceeds the "
+            f"{per_rank} sequences per data-parallel rank (train.global_batch_size="
+            f"{t.global_batch_size} over dp {dp}); using micro_batch_size={per_rank}")
+    t.micro_batch_size = per_rank
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -384,7 +623,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]  # n may be 2**24
+    return ", ".join(str(d) for d in sorted({*small, *(n // d for d in small)}))
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -615,8 +855,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.data.source_field or cfg.data.target_field:
         d = cfg.data
         if not (d.source_field and d.target_field):
-            raise ConfigError(f"data.source_field={d.source_field!r} and data.target_field="
-                              f"{d.target_field!r}: the sequence-to-sequence objective needs both")
+            raise ConfigError(f"data.source_field={_short(d.source_field)} and data.target_field="
+                              f"{_short(d.target_field)}: the sequence-to-sequence objective needs "
+                              f"both")
         if m.arch != "encoder_decoder":
             raise ConfigError(f"data.source_field/target_field (sequence-to-sequence pairs) need "
                               f"model.arch=encoder_decoder, got {m.arch}")
@@ -624,8 +865,28 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"data.source_field/target_field read pairs from jsonl/parquet "
                               f"files: use data.source=files without data.blend (got "
                               f"data.source={d.source})")
+    for i, entry in enumerate(cfg.data.blend or ()):
+        if not _blend_entry_ok(entry):
+            raise ConfigError(f"data.blend[{i}]={_short(entry)} is not valid; each entry is "
+                              f"[weight, path] with a finite weight >= 0")
     if cfg.data.source != "stdlib" and not cfg.data.paths:
         raise ConfigError(f"data.source={cfg.data.source} needs data.paths (files or prefixes)")
-    if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
-        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r} is neither auto, none nor "
-                          f"an existing checkpoint directory")
+    if cfg.checkpoint.resume not in ("auto", "none") and not _exists(cfg.checkpoint.resume):
+        raise ConfigError(f"checkpoint.resume={_short(cfg.checkpoint.resume)} is neither auto, "
+                          f"none nor an existing checkpoint directory")
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # a name too long to look up, or with a NUL in it
+        return False
+
+
+def _blend_entry_ok(entry: list[Any]) -> bool:
+    if len(entry) != 2 or not isinstance(entry[1], str) or isinstance(entry[0], bool):
+        return False
+    try:
+        return math.isfinite(entry[0]) and entry[0] >= 0
+    except (TypeError, OverflowError):
+        return False

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from llmtrain.cli import main
-from llmtrain.config import Config, ConfigError, load_config
+from llmtrain.config import Config, ConfigError, config_from_dict, load_config
 
 ROOT = Path(__file__).parent.parent
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """'Billion laughs': each list holds the previous one 10 times. YAML keeps one copy of each,
+    so the text is small; anything that walks it (repr, asdict, _coerce) visits 10**levels."""
+    lists = ["&l0 [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]"] + [
+        f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return f"[{', '.join(lists)}]"
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -27,6 +37,41 @@ ROOT = Path(__file__).parent.parent
     (["train.seq_len=512"], "train.seq_len=512 exceeds model.max_seq_len=256"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"],
      "train.global_batch_size=10 is not divisible by train.micro_batch_size=4 x data-parallel size 1"),
+    # sizes no real run reaches are refused before anything is allocated (issue 20)
+    (["model.d_model=1e11"], "model.d_model=100000000000 is out of range; must be <= 131072"),
+    (["model.vocab_size=1e14"],
+     "model.vocab_size=100000000000000 is out of range; must be <= 16777216"),
+    (["model.n_layers=1000000"], "model.n_layers=1000000 is out of range; must be <= 4096"),
+    (["model.max_seq_len=1e9"],
+     "model.max_seq_len=1000000000 is out of range; must be <= 16777216"),
+    (["model.moe.num_experts=1e9"],
+     "model.moe.num_experts=1000000000 is out of range; must be <= 65536"),
+    (["parallel.tp=1e7"], "parallel.tp=10000000 is out of range; must be <= 1048576"),
+    (["train.steps=1e11"], "train.steps=100000000000 is out of range; must be <= 10000000000"),
+    (["train.global_batch_size=1e9"],
+     "train.global_batch_size=1000000000 is out of range; must be <= 16777216"),
+    (["parallel.pp_layers=[2, 100000]"],
+     "parallel.pp_layers[1]=100000 is out of range; must be <= 4096"),
+    (["model.d_model=1e300"],
+     "model.d_model=<integer of ~301 digits> is out of range; must be <= 131072"),
+    # non-finite floats, as YAML floats and as strings _coerce reads as floats
+    (["optim.lr=.nan"], "optim.lr=nan must be a finite number"),
+    (["optim.lr=nan"], "optim.lr='nan' must be a finite number"),
+    (["optim.weight_decay=.inf"], "optim.weight_decay=inf must be a finite number"),
+    (["optim.beta1=-.inf"], "optim.beta1=-inf must be a finite number"),
+    (["model.norm_eps=1e999"], "model.norm_eps='1e999' must be a finite number"),
+    # --set keys and values get the config file's checks
+    (["=5"], "--set '=5' has an empty key"),
+    (["model..d_model=5"], "--set 'model..d_model=5' has an empty key"),
+    (["data.blend=" + _alias_bomb()],
+     "--set data.blend: YAML aliases expand to more than 100000 values"),
+    (["data.blend=&a [*a]"],
+     "--set data.blend: alias *a at line 1 is inside the list or mapping it names"),
+    (["data.blend=[{w: 1, w: 2}]"], "--set data.blend: key 'w' appears twice in one mapping"),
+    (["data.blend=[[1, a, b]]"],
+     "data.blend[0]=[1, 'a', 'b'] is not valid; each entry is [weight, path] with a finite "
+     "weight >= 0"),
+    (["data.blend=[[.nan, a]]"], "data.blend[0]=[nan, 'a'] is not valid"),
 ])
 def test_config_errors_are_one_line(overrides, expected, capsys, tmp_path):
     with pytest.raises(ConfigError, match=None) as e:
@@ -79,3 +124,97 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: unknown config key model.n_layer; did you mean model.n_layers?"
+
+
+def _bad(name: str, text: str | bytes, expected: str):
+    return pytest.param(text, expected, id=name)
+
+
+@pytest.mark.parametrize("text, expected", [
+    _bad("alias-bomb", f"data:\n  blend: {_alias_bomb()}\n",
+         "YAML aliases expand to more than 100000 values"),
+    _bad("recursive-alias", "data:\n  blend: &a [*a]\n",
+         "alias *a at line 2 is inside the list or mapping it names"),
+    _bad("duplicate-key", "model:\n  d_model: 64\n  d_model: 128\n",
+         "key 'd_model' appears twice in one mapping (lines 2 and 3)"),
+    _bad("duplicate-section", "train: {steps: 5}\nmodel: {}\ntrain: {steps: 7}\n",
+         "key 'train' appears twice in one mapping (lines 1 and 3)"),
+    _bad("deep-nesting", "data:\n  blend: " + "[" * 2000 + "]" * 2000 + "\n",
+         "nested more than 32 levels deep at line 2"),
+    _bad("python-tag", "model: !!python/object/apply:os.system [echo hi]\n",
+         "is not valid YAML at line 1: could not determine a constructor for the tag "
+         "'tag:yaml.org,2002:python/object/apply:os.system'"),
+    _bad("5000-digit-int", "model:\n  d_model: " + "9" * 5000 + "\n",
+         "integer of 5000 digits at line 2; config integers have at most 100"),
+    _bad("91-digit-int", "model:\n  d_model: 1" + "0" * 90 + "\n",
+         "model.d_model=<integer of ~91 digits> is out of range; must be <= 131072"),
+    _bad("1e300-as-int", "model:\n  d_model: 1.0e+300\n",
+         "model.d_model=<integer of ~301 digits> is out of range"),
+    _bad("nan", "optim:\n  lr: .nan\n", "optim.lr=nan must be a finite number"),
+    _bad("bad-explicit-float", "optim:\n  lr: !!float abc\n",
+         "is not valid YAML at line 2: cannot read !!float 'abc'"),
+    _bad("bad-date", "checkpoint:\n  resume: 2024-13-45\n",
+         "is not valid YAML at line 2: cannot read "),
+    _bad("giant-string", "model:\n  norm: " + "x" * 100_000 + "\n", "model.norm='xxxxxxxx"),
+    _bad("giant-list", "model:\n  norm: [" + "1, " * 3000 + "]\n",
+         "model.norm=[1, 1, 1, 1, 1, 1, ...]"),
+    _bad("giant-path", "checkpoint:\n  resume: " + "x" * 5000 + "\n",
+         "checkpoint.resume='xxxxxxxx"),
+    _bad("giant-field-name", "data:\n  source_field: " + "x" * 100_000 + "\n",
+         "data.source_field='xxxxxxxx"),
+    _bad("list-as-section", "model: [1, 2]\n",
+         "model=[1, 2] has the wrong type; expected a mapping of arch, n_layers"),
+    _bad("number-as-key", "1: 2\n", "unknown config key 1; valid keys: model, parallel"),
+    _bad("dotted-key", "train:\n  model.steps: 5\n", "unknown config key train.model.steps"),
+    _bad("async-twice", "checkpoint:\n  async: true\n  async_save: false\n",
+         "checkpoint.async is given twice (as async and async_save)"),
+    _bad("list-file", "- model\n", "must hold a mapping of sections, got list"),
+    _bad("scalar-file", "0\n", "must hold a mapping of sections, got int"),
+    _bad("over-1MiB", "#" * (1 << 20) + "\n", "is larger than 1 MiB"),
+    _bad("not-utf8", b"model:\n  norm: \xff\n", "is not UTF-8 text (byte 0xff at offset 15)"),
+])
+def test_bad_config_files_are_one_line_errors(text, expected, tmp_path, capsys):
+    """Issue 20: hostile or broken YAML is refused with one short line, before anything runs."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert expected in msg and "\n" not in msg and len(msg) < 400, msg[:1000]
+    code = main(["train", str(path), "--set", f"logging.run_dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_int_too_large_for_a_float_field():
+    """import-hf and the planner build configs from Python dicts, where ints are unbounded."""
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"optim": {"lr": 10 ** 400}})
+    assert str(e.value) == "optim.lr=<integer of ~401 digits> must be a finite number"
+
+
+def test_config_path_that_is_not_a_readable_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; pass a YAML file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="cannot be read: File name too long"):
+        load_config(tmp_path / ("x" * 5000))
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_config("/dev/null")
+
+
+def _int_fields(cls=Config, prefix=""):
+    """(path, field) of every field whose annotation holds an int, in every section."""
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _int_fields(tp, f"{prefix}{f.name}.")
+        elif tp is int or int in typing.get_args(tp) or "list[int]" in str(tp):
+            yield f"{prefix}{f.name}", f
+
+
+def test_every_integer_field_has_an_upper_bound():
+    """Integers size layers, buffers and loops: each needs a bound no real run reaches."""
+    fields = dict(_int_fields())
+    assert {"model.d_model", "parallel.pp_layers", "train.steps"} <= set(fields)
+    assert not [path for path, f in fields.items() if f.metadata.get("hi") is None]

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from llmtrain.config import Config, ConfigError, _apply_override, config_from_dict, load_config
+from llmtrain.config import (Config, ConfigError, _apply_override, config_from_dict, load_config,
+                             read_yaml_file)
 from llmtrain.config import parse_override
 from llmtrain.planner.compute import H100_SXM, Hardware
 from llmtrain.planner.memory import GIB
@@ -26,7 +26,7 @@ def load_run(path: str | Path, overrides: list[str] = ()) -> Config:
     """The config at `path` with `overrides`, validated except for its parallel layout (which
     `search.check_layout` judges) and MoE (which the planner models before the trainer runs it)."""
     load_config(path, [*overrides, *_NEUTRAL])  # file, YAML, types, ranges, model/train rules
-    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
+    data: dict[str, Any] = read_yaml_file(path) or {}
     for item in overrides:
         _apply_override(data, *parse_override(item))
     cfg = config_from_dict(data)
