@@ -48,7 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from llmtrain.data.preprocess import preprocess
     preprocess(args.input, args.output, args.tokenizer, text_field=args.text_field,
-               workers=args.workers, append_eod=args.append_eod, progress=not args.quiet)
+               workers=args.workers, append_eod=args.append_eod, progress=not args.quiet,
+               skip_bad_lines=args.skip_bad_lines)
     return 0
 
 
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preprocess", help="tokenize a corpus into a megatron-core .bin/.idx dataset",
-                       description="Stream text/jsonl/parquet files through `datasets`, tokenize "
+                       description="Read text/jsonl/parquet files (bad lines are one-line "
+                                   "errors naming file and line), tokenize "
                                    "(training a byte-level BPE with train:VOCAB, or loading a "
                                    "tokenizer.json / HF tokenizer dir) and write PREFIX.bin, "
                                    "PREFIX.idx and PREFIX.tokenizer.json. Train on it with "
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                    help="end every document with the EOD token (default on)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed jsonl lines, non-UTF-8 text and non-string text fields "
+                        "with one counted warning at the end instead of stopping on the first")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_preprocess)
     for mod in _PLUGINS:

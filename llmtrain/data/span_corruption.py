@@ -21,13 +21,19 @@ def _random_segmentation(n_items: int, n_segments: int, rng: np.random.Generator
     return np.diff(np.concatenate([[0], cuts, [n_items]]))
 
 
-def noise_mask(length: int, noise_density: float, mean_span_length: float,
-               rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask of noise positions, as T5's `random_spans_noise_mask`."""
+def span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a sequence of `length` tokens: the same for every draw, so
+    the sentinels a sequence length needs are known before the first batch."""
     num_noise = int(round(length * noise_density))
     num_noise = min(max(num_noise, 1), length - 1)
     num_spans = max(int(round(num_noise / mean_span_length)), 1)
-    num_spans = min(num_spans, num_noise, length - num_noise)
+    return num_noise, min(num_spans, num_noise, length - num_noise)
+
+
+def noise_mask(length: int, noise_density: float, mean_span_length: float,
+               rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of noise positions, as T5's `random_spans_noise_mask`."""
+    num_noise, num_spans = span_counts(length, noise_density, mean_span_length)
     noise_lens = _random_segmentation(num_noise, num_spans, rng)
     keep_lens = _random_segmentation(length - num_noise, num_spans, rng)
     mask = np.zeros(length, dtype=bool)
