@@ -38,4 +38,7 @@ echo "${cmd[*]}"
 if [ "${LLMTRAIN_DRY_RUN:-0}" = "1" ]; then
   exit 0
 fi
+# Validate once, before N processes start: a config error is then one line and exit code 2,
+# instead of the same error from every rank and torchrun's ChildFailedError report.
+"$PYTHON" -m llmtrain train --check "$((NPROC_PER_NODE * NNODES))" "$@" >/dev/null || exit $?
 exec "${cmd[@]}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from llmtrain.config import ConfigError, load_config
@@ -20,6 +21,8 @@ _PLUGINS = ("llmtrain.scaling.cli", "llmtrain.planner.cli", "llmtrain.train.expo
 def cmd_train(args: argparse.Namespace) -> int:
     from llmtrain.parallel.mesh import DistEnv
     env = DistEnv.from_environ()
+    if args.check is not None:  # the launch scripts validate before starting N processes
+        env = DistEnv(rank=0, world_size=args.check)
     # No CONFIG: the dataclass defaults, which configs/tiny.yaml spells out (a test keeps them equal).
     sets = list(args.set or ())
     if args.plan == "auto":
@@ -32,10 +35,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"plan: {' '.join('--set ' + o for o in chosen)} (estimated "
                   f"{est.step_time_s:.3g} s/step, {est.memory['total'] / 2**30:.1f} GiB/GPU)")
         sets += chosen
-    cfg = load_config(args.config, sets, world_size=env.world_size)
+    say = print if env.rank == 0 else (lambda *a: None)
+    cfg = load_config(args.config, sets, world_size=env.world_size, log=say)
+    if args.check is not None:
+        print(f"config ok for {args.check} process(es): run dir {cfg.logging.run_dir}")
+        return 0
     from llmtrain.train.loop import train
     summary = train(cfg, overwrite=args.overwrite)
-    if env.rank == 0 and summary.get("stopped"):
+    if env.rank == 0 and summary.get("finished"):
+        print(f"run {cfg.logging.run_dir} already finished: its checkpoint {summary['finished']} "
+              f"is at step {summary['steps']}, train.steps={cfg.train.steps}; nothing to do "
+              f"(raise train.steps to extend it)")
+    elif env.rank == 0 and summary.get("stopped"):
         print(f"stopped by {summary['stopped']} at step {summary['steps']}; checkpoint written, "
               f"run the same command to resume")
     elif env.rank == 0:
@@ -68,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", choices=["auto"],
                    help="auto: apply the best layout `llmtrain plan` finds for --gpus")
     p.add_argument("--gpus", type=int, help="with --plan auto: the GPUs of this job")
+    p.add_argument("--check", type=int, metavar="WORLD_SIZE",
+                   help="only validate the config for WORLD_SIZE processes and exit (0 if it is "
+                        "valid, 2 with the error); launch/torchrun.sh runs this first")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preprocess", help="tokenize a corpus into a megatron-core .bin/.idx dataset",
@@ -114,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # every rank of a job finds the same error: one line, from the first
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from llmtrain.train.loop import RunError
+        from llmtrain.train.rundir import RunError
         if not isinstance(e, RunError):
             raise
         print(f"error: {e}", file=sys.stderr)

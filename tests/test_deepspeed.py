@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_parallel import overrides, read_losses, torchrun
 
@@ -75,9 +76,33 @@ def test_deepspeed_resume_continues_the_loss_curve(tmp_path, torch_engine):
     shutil.rmtree(run / "checkpoints" / "step_5")  # as if killed after step 3
     lines = (run / "metrics.jsonl").read_text().splitlines()[:3]
     (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-    r = torchrun(2, args)
+    r = torchrun(2, args)  # every file read back through engines/deepspeed.safe_load
     assert "resumed from" in r.stdout and "step_3" in r.stdout
     assert read_losses(run) == pytest.approx(losses, rel=1e-4)
+
+    # A crafted optimizer partition (manifest recomputed, as anyone can) must not run its code:
+    # DeepSpeed's own loader unpickles with weights_only=False.
+    from llmtrain.train.checkpoint import write_manifest
+    step = run / "checkpoints" / "step_3"
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": _Payload(marker)},
+               step / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    write_manifest(step)
+    shutil.rmtree(run / "checkpoints" / "step_5")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "llmtrain", "train", *sum((["--set", a] for a in args), [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and not marker.exists()
+    assert "holds objects a DeepSpeed checkpoint does not" in r.stderr, r.stderr[-2000:]
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (str(self.marker),)
 
 
 def test_torch_engine_checkpoint_is_refused_by_the_deepspeed_engine(tmp_path):

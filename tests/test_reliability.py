@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from llmtrain.cli import main
+from llmtrain.config import ConfigError, load_config
 from llmtrain.train import checkpoint as ckpt
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -267,3 +268,153 @@ def test_incompatible_checkpoint_and_oversized_tokenizer_are_refused(tmp_path, t
     assert code == 2
     err = capsys.readouterr().err
     assert "the tokenizer has 1024 entries but model.vocab_size=256" in err
+
+
+def test_a_diverged_rerun_never_prunes_the_good_checkpoint(tmp_path, tiny, capfd):
+    """A run diverges (lr 1e30) after good checkpoints; rerun after rerun diverges again. With
+    keep_last=1 the diverged saves used to prune step_4 away, so every rerun resumed from the
+    diverged state. Now they are marked, step_4 stays and `resume: auto` picks it."""
+    run = tmp_path / "run"
+    good = {"logging.run_dir": run, "train.steps": 4, "checkpoint.every": 2,
+            "checkpoint.keep_last": 1, "train.grad_clip": 0, "train.max_skipped_steps": 3}
+    assert main(["train", *sets(tiny(**good))]) == 0
+    bad = {**good, "train.steps": 30, "optim.lr": 1e30, "optim.min_lr": 0}
+    root = run / "checkpoints"
+    for attempt in range(2):
+        capfd.readouterr()
+        assert main(["train", *sets(tiny(**bad))]) == 1
+        err = capfd.readouterr().err
+        assert f"a rerun resumes from {root / 'step_4'}" in err, err
+        found = ckpt.list_checkpoints(root)
+        assert found[0] == root / "step_4" and not ckpt.is_diverged(found[0])
+        assert len(found) == 2 and ckpt.is_diverged(found[1]), found
+        assert ckpt.find_resume(load_config(run / "config.yaml")) == root / "step_4"
+    capfd.readouterr()
+    assert main(["train", *sets(tiny(**{**good, "train.steps": 6}))]) == 0  # lr back down
+    assert f"resumed from {root / 'step_4'} at step 4" in capfd.readouterr().out
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))
+
+
+def test_only_diverged_checkpoints_are_not_resumed_silently(tmp_path, tiny):
+    run = tmp_path / "run"
+    overrides = tiny(**{"logging.run_dir": run, "optim.lr": 1e30, "optim.min_lr": 0,
+                        "train.grad_clip": 0, "train.steps": 20, "train.max_skipped_steps": 2})
+    assert main(["train", *sets(overrides)]) == 1
+    assert all(map(ckpt.is_diverged, ckpt.list_checkpoints(run / "checkpoints")))
+    with pytest.raises(ConfigError, match="written after non-finite steps.*resume=PATH.*none"):
+        ckpt.find_resume(load_config(run / "config.yaml"))
+
+
+def test_a_half_written_metrics_line_does_not_block_resume(tmp_path, tiny, capsys):
+    run = tmp_path / "run"
+    args = {"logging.run_dir": run, "train.steps": 4, "checkpoint.every": 2,
+            "train.eval_every": 2}
+    assert main(["train", *sets(tiny(**args))]) == 0
+    for name in ("metrics.jsonl", "eval.jsonl"):  # as a kill or a full disk leaves them
+        with open(run / name, "a") as f:
+            f.write('{"step": 5, "lo')
+    capsys.readouterr()
+    assert main(["train", *sets(tiny(**{**args, "train.steps": 6}))]) == 0
+    out = capsys.readouterr().out
+    assert "metrics.jsonl: dropped 1 damaged line(s)" in out
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))
+    assert [r["step"] for r in read_jsonl(run / "eval.jsonl")] == [2, 4, 6]
+
+
+def _fill(directory: Path) -> Path:
+    """Write a file into `directory` until its filesystem is full."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 16, 1 << 9, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_disk_under_the_run_dir_stops_in_one_line_then_resumes(tmp_path, tiny,
+                                                                    small_tmpfs, capfd):
+    """metrics.jsonl on a tmpfs that fills up mid-run (checkpoints elsewhere): one line naming
+    the file and the checkpoint to resume from, exit 1; once there is room the rerun resumes
+    and every step is logged once."""
+    run, ckpts = small_tmpfs / "run", tmp_path / "ckpts"
+    args = tiny(**{"logging.run_dir": run, "checkpoint.dir": ckpts, "train.steps": 200,
+                   "checkpoint.every": 5})
+    import threading
+    filled = []
+    watcher = threading.Thread(target=lambda: (
+        wait_for(lambda: logged_steps(run) >= 12, 120, "step 12"), filled.append(_fill(small_tmpfs))))
+    watcher.start()
+    code = main(["train", *sets(args)])
+    watcher.join()
+    out, err = capfd.readouterr()
+    assert code == 1, out + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write {run / 'metrics.jsonl'} (No space left on "
+                           f"device)") and "resumes from the last good checkpoint" in last, last
+    good = ckpt.latest_good(ckpts)
+    assert str(good) in last
+    filled[0].unlink()
+    assert main(["train", *sets(args)]) == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 201))
+
+
+def test_a_second_job_on_a_run_dir_is_refused_until_the_first_dies(tmp_path, tiny, capsys):
+    run = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(tiny(**{"logging.run_dir": run, "train.steps": 100000})),
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: logged_steps(run) >= 1, 120, "the first job's first step")
+        assert main(["train", *sets(tiny(**{"logging.run_dir": run}))]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is in use by another llmtrain job" in err[0], err
+        assert f"pid {first.pid} on {socket.gethostname()}" in err[0]
+        lines = logged_steps(run)
+        wait_for(lambda: logged_steps(run) > lines, 60, "the first job to go on training")
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    # a dead holder's lock is gone with it
+    assert main(["train", *sets(tiny(**{"logging.run_dir": run, "train.steps": 2,
+                                        "checkpoint.resume": "none"}))]) == 0
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_a_config_error_under_torchrun_prints_once_and_the_launcher_checks_first(tmp_path):
+    bad = ["configs/tiny.yaml", "--set", "model.n_heads=3",
+           "--set", f"logging.run_dir={tmp_path / 'run'}"]
+    r = subprocess.run(train_cmd([], nproc=2) + bad, env=ENV, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("error: model.n_heads=3 does not divide") == 1, r.stderr[-3000:]
+    # launch/torchrun.sh validates before starting the processes: one line, exit 2
+    r = subprocess.run(["bash", "launch/torchrun.sh", *bad], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**ENV, "NPROC_PER_NODE": "2",
+                                                   "PYTHON": sys.executable})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: model.n_heads=3 does not divide model.d_model=128; use one of 1, 2, 4, 8, 16, "
+        "32, 64, 128"], r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_torchrun_command_runs_tiny_yaml_on_two_processes(tmp_path):
+    """configs/tiny.yaml has micro batch = global batch 16: on 2 ranks the micro batch is cut
+    to the 8 sequences each rank holds, with a notice, instead of refusing the README's command."""
+    run = tmp_path / "run"
+    cmd = ["torchrun", "--nproc_per_node", "2", "-m", "llmtrain", "train", "configs/tiny.yaml",
+           *sets([f"logging.run_dir={run}", "train.steps=2", "train.eval_steps=1",
+                  "train.log_every=1", "logging.progress=false"])]
+    cmd[0] = str(Path(sys.executable).parent / "torchrun")
+    r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("notice: train.micro_batch_size=16 exceeds the 8 sequences") == 1
+    assert "micro-batch 8, 1 accumulation steps" in r.stdout
+    assert [x["step"] for x in read_jsonl(run / "metrics.jsonl")] == [1, 2]

@@ -74,8 +74,58 @@ def test_run_dir_with_a_different_run_is_refused(tmp_path, tiny, capsys):
     assert cli_train(tiny(**{"logging.run_dir": run, "train.steps": 2})) == 0
     before = (run / "metrics.jsonl").read_text()
     assert cli_train(tiny(**{"logging.run_dir": run, "model.d_model": 32})) == 2
-    assert "already holds a run with different model or data settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a run with different model or data settings" in err
+    assert "model.d_model: 64 -> 32" in err, "the refusal names the key, old and new values"
     assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_resume_from_another_run_names_the_keys_that_differ(tmp_path, tiny, capsys):
+    run = tmp_path / "a"
+    assert cli_train(tiny(**{"logging.run_dir": run, "train.steps": 2})) == 0
+    code = cli_train(tiny(**{"logging.run_dir": tmp_path / "b", "model.n_layers": 3,
+                             "checkpoint.resume": run / "checkpoints" / "step_2"}))
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.n_layers: 2 -> 3" in err[0], err
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_fix(tmp_path, tiny, capsys):
+    """A config error found after config.yaml was written (the tokenizer does not fit the
+    vocabulary) must not make the corrected rerun look like a different run."""
+    ok = tmp_path / "ok"
+    assert cli_train(tiny(**{"logging.run_dir": ok, "train.steps": 1})) == 0
+    run = tmp_path / "run"
+    bad = {"logging.run_dir": run, "data.tokenizer": ok / "tokenizer.json",
+           "model.vocab_size": 256, "train.steps": 2}
+    assert cli_train(tiny(**bad)) == 2
+    assert "model.vocab_size=256" in capsys.readouterr().err
+    assert (run / "config.yaml").is_file()
+    assert cli_train(tiny(**{**bad, "model.vocab_size": 1024})) == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+def _snapshot(run: Path) -> dict:
+    return {p.relative_to(run).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_rerunning_a_finished_run_changes_nothing_and_more_steps_extend_it(tmp_path, tiny,
+                                                                          capsys):
+    run = tmp_path / "run"
+    args = tiny(**{"logging.run_dir": run, "train.steps": 4, "train.eval_every": 2})
+    assert cli_train(args) == 0
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert cli_train(args) == 0
+    out = capsys.readouterr().out
+    assert "already finished" in out and "step_4" in out and "raise train.steps" in out
+    assert _snapshot(run) == before, "no file rewritten"
+    assert json.loads((run / "summary.json").read_text())["final_val_loss"] is not None
+    assert cli_train(tiny(**{"logging.run_dir": run, "train.steps": 6,
+                             "train.eval_every": 2})) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["final_val_loss"] is not None
 
 
 def test_accumulation_equals_one_big_micro_batch(tmp_path, tiny):

@@ -206,11 +206,38 @@ def save_checkpoint(trainer) -> Path:
     torch.save(ckpt._rng_state(trainer.device), tmp / f"rng_rank{ckpt._rank()}.pt")
     ckpt._barrier()
     if ckpt._rank() == 0:
-        extra = {"engine": "deepspeed", "tokens": step * trainer.tokens_per_step,
-                 "skipped_steps": trainer.skipped_total}
+        extra = {"engine": "deepspeed", **trainer.checkpoint_extra()}
         ckpt._publish(tmp, final, ckpt._meta(step, cfg, extra), cfg.checkpoint.keep_last)
     ckpt._barrier()
     return final
+
+
+# DeepSpeed's checkpoint engine unpickles its files with `torch.load(weights_only=False)`, which
+# runs whatever code a file carries. Its files hold tensors, plain containers and these classes
+# (found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 1-3 checkpoints).
+_DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                      "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                      "deepspeed.utils.tensor_fragment.fragment_address",
+                      "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+def safe_load(path, map_location=None):
+    """`torch.load(weights_only=True)` admitting `_DEEPSPEED_GLOBALS` only; a file that holds
+    anything else is refused in one line (ConfigError)."""
+    import importlib
+    import pickle
+    allowed = []
+    for name in _DEEPSPEED_GLOBALS:
+        module, attr = name.rsplit(".", 1)
+        allowed.append(getattr(importlib.import_module(module), attr))
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            cause = next((line.strip() for line in str(e).splitlines()
+                          if "GLOBAL" in line or "Unsupported" in line), "not a tensor file")
+            raise ConfigError(f"checkpoint file {path} holds objects a DeepSpeed checkpoint "
+                              f"does not ({cause[:160]}); refusing to load it") from None
 
 
 def load_checkpoint(trainer, path: Path) -> dict:
@@ -222,9 +249,8 @@ def load_checkpoint(trainer, path: Path) -> dict:
         raise ConfigError(f"checkpoint {path} was written by the torch engine (DCP); "
                           f"parallel.engine=deepspeed resumes DeepSpeed checkpoints only; use "
                           f"engine=torch or checkpoint.resume=none")
-    if meta.get("config_hash") != ckpt.config_hash(trainer.cfg):
-        raise ConfigError(f"checkpoint {path} was written by a run with different model or data "
-                          f"settings; use checkpoint.resume=none to start afresh")
+    ckpt.check_same_run(meta, trainer.cfg, path)
+    trainer.engine.checkpoint_engine.load = safe_load  # every file DeepSpeed reads back
     loaded, _ = trainer.engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {path}")

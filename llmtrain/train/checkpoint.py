@@ -64,8 +64,44 @@ def _hash(obj) -> str:
 
 def config_hash(cfg: Config) -> str:
     """Hash of what makes two runs the same model and data (not steps, logging or checkpointing)."""
+    return _hash(run_identity(cfg))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_identity(cfg: Config) -> dict:
+    """The model and data sections: what `config_hash` hashes (kept in meta.json so that a
+    refusal can name the keys that differ)."""
     d = cfg.to_dict()
-    return _hash({k: d[k] for k in ("model", "data")})
+    return {k: d[k] for k in ("model", "data")}
+
+
+def config_diff(old: dict, new: dict, limit: int = 4) -> str:
+    """`model.d_model: 64 -> 32, ...`: the keys of two `run_identity` dicts that differ."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "(unset)") != b.get(k, "(unset)"))
+    shown = [f"{k}: {str(a.get(k, '(unset)'))[:40]} -> {str(b.get(k, '(unset)'))[:40]}"
+             for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_same_run(meta: dict, cfg: Config, path: Path) -> None:
+    """Refuse checkpoint `path` if its run had other model or data settings, naming them."""
+    if meta.get("config_hash") == config_hash(cfg):
+        return
+    saved = meta.get("config")
+    what = (config_diff(saved, run_identity(cfg)) if isinstance(saved, dict)
+            else f"config hash {meta.get('config_hash')} != {config_hash(cfg)}")
+    raise ConfigError(f"checkpoint {path} was written by a run with different model or data "
+                      f"settings ({what}); use checkpoint.resume=none to start afresh")
 
 
 def arch_hash(cfg: Config) -> str:
@@ -77,6 +113,19 @@ def arch_hash(cfg: Config) -> str:
 
 def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
+def is_diverged(path: Path) -> bool:
+    """Whether checkpoint `path` was written after a non-finite (skipped) step: its weights are
+    suspect, so `resume: auto` passes over it and pruning never removes a good one for it."""
+    try:
+        return bool(json.loads((Path(path) / "meta.json").read_text()).get("diverged"))
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: verify() reports it
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -145,19 +194,31 @@ def verify(path: Path) -> None:
     _VERIFIED.add(path.resolve())
 
 
-def latest_intact(root: Path, log=None) -> Path | None:
-    """The newest checkpoint under `root` that verifies; each damaged newer one is reported by
-    `log` (default: a warning on stderr). Raises when checkpoints exist but none is intact."""
+def latest_good(root: Path, log=None) -> Path | None:
+    """The newest checkpoint under `root` that verifies and was not written after a diverged
+    step; each damaged newer one is reported by `log` (default: a warning on stderr). Raises
+    when checkpoints exist but none is good."""
     log = log or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     found = list_checkpoints(root)
-    errors = []
+    errors, diverged = [], []
     for path in reversed(found):
+        if is_diverged(path):
+            diverged.append(path)
+            continue
         try:
             verify(path)
-            return path
         except ConfigError as e:
             errors.append(str(e))
             log(f"skipping damaged checkpoint {path}: {e}")
+            continue
+        if diverged:
+            log(f"skipping {len(diverged)} checkpoint(s) written after non-finite steps "
+                f"(newest {diverged[0].name}); using {path.name}")
+        return path
+    if diverged and not errors:
+        raise ConfigError(f"every checkpoint under {root} was written after non-finite steps "
+                          f"(newest {diverged[0].name}); resume one anyway with "
+                          f"checkpoint.resume=PATH, or start afresh with checkpoint.resume=none")
     if found:
         raise ConfigError(f"no intact checkpoint under {root} (newest: {errors[0]}); use "
                           f"checkpoint.resume=none to start afresh")
@@ -322,12 +383,25 @@ def _publish(tmp: Path, final: Path, meta: dict, keep_last: int = 0) -> None:
     _VERIFIED.discard(final.resolve())
     os.replace(tmp, final)
     if keep_last:
-        for old in list_checkpoints(final.parent)[:-keep_last]:
+        for old in prunable(final.parent, keep_last):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def prunable(root: Path, keep_last: int) -> list[Path]:
+    """What `checkpoint.keep_last` removes: all but the newest `keep_last` good checkpoints and
+    the newest `keep_last` diverged ones after them. A diverged run never prunes the good
+    checkpoints it could be resumed from (rerun after rerun would otherwise replace them all)."""
+    found = list_checkpoints(root)
+    good = [p for p in found if not is_diverged(p)]
+    newest_good = step_of(good[-1]) if good else -1
+    tail = [p for p in found if is_diverged(p) and step_of(p) > newest_good]
+    keep = set(good[-keep_last:]) | set(tail[-keep_last:])
+    return [p for p in found if p not in keep]
 
 
 def _meta(step: int, cfg: Config, extra: dict) -> dict:
     return {"step": step, "config_hash": config_hash(cfg), "arch_hash": arch_hash(cfg),
+            "config": run_identity(cfg),
             "time": time.time(),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "layout": {k: getattr(cfg.parallel, k) for k in
@@ -442,14 +516,15 @@ def save_model(path_root: Path, step: int, model: torch.nn.Module, cfg: Config,
 
 def find_resume(cfg: Config, log=None) -> Path | None:
     """The checkpoint to resume from: None for `none`; for `auto` the newest intact one under the
-    checkpoint dir (damaged newer ones are skipped with a warning naming them)."""
+    checkpoint dir that verifies and was not written after non-finite steps (damaged newer ones
+    are skipped with a warning naming them)."""
     r = cfg.checkpoint.resume
     if r == "none":
         return None
     if r != "auto":
         return Path(r)
     quiet = (lambda msg: None) if _rank() else log
-    return latest_intact(checkpoint_dir(cfg), log=quiet)
+    return latest_good(checkpoint_dir(cfg), log=quiet)
 
 
 def read_meta(path: Path) -> dict:
@@ -480,10 +555,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
                               f"hash {meta.get('arch_hash')} != {arch_hash(cfg)}); set the "
                               f"model section as in the config.yaml next to it")
         return load_model(path, model)
-    if meta.get("config_hash") != config_hash(cfg):
-        raise ConfigError(f"checkpoint {path} was written by a run with different model or data "
-                          f"settings (config hash {meta.get('config_hash')} != "
-                          f"{config_hash(cfg)}); use checkpoint.resume=none to start afresh")
+    check_same_run(meta, cfg, path)
     model_sd, optim_sd = get_train_state(model, optimizer, for_load=True)
     state = {"model": model_sd, "optim": optim_sd}
     _dcp_load(state, path)

@@ -30,6 +30,7 @@ from llmtrain.parallel.data import dp_mesh
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
 from llmtrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gib
+from llmtrain.train.rundir import RunDir, RunDirLock, RunError
 from llmtrain.train.optim import lr_at
 
 
@@ -39,11 +40,6 @@ def _last_line(e: BaseException) -> str:
         return f"{type(e).__name__}: {e.strerror or e}"
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return lines[-1] if lines else type(e).__name__
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on (printed as one line; exit code 1): nothing is lost that the last
-    good checkpoint holds."""
 
 
 def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -82,27 +78,30 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def check_run_dir(cfg: Config, overwrite: bool = False) -> None:
-    """Refuse to mix two different runs in one directory (extending a run is fine)."""
+    """Refuse to mix two different runs in one directory (extending a run is fine). Only a run
+    that left checkpoints is protected: one that failed before its first checkpoint has nothing
+    to lose, and its config.yaml must not block the corrected rerun."""
     saved = Path(cfg.logging.run_dir) / "config.yaml"
-    if not saved.is_file() or overwrite:
+    if overwrite or not saved.is_file() or not ckpt.list_checkpoints(ckpt.checkpoint_dir(cfg)):
         return
-    import yaml
-    from llmtrain.config import config_from_dict, validate
+    from llmtrain.config import config_from_dict, read_yaml_file, validate
     try:
         # Only the model and data must match (the layout, batch split and steps may change
         # between jobs: checkpoints reshard on load), so the saved model and data sections are
         # read into this job's config and validated at this job's world size.
-        saved_data = yaml.safe_load(saved.read_text()) or {}
+        saved_data = read_yaml_file(saved, "saved config") or {}
         data = cfg.to_dict()
         data.update({k: saved_data.get(k, {}) for k in ("model", "data")})
         old = config_from_dict(data)
         validate(old, world_size=dist.get_world_size() if dist.is_initialized() else 1)
-    except (ConfigError, yaml.YAMLError, TypeError, AttributeError):
+    except (ConfigError, TypeError, AttributeError):
         old = None
     if old is None or ckpt.config_hash(old) != ckpt.config_hash(cfg):
+        what = ("its config.yaml is unreadable" if old is None else
+                ckpt.config_diff(ckpt.run_identity(old), ckpt.run_identity(cfg)))
         raise ConfigError(f"logging.run_dir={cfg.logging.run_dir!r} already holds a run with "
-                          f"different model or data settings; choose another run_dir or pass "
-                          f"--overwrite")
+                          f"different model or data settings ({what}); choose another run_dir "
+                          f"or pass --overwrite")
 
 
 def _one_builder_first(env, build):
@@ -138,10 +137,12 @@ class Trainer:
         self.device = resolve_device(cfg, env)
         self.mesh = init_distributed(cfg, env, self.device)
         self.run_dir = Path(cfg.logging.run_dir)
+        self.files = RunDir(self.run_dir, last_good=self.last_good_checkpoint)
         if self.is_main:
             check_run_dir(cfg, overwrite)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            with self.files.writing("config.yaml") as path:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, path)
         say = log if self.is_main else (lambda *a, **k: None)
         self.say = say
 
@@ -149,7 +150,8 @@ class Trainer:
         # `_one_builder_first`); megatron-core's builder stages its index cache the same way.
         prefix, tok = _one_builder_first(env, lambda: prepare_corpus(cfg, log=say))
         if self.is_main:
-            tok.save(self.run_dir / "tokenizer.json")  # export and generate read it from here
+            with self.files.writing("tokenizer.json") as path:
+                tok.save(path)  # export and generate read it from here
         if cfg.data.source == "indexed":
             for p in ([p for _, p in cfg.data.blend] if cfg.data.blend else [prefix]):
                 check_vocab(str(p), cfg.model.vocab_size)
@@ -190,6 +192,7 @@ class Trainer:
 
         self.step = 0
         self.skipped_total = 0
+        self.consecutive_skips = 0  # a checkpoint written while > 0 is marked diverged
         resume = ckpt.find_resume(cfg)
         meta: dict = {}
         if resume is not None:
@@ -227,7 +230,7 @@ class Trainer:
         from llmtrain.parallel import state_bytes
         rec = {"rank": self.env.rank, "step": self.step + 1, "n_params": self.n_params,
                **state_bytes(self.model, self.optimizer)}
-        (self.run_dir / f"memory_rank{self.env.rank}.json").write_text(json.dumps(rec))
+        self.files.write_text(f"memory_rank{self.env.rank}.json", json.dumps(rec))
         recs = [rec]
         if dist.is_initialized():
             recs = [None] * dist.get_world_size()
@@ -358,10 +361,21 @@ class Trainer:
         if self.engine is not None:
             deepspeed_engine.save_checkpoint(self)
             return
-        c = self.cfg.checkpoint
         save(ckpt.checkpoint_dir(self.cfg), self.step, self.model, self.optimizer, self.cfg,
-             self.device, {"tokens": self.step * self.tokens_per_step,
-                           "skipped_steps": self.skipped_total}, keep_last=c.keep_last)
+             self.device, self.checkpoint_extra(), keep_last=self.cfg.checkpoint.keep_last)
+
+    def checkpoint_extra(self) -> dict:
+        """What meta.json records beside the step and config, for either engine."""
+        return {"tokens": self.step * self.tokens_per_step, "skipped_steps": self.skipped_total,
+                "diverged": self.consecutive_skips > 0}
+
+    def last_good_checkpoint(self) -> str:
+        """The checkpoint a rerun with `resume: auto` would load, for messages."""
+        try:
+            return str(ckpt.latest_good(ckpt.checkpoint_dir(self.cfg), log=lambda m: None)
+                       or "none")
+        except ConfigError:
+            return "none"
 
     def finish_async_save(self, writer: MetricsWriter | None = None) -> None:
         """Wait for the background save in flight; a failure is a warning (the previous
@@ -384,10 +398,9 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        writer = MetricsWriter(self.run_dir, self.is_main, cfg.logging.tensorboard,
+        writer = MetricsWriter(self.files, self.is_main, cfg.logging.tensorboard,
                                cfg.logging.jsonl, cfg.logging.progress, t.steps, self.step)
         peak = device_peak_flops(self.device)
-        consecutive_skips = 0
         last_val = None
         stopped = None
         spikes = SpikeDetector()
@@ -408,14 +421,14 @@ class Trainer:
                                    f"last {len(spikes.losses)} steps; rank {self.env.rank}'s "
                                    f"samples: {ids[:16]}{' ...' if len(ids) > 16 else ''}")
                 if out["skipped"]:
-                    consecutive_skips += 1
+                    self.consecutive_skips += 1
                     self.skipped_total += 1
                     writer.message(f"step {self.step}: non-finite loss or gradient norm "
                                    f"(loss {out['loss']}, grad norm {out['grad_norm']}); "
                                    f"optimizer step skipped")
                 else:
-                    consecutive_skips = 0
-                diverged = consecutive_skips >= t.max_skipped_steps
+                    self.consecutive_skips = 0
+                diverged = self.consecutive_skips >= t.max_skipped_steps
                 if self.step % t.log_every == 0 or self.step == t.steps or diverged:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
@@ -449,9 +462,10 @@ class Trainer:
                 if diverged:
                     self.save_checkpoint(final=True)
                     raise RunError(
-                        f"{consecutive_skips} consecutive steps had a non-finite loss or "
+                        f"{self.consecutive_skips} consecutive steps had a non-finite loss or "
                         f"gradient norm (train.max_skipped_steps={t.max_skipped_steps}); "
-                        f"stopped after saving step {self.step}")
+                        f"stopped after saving step {self.step}, marked diverged; a rerun "
+                        f"resumes from {self.last_good_checkpoint()}")
                 stopped = self._agreed_stop(stop.requested)
                 every = cfg.checkpoint.every
                 if stopped or self.step == t.steps:
@@ -479,14 +493,38 @@ class Trainer:
         if stopped:
             return {**summary, "stopped": stopped}
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.files.write_text("summary.json", json.dumps(summary, indent=1))
         return summary
 
 
-def train(cfg: Config, overwrite: bool = False, log=print) -> dict:
-    trainer = Trainer(cfg, overwrite=overwrite, log=log)
+def finished(cfg: Config) -> dict | None:
+    """The summary of a run that already reached `train.steps` (its checkpoint to resume from is
+    at or past it), else None: a rerun of a finished run changes no file."""
+    resume = ckpt.find_resume(cfg, log=lambda m: None)
+    if resume is None:
+        return None
+    meta = ckpt.read_meta(resume)
+    step = meta.get("step", 0)
+    if step < cfg.train.steps or meta.get("config_hash") != ckpt.config_hash(cfg):
+        return None  # more to train, or another run's checkpoint (the Trainer refuses it)
     try:
-        return trainer.run()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        summary = json.loads((Path(cfg.logging.run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    return {**(summary if isinstance(summary, dict) else {}), "steps": step,
+            "finished": str(resume)}
+
+
+def train(cfg: Config, overwrite: bool = False, log=print) -> dict:
+    done = finished(cfg)
+    if done is not None:
+        return done
+    from llmtrain.parallel.mesh import DistEnv
+    lock = RunDirLock(cfg.logging.run_dir) if DistEnv.from_environ().rank == 0 \
+        else contextlib.nullcontext()
+    with lock:
+        try:
+            return Trainer(cfg, overwrite=overwrite, log=log).run()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()

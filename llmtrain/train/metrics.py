@@ -1,7 +1,8 @@
 """What a run reports: metrics.jsonl, eval.jsonl, TensorBoard scalars, a progress bar, peak memory.
 
-Only rank 0 writes. A resumed run drops the lines of steps after its checkpoint before appending,
-so every step appears exactly once in the files.
+Only rank 0 writes, through `RunDir` (a full disk stops the run in one line). A resumed run drops
+the lines of steps after its checkpoint, and any damaged line, before appending, so every step
+appears exactly once in the files.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from llmtrain.train.rundir import RunDir
 
 # bf16 dense peak of one H100 SXM (TFLOP/s), the denominator of MFU as PaLM and torchtitan use it.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -31,19 +34,36 @@ def device_peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Keep only lines whose step <= `step` (a resumed run rewrites what came after)."""
+def _truncate_after(path: Path, step: int, warn) -> list[str]:
+    """The lines of `path` whose step <= `step` (a resumed run rewrites what came after). A line
+    that is not a JSON object (half written when the disk filled or the process was killed) is
+    dropped with a warning instead of making the run unresumable."""
     if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+        return []
+    kept, bad = [], []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), int):
+                raise ValueError
+        except ValueError:
+            bad.append(n)
+            continue
+        if rec.get("step", 0) <= step:
+            kept.append(line)
+    if bad:
+        warn(f"warning: {path}: dropped {len(bad)} damaged line(s) (line {bad[0]}"
+             f"{' ...' if len(bad) > 1 else ''}; a write cut short by a full disk or a kill)")
+    return kept
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, jsonl: bool,
+    def __init__(self, run_dir: RunDir, enabled: bool, tensorboard: bool, jsonl: bool,
                  progress: bool, total_steps: int, start_step: int):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.files = {}
         self.tb = None
         self.bar = None
@@ -51,12 +71,14 @@ class MetricsWriter:
             return
         if jsonl:
             for name in ("metrics", "eval"):
-                path = run_dir / f"{name}.jsonl"
-                _truncate_after(path, start_step)
-                self.files[name] = path.open("a")
+                kept = _truncate_after(run_dir.path / f"{name}.jsonl", start_step, self.message)
+                run_dir.write_text(f"{name}.jsonl", "".join(line + "\n" for line in kept))
+                with run_dir.writing(f"{name}.jsonl") as path:
+                    self.files[name] = path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+            with run_dir.writing("tb") as path:
+                self.tb = SummaryWriter(str(path), purge_step=start_step + 1)
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -66,8 +88,9 @@ class MetricsWriter:
             return
         f = self.files.get(kind)
         if f is not None:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+            with self.run_dir.writing(f"{kind}.jsonl"):
+                f.write(json.dumps(record) + "\n")
+                f.flush()
         if self.tb is not None:
             step = record["step"]
             prefix = "train" if kind == "metrics" else "eval"
@@ -92,7 +115,10 @@ class MetricsWriter:
 
     def close(self) -> None:
         for f in self.files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:  # its flush failed: log() already raised the RunError for it
+                pass
         if self.tb is not None:
             self.tb.close()
         if self.bar is not None:
