@@ -1,4 +1,5 @@
-"""Greedy generation for both model families, and `llmtrain generate CHECKPOINT_DIR --prompt TEXT`.
+"""Greedy generation for both model families, and `llmtrain generate CHECKPOINT --prompt TEXT`
+(CHECKPOINT: a checkpoint dir or a run dir, resolved as `llmtrain export` does).
 
 No KV cache: every step reruns the (cropped) sequence. Simple and obviously correct, which is what
 checking a trained run by eye needs; it is not a serving path.
@@ -8,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from pathlib import Path
 from typing import Sequence
 
 import torch
-import yaml
 from torch import nn
 
-from llmtrain.config import Config, ConfigError, config_from_dict
+from llmtrain.config import ConfigError
 
 
 def _as_batch(ids: Sequence[int] | torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
@@ -75,35 +74,13 @@ def greedy_encoder_decoder(model: nn.Module, src_ids: Sequence[int] | torch.Tens
 # `llmtrain generate`
 
 
-def load_checkpoint_model(checkpoint_dir: str | Path,
-                          device: torch.device | str = "cpu") -> tuple[Config, nn.Module]:
-    """(config, model with the checkpoint's weights) from <run_dir>/checkpoints/step_N, reading
-    the run's resolved <run_dir>/config.yaml."""
-    from llmtrain.model import build_model
-    from llmtrain.train.checkpoint import load_model
-
-    ckpt = Path(checkpoint_dir)
-    if not (ckpt / ".metadata").is_file():
-        raise ConfigError(f"{str(checkpoint_dir)!r} is not a checkpoint directory (no .metadata "
-                          f"inside); pass <run_dir>/checkpoints/step_<N>")
-    cfg_file = ckpt.resolve().parent.parent / "config.yaml"
-    if not cfg_file.is_file():
-        raise ConfigError(f"{cfg_file} does not exist; the run directory is expected two levels "
-                          f"above the checkpoint (<run_dir>/checkpoints/step_<N>)")
-    # not validate(): the saved parallel layout describes the training job, not this process
-    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()) or {})
-    model = build_model(cfg.model, device)
-    load_model(ckpt, model)  # verifies the manifest; restricted unpickling
-    return cfg, model.eval()
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg, model = load_checkpoint_model(args.checkpoint_dir, device)
-    from llmtrain.train.export import run_tokenizer
-    tok = run_tokenizer(cfg, Path(args.checkpoint_dir).resolve().parent.parent)
+    from llmtrain.train.export import load_checkpoint_model, resolve_checkpoint, run_tokenizer
+    path, cfg, run_dir = resolve_checkpoint(args.checkpoint, args.config)
+    model = load_checkpoint_model(path, cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    tok = run_tokenizer(cfg, run_dir)
     ids = tok.encode(args.prompt)
     if cfg.model.arch == "encoder_decoder":
         # T5: the source ends in eos; the decoder starts from the pad token (eos without one)
@@ -118,10 +95,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="greedy continuation of a prompt by a checkpointed model",
-        description="Load <run_dir>/config.yaml and the model weights of CHECKPOINT_DIR "
-                    "(<run_dir>/checkpoints/step_<N>) and print the greedy continuation of "
-                    "--prompt (for an encoder-decoder: the output for --prompt as source).")
-    p.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR")
+        description="Load <run_dir>/config.yaml and the model weights of CHECKPOINT "
+                    "(<run_dir>/checkpoints/step_<N>, or <run_dir>: its newest good "
+                    "checkpoint) and print the greedy continuation of --prompt (for an "
+                    "encoder-decoder: the output for --prompt as source).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory or run directory")
+    p.add_argument("--config", help="run config (default: the run's config.yaml)")
     p.add_argument("--prompt", required=True, help="text to continue (encoder-decoder: source)")
     p.add_argument("--max-new-tokens", type=int, default=50, help="at most this many (default 50)")
     p.set_defaults(func=cmd_generate)

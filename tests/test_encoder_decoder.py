@@ -323,8 +323,11 @@ def test_generate_cli_loads_checkpoint(arch, tmp_path, capsys):
     assert cli.main(["generate", str(ckpt), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out == tok.decode(want) + "\n"
 
-    assert cli.main(["generate", str(run), "--prompt", "x"]) == 2
-    assert "not a checkpoint directory" in capsys.readouterr().err
+    # a run directory means its newest good checkpoint
+    assert cli.main(["generate", str(run), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == tok.decode(want) + "\n"
+    assert cli.main(["generate", str(run / "checkpoints"), "--prompt", "x"]) == 2
+    assert "neither a checkpoint nor a run directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,n_enc,position", [("transformer-base-postln", 6, "sinusoidal"),

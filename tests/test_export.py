@@ -37,6 +37,22 @@ def train_run(run: Path, **extra) -> Path:
     return run
 
 
+def init_run(run: Path, world_size: int = 1, **overrides):
+    """(config, model) of a run dir holding config.yaml and model-only checkpoint step_1 of a
+    freshly initialised tiny model, its weights moved off their init (biases and norms too)."""
+    from llmtrain.model import build_model
+    cfg = load_config(None, tiny_overrides(run, **overrides), world_size=world_size)
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    ours = build_model(cfg.model).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt.save_model(ckpt.checkpoint_dir(cfg), 1, ours, cfg)
+    return cfg, ours
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
@@ -164,17 +180,8 @@ def test_more_layouts_sharded_match_transformers(model, tmp_path):
     """Initialised (not trained) weights, written as a model-only checkpoint; safetensors split
     into several shards; Llama ones round-trip through import-hf."""
     from transformers import AutoModelForCausalLM
-    from llmtrain.model import build_model
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
-    cfg = load_config(None, tiny_overrides(run, **{f"model.{k}": v for k, v in model.items()}))
-    run.mkdir()
-    save_config(cfg, run / "config.yaml")
-    torch.manual_seed(0)
-    ours = build_model(cfg.model).eval()
-    with torch.no_grad():  # biases and norms away from their 0 / 1 init
-        for p in ours.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ckpt.save_model(ckpt.checkpoint_dir(cfg), 1, ours, cfg)
+    cfg, ours = init_run(run, **{f"model.{k}": v for k, v in model.items()})
     assert cli("export", str(run), "--out", str(hf_dir), "--max-shard-size", "200KB") == 0
     assert (hf_dir / "model.safetensors.index.json").is_file()
     theirs = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
@@ -186,3 +193,98 @@ def test_more_layouts_sharded_match_transformers(model, tmp_path):
         back = load_checkpoint_model(tmp_path / "imported" / "checkpoints" / "step_0", cfg)
         for k, v in ours.state_dict().items():
             assert torch.equal(back.state_dict()[k], v), k
+
+
+# ----------------------------------------------------------------------------------------------
+# --out that is not empty; run directories for export and generate
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+def test_export_into_used_dir_needs_overwrite_and_drops_stale_shards(runs, tmp_path, capsys):
+    """A sharded bf16 export, then an fp32 single-file one into the same dir: refused without
+    --overwrite (nothing touched); with it no old shard or index is left beside the new file,
+    a file of the user's stays, and import-hf reads exactly the new weights."""
+    out, imported = tmp_path / "hf", tmp_path / "imported"
+    assert cli("export", str(runs["llama"]), "--out", str(out), "--dtype", "bfloat16",
+               "--max-shard-size", "100KB") == 0
+    (out / "README.md").write_text("my notes")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert cli("export", str(runs["llama"]), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out) in err and "--overwrite" in err, err
+    assert snapshot(out) == before
+
+    assert cli("export", str(runs["llama"]), "--out", str(out), "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert (out / "README.md").read_text() == "my notes"
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary sibling left
+    assert cli("import-hf", str(out), "--out", str(imported)) == 0
+    path, cfg, _ = resolve_checkpoint(runs["llama"])
+    a = load_checkpoint_model(path, cfg).state_dict()
+    b = load_checkpoint_model(imported / "checkpoints" / "step_0", cfg).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_export_and_generate_read_a_multi_gpu_run(tmp_path, capsys):
+    """The saved parallel layout (tp=2) describes the training job, not this process."""
+    run = tmp_path / "run"
+    init_run(run, world_size=2, **{"parallel.tp": 2})
+    assert cli("export", str(run), "--out", str(tmp_path / "hf")) == 0, capsys.readouterr().err
+    assert cli("generate", str(run), "--prompt", "def", "--max-new-tokens", "2") == 0, \
+        capsys.readouterr().err
+
+
+def test_generate_takes_a_run_dir_as_its_newest_checkpoint(runs, capsys):
+    step = runs["llama"] / "checkpoints" / "step_2"
+    capsys.readouterr()
+    assert cli("generate", str(step), "--prompt", "def f(", "--max-new-tokens", "5") == 0
+    want = capsys.readouterr().out
+    assert cli("generate", str(runs["llama"]), "--prompt", "def f(", "--max-new-tokens", "5") == 0
+    assert capsys.readouterr().out == want
+
+
+@pytest.mark.parametrize("command", ["generate", "export"])
+@pytest.mark.parametrize("case", ["missing", "file", "empty_dir", "run_without_checkpoints"])
+def test_checkpoint_path_errors_are_one_line(command, case, tmp_path, capsys):
+    path = tmp_path / "x"
+    if case == "file":
+        path.write_text("not a checkpoint")
+    elif case == "empty_dir":
+        path.mkdir()
+    elif case == "run_without_checkpoints":
+        path.mkdir()
+        save_config(load_config(None, tiny_overrides(path)), path / "config.yaml")
+    args = ["--prompt", "x"] if command == "generate" else ["--out", str(tmp_path / "hf")]
+    assert cli(command, str(path), *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    if case == "run_without_checkpoints":
+        assert f"run {path} has no checkpoint" in err, err
+    else:
+        assert f"{str(path)!r} is neither a checkpoint nor a run directory" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_run_dir_means_its_newest_good_checkpoint(tmp_path, capsys):
+    """generate and export of a run dir skip a damaged newest checkpoint, as resuming does."""
+    run = tmp_path / "run"
+    cfg, model = init_run(run)
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(-1)
+    damaged = ckpt.save_model(ckpt.checkpoint_dir(cfg), 2, model, cfg)
+    shard = next(damaged.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8])
+    assert resolve_checkpoint(run)[0].name == "step_1"
+    outputs = []
+    for path in (run / "checkpoints" / "step_1", run):
+        assert cli("generate", str(path), "--prompt", "def f(", "--max-new-tokens", "5") == 0
+        outputs.append(capsys.readouterr())
+    assert outputs[1].out == outputs[0].out
+    assert f"skipping damaged checkpoint {damaged}" in outputs[1].err

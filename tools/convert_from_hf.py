@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Hugging Face Llama directory -> run directory to train on: the same options as
-`llmtrain import-hf`.
+`llmtrain import-hf`. A non-empty --out needs --overwrite.
 
     python tools/convert_from_hf.py path/to/llama --out runs/from-llama
 """

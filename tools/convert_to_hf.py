@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Checkpoint -> Hugging Face model directory: the same options as `llmtrain export`.
+"""Checkpoint (or run directory: its newest good checkpoint) -> Hugging Face model directory: the
+same options as `llmtrain export`. A non-empty --out needs --overwrite.
 
     python tools/convert_to_hf.py runs/tiny --out hf/tiny
 """

@@ -10,25 +10,60 @@ Two HF architectures can express our decoder exactly:
          activation_function=gelu (exact, as ours).
 Weights go to safetensors (never pickle), sharded above 5 GB with HF's index file; tied output
 weights are stored once (HF drops lm_head.weight when tie_word_embeddings is true).
+
+Both commands write into a temporary sibling of --out and move the result in at the end, so a
+failure leaves --out as it was; a non-empty --out needs --overwrite, which replaces only the files
+the command writes (a smaller export must not leave an older export's shards and index behind).
+import-hf reads an untrusted directory: config.json is type- and range-checked, and the shard
+headers are compared with the shapes it implies, before the model is built or a weight is read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from llmtrain.config import Config, ConfigError, ModelConfig, config_from_dict, load_config, \
-    save_config, validate
+from llmtrain.config import Config, ConfigError, ModelConfig, TrainConfig, config_from_dict, \
+    read_yaml_file, save_config, validate
 from llmtrain.train import checkpoint as ckpt
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of what import-hf accepts
+
+# What each command writes into --out, and so what --overwrite replaces there.
+_EXPORT_OWNS = re.compile(r"config\.json|generation_config\.json|model\.safetensors"
+                          r"|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors"
+                          r"|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json")
+_IMPORT_OWNS = re.compile(r"config\.yaml|tokenizer\.json|checkpoints")
+
+# Size limits of the files import-hf parses: far above real ones (config.json: a few KiB; the
+# index of a 405B model: ~100 KiB; tokenizer.json: tens of MiB for a 256k vocabulary).
+# safetensors itself refuses a shard header over 100 MB.
+_MAX_CONFIG_BYTES = 4 << 20
+_MAX_INDEX_BYTES = 64 << 20
+_MAX_TOKENIZER_BYTES = 512 << 20
+
+# Ranges of the config.json integers import-hf reads: beyond any released Llama (405B: 126
+# layers, hidden 16384, 128 heads, vocab 128256) and within llmtrain's model schema, so an absurd
+# value is refused before anything is sized or looped by it.
+_HF_INTS = {"num_hidden_layers": (1, 4096), "hidden_size": (1, 1 << 17),
+            "intermediate_size": (1, 1 << 20), "num_attention_heads": (1, 1 << 14),
+            "num_key_value_heads": (1, 1 << 14), "head_dim": (1, 1 << 17),
+            "vocab_size": (2, 1 << 24), "max_position_embeddings": (1, 1 << 24)}
+# The model's rope cos/sin tables are [max_seq_len, head_dim] fp32 each, built with the model and
+# not in the shards: at most 1 GiB apiece (e.g. 2M positions at head_dim 128).
+_MAX_ROPE_ENTRIES = 1 << 28
 
 # (our parameter, HF parameter) without the .weight/.bias suffix; {i} is the layer index.
 _LLAMA_NAMES = [
@@ -216,58 +251,151 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path,
         index = {"metadata": {"total_size": total},
                  "weight_map": {n: f for f, s in zip(names, shards) for n in s}}
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=1))
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for fname, shard in zip(names, shards):
         save_file(shard, str(out / fname), metadata={"format": "pt"})
         os.chmod(out / fname, 0o666 & ~umask)  # safetensors creates its files 0600
     return names
 
 
-def read_safetensors(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def safetensors_header(src: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """name -> (file, shape, dtype) of every tensor of HF directory `src`, from the shard headers
+    alone: model.safetensors, else the shards its index names (transformers' order). safe_open
+    checks each header against its file's size, so a truncated shard is refused here."""
+    from safetensors import SafetensorError, safe_open
     index = src / SAFETENSORS_INDEX
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (src / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+    if (src / "model.safetensors").is_file():
+        weight_map, files = {}, ["model.safetensors"]
+    elif index.is_file():
+        weight_map = read_json(index, _MAX_INDEX_BYTES).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str)
+                                                       for f in weight_map.values()):
+            raise ConfigError(f"{index}: weight_map={_short(weight_map)} is not valid; expected "
+                              f"an object of tensor name: shard file")
+        files = sorted(set(weight_map.values()))
     else:
         raise ConfigError(f"{src} holds neither model.safetensors nor {SAFETENSORS_INDEX} "
                           f"(pickled pytorch_model.bin is not read: convert it to safetensors)")
+    found = {}
+    for name in files:
+        path = src / name
+        if Path(name).name != name or name in (".", "..") or not path.is_file():
+            raise ConfigError(f"{index} names shard {_short(name)}, which is not a file in {src}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_slice(key)
+                    found[key] = (path, tuple(tensor.get_shape()), tensor.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{path} is not a valid safetensors file (truncated or damaged?): "
+                              f"{_cut(str(e), 100)}") from None
+    for key, name in weight_map.items():
+        if found.get(key, (None,))[0] != src / name:
+            raise ConfigError(f"{index} places {_short(key)} in {name}, which does not hold it")
+    return found
+
+
+def read_safetensors(src: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of HF directory `src` (see `safetensors_header` for which files)."""
+    from safetensors.torch import load_file
     sd = {}
-    for f in files:
-        sd.update(load_file(str(src / f)))
+    for path in sorted({path for path, _, _ in safetensors_header(src).values()}):
+        sd.update(load_file(str(path)))
     return sd
+
+
+# ----------------------------------------------------------------------------------------------
+# --out: refused when used unless --overwrite; written through a temporary sibling
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def check_out_dir(out: Path, overwrite: bool, what: str) -> None:
+    """Refuse an --out that is a file, or a directory holding anything unless --overwrite (which
+    replaces `what` the command writes there)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace {what} there "
+                          f"(other files are kept)")
+
+
+@contextlib.contextmanager
+def _staged(out: Path, owns: re.Pattern):
+    """A temporary sibling of `out` to write into. When the body succeeds its entries replace the
+    entries of `out` that `owns` matches (all of an earlier output, however it was sharded);
+    when the body fails, `out` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates it 0700
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        for old in out.iterdir():
+            if owns.fullmatch(old.name):
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        for new in tmp.iterdir():
+            os.replace(new, out / new.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # export
 
 
-def resolve_checkpoint(path: str | Path, config: str | Path | None = None
+def run_config(path: str | Path) -> Config:
+    """The run config file `path`, type- and range-checked, its model section validated alone:
+    the rest describes the training job (its ranks, batches, data), which neither export nor
+    generate runs and which need not hold in this process (a layout for 64 GPUs, say)."""
+    data = read_yaml_file(path, "run config") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"run config {str(path)!r} must hold a mapping of sections, got "
+                          f"{type(data).__name__}")
+    cfg = config_from_dict(data)
+    validate(Config(model=cfg.model, train=TrainConfig(seq_len=cfg.model.max_seq_len)))
+    return cfg
+
+
+def resolve_checkpoint(path: str | Path, config: str | Path | None = None,
+                       check: Callable[[ModelConfig], object] | None = None
                        ) -> tuple[Path, Config, Path]:
-    """(checkpoint dir, run config, dir of that config) for a checkpoint dir
-    `<run>/checkpoints/step_N` or a run dir (its newest intact checkpoint). The config is
-    `config`, else the run's config.yaml. Refuses a layout HF cannot express before any weight
-    is read."""
+    """(checkpoint dir, run config, dir of that config) for `path`: a checkpoint
+    `<run>/checkpoints/step_N`, or a run dir, meaning its newest good checkpoint (the one
+    `checkpoint.latest_good` picks: intact, not written after a diverged step). The config is
+    `config`, else the run's config.yaml, read as for one process. `check(model config)` runs
+    before any checkpoint is looked for or hashed."""
     p = Path(path)
+    usage = "pass <run_dir> or <run_dir>/checkpoints/step_<N>"
     if not p.is_dir():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+        why = "not a directory" if p.exists() else "it does not exist"
+        raise ConfigError(f"{str(path)!r} is neither a checkpoint nor a run directory ({why}); "
+                          f"{usage}")
     is_ckpt = (p / "meta.json").is_file()
+    candidates = [p.parent.parent / "config.yaml", p.parent / "config.yaml"] if is_ckpt \
+        else [p / "config.yaml"]
+    config = config or next((c for c in candidates if c.is_file()), None)
+    if config is None and not is_ckpt:
+        raise ConfigError(f"{str(path)!r} is neither a checkpoint nor a run directory (no "
+                          f"meta.json, no config.yaml); {usage}")
     if config is None:
-        candidates = [p.parent.parent / "config.yaml", p.parent / "config.yaml"] if is_ckpt \
-            else [p / "config.yaml"]
-        config = next((c for c in candidates if c.is_file()), None)
-        if config is None:
-            raise ConfigError(f"no config.yaml found for {p} (looked at "
-                              f"{', '.join(map(str, candidates))}); pass --config")
-    cfg = load_config(config)
-    hf_architecture(cfg.model)  # refuse before reading any weights
+        raise ConfigError(f"no config.yaml found for checkpoint {p} (looked at "
+                          f"{', '.join(map(str, candidates))}); pass --config")
+    cfg = run_config(config)
+    if check is not None:
+        check(cfg.model)
     if not is_ckpt:
         root = ckpt.checkpoint_dir(cfg) if cfg.checkpoint.dir else p / "checkpoints"
-        p = ckpt.latest_intact(root)
+        p = ckpt.latest_good(root)
         if p is None:
-            raise ConfigError(f"run {path} has no checkpoint under {root}")
+            raise ConfigError(f"run {path} has no checkpoint under {root}; train it first or "
+                              f"pass a checkpoint directory")
     return p, cfg, Path(config).parent
 
 
@@ -283,32 +411,35 @@ def run_tokenizer(cfg: Config, run_dir: Path | None = None):
     return prepare_corpus(cfg)[1]
 
 
-def load_checkpoint_model(path: Path, cfg: Config) -> torch.nn.Module:
-    """Our model in fp32 on the CPU with the weights of checkpoint `path` (verified first)."""
+def load_checkpoint_model(path: Path, cfg: Config,
+                          device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Our model in fp32 on `device` with the weights of checkpoint `path` (verified first)."""
     from llmtrain.model import build_model
-    model = build_model(cfg.model, "cpu")
+    model = build_model(cfg.model, device)
     ckpt.load_model(path, model)
     return model.eval()
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32",
               max_shard_bytes: int = 5 * 1000 ** 3, config: str | Path | None = None,
-              log=print) -> Path:
+              overwrite: bool = False, log=print) -> Path:
     """Write checkpoint (dir or run dir) as a HF model directory `out`; returns `out`."""
-    path, cfg, run_dir = resolve_checkpoint(checkpoint, config)
-    arch = hf_architecture(cfg.model)
     if dtype not in _DTYPES:
         raise ConfigError(f"--dtype={dtype!r} is not valid; use one of {', '.join(_DTYPES)}")
-    model = load_checkpoint_model(path, cfg)
+    path, cfg, run_dir = resolve_checkpoint(checkpoint, config, check=hf_architecture)
+    arch = hf_architecture(cfg.model)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    special = write_tokenizer(run_tokenizer(cfg, run_dir), out, cfg.model.max_seq_len)
-    hf_cfg = _hf_config(cfg.model, arch, dtype, special)
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=1))
-    (out / "generation_config.json").write_text(json.dumps(
-        {k: special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, indent=1))
-    tensors = {k: v.to(_DTYPES[dtype]) for k, v in to_hf_state_dict(model, arch).items()}
-    files = write_safetensors(tensors, out, max_shard_bytes)
+    check_out_dir(out, overwrite, "the Hugging Face files export writes")
+    model = load_checkpoint_model(path, cfg)
+    tok = run_tokenizer(cfg, run_dir)
+    with _staged(out, _EXPORT_OWNS) as tmp:
+        special = write_tokenizer(tok, tmp, cfg.model.max_seq_len)
+        hf_cfg = _hf_config(cfg.model, arch, dtype, special)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=1))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {k: special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, indent=1))
+        tensors = {k: v.to(_DTYPES[dtype]) for k, v in to_hf_state_dict(model, arch).items()}
+        files = write_safetensors(tensors, tmp, max_shard_bytes)
     log(f"exported {path} as {hf_cfg['architectures'][0]} ({dtype}, {len(files)} safetensors "
         f"file{'s' if len(files) > 1 else ''}) to {out}")
     return out
@@ -318,82 +449,224 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32",
 # import-hf
 
 
-def _rope_theta(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short(value) -> str:
+    """repr of a value read from a file, cut to fit a one-line error."""
+    return _cut(repr(value))
+
+
+def _json_int(digits: str) -> int:
+    if len(digits) > 20:  # int() is quadratic in the digits; no size here needs 20
+        raise ValueError(f"an integer of {len(digits)} digits")
+    return int(digits)
+
+
+def read_json(path: Path, limit: int = _MAX_CONFIG_BYTES) -> dict:
+    """The JSON object in file `path` of at most `limit` bytes; a ConfigError for anything else."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read: {e.strerror}") from None
+    if len(raw) > limit:
+        raise ConfigError(f"{path} is larger than {limit >> 20} MiB, far more than such a file "
+                          f"holds")
+    try:
+        data = json.loads(raw, parse_int=_json_int)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise ConfigError(f"{path} is not valid JSON: {_cut(str(e).splitlines()[0], 100)}") \
+            from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+_REQUIRED = object()
+
+
+def _hf_value(hf: dict, key: str, where: str, default=_REQUIRED):
+    value = hf.get(key)
+    if value is not None:
+        return value
+    if default is _REQUIRED:
+        raise ConfigError(f"{where}: {key} is missing (or null); a Llama config.json sets it")
+    return default
+
+
+def _invalid(where: str, key: str, value, expected: str) -> ConfigError:
+    return ConfigError(f"{where}: {key}={_short(value)} is not valid; expected {expected}")
+
+
+def _hf_int(hf: dict, key: str, where: str, default=_REQUIRED) -> int:
+    lo, hi = _HF_INTS[key]
+    value = _hf_value(hf, key, where, default)
+    if type(value) is not int or not lo <= value <= hi:  # not a bool, float or string
+        raise _invalid(where, key, value, f"an integer in [{lo}, {hi}]")
+    return value
+
+
+def _hf_number(hf: dict, key: str, where: str, default: float, lo: float,
+               hi: float = math.inf, lo_open: bool = True) -> float:
+    value = _hf_value(hf, key, where, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi == math.inf else ']'}"
+        raise _invalid(where, key, value, f"a finite number in {interval}")
+    return float(value)
+
+
+def _hf_bool(hf: dict, key: str, where: str) -> bool:
+    value = _hf_value(hf, key, where, False)
+    if not isinstance(value, bool):
+        raise _invalid(where, key, value, "true or false")
+    return value
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+    sections = {key: _hf_value(hf, key, where, {}) for key in ("rope_parameters", "rope_scaling")}
+    for key, value in sections.items():
+        if not isinstance(value, dict):
+            raise _invalid(where, key, value, "an object or null")
+    params, scaling = sections.values()
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise ConfigError(f"rope scaling {kind!r} of the Hugging Face config is not supported; "
-                          f"only plain rope (rope_type default)")
-    return float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+        raise ConfigError(f"{where}: rope scaling {_short(kind)} is not supported; only plain "
+                          f"rope (rope_type default)")
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    return _hf_number({"rope_theta": theta}, "rope_theta", where, 10000.0, 0.0)
 
 
-def model_config_from_hf(hf: dict) -> dict:
-    """model.* settings for a HF Llama config.json; ConfigError for anything we cannot express."""
+def model_config_from_hf(hf: dict, where: str = "config.json") -> dict:
+    """model.* settings for a HF Llama config.json (`where`, for errors): a ConfigError for a
+    value of the wrong type or size, or anything llmtrain cannot express."""
     if hf.get("model_type") != "llama":
-        raise ConfigError(f"import-hf reads Llama checkpoints (model_type llama); this one is "
-                          f"{hf.get('model_type')!r}")
-    act = {v: k for k, v in _LLAMA_ACT.items()}.get(hf.get("hidden_act", "silu"))
-    if act is None:
-        raise ConfigError(f"hidden_act={hf.get('hidden_act')!r} is not supported; use silu "
-                          f"(swiglu) or gelu (geglu)")
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d // heads):
-        raise ConfigError(f"head_dim={hf['head_dim']} != hidden_size / num_attention_heads="
-                          f"{d // heads} is not supported")
-    bias = bool(hf.get("attention_bias", False))
-    if bool(hf.get("mlp_bias", False)) != bias:
-        raise ConfigError(f"attention_bias={bias} with mlp_bias={hf.get('mlp_bias')} is not "
+        raise ConfigError(f"import-hf reads Llama checkpoints (model_type llama); {where} has "
+                          f"model_type={_short(hf.get('model_type'))}")
+    act = hf.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in _LLAMA_ACT.values():
+        raise _invalid(where, "hidden_act", act, "silu (swiglu) or gelu (geglu)")
+    size = {k: _hf_int(hf, k, where) for k in ("num_hidden_layers", "hidden_size",
+                                                "intermediate_size", "num_attention_heads",
+                                                "vocab_size")}
+    d, heads = size["hidden_size"], size["num_attention_heads"]
+    max_len = _hf_int(hf, "max_position_embeddings", where, 2048)
+    if hf.get("head_dim") is not None and _hf_int(hf, "head_dim", where) != d // heads:
+        raise ConfigError(f"{where}: head_dim={hf['head_dim']} != hidden_size / "
+                          f"num_attention_heads={d // heads} is not supported")
+    if max_len * (d // heads) > _MAX_ROPE_ENTRIES:
+        raise ConfigError(f"{where}: max_position_embeddings={max_len} x head dim {d // heads} "
+                          f"is more than the {_MAX_ROPE_ENTRIES:,} rope table entries allowed")
+    bias = _hf_bool(hf, "attention_bias", where)
+    if _hf_bool(hf, "mlp_bias", where) != bias:
+        raise ConfigError(f"{where}: attention_bias={bias} with mlp_bias={not bias} is not "
                           f"supported; llmtrain has one model.bias for both")
-    return {"arch": "decoder", "n_layers": hf["num_hidden_layers"], "d_model": d,
-            "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
-            "d_ff": hf["intermediate_size"], "vocab_size": hf["vocab_size"],
-            "max_seq_len": hf.get("max_position_embeddings", 2048), "norm": "rmsnorm",
-            "norm_eps": hf.get("rms_norm_eps", 1e-6), "norm_position": "pre", "position": "rope",
-            "rope_theta": _rope_theta(hf), "activation": act, "bias": bias,
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            "dropout": float(hf.get("attention_dropout", 0.0)),
-            "init_std": float(hf.get("initializer_range", 0.02))}
+    return {"arch": "decoder", "n_layers": size["num_hidden_layers"], "d_model": d,
+            "n_heads": heads, "n_kv_heads": _hf_int(hf, "num_key_value_heads", where, heads),
+            "d_ff": size["intermediate_size"], "vocab_size": size["vocab_size"],
+            "max_seq_len": max_len, "norm": "rmsnorm",
+            "norm_eps": _hf_number(hf, "rms_norm_eps", where, 1e-6, 0.0, 1.0),
+            "norm_position": "pre", "position": "rope", "rope_theta": _rope_theta(hf, where),
+            "activation": {v: k for k, v in _LLAMA_ACT.items()}[act], "bias": bias,
+            "tie_embeddings": _hf_bool(hf, "tie_word_embeddings", where),
+            "dropout": _hf_number(hf, "attention_dropout", where, 0.0, 0.0, 1.0, lo_open=False),
+            "init_std": _hf_number(hf, "initializer_range", where, 0.02, 0.0)}
 
 
-def import_hf(src: str | Path, out: str | Path, log=print) -> Path:
+def hf_llama_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every weight of a HF Llama checkpoint with model config `m` (no lm_head
+    when the embeddings are tied)."""
+    d, q, kv, ff = m.d_model, m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.ffn_dim
+    linear = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d),
+              "self_attn.v_proj": (kv, d), "self_attn.o_proj": (d, q),
+              "mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff)}
+    shapes = {"model.embed_tokens.weight": (m.vocab_size, d), "model.norm.weight": (d,)}
+    if not m.tie_embeddings:
+        shapes["lm_head.weight"] = (m.vocab_size, d)
+    for i in range(m.n_layers):
+        for name, shape in linear.items():
+            shapes[f"model.layers.{i}.{name}.weight"] = shape
+            if m.bias:
+                shapes[f"model.layers.{i}.{name}.bias"] = shape[:1]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"model.layers.{i}.{norm}.weight"] = (d,)
+    return shapes
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(_cut(n) for n in names[:2])
+    return shown + (f" ({len(names)} in all)" if len(names) > 2 else "")
+
+
+def check_llama_weights(found: dict[str, tuple[Path, tuple[int, ...], str]], m: ModelConfig,
+                        src: Path) -> None:
+    """The tensors `found` in the shards of `src` (see `safetensors_header`) are exactly those
+    model config `m` needs, in its shapes and a float dtype; else a ConfigError naming a few."""
+    want = hf_llama_shapes(m)
+    # a tied checkpoint may still carry lm_head (HF ignores it); old ones carry a rope buffer
+    allowed = {**want, **({"lm_head.weight": (m.vocab_size, m.d_model)} if m.tie_embeddings
+                          else {})}
+    found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")}
+    problems = []
+    missing = [k for k in want if k not in found]
+    unexpected = [k for k in found if k not in allowed]
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_few(unexpected)}")
+    problems += [f"{_cut(k)} is {list(found[k][1])}, config.json implies {list(shape)}"
+                 for k, shape in allowed.items() if k in found and found[k][1] != shape][:2]
+    problems += [f"{_cut(k)} is {_cut(dtype, 10)}, not a float dtype"
+                 for k, (_, _, dtype) in found.items() if dtype not in _FLOAT_DTYPES][:2]
+    if problems:
+        raise ConfigError(f"the weights in {src} do not fit its config.json: "
+                          + "; ".join(problems))
+
+
+def import_hf(src: str | Path, out: str | Path, overwrite: bool = False, log=print) -> Path:
     """HF Llama directory `src` -> run directory `out`: config.yaml, tokenizer.json and a
-    model-only checkpoint `checkpoints/step_0`. `llmtrain train out/config.yaml` continues."""
+    model-only checkpoint `checkpoints/step_0`. `llmtrain train out/config.yaml` continues.
+    Everything is checked before the model is built; `out` is written only at the end."""
     from llmtrain.data.tokenizer import Tokenizer
     from llmtrain.model import build_model
     src, out = Path(src), Path(out)
-    if not (src / "config.json").is_file():
+    where = src / "config.json"
+    if not where.is_file():
         raise ConfigError(f"{src} is not a Hugging Face model directory (no config.json)")
-    if (out / "checkpoints").exists():
-        raise ConfigError(f"--out {out} already holds checkpoints; choose an empty directory")
-    hf = json.loads((src / "config.json").read_text())
-    model_cfg = model_config_from_hf(hf)
-    if not (src / "tokenizer.json").is_file():
+    check_out_dir(out, overwrite, "the run import-hf writes (config.yaml, tokenizer.json, "
+                                  "checkpoints/)")
+    model_cfg = model_config_from_hf(read_json(where), str(where))
+    try:
+        cfg = config_from_dict({
+            "model": model_cfg,
+            "train": {"seq_len": min(128, model_cfg["max_seq_len"])},
+            "data": {"tokenizer": str((out / "tokenizer.json").resolve())},
+            "logging": {"run_dir": str(out)}})
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    tok_file = src / "tokenizer.json"
+    if not tok_file.is_file():
         raise ConfigError(f"{src} has no tokenizer.json (a fast tokenizer is needed to train)")
-    tok = Tokenizer.load(src / "tokenizer.json")  # fails early without an EOD token
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
-    cfg = config_from_dict({
-        "model": model_cfg,
-        "train": {"seq_len": min(128, model_cfg["max_seq_len"])},
-        "data": {"tokenizer": str((out / "tokenizer.json").resolve())},
-        "logging": {"run_dir": str(out)}})
-    validate(cfg)
+    if tok_file.stat().st_size > _MAX_TOKENIZER_BYTES:
+        raise ConfigError(f"{tok_file} is larger than {_MAX_TOKENIZER_BYTES >> 20} MiB")
+    tok = Tokenizer.load(tok_file)  # fails early without an EOD token
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer of {src} has {tok.vocab_size} tokens, more than "
                           f"vocab_size={cfg.model.vocab_size}")
+    check_llama_weights(safetensors_header(src), cfg.model, src)
     model = build_model(cfg.model, "cpu")
-    sd = from_hf_llama_state_dict(read_safetensors(src), cfg.model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"weights of {src} do not fit the model of its config.json: missing "
-                          f"{', '.join(missing) or 'none'}; unexpected "
-                          f"{', '.join(unexpected) or 'none'}")
-    save_config(cfg, out / "config.yaml")
-    path = ckpt.save_model(ckpt.checkpoint_dir(cfg), 0, model, cfg,
-                           {"source": str(src.resolve())})
-    log(f"imported {src} ({model.num_params(non_embedding=False):,} parameters) into {path}; "
-        f"continue with: llmtrain train {out / 'config.yaml'}")
+    model.load_state_dict(from_hf_llama_state_dict(read_safetensors(src), cfg.model))
+    with _staged(out, _IMPORT_OWNS) as tmp:
+        shutil.copyfile(tok_file, tmp / "tokenizer.json")
+        save_config(cfg, tmp / "config.yaml")
+        path = ckpt.save_model(tmp / "checkpoints", 0, model, cfg,
+                               {"source": str(src.resolve())})
+    log(f"imported {src} ({model.num_params(non_embedding=False):,} parameters) into "
+        f"{out / 'checkpoints' / path.name}; continue with: llmtrain train {out / 'config.yaml'}")
     return out
 
 
@@ -403,19 +676,20 @@ def import_hf(src: str | Path, out: str | Path, log=print) -> Path:
 
 def cmd_export(args: argparse.Namespace) -> int:
     export_hf(args.checkpoint, args.out, dtype=args.dtype,
-              max_shard_bytes=parse_size(args.max_shard_size), config=args.config)
+              max_shard_bytes=parse_size(args.max_shard_size), config=args.config,
+              overwrite=args.overwrite)
     return 0
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
-    import_hf(args.directory, args.out)
+    import_hf(args.directory, args.out, overwrite=args.overwrite)
     return 0
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="write a checkpoint as a Hugging Face model directory",
-        description="Write CHECKPOINT (<run>/checkpoints/step_N, or a run dir: its newest intact "
+        description="Write CHECKPOINT (<run>/checkpoints/step_N, or a run dir: its newest good "
                     "checkpoint) as config.json + safetensors + tokenizer files that "
                     "transformers' AutoModelForCausalLM / AutoTokenizer load (Llama or GPT-2 "
                     "layout, chosen from the model config).")
@@ -427,6 +701,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-shard-size", default="5GB",
                    help="split safetensors above this size (default 5GB)")
     p.add_argument("--config", help="run config (default: the run's config.yaml)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a non-empty --out: replace the files an export writes there "
+                        "(safetensors, index, config, tokenizer files), keep the others")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(
@@ -437,4 +714,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("directory", metavar="DIR", help="HF model directory (config.json, "
                                                     "safetensors, tokenizer.json)")
     p.add_argument("--out", required=True, metavar="OUT", help="run directory to create")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a non-empty OUT: replace its config.yaml, tokenizer.json and "
+                        "checkpoints/, keep the other files")
     p.set_defaults(func=cmd_import_hf)
