@@ -7,6 +7,7 @@
 #   MASTER_ADDR=host                  with a hostfile: the first node's address (default: its name)
 #   MASTER_PORT=29500
 #   DEEPSPEED=deepspeed               the launcher executable
+#   PYTHON=python                     the interpreter that counts the visible GPUs
 # The engine follows the config (parallel.engine=torch|deepspeed); pass
 # `--set parallel.engine=deepspeed` to wrap the model with deepspeed.initialize.
 # Prints the command it runs; LLMTRAIN_DRY_RUN=1 prints it without running.
@@ -23,8 +24,8 @@ if [ -n "${HOSTFILE:-}" ]; then
   fi
 else
   if [ -z "${NUM_GPUS:-}" ]; then
-    NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null \
-               || echo 2)
+    NUM_GPUS=$("${PYTHON:-python}" -c "import torch; print(torch.cuda.device_count() or 2)" \
+               2>/dev/null || echo 2)
   fi
   args+=(--num_gpus "$NUM_GPUS")
 fi

@@ -102,6 +102,51 @@ def test_slurm_dry_run_takes_the_master_from_the_allocation(tmp_path):
         f"cfg.yaml --set a=1")
 
 
+def _outside_slurm(monkeypatch) -> None:
+    """As on a workstation: no SLURM_* variables, and neither scontrol nor srun on the PATH."""
+    for var in [v for v in os.environ if v.startswith("SLURM_")]:
+        monkeypatch.delenv(var)
+    dirs = [d for d in os.environ["PATH"].split(os.pathsep)
+            if d and not any((Path(d) / tool).exists() for tool in ("scontrol", "srun"))]
+    monkeypatch.setenv("PATH", os.pathsep.join(dirs))
+
+
+def test_slurm_dry_run_outside_an_allocation_prints_placeholders(monkeypatch):
+    _outside_slurm(monkeypatch)
+    r = script("slurm.sbatch", "cfg.yaml", "--set", "a=1", LLMTRAIN_DRY_RUN="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (
+        f"srun --kill-on-bad-exit=1 --nodes <SLURM_NNODES> --ntasks-per-node 1 {sys.executable} "
+        f"-m torch.distributed.run --nnodes <SLURM_NNODES> --nproc_per_node 8 --rdzv_backend c10d "
+        f"--rdzv_endpoint <head_node>:29500 --rdzv_id <SLURM_JOB_ID> --max-restarts 3 -m llmtrain "
+        f"train cfg.yaml --set a=1")
+    assert "not inside a Slurm allocation" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_slurm_outside_an_allocation_says_to_submit_it(monkeypatch):
+    _outside_slurm(monkeypatch)
+    r = script("slurm.sbatch", "cfg.yaml")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "not inside a Slurm allocation" in r.stderr and "sbatch" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
+def test_deepspeed_dry_run_outside_slurm_counts_gpus_with_PYTHON(monkeypatch, tmp_path):
+    _outside_slurm(monkeypatch)
+    fake = tmp_path / "python"  # stands in for `python -c "...torch.cuda.device_count()..."`
+    fake.write_text("#!/bin/sh\necho 5\n")
+    fake.chmod(0o755)
+    r = script("deepspeed.sh", "cfg.yaml", LLMTRAIN_DRY_RUN="1", PYTHON=str(fake))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("deepspeed --master_port 29500 --module --no_local_rank "
+                                "--num_gpus 5 llmtrain train cfg.yaml")
+    r = script("deepspeed.sh", "cfg.yaml", LLMTRAIN_DRY_RUN="1", NUM_GPUS="3",
+               DEEPSPEED="/nonexistent/deepspeed")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("/nonexistent/deepspeed --master_port 29500 --module "
+                                "--no_local_rank --num_gpus 3 llmtrain train cfg.yaml")
+
+
 def test_deepspeed_dry_run_with_a_hostfile():
     r = script("deepspeed.sh", "cfg.yaml", "--set", "parallel.engine=deepspeed",
                LLMTRAIN_DRY_RUN="1", HOSTFILE=str(LAUNCH / "hostfile.example"),

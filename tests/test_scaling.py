@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -215,13 +216,22 @@ def test_read_runs_prefers_summary_and_falls_back_to_config(tmp_path):
     assert smooth.loss[0] == pytest.approx(np.mean(ev))
 
 
-def test_fit_from_run_dirs_end_to_end(tmp_path):
-    f = (lambda N, D: float(LAWS["chinchilla_approach3"].predict(HOFF, N=[N], D=[D])[0]))
+def hoff_loss(N, D):
+    return float(LAWS["chinchilla_approach3"].predict(HOFF, N=[N], D=[D])[0])
+
+
+def write_run_grid(tmp_path) -> list[str]:
+    """18 runs: 6 model sizes x 3 token counts, losses from Hoffmann et al.'s law."""
     dirs = []
     for i, (L, d) in enumerate([(2, 64), (3, 96), (4, 128), (6, 192), (8, 256), (12, 384)]):
         for j, tok in enumerate((2e8, 1e9, 5e9)):
-            write_run(tmp_path / f"r{i}_{j}", L, d, tok, f)
+            write_run(tmp_path / f"r{i}_{j}", L, d, tok, hoff_loss)
             dirs.append(str(tmp_path / f"r{i}_{j}"))
+    return dirs
+
+
+def test_fit_from_run_dirs_end_to_end(tmp_path):
+    dirs = write_run_grid(tmp_path)
     out = tmp_path / "fit.json"
     assert cli.main(["scaling", "fit", *dirs, "--law", "chinchilla", "--bootstrap", "5",
                      "--top-k", "20", "--json", str(out), "--plot", str(tmp_path / "f.png"),
@@ -263,6 +273,8 @@ def _csv(tmp_path, rows, header="N,D,loss"):
     ("NaN loss", [(1e8, 1e9, 3.0)] * 5 + [(1e8, 1e9, "nan")], [], "--drop-nonfinite"),
     ("missing column", [(1e8, 1e9, 3.0)] * 6, ["--loss-col", "val"], "'val' is not a column"),
     ("text value", [(1e8, 1e9, 3.0)] * 5 + [(1e8, "x", 3.0)], [], "not a number"),
+    ("one model size", [(1e8, 10 ** (8 + k), 4.0 - 0.3 * k) for k in range(8)], [],
+     "1 model size(s)"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, case, rows, extra, msg):
     path = _csv(tmp_path, rows)
@@ -278,6 +290,127 @@ def test_nan_row_dropped_on_request_and_recorded(tmp_path):
     rows = [(n, d, l) for n, d, l in zip(pts.N, pts.D, pts.loss)] + [(1e8, 1e9, "nan")]
     kept = exclude(read_csv(_csv(tmp_path, rows), "N", "loss", d_col="D"), drop_nonfinite=True)
     assert len(kept) == 20 and "non-finite" in kept.excluded[0]["reason"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Degenerate inputs and fits: warnings (one line each on stderr) and strict JSON, never a crash
+
+
+def strict_json(path) -> dict:
+    """The file as JSON, failing on NaN/Infinity (what json.dumps(allow_nan=False) rules out)."""
+    def reject(token):
+        raise AssertionError(f"{path} holds {token}, which is not JSON")
+    return json.loads(Path(path).read_text(), parse_constant=reject)
+
+
+def warning_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning: ")]
+
+
+def test_runs_with_null_or_nonfinite_loss_are_skipped_with_one_counted_warning(tmp_path, capsys):
+    dirs = write_run_grid(tmp_path / "ok")
+    bad = {"null_loss": "null", "nan_loss": "NaN", "crashed": None}
+    for name, loss in bad.items():
+        write_run(tmp_path / name, 4, 128, 1e9, hoff_loss, summary=loss is not None)
+        if loss is None:  # died before its first log line
+            (tmp_path / name / "metrics.jsonl").unlink()
+            (tmp_path / name / "eval.jsonl").unlink()
+        else:
+            summary = json.loads((tmp_path / name / "summary.json").read_text())
+            text = json.dumps({**summary, "final_val_loss": "LOSS"})
+            (tmp_path / name / "summary.json").write_text(text.replace('"LOSS"', loss))
+    out = tmp_path / "fit.json"
+    args = ["scaling", "fit", *dirs, *(str(tmp_path / n) for n in bad), "--law", "chinchilla",
+            "--bootstrap", "0", "--top-k", "20", "--json", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    warned = warning_lines(capsys.readouterr().err)
+    skipped = [w for w in warned if "skipped 3 of 21 run(s)" in w]
+    assert len(skipped) == 1 and all(n in skipped[0] for n in bad), warned
+    res = strict_json(out)
+    assert res["data"]["points"] == 18 and skipped[0][len("warning: "):] in res["warnings"]
+    assert sorted(Path(e["label"]).name for e in res["data"]["excluded"]) == sorted(bad)
+    assert all(e["loss"] is None for e in res["data"]["excluded"])
+    a3 = res["laws"]["chinchilla_approach3"]["params"]
+    assert abs(a3["alpha"]["value"] - HOFF["alpha"]) < 0.02  # the 18 good runs, as without them
+    assert cli.main(["scaling", "fit", *(str(tmp_path / n) for n in bad), "--quiet"]) == 2
+    err = capsys.readouterr().err.splitlines()  # why nothing is left, then that it is too few
+    assert len(err) == 2 and "skipped 3 of 3 run(s)" in err[0], err
+    assert err[1].startswith("error: 0 run(s)"), err
+
+
+def rising_in_N_points(n=40, seed=0):
+    """L = 1 + 0.05 N^0.1 + 400 / D^0.3: loss grows with N, so approach 3's alpha is -0.1 and
+    no compute-optimal frontier exists (G = (alpha A / (beta B))^(1/(alpha+beta)) is complex)."""
+    rng = np.random.default_rng(seed)
+    N, D = 10 ** rng.uniform(7, 10, n), 10 ** rng.uniform(8, 12, n)
+    L = (1.0 + 0.05 * N ** 0.1 + 400 / D ** 0.3) * np.exp(rng.normal(0, NOISE, n))
+    return make_points(N, D, L)
+
+
+def test_negative_exponent_warns_and_writes_null_frontier_in_strict_json(tmp_path, capsys):
+    pts = rising_in_N_points()
+    path = _csv(tmp_path, zip(pts.N, pts.D, pts.loss))
+    out = tmp_path / "fit.json"
+    args = ["scaling", "fit", "--csv", path, "--n-col", "N", "--d-col", "D", "--loss-col", "loss",
+            "--law", "chinchilla", "--bootstrap", "5", "--top-k", "10", "--json", str(out),
+            "--plot", str(tmp_path / "f.png"), "--quiet"]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    res = strict_json(out)
+    a3 = res["laws"]["chinchilla_approach3"]
+    assert a3["params"]["alpha"]["value"] < 0 and a3["frontier"] is None
+    assert a3["derived"]["G"]["value"] is None
+    warned = warning_lines(captured.err)
+    assert [w[len("warning: "):] for w in warned] == res["warnings"]
+    assert any("chinchilla_approach3" in w and "alpha" in w and "negative" in w for w in warned)
+    assert any("chinchilla_approach3" in w and "frontier" in w for w in warned)
+    assert (tmp_path / "f.png").is_file()
+    with pytest.raises(ConfigError, match="no law with a compute-optimal frontier"):
+        budget.plan([1e21], str(out))
+
+
+def test_one_model_size_fits_the_laws_in_D_and_warns_about_the_others(tmp_path, capsys):
+    rng = np.random.default_rng(11)
+    D = 10 ** rng.uniform(8, 12, 30)
+    L = LAWS["kaplan_LD"].predict(TRUTH["kaplan_LD"], D=D) * np.exp(rng.normal(0, NOISE, 30))
+    path = _csv(tmp_path, [(1e8, d, l) for d, l in zip(D, L)])
+    out = tmp_path / "fit.json"
+    args = ["scaling", "fit", "--csv", path, "--n-col", "N", "--d-col", "D", "--loss-col", "loss",
+            "--law", "all", "--bootstrap", "0", "--top-k", "20", "--json", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    res = strict_json(out)
+    ld = res["laws"]["kaplan_LD"]
+    assert ld["status"] == "ok" and abs(ld["params"]["alpha_D"]["value"] - 0.25) < 0.02
+    need_sizes = ["kaplan_LN", "kaplan_LND", "chinchilla_approach1", "chinchilla_approach2",
+                  "chinchilla_approach3"]
+    for name in need_sizes:
+        assert res["laws"][name]["status"] == "insufficient", name
+        assert "model size" in res["laws"][name]["reason"], res["laws"][name]["reason"]
+    warned = warning_lines(capsys.readouterr().err)
+    assert all(any(w.startswith(f"warning: {n} not fitted") for w in warned) for n in need_sizes)
+
+
+def test_excluded_nonfinite_points_and_infinite_options_still_give_strict_json(tmp_path):
+    pts = chinchilla_points(20, seed=8)
+    rows = [(n, d, l) for n, d, l in zip(pts.N, pts.D, pts.loss)] + [(1e8, 1e9, "nan")]
+    out = tmp_path / "fit.json"
+    args = ["scaling", "fit", "--csv", _csv(tmp_path, rows), "--n-col", "N", "--d-col", "D",
+            "--loss-col", "loss", "--law", "kaplan", "--drop-nonfinite", "--max-loss", "inf",
+            "--bootstrap", "0", "--top-k", "5", "--json", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    res = strict_json(out)
+    assert res["data"]["excluded"][0]["loss"] is None and res["options"]["max_loss"] is None
+
+
+def test_scaling_demo_refuses_budgets_below_one_training_step(tmp_path):
+    """BUDGETS below one optimizer step of the largest size: a clear message before training."""
+    env = {**os.environ, "BUDGETS": "1e9", "SIZES": "400K",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(ROOT / "examples" / "scaling_demo.sh"), str(tmp_path / "d")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "BUDGETS" in r.stderr and "one training step" in r.stderr, r.stderr
+    assert not (tmp_path / "d" / "runs").exists()
 
 
 def test_missing_run_dir_is_a_config_error(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 
 from llmtrain.config import Config, ConfigError, load_config, save_config
 from llmtrain.scaling.data import fmt_si
+from llmtrain.scaling.fit import _interval
 from llmtrain.scaling.laws import LAWS, PUBLISHED, frontier_for
 
 PREFERRED = ("chinchilla_approach3", "chinchilla_approach2", "chinchilla_approach1", "kaplan_LND")
@@ -37,11 +38,14 @@ def load_fit(spec: str = "hoffmann2022", law: str | None = None):
         laws = json.loads(path.read_text())["laws"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ConfigError(f"--fit {spec!r} is not a `llmtrain scaling fit --json` file") from None
-    usable = [n for n in PREFERRED if laws.get(n, {}).get("status") == "ok"]
+    # a degenerate fit's frontier is null (see fit.degeneracies): nothing to plan with
+    usable = [n for n in PREFERRED
+              if laws.get(n, {}).get("status") == "ok" and laws[n].get("frontier")]
     if law is None:
         if not usable:
             raise ConfigError(f"--fit {spec!r} has no law with a compute-optimal frontier; fit "
-                              "with --law chinchilla or all")
+                              "with --law chinchilla or all (a degenerate fit has none: see its "
+                              "warnings)")
         law = usable[0]
     elif law not in usable:
         raise ConfigError(f"--law {law!r} is not a fitted frontier in {spec!r}; use one of: "
@@ -51,6 +55,7 @@ def load_fit(spec: str = "hoffmann2022", law: str | None = None):
     s = r.get("bootstrap", {}).get("samples", {})
     n = min((len(v) for v in s.values()), default=0)
     samples = [{k: s[k][i] for k in s} for i in range(n)]
+    samples = [q for q in samples if None not in q.values()]  # null: a degenerate resample
     return law, p, samples, f"{law} from {spec}"
 
 
@@ -63,10 +68,10 @@ def plan(budgets: list[float], spec: str = "hoffmann2022", law: str | None = Non
     for j, c in enumerate(C):
         row = {"C": float(c), "N_opt": float(N[j]), "D_opt": float(D[j]),
                "tokens_per_param": float(D[j] / N[j]), "N_ci95": None, "D_ci95": None}
-        if bN is not None:
-            lo, hi = np.percentile(bN[:, j], [2.5, 97.5])
-            row["N_ci95"] = [float(lo), float(hi)]
-            row["D_ci95"] = [float(c / (6 * hi)), float(c / (6 * lo))]
+        ci = None if bN is None else _interval(bN[:, j])
+        if ci is not None:
+            row["N_ci95"] = ci
+            row["D_ci95"] = [float(c / (6 * ci[1])), float(c / (6 * ci[0]))]
         if name in LAWS:
             row["L_opt"] = float(LAWS[name].predict(p, N=N[j:j + 1], D=D[j:j + 1])[0])
         rows.append(row)

@@ -21,6 +21,10 @@ def _progress(quiet: bool):
     return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 def _g(x) -> str:
     return "-" if x is None else f"{x:.4g}"
 
@@ -98,7 +102,7 @@ def load_points(args):
 
 
 def run_fit(args) -> int:
-    from llmtrain.scaling.fit import fit_all
+    from llmtrain.scaling.fit import finite_json, fit_all
     for opt, v, lo in (("--bootstrap", args.bootstrap, 0), ("--top-k", args.top_k, 0),
                        ("--smooth", args.smooth, 1)):
         if v < lo:
@@ -106,13 +110,19 @@ def run_fit(args) -> int:
     if args.huber_delta < 0 or args.isoflop_width <= 0:
         raise ConfigError("--huber-delta must be >= 0 and --isoflop-width > 0")
     pts = load_points(args)
+    # Warnings print also with --quiet (they say what the numbers are worth); the data's first,
+    # as the fit may fail for want of the runs they name.
+    for w in pts.warnings:
+        _warn(w)
     result = fit_all(pts, args.law, args.huber_delta or None, args.top_k or None,
                      args.bootstrap, args.seed, args.isoflop_width, _progress(args.quiet))
-    result["options"] = {k: v for k, v in vars(args).items() if k != "func"}
+    result["options"] = finite_json({k: v for k, v in vars(args).items() if k != "func"})[0]
+    for w in result["warnings"][len(pts.warnings):]:
+        _warn(w)
     print(format_fit(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=False))
         print(f"wrote {args.json}")
     if args.plot:
         from llmtrain.scaling.plot import plot_fit
@@ -126,7 +136,7 @@ def format_fit(result: dict) -> str:
     lines = [f"{d['points']} points from {d['source']}; N {fmt_si(d['range']['N'][0])}.."
              f"{fmt_si(d['range']['N'][1])}, D {fmt_si(d['range']['D'][0])}.."
              f"{fmt_si(d['range']['D'][1])}, C {d['range']['C'][0]:.3g}..{d['range']['C'][1]:.3g}"]
-    lines += [f"  excluded {e['label']} (loss {e['loss']:.4g}): {e['reason']}"
+    lines += [f"  excluded {e['label']} (loss {_g(e['loss'])}): {e['reason']}"
               for e in d["excluded"]]
     lines += [f"  note: {n}" for n in d["notes"]]
     for name, r in result["laws"].items():
@@ -153,13 +163,13 @@ def format_fit(result: dict) -> str:
                 row += "".join(f"{_g(x) if x is not None else '':>14}" for x in ref)
             lines.append(row)
         if "residuals" in r:
-            lines.append(f"  residuals: rmse {r['residuals']['rmse_log']:.4g}, max "
-                         f"{r['residuals']['max_abs_log']:.4g} (log loss); objective "
+            lines.append(f"  residuals: rmse {_g(r['residuals']['rmse_log'])}, max "
+                         f"{_g(r['residuals']['max_abs_log'])} (log loss); objective "
                          f"{r['objective']:.6g}")
         if "groups" in r:
             lines.append(f"  IsoFLOP groups used: {len(r['groups'])}, skipped: "
                          f"{len(r['skipped_groups'])}")
-        for row in r.get("frontier", [])[::6]:
+        for row in (r.get("frontier") or [])[::6]:
             lines.append(f"  C={row['C']:.3g}: N_opt {fmt_si(row['N_opt'])} "
                          f"{_ci(row.get('N_ci95'), fmt_si)}, D_opt {fmt_si(row['D_opt'])} "
                          f"{_ci(row.get('D_ci95'), fmt_si)}")

@@ -13,6 +13,8 @@ A point is (N, D, C, loss). From a run directory (what `llmtrain train` leaves b
     when a run has no evaluation at all;
   * C = 6 N D (Kaplan et al. 2020, eq. 2.1), or flops_per_token * tokens ("logged").
 Each run also yields its training curve (tokens, loss), which approach 1 needs.
+A run whose loss is null or not finite (diverged, or stopped before an evaluation), or that
+logged no loss at all (died early), is skipped: recorded in `excluded` and in one warning.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from llmtrain.config import ConfigError
+from llmtrain.config import ConfigError, read_yaml_file
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Points:
     curves: list[Curve] | None = None
     notes: list[str] = field(default_factory=list)
     excluded: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.N)
@@ -57,7 +59,7 @@ class Points:
         curves = None if self.curves is None else [self.curves[i] for i in idx]
         return Points(self.N[idx], self.D[idx], self.loss[idx], self.C[idx],
                       [self.labels[i] for i in idx], self.source, curves, list(self.notes),
-                      list(self.excluded))
+                      list(self.excluded), list(self.warnings))
 
     def logs(self) -> dict[str, np.ndarray]:
         return {"N": np.log(self.N), "D": np.log(self.D), "C": np.log(self.C)}
@@ -127,6 +129,25 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
+def _document(path: Path, parse) -> dict:
+    """summary.json as a dict ({} when absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        return parse(path.read_text()) or {}
+    except ValueError:
+        raise ConfigError(f"{path} cannot be parsed; fix or remove it") from None
+
+
+def _num(value) -> float:
+    """A logged number; null (the trainer's loss it never computed) or junk is NaN, which
+    skips the run with the value named."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def params_from_config(cfg: dict, total: bool = False) -> float:
     """N from a resolved config.yaml: 12 * n_layers * d_model^2 (+ embeddings when total)."""
     m = cfg.get("model") or {}
@@ -143,65 +164,96 @@ def params_from_config(cfg: dict, total: bool = False) -> float:
     return n
 
 
+@dataclass
+class Run:
+    """One run directory's point; `skip` says why it cannot be fitted ("" when it can)."""
+    N: float
+    D: float
+    C: float
+    loss: float
+    curve: Curve
+    note: str = ""
+    skip: str = ""
+
+
+def _final_loss(summary: dict, ev: list, tr: list, loss_source: str, smooth: int):
+    """(loss, what it is, note): by the rules of the module docstring; NaN when there is none."""
+    if loss_source == "final" and "final_val_loss" in summary:
+        raw = summary["final_val_loss"]
+        return _num(raw), f"summary.json final_val_loss is {'null' if raw is None else raw}", ""
+    if ev:
+        k = smooth if loss_source == "smoothed" else 1
+        loss = float(np.mean([v for _, v in ev[-k:]]))
+        return loss, f"eval.jsonl val_loss is {loss:g}", ""
+    if tr:
+        loss = float(np.mean([v for _, v in tr[-smooth:]]))
+        return loss, f"metrics.jsonl loss is {loss:g}", (
+            f"no evaluation logged; used the training loss (mean of last {smooth})")
+    return math.nan, "no loss logged (no final_val_loss, eval.jsonl or metrics.jsonl)", ""
+
+
 def read_run(run_dir: str | Path, total: bool = False, loss_source: str = "final",
-             smooth: int = 3, flops: str = "6nd") -> tuple[float, float, float, float, Curve, str]:
-    """(N, D, C, loss, curve, note) of one run directory."""
+             smooth: int = 3, flops: str = "6nd") -> Run:
     rd = Path(run_dir)
     if not rd.is_dir():
         raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
-    summary = json.loads((rd / "summary.json").read_text()) if (rd / "summary.json").is_file() \
-        else {}
-    cfg = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").is_file() \
-        else {}
+    summary = _document(rd / "summary.json", json.loads)
+    cfg = (read_yaml_file(rd / "config.yaml", "run config") or {}) \
+        if (rd / "config.yaml").is_file() else {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{rd / 'config.yaml'} must hold a mapping of sections")
     metrics, evals = _jsonl(rd / "metrics.jsonl"), _jsonl(rd / "eval.jsonl")
     if not (summary or cfg or metrics or evals):
         raise ConfigError(f"{str(run_dir)!r} is not a run directory (no summary.json, config.yaml,"
                           " metrics.jsonl or eval.jsonl)")
     key = "n_params" if total else "n_params_nonembedding"
-    N = float(summary[key]) if key in summary else params_from_config(cfg, total)
+    N = _num(summary[key]) if key in summary else params_from_config(cfg, total)
 
+    logged = [t for t in (_num(r.get("tokens")) for r in metrics + evals) if math.isfinite(t)]
     if "tokens" in summary:
-        D = float(summary["tokens"])
-    elif metrics or evals:
-        D = float(max(r.get("tokens", 0) for r in metrics + evals))
+        D = _num(summary["tokens"])
+    elif logged:
+        D = max(logged)
     else:
         t = cfg.get("train") or {}
         D = float(t.get("steps", 0) * t.get("global_batch_size", 0) * t.get("seq_len", 0))
 
-    note = ""
-    ev = [(float(r["tokens"]), float(r["val_loss"])) for r in evals
+    ev = [(_num(r["tokens"]), _num(r["val_loss"])) for r in evals
           if "tokens" in r and "val_loss" in r]
-    tr = [(float(r["tokens"]), float(r["loss"])) for r in metrics if "tokens" in r and "loss" in r]
-    curve_pts = ev if len(ev) >= 2 else tr
-    if loss_source == "final" and "final_val_loss" in summary:
-        loss = float(summary["final_val_loss"])
-    elif ev:
-        loss = float(np.mean([v for _, v in ev[-max(1, smooth if loss_source == "smoothed"
-                                                       else 1):]]))
-    elif tr:
-        loss = float(np.mean([v for _, v in tr[-max(1, smooth):]]))
-        note = f"{rd.name}: no evaluation logged; used the training loss (mean of last {smooth})"
-    else:
-        raise ConfigError(f"{str(run_dir)!r} has no final_val_loss, eval.jsonl or metrics.jsonl "
-                          "loss to fit")
+    tr = [(_num(r["tokens"]), _num(r["loss"])) for r in metrics if "tokens" in r and "loss" in r]
+    loss, loss_is, note = _final_loss(summary, ev, tr, loss_source, max(1, smooth))
     if flops == "logged":
         if "flops_per_token" not in summary:
             raise ConfigError(f"--flops logged: {str(run_dir)!r} has no summary.json "
                               "flops_per_token; use --flops 6nd")
-        C = float(summary["flops_per_token"]) * D
+        C = _num(summary["flops_per_token"]) * D
     else:
         C = 6.0 * N * D
+    curve_pts = [(t, v) for t, v in (ev if len(ev) >= 2 else tr)
+                 if math.isfinite(t) and math.isfinite(v)]
     curve = Curve(N, np.array([t for t, _ in curve_pts]), np.array([v for _, v in curve_pts]))
-    return N, D, C, loss, curve, note
+    bad = [what for what, v in ((loss_is, loss), (f"N={N:g}", N), (f"D={D:g}", D),
+                                (f"C={C:g}", C)) if not (math.isfinite(v) and v > 0)]
+    return Run(N, D, C, loss, curve, note and f"{rd.name}: {note}", bad[0] if bad else "")
 
 
 def read_runs(run_dirs, total: bool = False, loss_source: str = "final", smooth: int = 3,
               flops: str = "6nd") -> Points:
-    rows = [read_run(d, total, loss_source, smooth, flops) for d in run_dirs]
-    pts = Points(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
-                 np.array([r[3] for r in rows]), np.array([r[2] for r in rows]),
-                 [str(d) for d in run_dirs], "runs", [r[4] for r in rows])
-    pts.notes = [r[5] for r in rows if r[5]]
+    """The runs' points; runs that cannot be fitted are left out, recorded and warned about."""
+    runs = [read_run(d, total, loss_source, smooth, flops) for d in run_dirs]
+    ok = [r for r in runs if not r.skip]
+    pts = Points(np.array([r.N for r in ok]), np.array([r.D for r in ok]),
+                 np.array([r.loss for r in ok]), np.array([r.C for r in ok]),
+                 [str(d) for d, r in zip(run_dirs, runs) if not r.skip], "runs",
+                 [r.curve for r in ok], [r.note for r in ok if r.note])
+    skipped = [(str(d), r) for d, r in zip(run_dirs, runs) if r.skip]
+    pts.excluded = [{"label": d, "N": r.N, "D": r.D, "loss": r.loss,
+                     "reason": f"skipped: {r.skip}"} for d, r in skipped]
+    if skipped:
+        named = ", ".join(f"{d} ({r.skip})" for d, r in skipped[:5])
+        more = f", and {len(skipped) - 5} more (see data.excluded)" if len(skipped) > 5 else ""
+        pts.warnings.append(f"skipped {len(skipped)} of {len(runs)} run(s) that cannot be "
+                            f"fitted: {named}{more}")
     return pts
 
 
@@ -236,8 +288,8 @@ def exclude(pts: Points, drop_nonfinite: bool = False, drop_highest_loss: int = 
     return out
 
 
-def check(pts: Points, min_points: int) -> None:
-    """One-line errors for data no law can be fitted to."""
+def check(pts: Points) -> None:
+    """One-line errors for values no law can be fitted to (how many are needed: fit.py)."""
     for name, arr in (("loss", pts.loss), ("N", pts.N), ("D", pts.D)):
         bad = np.flatnonzero(~np.isfinite(arr))
         if len(bad):
@@ -247,9 +299,6 @@ def check(pts: Points, min_points: int) -> None:
         if len(bad):
             raise ConfigError(f"{pts.labels[bad[0]]}: {name}={arr[bad[0]]:g} must be positive "
                               f"({len(bad)} such point(s))")
-    if len(pts) < min_points:
-        raise ConfigError(f"{len(pts)} point(s) left to fit; the laws asked for need at least "
-                          f"{min_points} (one per parameter)")
 
 
 def fmt_si(x: float) -> str:

@@ -8,6 +8,12 @@ the objective is evaluated for the whole grid at once (one broadcast numpy expre
 `top_k` best starts are refined with L-BFGS-B using analytic gradients, and the best refined
 optimum is kept (`test_pruned_equals_full_grid` shows that pruning finds the same optimum).
 
+Degenerate data and fits never crash and never put NaN/Infinity into the result: a law the data
+cannot determine (too few points, model sizes or token counts) is "insufficient"; a fitted law
+with a negative exponent or a non-finite frontier is reported; every non-finite value becomes
+None (JSON null); each of these is one line of `warnings`. Only when no law asked for can be
+fitted at all is it a ConfigError, saying how many runs and sizes are needed.
+
 The optimiser sees the objective divided by n * delta. This does not move the optimum, but it
 makes the stopping tolerances mean the same thing for any data set: with residuals far larger
 than delta the raw objective and its gradient are ~1e-3 and L-BFGS's default tolerances stop
@@ -16,6 +22,7 @@ early (the problem Besiroglu et al. 2024 found in the original fit).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -23,8 +30,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from llmtrain.config import ConfigError
-from llmtrain.scaling.data import Curve, Points
-from llmtrain.scaling.laws import KAPLAN, LAWS, Law, powerlaw_frontier
+from llmtrain.scaling.data import Curve, Points, check
+from llmtrain.scaling.laws import KAPLAN, LAWS, MIN_EXPONENT, Law, powerlaw_frontier
 
 Progress = Callable[[str], None]
 
@@ -370,6 +377,106 @@ def approach1(pts: Points, n_grid: int = 40, n_boot: int = 200, seed: int = 0,
 
 
 # ----------------------------------------------------------------------------------------------
+# What a data set can determine, and what a fit says about itself
+
+COUNTED = {"N": "model size", "D": "token count", "C": "compute budget"}
+
+
+def n_distinct(x: np.ndarray, rel_tol: float = 1e-3) -> int:
+    """Distinct values of x, counting values within rel_tol (relative) of each other as one."""
+    lx = np.sort(np.log(x))
+    return int(len(lx) and 1 + np.sum(np.diff(lx) > rel_tol))
+
+
+def requirements(name: str) -> tuple[int, dict[str, int]]:
+    """(points, {variable: distinct values}) a law needs: one point per parameter, and for each
+    variable it depends on, 3 values (its term has an offset, a scale and an exponent)."""
+    if name == "chinchilla_approach1":
+        return 2, {"N": 2}  # two run sizes whose curves overlap in compute
+    if name == "chinchilla_approach2":
+        return 6, {"N": 3}  # two IsoFLOP groups with three sizes each
+    law = LAWS[name]
+    return law.n_params, {v: 3 for v in law.variables}
+
+
+def shortfall(name: str, pts: Points) -> str:
+    """Why the data are too few for the law ("" when they are enough)."""
+    n_min, distinct = requirements(name)
+    missing = [f"at least {n_min} points" + (" (one per parameter)" if name in LAWS else "")] \
+        if len(pts) < n_min else []
+    missing += [f"{k} {COUNTED[v]}s" for v, k in distinct.items()
+                if n_distinct(getattr(pts, v)) < k]
+    return f"needs {' and '.join(missing)}" if missing else ""
+
+
+def describe(pts: Points) -> str:
+    unit = "run(s)" if pts.source == "runs" else "point(s)"
+    return (f"{len(pts)} {unit} of " + ", ".join(f"{n_distinct(getattr(pts, v))} {word}(s)"
+                                                 for v, word in COUNTED.items()))
+
+
+EXPONENT_OF = {"alpha_N": "N", "alpha_D": "D", "alpha_C": "C", "alpha": "N", "beta": "D"}
+
+
+def degeneracies(name: str, r: dict) -> list[str]:
+    """Warnings about a fitted law; a frontier that is not a minimum or not finite becomes None.
+
+    A parametric law with an exponent <= 0 (or at its MIN_EXPONENT bound) does not fall with that
+    variable, so it has no compute-optimal frontier. Approaches 1 and 2 fit N_opt = k_N C^a
+    directly: a or b < 0 is reported, and their frontier kept (it is what the data say)."""
+    out = []
+    params = {k: v["value"] for k, v in r["params"].items()}
+    if name in LAWS:
+        for k, var in EXPONENT_OF.items():
+            v = params.get(k)
+            if v is not None and v <= MIN_EXPONENT * (1 + 1e-6):
+                state = "negative" if v < 0 else f"at its lower bound {MIN_EXPONENT:g}"
+                out.append(f"{name}: exponent {k}={v:.3g} is {state}: the fitted loss does not "
+                           f"fall with {var}")
+    else:
+        for k, grows in (("a", "N_opt"), ("b", "D_opt")):
+            if params[k] < 0:
+                out.append(f"{name}: exponent {k}={params[k]:.3g} is negative: {grows} shrinks "
+                           "as compute grows")
+    if r.get("frontier") is not None:
+        finite = all(math.isfinite(row[k]) and row[k] > 0 for row in r["frontier"]
+                     for k in ("N_opt", "D_opt"))
+        if (out and name in LAWS) or not finite:
+            why = ("it needs a loss that falls with both N and D" if out and name in LAWS
+                   else "non-finite N_opt or D_opt")
+            out.append(f"{name}: no compute-optimal frontier ({why}); written as null")
+            r["frontier"] = None
+    return out
+
+
+def finite_json(obj, path: str = ""):
+    """(obj with every NaN, infinity or complex number replaced by None, the paths replaced)."""
+    if isinstance(obj, dict):
+        pairs = [(k, finite_json(v, f"{path}.{k}" if path else str(k))) for k, v in obj.items()]
+        return {k: v for k, (v, _) in pairs}, [p for _, (_, ps) in pairs for p in ps]
+    if isinstance(obj, (list, tuple)):
+        items = [finite_json(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return [v for v, _ in items], [p for _, ps in items for p in ps]
+    if isinstance(obj, (complex, np.complexfloating)):
+        return None, [path]
+    if isinstance(obj, (float, np.floating)):
+        return (float(obj), []) if math.isfinite(obj) else (None, [path])
+    if isinstance(obj, np.integer):
+        return int(obj), []
+    return obj, []
+
+
+def _clean(name: str, r: dict, warnings: list[str]) -> dict:
+    """r with nulls for non-finite values; a warning about them unless one already explains
+    them (a degenerate fit's derived values and bootstrap samples go with its exponents)."""
+    r, bad = finite_json(r)
+    if bad and not any(w.startswith(f"{name}:") for w in warnings):
+        shown = ", ".join(bad[:3]) + (f", ... ({len(bad)} in all)" if len(bad) > 3 else "")
+        warnings.append(f"{name}: non-finite values written as null: {shown}")
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def laws_for(which: str) -> list[str]:
@@ -385,22 +492,32 @@ def laws_for(which: str) -> list[str]:
 def fit_all(pts: Points, which: str = "all", delta: float | None = 1e-3,
             top_k: int | None = 200, n_boot: int = 200, seed: int = 0,
             isoflop_width: float = 0.1, progress: Progress = _quiet) -> dict:
+    """Every law asked for that the data can determine; see the module docstring for what
+    degenerate data and fits give. The result holds no NaN or infinity (json allow_nan=False)."""
     names = laws_for(which)
-    from llmtrain.scaling.data import check
-    check(pts, max(LAWS[n].n_params for n in names if n in LAWS))
+    check(pts)
+    short = {n: shortfall(n, pts) for n in names}
+    if all(short.values()):
+        raise ConfigError(f"{describe(pts)}: too few for every law asked for ("
+                          + "; ".join(f"{n} {why}" for n, why in short.items()) + ")")
+    warnings = list(pts.warnings)
     results = {}
     for n in names:
-        if n == "chinchilla_approach1":
-            results[n] = approach1(pts, n_boot=n_boot, seed=seed, progress=progress)
+        if short[n]:
+            r = {"law": n, "status": "insufficient", "reason": f"{short[n]}; has {describe(pts)}"}
+        elif n == "chinchilla_approach1":
+            r = approach1(pts, n_boot=n_boot, seed=seed, progress=progress)
         elif n == "chinchilla_approach2":
-            results[n] = approach2(pts, isoflop_width, n_boot=n_boot, seed=seed,
-                                   progress=progress)
+            r = approach2(pts, isoflop_width, n_boot=n_boot, seed=seed, progress=progress)
         else:
-            results[n] = fit_law(LAWS[n], pts, delta, top_k, n_boot, seed=seed,
-                                 progress=progress)
-    return {"data": {"source": pts.source, "points": len(pts), "excluded": pts.excluded,
-                     "notes": pts.notes,
-                     "range": {k: [float(v.min()), float(v.max())]
-                               for k, v in (("N", pts.N), ("D", pts.D), ("C", pts.C),
-                                            ("loss", pts.loss))}},
-            "laws": results}
+            r = fit_law(LAWS[n], pts, delta, top_k, n_boot, seed=seed, progress=progress)
+        if r["status"] != "ok":
+            warnings.append(f"{n} not fitted: {r['reason']}")
+        else:
+            warnings += degeneracies(n, r)
+        results[n] = _clean(n, r, warnings)
+    data = {"source": pts.source, "points": len(pts), "excluded": pts.excluded,
+            "notes": pts.notes,
+            "range": {k: [float(v.min()), float(v.max())]
+                      for k, v in (("N", pts.N), ("D", pts.D), ("C", pts.C), ("loss", pts.loss))}}
+    return {"data": finite_json(data)[0], "laws": results, "warnings": warnings}

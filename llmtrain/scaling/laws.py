@@ -29,6 +29,10 @@ PUBLISHED = {
                       "cite": "Besiroglu et al. 2024, Table 1"},
 }
 
+# The Kaplan laws' exponents are bounded below (their fits stay positive); one at the bound is
+# a loss that does not fall with that variable.
+MIN_EXPONENT = 1e-4
+
 
 def _softmax_lse(terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """log(sum(exp(terms), -1)) and the softmax weights (its gradient w.r.t. each term)."""
@@ -91,7 +95,7 @@ class PowerLaw1D(Law):
         self.variables = (var,)
         self.theta_names = ("log_E", f"alpha_{var}", f"log_{var}_c")
         self.param_names = ("E", f"{var}_c", f"alpha_{var}")
-        self.bounds = [(None, None), (1e-4, None), (None, None)]
+        self.bounds = [(None, None), (MIN_EXPONENT, None), (None, None)]
 
     def log_pred(self, theta, logs, jac=False):
         e, alpha, lxc = (theta[:, i:i + 1] for i in range(3))
@@ -139,7 +143,8 @@ class KaplanND(Law):
     theta_names = ("log_E", "log_N_c", "log_D_c", "alpha_N", "alpha_D")
     param_names = ("E", "N_c", "D_c", "alpha_N", "alpha_D")
     derived_names = ("a", "b")
-    bounds = [(None, None), (None, None), (None, None), (1e-4, None), (1e-4, None)]
+    bounds = [(None, None), (None, None), (None, None), (MIN_EXPONENT, None),
+              (MIN_EXPONENT, None)]
 
     def log_pred(self, theta, logs, jac=False):
         e, lnc, ldc, an, ad = (theta[:, i:i + 1] for i in range(5))
@@ -232,9 +237,14 @@ class ChinchillaND(Law):
         return np.array(list(itertools.product(ab, ab, es, ex, ex)))
 
     def derived(self, p):
-        s = p["alpha"] + p["beta"]
-        G = (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1.0 / s)
-        return {"a": p["beta"] / s, "b": p["alpha"] / s, "G": G}
+        alpha, beta, A, B = (np.float64(p[k]) for k in ("alpha", "beta", "A", "B"))
+        with np.errstate(all="ignore"):  # a degenerate fit gives NaN/inf here, which it reports
+            s = alpha + beta
+            ratio = alpha * A / (beta * B)
+            # A negative exponent makes the ratio negative (G complex): L has no minimum along
+            # C = 6ND, so there is no frontier, and NaN says so.
+            G = np.exp(np.log(ratio) / s) if ratio > 0 else np.nan
+            return {"a": float(beta / s), "b": float(alpha / s), "G": float(G)}
 
     def frontier(self, p, C):
         C = np.asarray(C, dtype=float)

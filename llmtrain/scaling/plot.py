@@ -17,8 +17,11 @@ from llmtrain.scaling.laws import LAWS  # noqa: E402
 
 
 def _ok(result: dict, name: str) -> dict | None:
+    """The fitted law, if it was fitted and all its parameters are numbers (not null)."""
     r = result["laws"].get(name)
-    return r if r and r.get("status") == "ok" else None
+    usable = r and r.get("status") == "ok" and all(
+        v["value"] is not None for v in r["params"].values())
+    return r if usable else None
 
 
 def _values(r: dict) -> dict[str, float]:
@@ -71,7 +74,7 @@ def _panel_isoflop(ax, result: dict, pts: Points) -> None:
 
 def _panel_frontier(ax, result: dict) -> None:
     for name, r in result["laws"].items():
-        if r.get("status") != "ok" or "frontier" not in r:
+        if r.get("status") != "ok" or not r.get("frontier"):
             continue
         f = r["frontier"]
         C = np.array([x["C"] for x in f])
@@ -97,7 +100,7 @@ def plot_fit(result: dict, pts: Points, path: str | Path) -> Path:
     panels = [_panel_data]
     if _ok(result, "chinchilla_approach2"):
         panels.append(_panel_isoflop)
-    if any(r.get("status") == "ok" and "frontier" in r for r in result["laws"].values()):
+    if any(r.get("status") == "ok" and r.get("frontier") for r in result["laws"].values()):
         panels.append(lambda ax, res, _: _panel_frontier(ax, res))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, panel in zip(axes[0], panels):
