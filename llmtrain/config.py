@@ -66,6 +66,11 @@ class MoEConfig:
     bias_update_rate: float = _f(0.001, lo=0.0, doc="aux_free_bias step per update_bias()")
 
 
+# Gated linear units (Shazeer 2020): activation(x W1) * (x W3). The one list of their names, which
+# the model, the planner and the validator read (a copy that missed one under-counted its MLPs).
+GLU_ACTIVATIONS = ("glu", "reglu", "geglu", "swiglu")
+
+
 @dataclass
 class ModelConfig:
     arch: Literal["decoder", "encoder_decoder"] = "decoder"
@@ -114,7 +119,7 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
-        if self.activation in ("glu", "reglu", "geglu", "swiglu"):
+        if self.activation in GLU_ACTIVATIONS:
             # Shazeer 2020 keeps parameters equal to a 4*d_model MLP: 2/3 * 4 * d_model, rounded up to 8
             return (int(8 * self.d_model / 3) + 7) // 8 * 8
         return 4 * self.d_model
@@ -736,7 +741,7 @@ def _validate_expert_parallel(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel shard size "
                           f"{dp_shard} (expert-parallel ranks are data-parallel ranks)")
     if p.zero_stage == 1:  # ZeRO-1 gives every expert weight one owner among its replicas
-        per_layer = 3 if m.activation in ("glu", "reglu", "geglu", "swiglu") else 2
+        per_layer = 3 if m.activation in GLU_ACTIVATIONS else 2
 
         def tensors_in(layer_ids) -> int:
             return per_layer * sum((i + 1) % m.moe.every_n_layers == 0 for i in layer_ids)

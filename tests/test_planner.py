@@ -135,6 +135,22 @@ def test_param_count_matches_narayanan_eq2_and_table1(billions, a, h, n_layers):
     assert pc.total / 1e9 == pytest.approx(billions, abs=0.06)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "glu", "reglu", "geglu",
+                                        "swiglu"])
+def test_param_count_equals_the_built_model_for_every_activation(activation):
+    """The planner counts parameters from the config alone; the model built from that config is
+    the reference. Its own list of GLU names lacked glu and reglu and under-counted their MLPs
+    by a third."""
+    from llmtrain.config import GLU_ACTIVATIONS, load_config
+    from llmtrain.model import build_model
+    from llmtrain.model.mlp import GLU_ACTIVATIONS as GATES
+    assert set(GATES) == set(GLU_ACTIVATIONS), "every GLU name has a gate in model/mlp.py"
+    cfg = load_config(None, ["model.n_layers=2", "model.d_model=64", "model.vocab_size=256",
+                             f"model.activation={activation}", "model.tie_embeddings=false"])
+    model = build_model(cfg.model)
+    assert memory.param_counts(cfg.model).total == sum(p.numel() for p in model.parameters())
+
+
 def test_flops_per_token_match_narayanan_eq3():
     n_layers, h, s, v = 96, 12288, 2048, 51200
     m = gpt(n_layers, h, 96).model

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "elu": F.elu, "selu": F.selu}
+# the gate of each name in config.GLU_ACTIVATIONS (tests/test_planner.py keeps the two equal)
 GLU_ACTIVATIONS = {"glu": torch.sigmoid, "reglu": F.relu, "geglu": F.gelu, "swiglu": F.silu}
 
 

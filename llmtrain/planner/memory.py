@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from llmtrain.config import ModelConfig
+from llmtrain.config import GLU_ACTIVATIONS, ModelConfig
 
 GIB = 1024 ** 3
 
@@ -30,9 +30,6 @@ STATE_BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8), "bf16_pure": (2, 2, 4)}
 # Assumption until measured on the target machine: CUDA context, NCCL buffers, cuBLAS workspaces
 # and allocator fragmentation take this much per GPU on top of what the formulas count.
 FRAMEWORK_OVERHEAD_GIB = 2.0
-
-GLU_ACTIVATIONS = ("swiglu", "geglu")
-
 
 @dataclass(frozen=True)
 class ParamCounts:
