@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from llmtrain.layout import stage_layer_ids
+
 
 class ConfigError(ValueError):
     """A user error in a run configuration (one line, printed without a traceback)."""
@@ -563,7 +565,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `data[a][b]...` for the dotted `key` (sections created as needed)."""
     parts = key.split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
@@ -588,7 +591,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             raise ConfigError(f"config file {_clip(repr(str(path)), 200)} must hold a mapping of "
                               f"sections, got {type(data).__name__}")
     for item in overrides:
-        _apply_override(data, *parse_override(item))
+        apply_override(data, *parse_override(item))
     cfg = config_from_dict(data)
     fit_micro_batch(cfg, world_size, log)
     validate(cfg, world_size=world_size)
@@ -746,7 +749,6 @@ def _validate_expert_parallel(cfg: Config, world_size: int) -> None:
         def tensors_in(layer_ids) -> int:
             return per_layer * sum((i + 1) % m.moe.every_n_layers == 0 for i in layer_ids)
         if p.pp > 1:  # each stage partitions the experts of its own layers
-            from llmtrain.parallel.pipeline import stage_layer_ids
             tensors = min([t for t in map(tensors_in, stage_layer_ids(cfg)) if t] or [0])
         else:
             stacks = ((m.n_encoder_layers, m.n_decoder_layers) if m.arch == "encoder_decoder"

@@ -12,12 +12,11 @@ import torch.nn.functional as F
 
 from llmtrain.config import ConfigError, ModelConfig, MoEConfig, load_config
 from llmtrain.generate import greedy_decoder, greedy_encoder_decoder
-from llmtrain.model.encoder_decoder import (build_encoder_decoder, deepnorm_decoder_alpha,
-                                            deepnorm_decoder_beta, deepnorm_encoder_alpha,
-                                            deepnorm_encoder_beta)
+from llmtrain.model.build import build_encoder_decoder, build_model
+from llmtrain.model.encoder_decoder import (deepnorm_decoder_alpha, deepnorm_decoder_beta,
+                                            deepnorm_encoder_alpha, deepnorm_encoder_beta)
 from llmtrain.model.positions import (RelativePositionBias, relative_position_bucket,
                                       sinusoidal_table)
-from llmtrain.model.transformer import build_model
 
 NORM_POSITIONS = ["pre", "post", "deepnorm", "b2t"]
 POSITIONS = ["rope", "learned", "sinusoidal", "t5_relative", "none"]

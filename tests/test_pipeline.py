@@ -168,8 +168,9 @@ def test_moe_pipeline_matches_single_process(name, tmp_path, moe_reference):
 
 def test_split_keeps_fqns():
     """Each rank's stages own disjoint parameters with the whole model's names; together all."""
+    from llmtrain.layout import stage_layer_ids
     from llmtrain.model import build_model
-    from llmtrain.parallel.pipeline import split_model, stage_layer_ids
+    from llmtrain.parallel.pipeline import split_model
     cfg = config_from_dict({"model": {"n_layers": 6, "tie_embeddings": False, "d_model": 32,
                                       "n_heads": 2, "vocab_size": 64},
                             "parallel": {"pp": 2, "virtual_stages": 2,

@@ -506,8 +506,8 @@ def test_cli_contract_and_tools_script(tmp_path):
 def test_interval_ignores_complex_and_nonfinite_bootstrap_samples():
     """A degenerate resample can give a complex derived value (negative ** fraction); the
     interval is taken over the real, finite samples."""
-    from llmtrain.scaling.fit import _interval
+    from llmtrain.scaling.fit import interval
     samples = np.array([1.0, 2.0, 3.0, complex(1, 1), np.nan] * 10, dtype=complex)
-    lo, hi = _interval(samples)
+    lo, hi = interval(samples)
     assert 1.0 <= lo <= hi <= 3.0
-    assert _interval(np.array([np.nan, np.inf])) is None
+    assert interval(np.array([np.nan, np.inf])) is None

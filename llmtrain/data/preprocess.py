@@ -27,14 +27,12 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from llmtrain.config import Config, ConfigError
+from llmtrain.data.indexed import PAIR_SUFFIXES, check_datasets, check_indexed, check_pairs
+from llmtrain.data.span_corruption import N_SENTINELS, SENTINEL
 from llmtrain.data.tokenizer import Tokenizer
 
 _FORMATS = {".txt": "text", ".text": "text", ".py": "text", ".md": "text", ".json": "json",
             ".jsonl": "json", ".parquet": "parquet"}
-
-
-# a sequence-to-sequence corpus is two aligned indexed datasets: PREFIX_src and PREFIX_tgt
-PAIR_SUFFIXES = ("_src", "_tgt")
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -511,11 +509,10 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
     source=indexed: data.paths[0] is an existing prefix; data.tokenizer must name its tokenizer
     (or a tokenizer.json must lie next to the prefix).
     Every indexed dataset the run will open (data.paths[0], data.blend, the cached corpus) is
-    checked here (`loader.check_indexed`), and every raw file read, so that bad data is a
+    checked here (`indexed.check_indexed`), and every raw file read, so that bad data is a
     ConfigError before the first step; bad lines skipped under data.skip_bad_lines are logged as
     one counted warning per kind (again whenever the cached corpus is reused).
     """
-    from llmtrain.data.loader import check_datasets, check_indexed, check_pairs
     d = cfg.data
     check_datasets(cfg)  # data.blend, first: before building a corpus that the blend replaces
     if d.source == "indexed":
@@ -574,7 +571,6 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
                 f"{d.source} corpus (once; cached in {out})")
             # encoder-decoder models train by span corruption: T5's 100 sentinels join the
             # vocabulary
-            from llmtrain.data.loader import N_SENTINELS, SENTINEL
             extra = ([SENTINEL.format(i) for i in range(N_SENTINELS)]
                      if cfg.model.arch == "encoder_decoder" else [])
             tok = Tokenizer.train_bpe(texts(), cfg.model.vocab_size, extra_special=extra)

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# the sentinel tokens that stand for the noise spans: T5's `<extra_id_i>`, 100 of them
+SENTINEL = "<extra_id_{}>"
+N_SENTINELS = 100  # T5's extra_ids
+
 
 def _random_segmentation(n_items: int, n_segments: int, rng: np.random.Generator) -> np.ndarray:
     """Lengths of `n_segments` non-empty segments summing to `n_items`, uniformly at random."""

@@ -36,7 +36,11 @@ import torch
 import torch.distributed as dist
 
 from llmtrain.config import Config, ConfigError
+from llmtrain.model.moe import aux_loss as moe_aux_loss
+from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
 from llmtrain.train import checkpoint as ckpt
+from llmtrain.train.loss import all_reduce_sum, reduce_step_losses
+from llmtrain.train.optim import lr_at
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -120,7 +124,7 @@ def _check_nvme(ds: dict[str, Any], path: str | None) -> None:
 
 def initialize(model: torch.nn.Module, cfg: Config, dp_size: int, optimizer=None, log=print):
     """deepspeed.initialize with the merged config; returns the engine."""
-    import deepspeed
+    import deepspeed  # optional dependency, only for parallel.engine=deepspeed
 
     ds_config, conflicts = build_config(cfg, dp_size)
     for c in conflicts:
@@ -151,11 +155,6 @@ def _free_port() -> int:
 def train_step(trainer, step: int) -> dict:
     """Trainer.train_step for the DeepSpeed engine: the same batches, loss and learning rate;
     DeepSpeed accumulates, averages over dp, clips and steps (at the last micro-batch)."""
-    from llmtrain.model.moe import aux_loss as moe_aux_loss
-    from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
-    from llmtrain.train.loop import _all_reduce_sum, reduce_step_losses
-    from llmtrain.train.optim import lr_at
-
     cfg, engine, device = trainer.cfg, trainer.engine, trainer.device
     engine.train()
     lr = lr_at(step, cfg.optim, cfg.train.steps, cfg.model.d_model)
@@ -163,8 +162,8 @@ def train_step(trainer, step: int) -> dict:
         group["lr"] = lr
     reader = trainer.train_reader
     batches = [reader.get(step, m) for m in range(reader.n_micro)]
-    n_global = _all_reduce_sum(torch.as_tensor(float(sum(b.loss_mask.sum() for b in batches)),
-                                               device=device), trainer.dp_group)
+    n_global = all_reduce_sum(torch.as_tensor(float(sum(b.loss_mask.sum() for b in batches)),
+                                              device=device), trainer.dp_group)
     # undo engine.backward's 1/gas and the 1/dp of the gradient average
     scale = trainer.dp_size * engine.gradient_accumulation_steps() / n_global
     loss_sum = torch.zeros((), device=device)
@@ -181,7 +180,7 @@ def train_step(trainer, step: int) -> dict:
         loss_sum += ce_sum.detach()
     routers = [m.router for m in moe_layers(engine.module).values() if m.router.aux_free_bias]
     for r in routers:  # every rank moves its selection bias by the global load
-        _all_reduce_sum(r.load, trainer.dp_group)
+        all_reduce_sum(r.load, trainer.dp_group)
     if routers:
         update_bias(engine.module)
     loss, aux_mean = reduce_step_losses(loss_sum, aux_sum, n_global, trainer.dp_group,
@@ -201,14 +200,14 @@ def save_checkpoint(trainer) -> Path:
     meta.json and a manifest, like train/checkpoint.py (collective)."""
     cfg, step = trainer.cfg, trainer.step
     root = ckpt.checkpoint_dir(cfg)
-    tmp, final = ckpt._begin(root, step)
+    tmp, final = ckpt.begin(root, step)
     trainer.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    torch.save(ckpt._rng_state(trainer.device), tmp / f"rng_rank{ckpt._rank()}.pt")
-    ckpt._barrier()
-    if ckpt._rank() == 0:
+    torch.save(ckpt.rng_state(trainer.device), tmp / f"rng_rank{ckpt.rank()}.pt")
+    ckpt.barrier()
+    if ckpt.rank() == 0:
         extra = {"engine": "deepspeed", **trainer.checkpoint_extra()}
-        ckpt._publish(tmp, final, ckpt._meta(step, cfg, extra), cfg.checkpoint.keep_last)
-    ckpt._barrier()
+        ckpt.publish(tmp, final, ckpt.make_meta(step, cfg, extra), cfg.checkpoint.keep_last)
+    ckpt.barrier()
     return final
 
 
@@ -254,7 +253,7 @@ def load_checkpoint(trainer, path: Path) -> dict:
     loaded, _ = trainer.engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {path}")
-    rng_file = path / f"rng_rank{ckpt._rank()}.pt"
+    rng_file = path / f"rng_rank{ckpt.rank()}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])

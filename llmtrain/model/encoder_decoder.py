@@ -317,9 +317,3 @@ class EncoderDecoder(nn.Module):
         attention = 12 * c.d_model * (c.n_encoder_layers * S * S / T
                                       + c.n_decoder_layers * (T + S))
         return int(matmul + attention)
-
-
-def build_encoder_decoder(cfg: ModelConfig, device: str | torch.device = "cpu") -> EncoderDecoder:
-    """`build_model` for an encoder-decoder config."""
-    from llmtrain.model.transformer import build_model
-    return build_model(cfg, device)

@@ -300,18 +300,3 @@ class Transformer(nn.Module):
         out += sum(p.weight.numel() for p in (self.embedding_proj, self.output_proj)
                    if p is not None)
         return 6 * (n + out) + sum(b.token_mixer.mixing_flops_per_token(seq_len) for b in blocks)
-
-
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """Build on the meta device (no memory), materialize on `device`, initialise.
-    `model.arch` picks the family: Transformer (decoder) or EncoderDecoder."""
-    cls = Transformer
-    if cfg.arch == "encoder_decoder":
-        from llmtrain.model.encoder_decoder import EncoderDecoder as cls
-    with torch.device("meta"):
-        model = cls(cfg)
-    model.to_empty(device=device)
-    if cfg.tie_embeddings:  # to_empty allocates each module's parameter anew, untying them
-        model.output.weight = model.tok_embeddings.weight
-    model.init_weights()
-    return model

@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 from llmtrain.config import Config
 from llmtrain.model.moe import local_tensor
 from llmtrain.parallel import data as _data
+from llmtrain.parallel.expert import apply_ep, build_ep_mesh
 from llmtrain.parallel.tensor import apply_tp
 
 
@@ -28,12 +29,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     if mesh is None or cfg.parallel.engine == "deepspeed":
         return model  # deepspeed.initialize (engines/deepspeed.py) does the data parallelism
     if mesh["pp"].size() > 1:  # pipeline split first; TP and data parallelism per stage
+        # imported here: torch.distributed.pipelining imports torch._dynamo (~1 s), which
+        # checkpoint loading and export (they import this package) do not need
         from llmtrain.parallel.pipeline import parallelize_pipeline
         return parallelize_pipeline(model, mesh, cfg, device)
     if mesh["tp"].size() > 1:
         apply_tp(model, mesh["tp"], cfg)
     if cfg.parallel.ep > 1:
-        from llmtrain.parallel.expert import apply_ep, build_ep_mesh
         apply_ep(model, build_ep_mesh(mesh, cfg.parallel.ep))
     return _data.apply_data_parallel(model, mesh, cfg, device)
 

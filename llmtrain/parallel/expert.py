@@ -37,6 +37,8 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from llmtrain.model.moe import moe_layers
+
 
 def build_ep_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
     """The (ep_pp, ep_replicate, ep, tp) mesh: within each pipeline stage and tp index, each
@@ -87,7 +89,6 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     already split over tp by parallel/tensor.py keep that split on its "tp" dimension) and route
     their forward through the all-to-alls. Each GroupedExperts gets `replicate_mesh`, the ranks
     holding its experts (what its gradients are reduced over: parallel/data.py). Names stay."""
-    from llmtrain.model.moe import moe_layers
     group = ep_mesh["ep"].get_group()
     for moe in moe_layers(model).values():
         experts = moe.experts

@@ -37,8 +37,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                           ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble)
+from torch.distributed.tensor import DTensor
 
 from llmtrain.config import Config
+from llmtrain.layout import rank_stages, stage_layer_ids
+from llmtrain.model.moe import moe_layers, moe_metrics
+from llmtrain.parallel import data as _data
+from llmtrain.parallel.expert import apply_ep, build_ep_mesh
+from llmtrain.parallel.tensor import apply_tp
+from llmtrain.train.loss import autocast, cross_entropy_sum
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
               "interleaved_1f1b": ScheduleInterleaved1F1B,
@@ -49,27 +56,6 @@ _FIRST_ONLY = ("tok_embeddings", "pos_embeddings", "embedding_proj")
 _LAST_ONLY = ("norm", "output", "output_proj", "mos")
 # attribute on the model given to the trainer: the pp process group, read by clip_grad_norm_
 PP_GROUP_ATTR = "pp_group"
-
-
-def stage_layer_counts(cfg: Config) -> list[int]:
-    """Layers per stage, `pp * virtual_stages` entries: `parallel.pp_layers` or balanced (the
-    first n_layers % stages stages take one more)."""
-    p, n = cfg.parallel, cfg.model.n_layers
-    if p.pp_layers:
-        return list(p.pp_layers)
-    stages = p.pp * p.virtual_stages
-    return [n // stages + (1 if i < n % stages else 0) for i in range(stages)]
-
-
-def stage_layer_ids(cfg: Config) -> list[list[int]]:
-    counts = stage_layer_counts(cfg)
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    return [list(range(s, s + c)) for s, c in zip(starts, counts)]
-
-
-def rank_stages(cfg: Config, pp_rank: int) -> list[int]:
-    """Stage indices pp rank `pp_rank` runs (looped placement)."""
-    return [pp_rank + v * cfg.parallel.pp for v in range(cfg.parallel.virtual_stages)]
 
 
 def _keep(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> None:
@@ -113,16 +99,12 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     """Split `model` into this rank's stages, then tensor and data parallelism on each stage.
     Returns the module whose parameters are all of this rank's (original FQNs); its stages are
     in `.pipeline_parts`, their indices in `.pipeline_stages`."""
-    from llmtrain.parallel import data as _data
-    from llmtrain.parallel.tensor import apply_tp
-
     pp_mesh = mesh["pp"]
     rank_model, parts, stages = split_model(model, cfg, pp_mesh.get_local_rank())
     if mesh["tp"].size() > 1:
         for part in parts:
             apply_tp(part, mesh["tp"], cfg)
     if cfg.parallel.ep > 1:  # the experts of this rank's layers, over the ep ranks of its stage
-        from llmtrain.parallel.expert import apply_ep, build_ep_mesh
         apply_ep(rank_model, build_ep_mesh(mesh, cfg.parallel.ep))
     wrapped = []
     for part in parts:
@@ -173,7 +155,6 @@ class _RouterLosses:
     load counts (what the aux-free bias update reads) and count no router loss."""
 
     def __init__(self, model: nn.Module, n_microbatches: int, device: torch.device):
-        from llmtrain.model.moe import moe_layers
         self.weight = 1.0 / n_microbatches
         self.total = torch.zeros((), device=device)
         self.inferring = False
@@ -233,7 +214,6 @@ class _LossFn:
         self.scale = 1.0
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from llmtrain.train.loop import cross_entropy_sum
         return cross_entropy_sum(logits, target[..., 0], target[..., 1]) * self.scale
 
 
@@ -272,8 +252,7 @@ class Pipeline:
         kwargs = {"target": target.to(self.device)} if self.has_last else {}
         self.loss_fn.scale = scale
         losses: list[torch.Tensor] = []
-        from llmtrain.train.loop import _autocast
-        with ctx(), _autocast(self.cfg, self.device):
+        with ctx(), autocast(self.cfg, self.device):
             if train:
                 self.schedule.step(*args, **kwargs, losses=losses, return_outputs=False)
             else:
@@ -289,7 +268,6 @@ class Pipeline:
 
     def moe_metrics(self, model: nn.Module):
         """moe_metrics of the whole model: every stage's MoE layers, gathered over pp."""
-        from llmtrain.model.moe import moe_metrics
         if not self.cfg.model.moe.num_experts:
             return {}, {}
         parts = [None] * dist.get_world_size(self.group)
@@ -306,7 +284,6 @@ class Pipeline:
         Replicate (whole on every tp rank) instead of Shard(0) like its parameter; the values
         are right, the memory is tp times too much and the optimizer would redistribute it at
         every step. Replicate -> Shard is a local slice (no communication)."""
-        from torch.distributed.tensor import DTensor
         for p in self.params:
             g = p.grad
             if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:

@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-from llmtrain.config import (Config, ConfigError, _apply_override, config_from_dict, load_config,
-                             read_yaml_file)
-from llmtrain.config import parse_override
+from llmtrain.config import (Config, ConfigError, apply_override, config_from_dict, load_config,
+                             parse_override, read_yaml_file)
 from llmtrain.planner.compute import H100_SXM, Hardware
 from llmtrain.planner.memory import GIB
 from llmtrain.planner.search import Estimate, plan
@@ -28,7 +26,7 @@ def load_run(path: str | Path, overrides: list[str] = ()) -> Config:
     load_config(path, [*overrides, *_NEUTRAL])  # file, YAML, types, ranges, model/train rules
     data: dict[str, Any] = read_yaml_file(path) or {}
     for item in overrides:
-        _apply_override(data, *parse_override(item))
+        apply_override(data, *parse_override(item))
     cfg = config_from_dict(data)
     moe = cfg.model.moe
     if moe.num_experts and moe.top_k > moe.num_experts:

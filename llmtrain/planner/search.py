@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from llmtrain.config import Config, ConfigError
+from llmtrain.config import Config, ConfigError, load_config
+from llmtrain.layout import balanced_layer_counts
 from llmtrain.planner import comm, compute, memory
 from llmtrain.planner.compute import Hardware
 from llmtrain.planner.memory import GIB
@@ -171,14 +172,12 @@ class Estimate:
 
 
 def _stage_layer_counts(cfg: Config, lay: Layout) -> list[int]:
-    """Layers on each pipeline rank, split as parallel/pipeline.py splits them: one entry per
-    model chunk (pp x virtual_stages; `parallel.pp_layers` when the config sets them for this
-    layout, else balanced with the first chunks taking the remainder), rank r holding chunks
-    r, r + pp, ..."""
+    """Layers on each pipeline rank, split as layout.py splits them: one entry per model chunk
+    (pp x virtual_stages; `parallel.pp_layers` when the config sets them for this layout, else
+    balanced with the first chunks taking the remainder), rank r holding chunks r, r + pp, ..."""
     n, p, v = cfg.model.n_layers, lay.pp, lay.virtual_stages
     given = cfg.parallel.pp_layers
-    chunks = (list(given) if given and len(given) == p * v else
-              [n // (p * v) + (1 if i < n % (p * v) else 0) for i in range(p * v)])
+    chunks = list(given) if given and len(given) == p * v else balanced_layer_counts(n, p * v)
     return [sum(chunks[r::p]) for r in range(p)]
 
 
@@ -430,7 +429,6 @@ def trainable_overrides(path, sets: list[str], gpus: int,
     """`--set` overrides of the best fitting layout that this build's trainer accepts (the
     planner enumerates layouts the trainer may not run yet, e.g. ep with ZeRO 3): the
     ranked plan, filtered through the config validator at `gpus` ranks."""
-    from llmtrain.config import load_config
     cfg = load_config(path, sets, world_size=gpus)
     for est in plan(cfg, gpus, hw):
         if not est.fits:

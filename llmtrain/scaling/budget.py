@@ -19,7 +19,7 @@ import numpy as np
 
 from llmtrain.config import Config, ConfigError, load_config, save_config
 from llmtrain.scaling.data import fmt_si
-from llmtrain.scaling.fit import _interval
+from llmtrain.scaling.fit import interval
 from llmtrain.scaling.laws import LAWS, PUBLISHED, frontier_for
 
 PREFERRED = ("chinchilla_approach3", "chinchilla_approach2", "chinchilla_approach1", "kaplan_LND")
@@ -68,7 +68,7 @@ def plan(budgets: list[float], spec: str = "hoffmann2022", law: str | None = Non
     for j, c in enumerate(C):
         row = {"C": float(c), "N_opt": float(N[j]), "D_opt": float(D[j]),
                "tokens_per_param": float(D[j] / N[j]), "N_ci95": None, "D_ci95": None}
-        ci = None if bN is None else _interval(bN[:, j])
+        ci = None if bN is None else interval(bN[:, j])
         if ci is not None:
             row["N_ci95"] = ci
             row["D_ci95"] = [float(c / (6 * ci[1])), float(c / (6 * ci[0]))]

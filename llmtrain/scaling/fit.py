@@ -111,7 +111,9 @@ def _distinct(optima, k: int) -> list[np.ndarray]:
     return picked
 
 
-def _interval(samples: np.ndarray) -> list[float] | None:
+def interval(samples: np.ndarray) -> list[float] | None:
+    """The 95% interval (2.5th, 97.5th percentiles) of the real, finite bootstrap samples; None
+    with fewer than two."""
     s = np.asarray(samples)
     if np.iscomplexobj(s):  # a derived value of a degenerate resample (negative ** fraction)
         s = np.where(s.imag == 0, s.real, np.nan)
@@ -122,7 +124,7 @@ def _interval(samples: np.ndarray) -> list[float] | None:
 
 
 def _named(values: dict[str, float], samples: dict[str, np.ndarray] | None):
-    return {k: {"value": v, "ci95": None if samples is None else _interval(samples[k])}
+    return {k: {"value": v, "ci95": None if samples is None else interval(samples[k])}
             for k, v in values.items()}
 
 
@@ -138,7 +140,7 @@ def _frontier_rows(fn, point: dict, samples: list[dict], C: np.ndarray, loss_fn=
     for j, c in enumerate(C):
         row = {"C": float(c), "N_opt": float(N[j]), "D_opt": float(D[j])}
         if bN is not None:
-            ci = _interval(bN[:, j])
+            ci = interval(bN[:, j])
             row["N_ci95"] = ci
             row["D_ci95"] = None if ci is None else [float(c / (6 * ci[1])), float(c / (6 * ci[0]))]
         if loss_fn is not None:

@@ -49,11 +49,13 @@ MANIFEST = "manifest.json"
 _NOT_ARCH = ("dropout", "init_std")
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank (a no-op without torch.distributed)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -355,25 +357,27 @@ def _dcp_save(state: dict, path: Path) -> None:
 # Save / resume / load
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's RNG states (CPU, and `device`'s on CUDA), as `rng_rank<R>.pt` holds them."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _begin(path_root: Path, step: int) -> tuple[Path, Path]:
+def begin(path_root: Path, step: int) -> tuple[Path, Path]:
+    """(empty `.step_<step>.tmp/` every rank writes into, final `step_<step>/`); collective."""
     final = path_root / f"step_{step}"
     tmp = path_root / f".step_{step}.tmp"
-    if _rank() == 0:
+    if rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     return tmp, final
 
 
-def _publish(tmp: Path, final: Path, meta: dict, keep_last: int = 0) -> None:
+def publish(tmp: Path, final: Path, meta: dict, keep_last: int = 0) -> None:
     """Rank 0, after every rank wrote its files: meta.json, then the manifest, then the rename;
     then all but the newest `keep_last` checkpoints are removed (0: keep all)."""
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -399,7 +403,8 @@ def prunable(root: Path, keep_last: int) -> list[Path]:
     return [p for p in found if p not in keep]
 
 
-def _meta(step: int, cfg: Config, extra: dict) -> dict:
+def make_meta(step: int, cfg: Config, extra: dict) -> dict:
+    """The meta.json of checkpoint `step` of this run, with `extra` (tokens, engine, ...)."""
     return {"step": step, "config_hash": config_hash(cfg), "arch_hash": arch_hash(cfg),
             "config": run_identity(cfg),
             "time": time.time(),
@@ -413,14 +418,14 @@ def _meta(step: int, cfg: Config, extra: dict) -> dict:
 def save(path_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          cfg: Config, device: torch.device, extra: dict, keep_last: int = 0) -> Path:
     """Write checkpoint `step_<step>` under `path_root` (collective: every rank calls it)."""
-    tmp, final = _begin(path_root, step)
+    tmp, final = begin(path_root, step)
     model_sd, optim_sd = get_train_state(model, optimizer)
     _dcp_save({"model": model_sd, "optim": optim_sd}, tmp)
-    torch.save(_rng_state(device), tmp / f"rng_rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
-        _publish(tmp, final, _meta(step, cfg, extra), keep_last)
-    _barrier()
+    torch.save(rng_state(device), tmp / f"rng_rank{rank()}.pt")
+    barrier()
+    if rank() == 0:
+        publish(tmp, final, make_meta(step, cfg, extra), keep_last)
+    barrier()
     return final
 
 
@@ -453,19 +458,19 @@ class AsyncSaver:
         """Stage `step_<step>` and return; the write and the publish finish in the background.
         Raises the error of the previous save, if it failed (see `wait`)."""
         self.wait()
-        tmp, final = _begin(path_root, step)
+        tmp, final = begin(path_root, step)
         model_sd, optim_sd = get_train_state(model, optimizer)
         # Before the async save: every rank's RNG file exists once rank 0's save completes
         # (that completion needs every rank's background write to have started).
-        torch.save(_rng_state(device), tmp / f"rng_rank{_rank()}.pt")
+        torch.save(rng_state(device), tmp / f"rng_rank{rank()}.pt")
         upload = dcp.async_save({"model": model_sd, "optim": optim_sd},
                                 checkpoint_id=str(tmp), process_group=self.group)
-        meta, main = _meta(step, cfg, extra), _rank() == 0
+        meta, main = make_meta(step, cfg, extra), rank() == 0
 
         def finish() -> None:
             upload.result()
             if main:
-                _publish(tmp, final, meta, keep_last)
+                publish(tmp, final, meta, keep_last)
         self._pending = (step, tmp, self._pool.submit(finish))
         return final
 
@@ -483,7 +488,7 @@ class AsyncSaver:
         try:
             future.result()
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-            if _rank() == 0:
+            if rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise AsyncSaveError(step, e) from e
 
@@ -504,13 +509,13 @@ class AsyncSaveError(OSError):
 def save_model(path_root: Path, step: int, model: torch.nn.Module, cfg: Config,
                extra: dict | None = None) -> Path:
     """Write a model-only checkpoint (no optimizer, no RNG): `"model_only": true` in meta.json."""
-    tmp, final = _begin(path_root, step)
+    tmp, final = begin(path_root, step)
     _dcp_save({"model": get_model_state_dict(model)}, tmp)
-    _barrier()
-    if _rank() == 0:
-        _publish(tmp, final, _meta(step, cfg, {"tokens": 0, **(extra or {}),
+    barrier()
+    if rank() == 0:
+        publish(tmp, final, make_meta(step, cfg, {"tokens": 0, **(extra or {}),
                                                "model_only": True}))
-    _barrier()
+    barrier()
     return final
 
 
@@ -523,7 +528,7 @@ def find_resume(cfg: Config, log=None) -> Path | None:
         return None
     if r != "auto":
         return Path(r)
-    quiet = (lambda msg: None) if _rank() else log
+    quiet = (lambda msg: None) if rank() else log
     return latest_good(checkpoint_dir(cfg), log=quiet)
 
 
@@ -560,7 +565,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     state = {"model": model_sd, "optim": optim_sd}
     _dcp_load(state, path)
     set_train_state(model, optimizer, state["model"], state["optim"])
-    rng_file = path / f"rng_rank{_rank()}.pt"
+    rng_file = path / f"rng_rank{rank()}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])

@@ -15,20 +15,26 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 
-from llmtrain.config import Config, ConfigError, save_config
+from llmtrain.config import (Config, ConfigError, config_from_dict, read_yaml_file, save_config,
+                             validate)
+from llmtrain.data.loader import (BatchReader, Seq2SeqReader, SpanCorruptionReader,
+                                  build_datasets, build_pair_datasets, check_vocab)
+from llmtrain.data.preprocess import prepare_corpus
 from llmtrain.engines import deepspeed as deepspeed_engine
+from llmtrain.model import build_model
 from llmtrain.model.moe import aux_loss as moe_aux_loss
 from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
-from llmtrain.parallel import clip_grad_norm_
+from llmtrain.parallel import build_optimizer, clip_grad_norm_, parallelize, state_bytes
 from llmtrain.parallel.data import GRAD_SYNC_ATTR, average_gradients
 from llmtrain.parallel.data import dp_mesh
+from llmtrain.parallel.mesh import (DistEnv, describe_groups, dp_info, init_distributed,
+                                    resolve_device)
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
+from llmtrain.train.loss import all_reduce_sum, autocast, cross_entropy_sum, reduce_step_losses
 from llmtrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gib
 from llmtrain.train.rundir import RunDir, RunDirLock, RunError
 from llmtrain.train.optim import lr_at
@@ -42,41 +48,6 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum over the data-parallel ranks (`group`); the ranks of a tp group hold the same batch."""
-    if dist.is_initialized():
-        dist.all_reduce(t, group=group)
-    return t
-
-
-def reduce_step_losses(ce_sum: torch.Tensor, aux: torch.Tensor, n_global: torch.Tensor, group,
-                       dp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE per token over the global batch, router losses averaged over the dp ranks, as they
-    enter the gradient) from this rank's sums: one all-reduce."""
-    sums = _all_reduce_sum(torch.stack([ce_sum, aux]), group)
-    return sums[0] / n_global, sums[1] / dp_size
-
-
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross entropies (fp32) over positions where mask is 1. Vocab-sharded logits
-    (a DTensor under tensor parallelism) are reduced by the loss-parallel cross entropy: call
-    this, and the backward, inside `loss_parallel()`."""
-    if isinstance(logits, DTensor):
-        labels = DTensor.from_local(labels.flatten(), logits.device_mesh, [Replicate()],
-                                    run_check=False)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels, reduction="none")
-        return (ce.to_local() * mask.flatten()).sum()
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
-    return (ce * mask.flatten()).sum()
-
-
 def check_run_dir(cfg: Config, overwrite: bool = False) -> None:
     """Refuse to mix two different runs in one directory (extending a run is fine). Only a run
     that left checkpoints is protected: one that failed before its first checkpoint has nothing
@@ -84,7 +55,6 @@ def check_run_dir(cfg: Config, overwrite: bool = False) -> None:
     saved = Path(cfg.logging.run_dir) / "config.yaml"
     if overwrite or not saved.is_file() or not ckpt.list_checkpoints(ckpt.checkpoint_dir(cfg)):
         return
-    from llmtrain.config import config_from_dict, read_yaml_file, validate
     try:
         # Only the model and data must match (the layout, batch split and steps may change
         # between jobs: checkpoints reshard on load), so the saved model and data sections are
@@ -122,15 +92,6 @@ class Trainer:
     """Holds the state of one run; `run()` trains to `train.steps`."""
 
     def __init__(self, cfg: Config, overwrite: bool = False, log=print):
-        from llmtrain.data.loader import (BatchReader, Seq2SeqReader, SpanCorruptionReader,
-                                          build_datasets, build_pair_datasets,
-                                          check_vocab)
-        from llmtrain.data.preprocess import prepare_corpus
-        from llmtrain.model import build_model
-        from llmtrain.parallel import build_optimizer, parallelize
-        from llmtrain.parallel.mesh import (DistEnv, describe_groups, dp_info, init_distributed,
-                                            resolve_device)
-
         self.cfg = cfg
         self.env = env = DistEnv.from_environ()
         self.is_main = env.rank == 0
@@ -187,7 +148,7 @@ class Trainer:
         self.tp = self.mesh["tp"].size() if self.mesh is not None else 1
         self.pipeline = None  # parallel.pp > 1: a pipeline schedule runs the micro-batches
         if cfg.parallel.pp > 1:
-            from llmtrain.parallel.pipeline import build_pipeline
+            from llmtrain.parallel.pipeline import build_pipeline  # lazy: see parallelize()
             self.pipeline = build_pipeline(self.model, cfg, self.device, self.dp_size)
 
         self.step = 0
@@ -227,7 +188,6 @@ class Trainer:
     def _report_state_bytes(self) -> None:
         """After the first optimizer step (when gradients and optimizer states exist): this
         rank's model-state bytes to `<run_dir>/memory_rank<R>.json`; rank 0 prints every rank's."""
-        from llmtrain.parallel import state_bytes
         rec = {"rank": self.env.rank, "step": self.step + 1, "n_params": self.n_params,
                **state_bytes(self.model, self.optimizer)}
         self.files.write_text(f"memory_rank{self.env.rank}.json", json.dumps(rec))
@@ -249,7 +209,7 @@ class Trainer:
         labels = batch.labels.to(self.device)
         mask = batch.loss_mask.to(self.device)
         doc_ids = batch.doc_ids.to(self.device) if batch.doc_ids is not None else None
-        with _autocast(self.cfg, self.device):
+        with autocast(self.cfg, self.device):
             if batch.src is not None:  # encoder-decoder
                 logits = self.model(batch.src.to(self.device), tokens,
                                     batch.src_mask.to(self.device))
@@ -268,8 +228,8 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = lr
         batches = [self.train_reader.get(step, m) for m in range(self.train_reader.n_micro)]
-        n_global = _all_reduce_sum(torch.as_tensor(float(sum(b.loss_mask.sum() for b in batches)),
-                                                   device=self.device), self.dp_group)
+        n_global = all_reduce_sum(torch.as_tensor(float(sum(b.loss_mask.sum() for b in batches)),
+                                                  device=self.device), self.dp_group)
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         n_micro = len(batches)
@@ -301,7 +261,7 @@ class Trainer:
             opt.step()
             routers = [m.router for m in moe_layers(model).values() if m.router.aux_free_bias]
             for r in routers:  # every rank moves its selection bias by the global load
-                _all_reduce_sum(r.load, self.dp_group)
+                all_reduce_sum(r.load, self.dp_group)
             if routers:
                 update_bias(model)
         if step == self.first_step:
@@ -328,7 +288,7 @@ class Trainer:
                     ce_sum, n = self._forward_loss(r.get(s, m))
                 total += ce_sum
                 count += n
-        return float(_all_reduce_sum(total, self.dp_group) / _all_reduce_sum(count, self.dp_group))
+        return float(all_reduce_sum(total, self.dp_group) / all_reduce_sum(count, self.dp_group))
 
     def save_checkpoint(self, final: bool = False, writer: MetricsWriter | None = None) -> bool:
         """Write a checkpoint; on a write error (disk full, unwritable directory) report it, drop
@@ -348,10 +308,8 @@ class Trainer:
             if self.is_main:
                 import shutil
                 shutil.rmtree(root / f".step_{self.step}.tmp", ignore_errors=True)
-            good = ckpt.list_checkpoints(root)
             msg = (f"checkpoint at step {self.step} could not be written to {root} "
-                   f"({_last_line(e)}); last good checkpoint: "
-                   f"{good[-1] if good else 'none'}")
+                   f"({_last_line(e)}); last good checkpoint: {self.last_good_checkpoint()}")
             if final:
                 raise RunError(msg) from None
             (writer.message if writer else self.say)(f"warning: {msg}; training continues")
@@ -383,10 +341,9 @@ class Trainer:
         try:
             self.saver.wait()
         except ckpt.AsyncSaveError as e:
-            good = ckpt.list_checkpoints(ckpt.checkpoint_dir(self.cfg))
             (writer.message if writer else self.say)(
                 f"warning: checkpoint {e}; last good checkpoint: "
-                f"{good[-1] if good else 'none'}; training continues")
+                f"{self.last_good_checkpoint()}; training continues")
 
     def _agreed_stop(self, requested: str | None) -> str | None:
         """Every rank stops after the same step if any rank was asked to (SIGTERM)."""
@@ -519,7 +476,6 @@ def train(cfg: Config, overwrite: bool = False, log=print) -> dict:
     done = finished(cfg)
     if done is not None:
         return done
-    from llmtrain.parallel.mesh import DistEnv
     lock = RunDirLock(cfg.logging.run_dir) if DistEnv.from_environ().rank == 0 \
         else contextlib.nullcontext()
     with lock:
