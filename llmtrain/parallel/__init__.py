@@ -21,8 +21,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     initialised model (every rank built the same weights from the same seed; each keeps its
     shard of them).
 
-    Order (DESIGN.md): pipeline split, tensor parallel, expert parallel, activation checkpointing
-    and compile, data parallel. The config validator refuses the combinations not built yet.
+    Order (docs/architecture.md): activation checkpointing, pipeline split, tensor parallel,
+    expert parallel, data parallel. The config validator refuses the combinations not built yet.
     """
     if cfg.parallel.activation_checkpointing == "full":
         apply_ac(model)

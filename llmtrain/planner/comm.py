@@ -5,8 +5,8 @@ over n ranks moves 2(n-1)/n * B per rank in 2(n-1) steps; all-gather and reduce-
 full, gathered size) move (n-1)/n * B in n-1 steps; all-to-all the same. A group runs at NVLink
 speed when it sits inside one node and at the per-GPU network share when it spans nodes.
 
-Ranks are laid out as DESIGN.md's mesh, tp innermost: rank = ((pp * dp_replicate + r) * dp_shard
-+ s) * tp + t. A dimension's group therefore has a stride (the product of the dimensions inside
+Ranks are laid out as the mesh of docs/architecture.md, tp innermost:
+rank = ((pp * dp_replicate + r) * dp_shard + s) * tp + t. A dimension's group therefore has a stride (the product of the dimensions inside
 it) and stays in one node when stride * size <= gpus_per_node.
 """
 

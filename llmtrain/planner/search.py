@@ -1,7 +1,7 @@
 """Enumerate the parallel layouts a run can use on N GPUs, estimate each, rank by step time.
 
-`check_layout` is the planner's own copy of the layout rules (DESIGN.md "The mesh"):
-`config.validate()` also refuses combinations this build's trainer does not run yet (expert
+`check_layout` is the planner's own copy of the layout rules (docs/architecture.md, "The
+mesh"): `config.validate()` also refuses combinations this build's trainer does not run yet (expert
 parallelism with tp or ZeRO 2/3, for one), and the planner must reason about those layouts
 too; `trainable_overrides` (`llmtrain train --plan auto`) keeps to what the validator accepts.
 
