@@ -329,3 +329,13 @@ def test_failed_async_save_is_reported_and_training_goes_on(tmp_path, monkeypatc
     assert not (run / "checkpoints" / ".step_4.tmp").exists()
     for p in ckpt.list_checkpoints(run / "checkpoints"):
         ckpt.verify(p)
+
+
+def test_config_hash_of_a_default_run_is_unchanged_by_keys_added_since():
+    """Checkpoints written before data.skip_bad_lines existed must still resume: the default
+    run's hash as llmtrain 022d74e computed it."""
+    from llmtrain.config import Config
+    assert ckpt.config_hash(Config()) == "3c39c47f4d2c3e05"
+    cfg = Config()
+    cfg.data.skip_bad_lines = True  # a different corpus: a different run
+    assert ckpt.config_hash(cfg) != "3c39c47f4d2c3e05"

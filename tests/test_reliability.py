@@ -418,3 +418,14 @@ def test_the_readme_torchrun_command_runs_tiny_yaml_on_two_processes(tmp_path):
     assert r.stdout.count("notice: train.micro_batch_size=16 exceeds the 8 sequences") == 1
     assert "micro-batch 8, 1 accumulation steps" in r.stdout
     assert [x["step"] for x in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_filesystem_without_flock_warns_and_trains(tmp_path, tiny, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert main(["train", *sets(tiny(**{"train.steps": 2}))]) == 0
+    assert "warning: cannot lock" in capsys.readouterr().err

@@ -79,11 +79,20 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Keys added to the model/data sections after checkpoints were first written: at their default
+# they leave the identity (and so the hash) of a run as it was, so those checkpoints still resume.
+_ADDED_KEYS = {("data", "skip_bad_lines"): False}
+
+
 def run_identity(cfg: Config) -> dict:
     """The model and data sections: what `config_hash` hashes (kept in meta.json so that a
     refusal can name the keys that differ)."""
     d = cfg.to_dict()
-    return {k: d[k] for k in ("model", "data")}
+    ident = {k: d[k] for k in ("model", "data")}
+    for (section, key), default in _ADDED_KEYS.items():
+        if ident[section].get(key) == default:
+            del ident[section][key]
+    return ident
 
 
 def config_diff(old: dict, new: dict, limit: int = 4) -> str:

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class RunDirLock:
             raise ConfigError(f"logging.run_dir={str(self.path.parent)!r} is in use by another "
                               f"llmtrain job ({holder}); wait for it to end or choose another "
                               f"run_dir") from None
+        except OSError as e:  # a filesystem without flock (some NFS / Lustre mounts)
+            print(f"warning: cannot lock {self.path} ({e.strerror or e}); a second job on this "
+                  f"run dir would not be refused", file=sys.stderr)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
