@@ -36,7 +36,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"{est.step_time_s:.3g} s/step, {est.memory['total'] / 2**30:.1f} GiB/GPU)")
         sets += chosen
     say = print if env.rank == 0 else (lambda *a: None)
-    cfg = load_config(args.config, sets, world_size=env.world_size, log=say)
+    try:
+        cfg = load_config(args.config, sets, world_size=env.world_size, log=say)
+    except ConfigError as e:
+        e.same_on_every_rank = True  # the same file and overrides on every rank
+        raise
     if args.check is not None:
         print(f"config ok for {args.check} process(es): run dir {cfg.logging.run_dir}")
         return 0
@@ -128,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except ConfigError as e:
-        # every rank of a job finds the same error: one line, from the first
-        if os.environ.get("RANK", "0") == "0":
+        # a config error is the same on every rank: one line, from the first; an error found
+        # later (data or a checkpoint on one node) may be a rank's own, so each rank says it
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
             print(f"error: {e}", file=sys.stderr)
+        elif not getattr(e, "same_on_every_rank", False):
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         from llmtrain.train.rundir import RunError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import reprlib
 import typing
 from dataclasses import dataclass, field
@@ -623,7 +624,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
     for alias, name in _ALIASES.items():
         section, key = name.split(".")
         data[section][alias.split(".")[1]] = data[section].pop(key)
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    # replaced atomically: a half-written config.yaml (full disk) would misdescribe the run
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------

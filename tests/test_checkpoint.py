@@ -339,3 +339,26 @@ def test_config_hash_of_a_default_run_is_unchanged_by_keys_added_since():
     cfg = Config()
     cfg.data.skip_bad_lines = True  # a different corpus: a different run
     assert ckpt.config_hash(cfg) != "3c39c47f4d2c3e05"
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ({"files": {"../../outside": {"size": 4, "sha256": "0" * 64}}}, "outside the checkpoint"),
+    ({"files": {"/etc/hostname": {"size": 4, "sha256": "0" * 64}}}, "outside the checkpoint"),
+    ({"files": [".metadata"]}, "not a valid manifest"),
+    ({"files": {".metadata": {"size": "4"}}}, "not a valid manifest"),
+    ([], "not a JSON object"),
+])
+def test_a_crafted_manifest_is_refused_in_one_line(run, manifest, message):
+    step = run / "checkpoints" / "step_4"
+    (step / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=message):
+        ckpt.verify(step)
+
+
+def test_a_meta_json_that_is_not_an_object_is_one_line(run, capsys):
+    step = run / "checkpoints" / "step_4"
+    (step / "meta.json").write_text("[1, 2]")
+    ckpt.write_manifest(step)
+    overrides = tiny_overrides(run, **{"train.steps": 6, "checkpoint.resume": str(step)})
+    assert main(["train", *sum((["--set", o] for o in overrides), [])]) == 2
+    assert "meta.json is corrupted (not a JSON object" in capsys.readouterr().err

@@ -67,3 +67,14 @@ def test_missing_or_bad_user_json(tmp_path):
     cfg.parallel.deepspeed_config = str(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         build_config(cfg, 1)
+
+
+@pytest.mark.parametrize("user, message", [
+    ({"checkpoint": {"load_universal": True}}, "sets checkpoint.load_universal"),
+    ([1, 2], "must hold a JSON object"),
+])
+def test_user_configs_that_would_unpickle_or_crash_are_refused(tmp_path, user, message):
+    """DeepSpeed reads universal checkpoints with torch.load(weights_only=False), past the
+    allow-listed loader llmtrain gives it."""
+    with pytest.raises(ConfigError, match=message):
+        build_config(cfg_with(tmp_path, user), dp_size=2)

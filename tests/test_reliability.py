@@ -429,3 +429,11 @@ def test_a_filesystem_without_flock_warns_and_trains(tmp_path, tiny, capsys, mon
     monkeypatch.setattr(fcntl, "flock", no_locks)
     assert main(["train", *sets(tiny(**{"train.steps": 2}))]) == 0
     assert "warning: cannot lock" in capsys.readouterr().err
+
+
+def test_an_unwritable_run_dir_is_one_line(tmp_path, tiny, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["train", *sets(tiny(**{"logging.run_dir": blocker / "run"}))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be written" in err[0], err

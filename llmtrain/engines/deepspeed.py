@@ -101,6 +101,16 @@ def build_config(cfg: Config, dp_size: int) -> tuple[dict[str, Any], list[str]]:
     except json.JSONDecodeError as e:
         raise ConfigError(f"parallel.deepspeed_config={path!r} is not valid JSON (line {e.lineno})"
                           ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"parallel.deepspeed_config={path!r} cannot be read ({e})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"parallel.deepspeed_config={path!r} must hold a JSON object")
+    if (user.get("checkpoint") or {}).get("load_universal"):
+        # DeepSpeed reads universal checkpoints with torch.load(weights_only=False), past the
+        # allow-listed loader below: a checkpoint could run code
+        raise ConfigError(f"parallel.deepspeed_config={path!r} sets checkpoint.load_universal, "
+                          f"which llmtrain does not allow (its loader unpickles arbitrary "
+                          f"objects); remove it")
     conflicts: list[str] = []
     merged = _merge(ours, user, "", conflicts)
     for key in _BATCH_KEYS:

@@ -130,12 +130,30 @@ def step_of(path: Path) -> int:
     return int(_STEP_DIR.match(Path(path).name).group(1))
 
 
+_MAX_JSON_BYTES = 64 << 20  # meta.json is ~1 KiB; a manifest lists a few files per rank
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in checkpoint file `path` (bounded read); a one-line ConfigError if it is
+    unreadable, too large or not an object."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_JSON_BYTES + 1)
+        data = json.loads(raw) if len(raw) <= _MAX_JSON_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise ConfigError(f"checkpoint file {path} is corrupted (not a JSON object of at most "
+                          f"{_MAX_JSON_BYTES >> 20} MiB)")
+    return data
+
+
 def is_diverged(path: Path) -> bool:
     """Whether checkpoint `path` was written after a non-finite (skipped) step: its weights are
     suspect, so `resume: auto` passes over it and pruning never removes a good one for it."""
     try:
-        return bool(json.loads((Path(path) / "meta.json").read_text()).get("diverged"))
-    except (OSError, ValueError, AttributeError):
+        return bool(read_json_object(Path(path) / "meta.json").get("diverged"))
+    except ConfigError:
         return False  # unreadable: verify() reports it
 
 
@@ -187,12 +205,17 @@ def verify(path: Path) -> None:
     if not mf.is_file():
         warnings.warn(f"checkpoint {path} has no {MANIFEST}; its files cannot be verified")
         return
-    try:
-        files = json.loads(mf.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"checkpoint file {mf} is corrupted (not a valid manifest)") from None
+    files = read_json_object(mf).get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(w, dict) and isinstance(w.get("size"), int)
+            and isinstance(w.get("sha256"), str) for w in files.values()):
+        raise ConfigError(f"checkpoint file {mf} is corrupted (not a valid manifest)")
     for rel, want in files.items():
         f = path / rel
+        # a crafted manifest must not make us read (hash) files outside the checkpoint
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ConfigError(f"checkpoint file {mf} is corrupted: it lists {rel[:60]!r}, "
+                              f"outside the checkpoint")
         if not f.is_file():
             raise ConfigError(f"checkpoint file {f} is missing (listed in {MANIFEST})")
         size = f.stat().st_size
@@ -263,6 +286,7 @@ class _MetadataUnpickler(pickle._Unpickler):
     function, so a file cannot monkeypatch what it was allowed to name."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
+    _classes = None  # the admitted classes, resolved on the first BUILD
 
     def find_class(self, module: str, name: str):
         if (module, name) in _METADATA_GLOBALS:
@@ -275,8 +299,10 @@ class _MetadataUnpickler(pickle._Unpickler):
 
     def load_build(self):
         target = self.stack[-2]  # BUILD pops the state above its target
-        allowed = {super(_MetadataUnpickler, self).find_class(m, n) for m, n in _METADATA_GLOBALS}
-        if type(target) not in allowed:
+        if self._classes is None:
+            self._classes = {super(_MetadataUnpickler, self).find_class(m, n)
+                             for m, n in _METADATA_GLOBALS}
+        if type(target) not in self._classes:
             raise pickle.UnpicklingError(f"setting attributes of a {type(target).__name__} is "
                                          f"not allowed in DCP metadata")
         super().load_build()
@@ -405,9 +431,10 @@ def prunable(root: Path, keep_last: int) -> list[Path]:
     the newest `keep_last` diverged ones after them. A diverged run never prunes the good
     checkpoints it could be resumed from (rerun after rerun would otherwise replace them all)."""
     found = list_checkpoints(root)
-    good = [p for p in found if not is_diverged(p)]
+    diverged = {p for p in found if is_diverged(p)}
+    good = [p for p in found if p not in diverged]
     newest_good = step_of(good[-1]) if good else -1
-    tail = [p for p in found if is_diverged(p) and step_of(p) > newest_good]
+    tail = [p for p in found if p in diverged and step_of(p) > newest_good]
     keep = set(good[-keep_last:]) | set(tail[-keep_last:])
     return [p for p in found if p not in keep]
 
@@ -546,7 +573,7 @@ def read_meta(path: Path) -> dict:
     path = Path(path)
     if path.resolve() not in _VERIFIED:
         verify(path)
-    return json.loads((path / "meta.json").read_text())
+    return read_json_object(path / "meta.json")
 
 
 def load_model(path: Path, model: torch.nn.Module) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -111,8 +112,10 @@ class Trainer:
         # `_one_builder_first`); megatron-core's builder stages its index cache the same way.
         prefix, tok = _one_builder_first(env, lambda: prepare_corpus(cfg, log=say))
         if self.is_main:
-            with self.files.writing("tokenizer.json") as path:
-                tok.save(path)  # export and generate read it from here
+            with self.files.writing("tokenizer.json") as path:  # export and generate read it
+                tmp = path.with_name(".tokenizer.json.tmp")
+                tok.save(tmp)
+                os.replace(tmp, path)
         if cfg.data.source == "indexed":
             for p in ([p for _, p in cfg.data.blend] if cfg.data.blend else [prefix]):
                 check_vocab(str(p), cfg.model.vocab_size)
@@ -328,12 +331,12 @@ class Trainer:
                 "diverged": self.consecutive_skips > 0}
 
     def last_good_checkpoint(self) -> str:
-        """The checkpoint a rerun with `resume: auto` would load, for messages."""
-        try:
-            return str(ckpt.latest_good(ckpt.checkpoint_dir(self.cfg), log=lambda m: None)
-                       or "none")
-        except ConfigError:
-            return "none"
+        """The newest checkpoint not marked diverged, the one a rerun with `resume: auto` loads,
+        for messages. Not re-verified here: naming it must not re-read every shard (the rerun
+        verifies it, and falls back past it if damaged)."""
+        good = [p for p in ckpt.list_checkpoints(ckpt.checkpoint_dir(self.cfg))
+                if not ckpt.is_diverged(p)]
+        return str(good[-1]) if good else "none"
 
     def finish_async_save(self, writer: MetricsWriter | None = None) -> None:
         """Wait for the background save in flight; a failure is a warning (the previous

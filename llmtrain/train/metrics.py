@@ -34,16 +34,18 @@ def device_peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
 
 
-def _truncate_after(path: Path, step: int, warn) -> list[str]:
-    """The lines of `path` whose step <= `step` (a resumed run rewrites what came after). A line
-    that is not a JSON object (half written when the disk filled or the process was killed) is
-    dropped with a warning instead of making the run unresumable."""
+def _truncate_after(path: Path, step: int, warn) -> list[str] | None:
+    """The lines of `path` whose step <= `step` (a resumed run rewrites what came after), or
+    None if that is every line. A line that is not a JSON object (half written when the disk
+    filled or the process was killed) is dropped with a warning instead of making the run
+    unresumable."""
     if not path.exists():
-        return []
-    kept, bad = [], []
+        return None
+    kept, bad, lines = [], [], 0
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
+        lines += 1
         try:
             rec = json.loads(line)
             if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), int):
@@ -56,7 +58,7 @@ def _truncate_after(path: Path, step: int, warn) -> list[str]:
     if bad:
         warn(f"warning: {path}: dropped {len(bad)} damaged line(s) (line {bad[0]}"
              f"{' ...' if len(bad) > 1 else ''}; a write cut short by a full disk or a kill)")
-    return kept
+    return None if len(kept) == lines else kept
 
 
 class MetricsWriter:
@@ -72,7 +74,8 @@ class MetricsWriter:
         if jsonl:
             for name in ("metrics", "eval"):
                 kept = _truncate_after(run_dir.path / f"{name}.jsonl", start_step, self.message)
-                run_dir.write_text(f"{name}.jsonl", "".join(line + "\n" for line in kept))
+                if kept is not None:  # rewritten only when lines go (a full disk needs no room)
+                    run_dir.write_text(f"{name}.jsonl", "".join(line + "\n" for line in kept))
                 with run_dir.writing(f"{name}.jsonl") as path:
                     self.files[name] = path.open("a")
         if tensorboard:

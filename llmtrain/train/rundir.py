@@ -41,8 +41,12 @@ class RunDirLock:
         self.fd: int | None = None
 
     def __enter__(self) -> RunDirLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"logging.run_dir={str(self.path.parent)!r} cannot be written "
+                              f"({e.strerror or e}); choose a writable run_dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -54,10 +58,13 @@ class RunDirLock:
         except OSError as e:  # a filesystem without flock (some NFS / Lustre mounts)
             print(f"warning: cannot lock {self.path} ({e.strerror or e}); a second job on this "
                   f"run dir would not be refused", file=sys.stderr)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
         self.fd = fd
+        try:  # who holds it, for the message a second job gets
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same
         return self
 
     def __exit__(self, *exc) -> None:
