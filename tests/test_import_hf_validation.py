@@ -222,10 +222,17 @@ def test_import_into_used_out_needs_overwrite(hf_dirs, tmp_path, capsys):
     shutil.copytree(out / "checkpoints" / "step_0", out / "checkpoints" / "step_7")
     assert cli("import-hf", str(src), "--out", str(out)) == 2
     assert cli("import-hf", str(src), "--out", str(out), "--overwrite") == 0
-    assert sorted(os.listdir(out)) == ["checkpoints", "config.yaml", "notes.txt",
+    assert sorted(os.listdir(out)) == [".lock", "checkpoints", "config.yaml", "notes.txt",
                                        "tokenizer.json"]
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_0"]
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary sibling left
+
+    # a job training in `out` holds its lock: --overwrite must not replace its checkpoints
+    from llmtrain.train.rundir import RunDirLock
+    with RunDirLock(out):
+        assert cli("import-hf", str(src), "--out", str(out), "--overwrite") == 2
+    assert "is in use by another llmtrain job" in capsys.readouterr().err
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_0"]
 
 
 def test_failed_import_leaves_nothing_behind(hf_dirs, tmp_path, monkeypatch):

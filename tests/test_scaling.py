@@ -192,6 +192,24 @@ def write_run(d: Path, n_layers, d_model, tokens, loss_at, summary=True, steps=1
     return N
 
 
+def test_damaged_run_files_are_read_or_refused_in_one_line(tmp_path):
+    """A last metrics line cut short by a kill is skipped (as a resumed run drops it); a bad
+    line inside, a non-object line or a summary.json that is not an object is one line."""
+    f = (lambda N, D: float(LAWS["chinchilla_approach3"].predict(HOFF, N=[N], D=[D])[0]))
+    write_run(tmp_path / "a", 2, 64, 1e6, f, summary=False)
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    with open(metrics, "a") as fh:
+        fh.write('{"step": 11, "lo')
+    assert len(read_runs([tmp_path / "a"]).curves[0].tokens) == 10
+    metrics.write_bytes(b'[1, 2]\n\xff\xfe\n' + metrics.read_bytes())
+    with pytest.raises(ConfigError, match="metrics.jsonl: line 1 is not a JSON object"):
+        read_runs([tmp_path / "a"])
+    write_run(tmp_path / "b", 2, 64, 1e6, f, summary=False)
+    (tmp_path / "b" / "summary.json").write_text('"n_params"')
+    with pytest.raises(ConfigError, match="summary.json is not a JSON object"):
+        read_runs([tmp_path / "b"])
+
+
 def test_read_runs_prefers_summary_and_falls_back_to_config(tmp_path):
     f = (lambda N, D: float(LAWS["chinchilla_approach3"].predict(HOFF, N=[N], D=[D])[0]))
     write_run(tmp_path / "a", 2, 64, 1e6, f, summary=True)

@@ -117,26 +117,37 @@ def read_csv(path: str | Path, n_col: str, loss_col: str, d_col: str | None = No
 
 
 def _jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a run's metrics.jsonl / eval.jsonl (a last line cut short by a kill
+    is skipped, as a resumed run drops it; any other bad line is a one-line error)."""
     if not path.is_file():
         return []
+    lines = path.read_text(errors="replace").splitlines()
     out = []
-    for k, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ConfigError(f"{path}: line {k} is not valid JSON") from None
+    for k, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        elif k < len(lines):
+            raise ConfigError(f"{path}: line {k} is not a JSON object")
     return out
 
 
-def _document(path: Path, parse) -> dict:
+def _document(path: Path) -> dict:
     """summary.json as a dict ({} when absent)."""
     if not path.is_file():
         return {}
     try:
-        return parse(path.read_text()) or {}
+        data = json.loads(path.read_text(errors="replace"))
     except ValueError:
-        raise ConfigError(f"{path} cannot be parsed; fix or remove it") from None
+        data = None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object; fix or remove it")
+    return data
 
 
 def _num(value) -> float:
@@ -197,7 +208,7 @@ def read_run(run_dir: str | Path, total: bool = False, loss_source: str = "final
     rd = Path(run_dir)
     if not rd.is_dir():
         raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
-    summary = _document(rd / "summary.json", json.loads)
+    summary = _document(rd / "summary.json")
     cfg = (read_yaml_file(rd / "config.yaml", "run config") or {}) \
         if (rd / "config.yaml").is_file() else {}
     if not isinstance(cfg, dict):

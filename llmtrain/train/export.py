@@ -36,6 +36,7 @@ import torch
 from llmtrain.config import Config, ConfigError, ModelConfig, TrainConfig, config_from_dict, \
     read_yaml_file, save_config, validate
 from llmtrain.train import checkpoint as ckpt
+from llmtrain.train.rundir import RunDirLock
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -660,7 +661,10 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False, log=pri
     check_llama_weights(safetensors_header(src), cfg.model, src)
     model = build_model(cfg.model, "cpu")
     model.load_state_dict(from_hf_llama_state_dict(read_safetensors(src), cfg.model))
-    with _staged(out, _IMPORT_OWNS) as tmp:
+    # the run dir's lock: --overwrite must not replace the checkpoints of a job training there
+    # (a directory that does not exist yet has no job, and a failed import leaves none behind)
+    lock = RunDirLock(out) if out.exists() else contextlib.nullcontext()
+    with lock, _staged(out, _IMPORT_OWNS) as tmp:
         shutil.copyfile(tok_file, tmp / "tokenizer.json")
         save_config(cfg, tmp / "config.yaml")
         path = ckpt.save_model(tmp / "checkpoints", 0, model, cfg,
