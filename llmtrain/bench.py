@@ -15,11 +15,12 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from llmtrain.config import Config, ConfigError, load_config
+from llmtrain.data.loader import Batch
 from llmtrain.train.metrics import device_peak_flops, peak_memory_gib
 from llmtrain.train.optim import build_optimizer
+from llmtrain.train.step import TrainStep
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
@@ -42,20 +43,18 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device,
-              logits_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], float]:
-    """The training step, as the loop runs it, for a model whose logits come from `logits_of`."""
+              logits_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], None]:
+    """The loop's training step (train/step.py: loss, backward, global-norm clip, AdamW, the
+    loss and norm read back) for a model whose logits come from `logits_of`; the returned
+    function trains one step on [batch, seq + 1] tokens."""
     opt = build_optimizer(model, cfg.optim, fused=True if device.type == "cuda" else None)
-    autocast = cfg.train.precision == "bf16"
-    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    train_step = TrainStep(model, opt, cfg, device,
+                           logits=lambda batch: logits_of(batch.tokens.to(device)))
 
     def step(tokens: torch.Tensor) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = logits_of(tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        mask = torch.ones(labels.shape, device=labels.device)
+        train_step([Batch(inputs, labels, mask, None, [])], cfg.optim.lr)
     return step
 
 

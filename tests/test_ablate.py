@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_overrides
+from helpers import read_evals, read_metrics, read_summary, tiny_overrides
 from llmtrain.ablate import load_spec
 from llmtrain.cli import main
 from llmtrain.config import ConfigError
@@ -26,10 +26,6 @@ def write_spec(path: Path, **kw) -> Path:
     spec.update(kw)
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_ablate_reports_and_skips(tmp_path, capsys):
@@ -49,14 +45,14 @@ def test_ablate_reports_and_skips(tmp_path, capsys):
     for name in ("base", "gelu"):
         row = rows[name]
         runs = [out / "runs" / name / f"seed{k}" for k in (0, 1)]
-        finals = [json.loads((r / "summary.json").read_text())["final_val_loss"] for r in runs]
-        assert finals == [jsonl(r / "eval.jsonl")[-1]["val_loss"] for r in runs]
+        finals = [read_summary(r)["final_val_loss"] for r in runs]
+        assert finals == [read_evals(r)[-1]["val_loss"] for r in runs]
         assert row["final_val_loss_mean"] == pytest.approx(statistics.mean(finals))
         assert row["final_val_loss_std"] == pytest.approx(statistics.stdev(finals))
-        early = [jsonl(r / "metrics.jsonl")[0]["loss"] for r in runs]  # ceil(0.1 x 3) = step 1
+        early = [read_metrics(r)[0]["loss"] for r in runs]  # ceil(0.1 x 3) = step 1
         assert row["early_loss_mean"] == pytest.approx(statistics.mean(early))
         assert row["early_loss_std"] == pytest.approx(statistics.stdev(early))
-        summary = json.loads((runs[0] / "summary.json").read_text())
+        summary = read_summary(runs[0])
         assert row["n_params"] == summary["n_params"]
         assert row["flops_per_token"] == summary["flops_per_token"]
         assert row["status"] == "ok" and row["seeds_ok"] == 2 and row["steps"] == 3
@@ -174,7 +170,7 @@ def test_sizes_study_reports_compute_multipliers(tmp_path, capsys):
     assert list(rows) == [("base", "s"), ("base", "m"), ("gelu", "s"), ("gelu", "m")]
     point = {}
     for (name, size), row in rows.items():
-        summary = json.loads((out / "runs" / name / size / "seed0" / "summary.json").read_text())
+        summary = read_summary(out / "runs" / name / size / "seed0")
         assert row["steps"] == summary["steps"] == (10 if size == "s" else 30)
         point[name, size] = (summary["flops_per_token"] * summary["tokens"],
                              summary["final_val_loss"])

@@ -208,3 +208,169 @@ def test_checker_finds_cycles_and_private_names(tmp_path):
     assert find_cycles(graph) == [(["pkg.a", "pkg.sub", "pkg.sub.c"],
                                    ["pkg.a", "pkg.sub", "pkg.sub.c", "pkg.a"])]
     assert problems == ["pkg.sub.c:1 uses pkg.a._h", "pkg.sub.c:3 uses pkg.a._k"]
+
+
+def distributed_imports(root: Path) -> list[str]:
+    """`file:line module` for every import of torch.distributed (or anything under it) in the
+    Python files under `root`, inside functions too."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}:{node.lineno} {n}" for n in names
+                      if n == "torch.distributed" or n.startswith("torch.distributed.")]
+    return found
+
+
+def test_model_holds_no_distributed_code(tmp_path):
+    """model/ is plain PyTorch: parallelism is applied to it from parallel/. The check itself
+    finds a top-level and a function-level import."""
+    problems = distributed_imports(ROOT / "model")
+    assert not problems, "model/ imports torch.distributed:\n" + "\n".join(problems)
+    (tmp_path / "m.py").write_text("import torch.distributed as dist\n"
+                                   "def f():\n    from torch.distributed.tensor import DTensor\n")
+    assert distributed_imports(tmp_path) == ["m.py:1 torch.distributed",
+                                             "m.py:3 torch.distributed.tensor"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The test files: what they share lives in tests/helpers.py (functions) and tests/conftest.py
+# (fixtures); a test file imports neither another test file nor its own copy of the plumbing.
+
+TESTS = Path(__file__).parent
+SHARED = {"helpers", "conftest"}  # the modules a test file may import from tests/
+RUN_FILES = {"metrics.jsonl", "eval.jsonl"}  # read through helpers.read_metrics / read_evals
+FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+
+
+def _own_nodes(fn: ast.AST):
+    """The nodes of function `fn`, leaving out the bodies of the functions defined in it."""
+    todo = list(ast.iter_child_nodes(fn))
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, FUNCTIONS):
+            todo.extend(ast.iter_child_nodes(node))
+
+
+def _binds_port_0(node: ast.AST) -> bool:
+    """`sock.bind((host, 0))`: asking the OS for a free port."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "bind" and len(node.args) == 1
+            and isinstance(node.args[0], ast.Tuple) and len(node.args[0].elts) == 2
+            and isinstance(node.args[0].elts[1], ast.Constant) and node.args[0].elts[1].value == 0)
+
+
+def _calls(node: ast.AST, *attrs: str) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in attrs)
+
+
+def _reads_lines(nodes: list[ast.AST]) -> str | None:
+    """What the code `nodes` (one function's) reads as records: "JSON lines" where it calls
+    json.loads on each line of a file, "metrics.jsonl" (or "eval.jsonl") where it splits that
+    file into lines (directly or through a name bound to its path); else None."""
+    line_vars, run_vars = set(), {}
+    for n in nodes:
+        if isinstance(n, (ast.comprehension, ast.For)) and isinstance(n.target, ast.Name) and any(
+                _calls(c, "splitlines", "readlines", "open")
+                or isinstance(c, ast.Call) and getattr(c.func, "id", None) == "open"
+                for c in ast.walk(n.iter)):
+            line_vars.add(n.target.id)
+        if isinstance(n, ast.Assign):
+            for c in ast.walk(n.value):
+                if isinstance(c, ast.Constant) and c.value in RUN_FILES:
+                    run_vars.update((t.id, c.value) for t in n.targets if isinstance(t, ast.Name))
+    if any(_calls(n, "loads") and n.args and getattr(n.args[0], "id", None) in line_vars
+           for n in nodes):
+        return "JSON lines"
+    for n in nodes:
+        if _calls(n, "splitlines", "readlines"):
+            for c in ast.walk(n):
+                if isinstance(c, ast.Constant) and c.value in RUN_FILES:
+                    return c.value
+                if isinstance(c, ast.Name) and c.id in run_vars:
+                    return run_vars[c.id]
+    return None
+
+
+def plumbing_problems(tests: Path = TESTS) -> tuple[list[str], list[str]]:
+    """(imports of one test file by another, copies of the shared plumbing: a free-port finder
+    or a metrics.jsonl / eval.jsonl reader defined outside helpers.py) of the *.py in `tests`."""
+    modules = {p.stem for p in tests.glob("*.py")}
+    imports, copies = [], []
+    for path in sorted(tests.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = ["." * node.level + (node.module or "")]
+            else:
+                continue
+            for name in names:
+                root = name.split(".")[0]
+                if name.startswith(".") or root == "tests" or (root in modules
+                                                                and root not in SHARED):
+                    imports.append(f"{path.name}:{node.lineno} imports {name}")
+        if path.stem == "helpers":
+            continue
+        for fn in sorted((n for n in ast.walk(tree) if isinstance(n, FUNCTIONS)),
+                         key=lambda n: n.lineno):
+            name = getattr(fn, "name", "<lambda>")
+            nodes = list(_own_nodes(fn))
+            if name.endswith("free_port") or any(map(_binds_port_0, nodes)):
+                copies.append(f"{path.name}:{fn.lineno} {name} finds a free port")
+            what = _reads_lines(nodes)
+            if what:
+                copies.append(f"{path.name}:{fn.lineno} {name} reads {what}")
+    return imports, copies
+
+
+def test_no_test_file_imports_another():
+    imports = plumbing_problems()[0]
+    assert not imports, ("test files import other test files (share code through helpers.py "
+                         "or conftest.py):\n" + "\n".join(imports))
+
+
+def test_free_port_and_run_file_readers_only_in_helpers():
+    copies = plumbing_problems()[1]
+    assert not copies, "plumbing defined outside tests/helpers.py:\n" + "\n".join(copies)
+
+
+def test_plumbing_checker_finds_test_imports_ports_and_readers(tmp_path):
+    """The checks above fail when they should: imports of a test module (inside a function too,
+    relative, or through `tests.`), a free-port finder under another name, JSON Lines and
+    metrics readers (nested, a lambda, through a name); helpers.py may hold them, and writing
+    metrics.jsonl, testing that it exists or naming it in a message is not reading it."""
+    files = {
+        "helpers.py": "def free_port():\n    pass\n"
+                      "def read_metrics(run):\n    return (run / 'metrics.jsonl').read_text()"
+                      ".splitlines()\n",
+        "conftest.py": "from helpers import free_port\n",
+        "test_a.py": "import json\nfrom conftest import free_port\nimport helpers\n"
+                     "def test_x(r):\n    from test_b import f\n"
+                     "    def losses(r):\n"
+                     "        return [json.loads(x) for x in (r / 'metrics.jsonl').open()]\n"
+                     "    assert 'drop' in (r / 'metrics.jsonl').read_text()\n"
+                     "def write(r):\n    (r / 'metrics.jsonl').write_text(json.dumps({}))\n"
+                     "def test_y(r, err):\n    assert (r / 'metrics.jsonl').exists()\n"
+                     "    assert f'cannot write {r / \"metrics.jsonl\"}' in err.splitlines()\n",
+        "test_b.py": "import tests.test_a\nfrom . import helpers\nimport json, socket\n"
+                     "def port():\n    with socket.socket() as s:\n"
+                     "        s.bind(('127.0.0.1', 0))\n"
+                     "evals = lambda r: (r / 'eval.jsonl').read_text().splitlines()\n"
+                     "def steps(run):\n    path = run / 'metrics.jsonl'\n"
+                     "    return len(path.read_text().splitlines())\n"
+                     "def jsonl(path):\n"
+                     "    return [json.loads(line) for line in path.read_text().splitlines()]\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    imports, copies = plumbing_problems(tmp_path)
+    assert imports == ["test_a.py:5 imports test_b", "test_b.py:1 imports tests.test_a",
+                       "test_b.py:2 imports ."]
+    assert copies == ["test_a.py:6 losses reads JSON lines", "test_b.py:4 port finds a free port",
+                      "test_b.py:7 <lambda> reads eval.jsonl",
+                      "test_b.py:8 steps reads metrics.jsonl", "test_b.py:11 jsonl reads JSON lines"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from helpers import set_args
 from llmtrain.bench import hf_llama
 from llmtrain.cli import main
 from llmtrain.config import load_config
@@ -11,9 +12,9 @@ from llmtrain.config import load_config
 
 def test_bench_cli_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--set", "model.n_layers=2", "--set", "model.d_model=64",
-                 "--set", "train.seq_len=32", "--steps", "2", "--warmup", "1", "--batch", "2",
-                 "--compare", "hf", "--no-compile", "--json", str(out)])
+    code = main(["bench", *set_args(["model.n_layers=2", "model.d_model=64", "train.seq_len=32"]),
+                 "--steps", "2", "--warmup", "1", "--batch", "2", "--compare", "hf",
+                 "--no-compile", "--json", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
     for name in ("llmtrain", "hf eager"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from helpers import cli_train, cut_back, load_dcp, read_losses, set_args, tiny_overrides
 from llmtrain.cli import main
 from llmtrain.config import ConfigError, load_config
 from llmtrain.model import build_model
@@ -22,9 +22,8 @@ SHARD = "__0_0.distcp"
 
 
 def train(run: Path, steps: int, capsys=None) -> str:
-    overrides = tiny_overrides(run, **{"train.steps": steps, "checkpoint.every": 2,
-                                       "checkpoint.keep_last": 0})
-    assert main(["train", *sum((["--set", o] for o in overrides), [])]) == 0
+    assert cli_train(tiny_overrides(run, **{"train.steps": steps, "checkpoint.every": 2,
+                                            "checkpoint.keep_last": 0})) == 0
     if capsys is None:
         return ""
     captured = capsys.readouterr()
@@ -89,8 +88,7 @@ def test_damage_is_detected_naming_the_file(run, damage, what, name):
 def test_explicit_damaged_checkpoint_is_a_one_line_cli_error(run, capsys):
     step = run / "checkpoints" / "step_4"
     flip_byte(step / SHARD)
-    overrides = tiny_overrides(run, **{"train.steps": 6, "checkpoint.resume": str(step)})
-    assert main(["train", *sum((["--set", o] for o in overrides), [])]) == 2
+    assert cli_train(tiny_overrides(run, **{"train.steps": 6, "checkpoint.resume": str(step)})) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: checkpoint file") and SHARD in err
 
@@ -212,8 +210,8 @@ def test_crafted_checkpoint_runs_nothing_from_the_cli(run, tmp_path, capsys, com
     marker = tmp_path / "pwned"
     (step / ".metadata").write_bytes(GADGETS["attribute path through an allowed module"](marker))
     ckpt.write_manifest(step)
-    args = {"train": ["train", *sum((["--set", o] for o in tiny_overrides(
-                run, **{"train.steps": 6, "checkpoint.resume": str(step)})), [])],
+    args = {"train": ["train", *set_args(tiny_overrides(
+                run, **{"train.steps": 6, "checkpoint.resume": str(step)}))],
             "generate": ["generate", str(step), "--prompt", "def"],
             "export": ["export", str(step), "--format", "hf", "--out", str(tmp_path / "hf")]}
     capsys.readouterr()
@@ -277,33 +275,23 @@ def test_async_checkpoints_resume_like_synchronous_ones(tmp_path):
     runs = {}
     for name, extra in (("sync", {}), ("async", {"checkpoint.async": True})):
         run = tmp_path / name
-        args = tiny_overrides(run, **common, **extra)
-        assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
+        assert cli_train(tiny_overrides(run, **common, **extra)) == 0
         runs[name] = run
     steps = [p.name for p in ckpt.list_checkpoints(runs["async"] / "checkpoints")]
     assert steps == ["step_2", "step_4", "step_6"]
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     for step in steps:
         ckpt.verify(runs["async"] / "checkpoints" / step)
-        got = {}
-        for name in ("sync", "async"):
-            dcp_to_torch_save(runs[name] / "checkpoints" / step, tmp_path / f"{name}.pt")
-            got[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        got = {name: load_dcp(runs[name] / "checkpoints" / step, tmp_path / f"{name}.pt")
+               for name in ("sync", "async")}
         for part in ("model", "optim"):
             assert got["async"][part].keys() == got["sync"][part].keys()
         for k, v in got["sync"]["model"].items():
             torch.testing.assert_close(got["async"]["model"][k], v, rtol=0, atol=0)
 
     run = runs["async"]
-    shutil.rmtree(run / "checkpoints" / "step_6")
-    lines = (run / "metrics.jsonl").read_text().splitlines()[:4]
-    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-    args = tiny_overrides(run, **common, **{"checkpoint.async": True})
-    assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
-
-    def losses(r):
-        return [json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()]
-    assert losses(run) == pytest.approx(losses(runs["sync"]), rel=1e-6)
+    cut_back(run, 4, 6)
+    assert cli_train(tiny_overrides(run, **common, **{"checkpoint.async": True})) == 0
+    assert read_losses(run) == pytest.approx(read_losses(runs["sync"]), rel=1e-6)
 
 
 def test_failed_async_save_is_reported_and_training_goes_on(tmp_path, monkeypatch, capsys):
@@ -318,9 +306,9 @@ def test_failed_async_save_is_reported_and_training_goes_on(tmp_path, monkeypatc
         return write_data(self, *args, **kwargs)
     monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
     run = tmp_path / "run"
-    args = tiny_overrides(run, **{"train.steps": 6, "checkpoint.every": 2,
-                                  "checkpoint.keep_last": 0, "checkpoint.async": True})
-    assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
+    assert cli_train(tiny_overrides(run, **{"train.steps": 6, "checkpoint.every": 2,
+                                            "checkpoint.keep_last": 0,
+                                            "checkpoint.async": True})) == 0
     out = capsys.readouterr()
     text = out.out + out.err
     assert "background save of step 4 failed" in text and "No space left on device" in text
@@ -359,6 +347,5 @@ def test_a_meta_json_that_is_not_an_object_is_one_line(run, capsys):
     step = run / "checkpoints" / "step_4"
     (step / "meta.json").write_text("[1, 2]")
     ckpt.write_manifest(step)
-    overrides = tiny_overrides(run, **{"train.steps": 6, "checkpoint.resume": str(step)})
-    assert main(["train", *sum((["--set", o] for o in overrides), [])]) == 2
+    assert cli_train(tiny_overrides(run, **{"train.steps": 6, "checkpoint.resume": str(step)})) == 2
     assert "meta.json is corrupted (not a JSON object" in capsys.readouterr().err

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 import typing
-from pathlib import Path
 
 import pytest
 
-from llmtrain.cli import main
+from helpers import ROOT, cli_train, run_train
 from llmtrain.config import Config, ConfigError, config_from_dict, load_config
-
-ROOT = Path(__file__).parent.parent
 
 
 def _alias_bomb(levels: int = 9) -> str:
@@ -78,8 +73,7 @@ def test_config_errors_are_one_line(overrides, expected, capsys, tmp_path):
         load_config(None, overrides)
     assert expected in str(e.value)
     assert "\n" not in str(e.value)
-    code = main(["train", "--set", *sum((["--set", o] for o in overrides), [])[1:],
-                 "--set", f"logging.run_dir={tmp_path}/run"])
+    code = cli_train([*overrides, f"logging.run_dir={tmp_path}/run"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err
@@ -119,9 +113,7 @@ def test_shipped_configs_load(name):
 
 
 def test_cli_exit_code_and_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "llmtrain", "train", "--set", "model.n_layer=2",
-                        "--set", f"logging.run_dir={tmp_path}"],
-                       capture_output=True, text=True, timeout=120)
+    r = run_train(["model.n_layer=2", f"logging.run_dir={tmp_path}"], timeout=120, check=False)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: unknown config key model.n_layer; did you mean model.n_layers?"
 
@@ -181,7 +173,7 @@ def test_bad_config_files_are_one_line_errors(text, expected, tmp_path, capsys):
         load_config(path)
     msg = str(e.value)
     assert expected in msg and "\n" not in msg and len(msg) < 400, msg[:1000]
-    code = main(["train", str(path), "--set", f"logging.run_dir={tmp_path}/run"])
+    code = cli_train([f"logging.run_dir={tmp_path}/run"], str(path))
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err
     assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import as_overrides, cli_train, read_losses, run_dir_of
 from llmtrain.cli import main
 from llmtrain.config import ConfigError, load_config
 from llmtrain.data.loader import BatchReader, build_datasets, check_vocab, _doc_ids
@@ -99,7 +100,7 @@ def _cfg(tmp_path, **extra):
             "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.steps": 50,
             "data.source": "indexed", "logging.run_dir": str(tmp_path / "run")}
     base.update(extra)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+    return load_config(None, as_overrides(base))
 
 
 def test_blend_matches_weights(corpus, tmp_path):
@@ -187,11 +188,9 @@ def test_span_corruption_follows_t5():
 
 def test_train_on_preprocessed_corpus_with_eod_reset(corpus, tiny):
     d, _ = corpus
-    argv = ["train"]
-    for o in tiny(**{"data.source": "indexed", "data.paths": f"[{d}/a]", "model.vocab_size": 512,
-                     "data.reset_attention_at_eod": True, "data.mask_eod_loss": True}):
-        argv += ["--set", o]
-    assert main(argv) == 0
-    run = Path([o for o in argv if o.startswith("logging.run_dir=")][0].split("=", 1)[1])
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    overrides = tiny(**{"data.source": "indexed", "data.paths": f"[{d}/a]",
+                        "model.vocab_size": 512, "data.reset_attention_at_eod": True,
+                        "data.mask_eod_loss": True})
+    assert cli_train(overrides) == 0
+    losses = read_losses(run_dir_of(overrides))
     assert len(losses) == 6 and losses[-1] < losses[0]

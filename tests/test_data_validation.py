@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import set_args, tiny_overrides
 from llmtrain.cli import main
 from llmtrain.config import ConfigError, load_config
 from llmtrain.data import preprocess as pp
@@ -156,12 +157,8 @@ def test_missing_half_of_a_pair(indexed):
         check_indexed(prefix)
 
 
-def _train_argv(tmp_path, **extra) -> list[str]:
-    from conftest import tiny_overrides
-    argv = ["train"]
-    for o in tiny_overrides(tmp_path / "run", **{"model.vocab_size": 512, **extra}):
-        argv += ["--set", o]
-    return argv
+def _overrides(tmp_path, **extra) -> list[str]:
+    return tiny_overrides(tmp_path / "run", **{"model.vocab_size": 512, **extra})
 
 
 def test_training_on_a_truncated_dataset_stops_before_step_0(indexed, tmp_path, capsys,
@@ -169,8 +166,8 @@ def test_training_on_a_truncated_dataset_stops_before_step_0(indexed, tmp_path, 
     prefix = indexed("trunc")
     shutil.copy(tok_file, prefix + ".tokenizer.json")
     _truncate(prefix + ".bin", 100)
-    err = one_line_error(capsys, _train_argv(tmp_path, **{"data.source": "indexed",
-                                                          "data.paths": f"[{prefix}]"}))
+    err = one_line_error(capsys, ["train", *set_args(_overrides(tmp_path, **{
+        "data.source": "indexed", "data.paths": f"[{prefix}]"}))])
     assert f"data.paths[0]={prefix}: {prefix}.bin holds 100 bytes but {prefix}.idx describes " \
            f"140" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -181,8 +178,8 @@ def test_a_damaged_blend_member_is_named(indexed, tmp_path, capsys, tok_file):
     shutil.copy(tok_file, good + ".tokenizer.json")
     _patch(broken + ".idx", 0, b"NOTANIDX!")
     blend = f"[[0.5, {good}], [0.5, {broken}]]"
-    err = one_line_error(capsys, _train_argv(tmp_path, **{
-        "data.source": "indexed", "data.paths": f"[{good}]", "data.blend": blend}))
+    err = one_line_error(capsys, ["train", *set_args(_overrides(tmp_path, **{
+        "data.source": "indexed", "data.paths": f"[{good}]", "data.blend": blend}))])
     assert f"data.blend[1]={broken}: {broken}.idx is not a megatron-core index" in err
 
 
@@ -194,9 +191,9 @@ def test_negative_token_ids_are_caught_at_load(tmp_path):
 
 def test_a_damaged_corpus_cache_is_rebuilt(tmp_path):
     write_lines(tmp_path / "a.jsonl", good_lines(60))
-    cfg = load_config(None, _train_argv(tmp_path, **{
+    cfg = load_config(None, _overrides(tmp_path, **{
         "data.source": "files", "data.paths": f"[{tmp_path}/a.jsonl]",
-        "data.cache_dir": str(tmp_path / "cache")})[2::2])
+        "data.cache_dir": str(tmp_path / "cache")}))
     prefix, _ = prepare_corpus(cfg, log=lambda *a: None)
     size = os.path.getsize(prefix + ".bin")
     _truncate(prefix + ".bin", 10)
@@ -396,10 +393,10 @@ def test_training_on_bad_files_stops_before_step_0(tmp_path, capsys):
     path = write_lines(tmp_path / "a.jsonl", good_lines(50) + ['{"text": null}'] + good_lines(9))
     files = {"data.source": "files", "data.paths": f"[{path}]",
              "data.cache_dir": str(tmp_path / "cache")}
-    err = one_line_error(capsys, _train_argv(tmp_path, **files))
+    err = one_line_error(capsys, ["train", *set_args(_overrides(tmp_path, **files))])
     assert f"{path} line 51: data.text_field='text' is null, not a string" in err
     assert "set data.skip_bad_lines=true" in err
-    cfg = load_config(None, _train_argv(tmp_path, **files, **{"data.skip_bad_lines": True})[2::2])
+    cfg = load_config(None, _overrides(tmp_path, **files, **{"data.skip_bad_lines": True}))
     said = []
     prefix, tok = prepare_corpus(cfg, log=said.append)
     warning = (f"warning: skipped 1 record whose text is null or not a string in {path} "
@@ -413,7 +410,6 @@ def test_training_on_bad_files_stops_before_step_0(tmp_path, capsys):
 
 
 def test_pair_corpus_with_a_null_target(tmp_path):
-    from conftest import tiny_overrides
     rows = [json.dumps({"q": doc(i), "a": doc(i + 3)}) for i in range(80)]
     rows[10] = json.dumps({"q": doc(10), "a": None})
     path = write_lines(tmp_path / "p.jsonl", rows)
@@ -431,7 +427,6 @@ def test_pair_corpus_with_a_null_target(tmp_path):
 
 
 def test_span_corruption_sentinels_are_checked_before_the_first_batch(tmp_path):
-    from conftest import tiny_overrides
     from llmtrain.data.loader import N_SENTINELS, SENTINEL, SpanCorruptionReader
     tok = Tokenizer.train_bpe((doc(i) for i in range(50)), 400,
                               extra_special=[SENTINEL.format(i) for i in range(N_SENTINELS)])

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_parallel import overrides, read_losses, torchrun
+from helpers import (PARALLEL_STEPS, ROOT, cut_back, free_port, launch_script, parallel_overrides,
+                     read_losses, read_metric, run_train, set_args)
 
-ROOT = Path(__file__).parent.parent
 # micro-batch 2 at dp=2 and global batch 8: two accumulation steps per optimizer step
 DS = {"parallel.engine": "deepspeed", "train.micro_batch_size": 2}
 
@@ -34,10 +32,6 @@ def no_stale_build_lock():
         pytest.fail(f"{lock} is older than 10 minutes (a build was killed); delete it")
 
 
-def read_metric(run: Path, key: str) -> list[float]:
-    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def torch_engine(tmp_path_factory):
     """The torch engine at dp=2 per ZeRO stage: (losses, grad norms), built once per stage."""
@@ -47,8 +41,8 @@ def torch_engine(tmp_path_factory):
     def get(stage: int) -> tuple[list[float], list[float]]:
         if stage not in cache:
             run = root / f"zero{stage}"
-            torchrun(2, overrides(run, **{"parallel.zero_stage": stage,
-                                          "train.micro_batch_size": 2}))
+            run_train(parallel_overrides(run, **{"parallel.zero_stage": stage,
+                                                 "train.micro_batch_size": 2}), nproc=2)
             cache[stage] = read_losses(run), read_metric(run, "grad_norm")
         return cache[stage]
     return get
@@ -58,7 +52,7 @@ def torch_engine(tmp_path_factory):
 def test_deepspeed_matches_torch_engine(stage, tmp_path, torch_engine):
     losses, norms = torch_engine(stage)
     run = tmp_path / "ds"
-    torchrun(2, overrides(run, **DS, **{"parallel.zero_stage": stage}))
+    run_train(parallel_overrides(run, **DS, **{"parallel.zero_stage": stage}), nproc=2)
     assert read_losses(run) == pytest.approx(losses, rel=1e-4)
     assert read_metric(run, "grad_norm") == pytest.approx(norms, rel=1e-4)
     meta = json.loads((run / "checkpoints" / "step_5" / "meta.json").read_text())
@@ -71,12 +65,10 @@ def test_deepspeed_resume_continues_the_loss_curve(tmp_path, torch_engine):
     step 5; the losses equal the uninterrupted run's."""
     losses, _ = torch_engine(2)
     run = tmp_path / "resume"
-    args = overrides(run, **DS, **{"parallel.zero_stage": 2, "checkpoint.every": 3})
-    torchrun(2, args)
-    shutil.rmtree(run / "checkpoints" / "step_5")  # as if killed after step 3
-    lines = (run / "metrics.jsonl").read_text().splitlines()[:3]
-    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-    r = torchrun(2, args)  # every file read back through engines/deepspeed.safe_load
+    args = parallel_overrides(run, **DS, **{"parallel.zero_stage": 2, "checkpoint.every": 3})
+    run_train(args, nproc=2)
+    cut_back(run, 3, PARALLEL_STEPS)
+    r = run_train(args, nproc=2)  # every file read back through engines/deepspeed.safe_load
     assert "resumed from" in r.stdout and "step_3" in r.stdout
     assert read_losses(run) == pytest.approx(losses, rel=1e-4)
 
@@ -89,10 +81,7 @@ def test_deepspeed_resume_continues_the_loss_curve(tmp_path, torch_engine):
                step / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     write_manifest(step)
     shutil.rmtree(run / "checkpoints" / "step_5")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "llmtrain", "train", *sum((["--set", a] for a in args), [])]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_train(args, nproc=2, check=False)
     assert r.returncode != 0 and not marker.exists()
     assert "holds objects a DeepSpeed checkpoint does not" in r.stderr, r.stderr[-2000:]
 
@@ -120,23 +109,15 @@ def test_torch_engine_checkpoint_is_refused_by_the_deepspeed_engine(tmp_path):
         load_checkpoint(T, ckpt)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_deepspeed_launcher_runs_two_cpu_processes(tmp_path, torch_engine):
     """`launch/deepspeed.sh` with NUM_GPUS=2 on a CPU-only machine: the launcher spawns 2
     processes (DeepSpeed's CPU accelerator) that train like the torch engine."""
     losses, _ = torch_engine(1)
     run = tmp_path / "launcher"
-    env = {**os.environ, "NUM_GPUS": "2", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    args = overrides(run, **DS, **{"parallel.zero_stage": 1})
-    cmd = ["bash", str(ROOT / "launch" / "deepspeed.sh"), "configs/tiny.yaml",
-           *sum((["--set", a] for a in args), [])]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    args = parallel_overrides(run, **DS, **{"parallel.zero_stage": 1})
+    r = launch_script("deepspeed.sh", "configs/tiny.yaml", *set_args(args), timeout=400, cwd=ROOT,
+                      NUM_GPUS="2", MASTER_PORT=str(free_port()),
+                      PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.startswith("deepspeed --master_port")
     assert read_losses(run) == pytest.approx(losses, rel=1e-4)
@@ -151,7 +132,7 @@ def test_deepspeed_launcher_runs_two_cpu_processes(tmp_path, torch_engine):
 def test_deepspeed_refuses_what_it_cannot_do(tmp_path, sets, world, message):
     from llmtrain.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=message):
-        load_config(None, overrides(tmp_path, **{"parallel.engine": "deepspeed", **sets}),
+        load_config(None, parallel_overrides(tmp_path, **{"parallel.engine": "deepspeed", **sets}),
                     world_size=world)
 
 
@@ -159,10 +140,10 @@ def test_offload_nvme_needs_deepspeed_and_a_path(tmp_path):
     from llmtrain.config import ConfigError, load_config
     from llmtrain.engines.deepspeed import build_config
     with pytest.raises(ConfigError, match="offload=nvme needs parallel.engine=deepspeed"):
-        load_config(None, overrides(tmp_path, **{"parallel.offload": "nvme"}))
-    cfg = load_config(None, overrides(tmp_path, **{"parallel.offload": "nvme",
-                                                   "parallel.engine": "deepspeed",
-                                                   "parallel.zero_stage": 3}))
+        load_config(None, parallel_overrides(tmp_path, **{"parallel.offload": "nvme"}))
+    cfg = load_config(None, parallel_overrides(tmp_path, **{"parallel.offload": "nvme",
+                                                            "parallel.engine": "deepspeed",
+                                                            "parallel.zero_stage": 3}))
     with pytest.raises(ConfigError, match="offload_optimizer.nvme_path"):
         build_config(cfg, dp_size=1)
     user = tmp_path / "ds.json"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from helpers import as_overrides
 from llmtrain.config import ConfigError, load_config
 from llmtrain.engines.deepspeed import build_config
 
@@ -14,7 +15,7 @@ def cfg_with(tmp_path, user: dict | None = None, **extra):
     sets = {"train.global_batch_size": 16, "train.micro_batch_size": 4,
             "parallel.zero_stage": 0, "train.precision": "bf16", "train.grad_clip": 0.5}
     sets.update(extra)
-    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
+    cfg = load_config(None, as_overrides(sets))
     if user is not None:
         path = tmp_path / "ds.json"
         path.write_text(json.dumps(user))

@@ -3,13 +3,13 @@ reference (a formula, a hand-computed T5 bucket, a masked input, a task with a k
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import one_thread, seeded_model, tokens
 from llmtrain.config import ConfigError, ModelConfig, MoEConfig, load_config
 from llmtrain.generate import greedy_decoder, greedy_encoder_decoder
 from llmtrain.model.build import build_encoder_decoder, build_model
@@ -30,23 +30,7 @@ def cfg(**kw) -> ModelConfig:
 
 
 def make(seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    return build_encoder_decoder(cfg(**kw)).eval()
-
-
-def tokens(B: int, T: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Small CPU training loops run fastest on one thread on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return seeded_model(cfg(**kw), seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +42,7 @@ def one_thread():
 def test_decoder_causal_encoder_bidirectional(norm_position, position):
     # init_std 0.1: with 0.02 a token's effect on later positions is near float noise
     model = make(norm_position=norm_position, position=position, init_std=0.1)
-    src, tgt = tokens(2, 10, 1), tokens(2, 8, 2)
+    src, tgt = tokens(2, 10, V, 1), tokens(2, 8, V, 2)
     t = 4
     tgt2 = tgt.clone()
     tgt2[:, t] = (tgt2[:, t] + 1) % V
@@ -82,7 +66,7 @@ def test_decoder_causal_encoder_bidirectional(norm_position, position):
 @pytest.mark.parametrize("norm_position", ["pre", "deepnorm"])
 def test_source_padding_is_masked(norm_position, position):
     model = make(norm_position=norm_position, position=position)
-    src, tgt = tokens(3, 10, 3), tokens(3, 7, 4)
+    src, tgt = tokens(3, 10, V, 3), tokens(3, 7, V, 4)
     real = torch.ones(3, 10, dtype=torch.bool)
     real[0, 6:] = False
     real[2, 3:] = False
@@ -159,7 +143,7 @@ def test_sinusoidal_encoding():
             assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
     # the model adds it to the embeddings scaled by sqrt(d_model) (Vaswani et al. 3.4)
     model = make(position="sinusoidal")
-    x = tokens(1, 5, 5)
+    x = tokens(1, 5, V, 5)
     want = model.tok_embeddings(x) * math.sqrt(32) + sinusoidal_table(5, 32)
     torch.testing.assert_close(model._embed(model.encoder, x), want)
 
@@ -174,7 +158,7 @@ def test_variants_forward_backward(norm_position, position):
     model = make(norm_position=norm_position, position=position, norm="layernorm", bias=True,
                  activation="geglu", n_kv_heads=2, tie_embeddings=position != "none",
                  dropout=0.1).train()
-    src, tgt = tokens(2, 9, 6), tokens(2, 7, 7)
+    src, tgt = tokens(2, 9, V, 6), tokens(2, 7, V, 7)
     real = torch.ones(2, 9, dtype=torch.bool)
     real[1, 5:] = False
     logits = model(src, tgt, real)
@@ -219,7 +203,7 @@ def test_num_params_and_flops():
 
 def test_switch_moe_layers():
     model = make(moe=MoEConfig(num_experts=4, every_n_layers=2))
-    src, tgt = tokens(2, 9, 8), tokens(2, 7, 9)
+    src, tgt = tokens(2, 9, V, 8), tokens(2, 7, V, 9)
     model.train()
     logits = model(src, tgt)
     assert sorted(model.moe_stats()) == ["decoder.layers.1.feed_forward",

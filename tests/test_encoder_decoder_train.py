@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_overrides
-from test_parallel import ATOL, final_weights, read_losses, torchrun
-from llmtrain.cli import main
+from helpers import (ATOL, as_overrides, cli, cli_train, final_weights, read_losses, read_summary,
+                     run_train, tiny_overrides)
 from llmtrain.config import load_config
 from llmtrain.data.loader import SpanCorruptionReader, build_datasets
 from llmtrain.data.preprocess import prepare_corpus
@@ -44,16 +43,16 @@ def test_span_corruption_batches_reconstruct_the_samples(tmp_path):
 
 def test_dp2_zero3_equals_single_process_and_generates(tmp_path, capsys):
     ref, par = tmp_path / "ref", tmp_path / "dp2"
-    assert main(["train", *sum((["--set", o] for o in run_overrides(ref)), [])]) == 0
-    torchrun(2, run_overrides(par, **{"parallel.zero_stage": 3}))
+    assert cli_train(run_overrides(ref)) == 0
+    run_train(run_overrides(par, **{"parallel.zero_stage": 3}), nproc=2)
     a, b = read_losses(ref), read_losses(par)
     assert len(a) == 5 and b == pytest.approx(a, rel=1e-5)
-    wa, wb = final_weights(ref), final_weights(par)
+    wa, wb = final_weights(ref, 5), final_weights(par, 5)
     for k in wa:
         assert (wa[k] - wb[k]).abs().max() <= ATOL, k
     capsys.readouterr()
-    assert main(["generate", str(ref / "checkpoints" / "step_5"), "--prompt", "def main(",
-                 "--max-new-tokens", "4"]) == 0
+    assert cli("generate", str(ref / "checkpoints" / "step_5"), "--prompt", "def main(",
+               "--max-new-tokens", "4") == 0
     assert capsys.readouterr().out.strip()
 
 
@@ -72,10 +71,10 @@ def test_tensor_parallel_equals_single_process(tmp_path, name, extra):
     heads; MoE experts over hidden units): losses and final weights equal the single-process
     run."""
     ref, par = tmp_path / "ref", tmp_path / name
-    assert main(["train", *sum((["--set", o] for o in run_overrides(ref, **extra)), [])]) == 0
-    torchrun(2, run_overrides(par, **{"parallel.tp": 2, **extra}))
+    assert cli_train(run_overrides(ref, **extra)) == 0
+    run_train(run_overrides(par, **{"parallel.tp": 2, **extra}), nproc=2)
     assert read_losses(par) == pytest.approx(read_losses(ref), rel=1e-5)
-    wa, wb = final_weights(ref), final_weights(par)
+    wa, wb = final_weights(ref, 5), final_weights(par, 5)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert (wa[k] - wb[k]).abs().max() <= ATOL, k
@@ -148,18 +147,17 @@ def test_pair_batches_hold_the_jsonl_fields(tmp_path):
 def test_seq2seq_pairs_train_through_the_cli(tmp_path, capsys):
     """Word-order reversal from a jsonl of pairs: learned to near-zero validation loss in 600
     steps (about 10 s), and `generate` reverses a new sentence."""
-    import json
     write_pairs(tmp_path / "pairs.jsonl", n=3000)
     run = tmp_path / "run"
     args = pair_overrides(run, tmp_path / "pairs.jsonl", **{
         "train.steps": 600, "train.eval_every": 600, "train.log_every": 50,
         "train.global_batch_size": 32, "train.micro_batch_size": 32,
         "optim.warmup_steps": 10, "optim.lr": 3e-3, "model.dropout": 0.0})
-    assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
-    assert json.loads((run / "summary.json").read_text())["final_val_loss"] < 0.05
+    assert cli_train(args) == 0
+    assert read_summary(run)["final_val_loss"] < 0.05
     capsys.readouterr()
-    assert main(["generate", str(run / "checkpoints" / "step_600"), "--prompt",
-                 "golf alpha tango mike", "--max-new-tokens", "12"]) == 0
+    assert cli("generate", str(run / "checkpoints" / "step_600"), "--prompt",
+               "golf alpha tango mike", "--max-new-tokens", "12") == 0
     assert capsys.readouterr().out.strip() == "mike tango alpha golf"
 
 
@@ -174,4 +172,4 @@ def test_seq2seq_pairs_train_through_the_cli(tmp_path, capsys):
 def test_pair_config_errors(sets, message):
     from llmtrain.config import ConfigError
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [f"{k}={v}" for k, v in sets.items()])
+        load_config(None, as_overrides(sets))

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import tiny_overrides
-from llmtrain.cli import main
+from helpers import (as_overrides, assert_weights_close, cli_train, cut_back, final_weights,
+                     free_port, read_losses, read_metric, run_train, seeded_moe, tiny_overrides)
 from llmtrain.config import ConfigError, load_config
-from test_parallel import assert_weights_close, cut_back, final_weights, read_losses, torchrun
 
 STEPS = 5
 # top-2 of 4 experts in every layer, with capacity: drops happen, so the per-rank routing and
@@ -27,17 +26,15 @@ def run_args(run, **extra):
 
 
 def grad_norms(run):
-    import json
-    return [json.loads(line)["grad_norm"] for line in
-            (run / "metrics.jsonl").read_text().splitlines()]
+    return read_metric(run, "grad_norm")
 
 
 @pytest.mark.parametrize("nproc, extra", [(2, {}), (4, {"train.micro_batch_size": 2})],
                          ids=["dp2-ep2", "dp4-ep2"])
 def test_expert_parallel_equals_data_parallel(tmp_path, nproc, extra):
     ref, ep = tmp_path / "ep1", tmp_path / "ep2"
-    torchrun(nproc, run_args(ref, **extra))
-    r = torchrun(nproc, run_args(ep, **extra, **{"parallel.ep": 2}))
+    run_train(run_args(ref, **extra), nproc=nproc)
+    r = run_train(run_args(ep, **extra, **{"parallel.ep": 2}), nproc=nproc)
     assert "drop" in (ep / "metrics.jsonl").read_text()  # the MoE metrics were logged
     assert read_losses(ep) == pytest.approx(read_losses(ref), rel=1e-5)
     # the gradient norm covers the expert gradients' scale, which AdamW's update would hide
@@ -55,7 +52,7 @@ def test_expert_parallel_equals_data_parallel(tmp_path, nproc, extra):
         assert a["optim_bytes"] - b["optim_bytes"] == 2 * saved
     if nproc == 2:  # and the data-parallel run is the single-process run
         single = tmp_path / "single"
-        assert main(["train", *sum((["--set", a] for a in run_args(single)), [])]) == 0
+        assert cli_train(run_args(single)) == 0
         assert read_losses(ep) == pytest.approx(read_losses(single), rel=1e-5)
 
 
@@ -78,7 +75,7 @@ def test_expert_parallel_equals_data_parallel(tmp_path, nproc, extra):
 def test_expert_parallel_config_errors(sets, world, message):
     with pytest.raises(ConfigError, match=message) as e:
         batch = {"train.micro_batch_size": 1, "train.global_batch_size": 24}
-        load_config(None, [f"{k}={v}" for k, v in {**batch, **sets}.items()], world_size=world)
+        load_config(None, as_overrides({**batch, **sets}), world_size=world)
     assert "\n" not in str(e.value)
 
 
@@ -108,7 +105,7 @@ def single_process(tmp_path_factory):
         if micro_batch not in cache:
             run = root / f"mb{micro_batch}"
             args = run_args(run, **SHARED, **{"train.micro_batch_size": micro_batch})
-            assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
+            assert cli_train(args) == 0
             cache[micro_batch] = (read_losses(run), grad_norms(run), final_weights(run, STEPS))
         return cache[micro_batch]
     return get
@@ -119,7 +116,7 @@ def test_moe_layout_matches_single_process(name, tmp_path, single_process):
     nproc, par = LAYOUTS[name]
     losses, norms, weights = single_process(par.get("train.micro_batch_size", 4))
     run = tmp_path / name
-    torchrun(nproc, run_args(run, **SHARED, **par))
+    run_train(run_args(run, **SHARED, **par), nproc=nproc)
     assert read_losses(run) == pytest.approx(losses, rel=1e-5)
     # sequence parallelism sums the norms' gradients over sequence shards in another order:
     # dense models show the same 4e-5 there
@@ -137,10 +134,10 @@ def test_expert_parallel_checkpoint_resumes_without_it(tmp_path, nproc, par):
     over (ep, tp) and sharded by FSDP) resumed at ep=1 on 2 ranks (DDP) after step 3 continues
     exactly as the uninterrupted expert-parallel run."""
     run = tmp_path / "ep2"
-    torchrun(nproc, run_args(run, **par, **{"checkpoint.every": 3}))
+    run_train(run_args(run, **par, **{"checkpoint.every": 3}), nproc=nproc)
     full = read_losses(run)
-    cut_back(run, 3)
-    r = torchrun(2, run_args(run, **{"checkpoint.every": 3}))
+    cut_back(run, 3, STEPS)
+    r = run_train(run_args(run, **{"checkpoint.every": 3}), nproc=2)
     assert "resumed from" in r.stdout and "step_3" in r.stdout
     assert read_losses(run) == pytest.approx(full, rel=1e-5)
 
@@ -152,9 +149,9 @@ def test_expert_parallel_with_zero1_equals_without(tmp_path):
     import json
     extra = {"train.micro_batch_size": 2, "parallel.ep": 2}
     ref, z1 = tmp_path / "zero0", tmp_path / "zero1"
-    torchrun(4, run_args(ref, **extra))
+    run_train(run_args(ref, **extra), nproc=4)
     z1_args = run_args(z1, **extra, **{"parallel.zero_stage": 1, "checkpoint.every": 3})
-    torchrun(4, z1_args)
+    run_train(z1_args, nproc=4)
     assert read_losses(z1) == pytest.approx(read_losses(ref), rel=1e-5)
     assert grad_norms(z1) == pytest.approx(grad_norms(ref), rel=1e-5)
     assert_weights_close(final_weights(z1, STEPS), final_weights(ref, STEPS))
@@ -169,23 +166,17 @@ def test_expert_parallel_with_zero1_equals_without(tmp_path):
     assert sum(part) == dense + experts, "every state held by exactly one rank"
     assert all(a < b for a, b in zip(part, full))  # whole tensors: the split is not even
     # the partitioned states (expert ones as DTensors held by one replica) resume exactly
-    cut_back(z1, 3)
-    assert "resumed from" in torchrun(4, z1_args).stdout
+    cut_back(z1, 3, STEPS)
+    assert "resumed from" in run_train(z1_args, nproc=4).stdout
     assert read_losses(z1) == pytest.approx(read_losses(ref), rel=1e-5)
 
 
 def _seeded_layer():
     """The MoE layer of the layer-level test, with the same weights in every process: top-2 of 4
     SwiGLU experts with capacity (drops happen)."""
-    import torch
-
-    from llmtrain.config import ModelConfig, MoEConfig
-    from llmtrain.model.moe import MoE
-    torch.manual_seed(0)
-    layer = MoE(ModelConfig(d_model=16, n_heads=1, d_ff=32, activation="swiglu", moe=MoEConfig(
-        num_experts=4, router="topk", top_k=2, capacity_factor=1.0)))
-    layer.init_weights(0.2, 0.2)
-    return layer
+    from llmtrain.config import MoEConfig
+    return seeded_moe(0.2, d_model=16, d_ff=32, activation="swiglu", moe=MoEConfig(
+        num_experts=4, router="topk", top_k=2, capacity_factor=1.0))
 
 
 def _layer_worker(rank: int, world: int, tp: int, port: int, out: str) -> None:
@@ -197,10 +188,9 @@ def _layer_worker(rank: int, world: int, tp: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from llmtrain.model.moe import local_tensor
     from llmtrain.parallel.expert import apply_ep, build_ep_mesh
     from llmtrain.parallel.mesh import MESH_DIMS
-    from llmtrain.parallel.tensor import apply_tp_moe
+    from llmtrain.parallel.tensor import apply_tp_moe, local_tensor
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -245,7 +235,7 @@ def test_expert_parallel_layer_outputs_and_expert_gradients(tmp_path, world, tp)
     expert gradients summed over the ep group's tokens, within 1e-5 relative (fp32)."""
     import torch
 
-    _spawn(_layer_worker, (world, tp, 29655 + world, str(tmp_path)), world)
+    _spawn(_layer_worker, (world, tp, free_port(), str(tmp_path)), world)
     ref = _seeded_layer()
     ys, router_grads = [], []
     for dp_rank in range(world // tp):  # expert gradients accumulate over the dp ranks' tokens
@@ -270,6 +260,19 @@ def test_expert_parallel_layer_outputs_and_expert_gradients(tmp_path, world, tp)
                                        msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
 
 
+def _skewed_layer():
+    """Top-1 of 4 SwiGLU experts without capacity, with the same weights in every process; every
+    token goes to expert 0 or 1, so ep rank 1 (experts 2, 3) gets none."""
+    import torch
+
+    from llmtrain.config import MoEConfig
+    layer = seeded_moe(0.02, d_model=16, activation="swiglu", moe=MoEConfig(
+        num_experts=4, router="topk", top_k=1, capacity_factor=0.0))
+    with torch.no_grad():
+        layer.router.gate.weight[2:] = -10.0
+    return layer
+
+
 def _skewed_worker(rank: int, port: int, out: str) -> None:
     import os
 
@@ -277,20 +280,12 @@ def _skewed_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from llmtrain.config import ModelConfig, MoEConfig
-    from llmtrain.model.moe import MoE
     from llmtrain.parallel.expert import apply_ep, build_ep_mesh
     from llmtrain.parallel.mesh import MESH_DIMS
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        cfg = ModelConfig(d_model=16, n_heads=1, activation="swiglu", moe=MoEConfig(
-            num_experts=4, router="topk", top_k=1, capacity_factor=0.0))
-        torch.manual_seed(0)
-        layer = MoE(cfg)
-        layer.init_weights(0.02, 0.02)
-        with torch.no_grad():  # every token to expert 0 or 1: ep rank 1 (experts 2, 3) gets none
-            layer.router.gate.weight[2:] = -10.0
+        layer = _skewed_layer()
         x = torch.rand(8, 16, generator=torch.Generator().manual_seed(rank)) + 0.1 + rank
         apply_ep(layer, build_ep_mesh(init_device_mesh("cpu", (1, 1, 2, 1),
                                                        mesh_dim_names=MESH_DIMS), 2))
@@ -309,16 +304,8 @@ def test_rank_whose_experts_get_no_tokens_still_joins_the_backward(tmp_path):
     gradients for the idle experts."""
     import torch
 
-    from llmtrain.config import ModelConfig, MoEConfig
-    from llmtrain.model.moe import MoE
-    _spawn(_skewed_worker, (29653, str(tmp_path)), 2, timeout=60)
-    cfg = ModelConfig(d_model=16, n_heads=1, activation="swiglu", moe=MoEConfig(
-        num_experts=4, router="topk", top_k=1, capacity_factor=0.0))
-    torch.manual_seed(0)
-    ref = MoE(cfg)
-    ref.init_weights(0.02, 0.02)
-    with torch.no_grad():
-        ref.router.gate.weight[2:] = -10.0
+    _spawn(_skewed_worker, (free_port(), str(tmp_path)), 2, timeout=60)
+    ref = _skewed_layer()
     grad = torch.zeros_like(ref.experts.w1)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
-from llmtrain.cli import main
+from helpers import cli, cli_train, init_run, tiny_overrides
 from llmtrain.config import load_config, save_config
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.export import (load_checkpoint_model, read_safetensors, resolve_checkpoint,
@@ -26,31 +25,10 @@ LAYOUTS = {
 TEXT = "def f(x):\n    return x + 1  # héllo wörld<|endoftext|>\tclass A: pass"
 
 
-def cli(*args: str) -> int:
-    return main(list(args))
-
-
 def train_run(run: Path, **extra) -> Path:
     """A tiny model trained 2 steps through the CLI; returns the run dir."""
-    overrides = tiny_overrides(run, **{"train.steps": 2, **extra})
-    assert cli("train", *sum((["--set", o] for o in overrides), [])) == 0
+    assert cli_train(tiny_overrides(run, **{"train.steps": 2, **extra})) == 0
     return run
-
-
-def init_run(run: Path, world_size: int = 1, **overrides):
-    """(config, model) of a run dir holding config.yaml and model-only checkpoint step_1 of a
-    freshly initialised tiny model, its weights moved off their init (biases and norms too)."""
-    from llmtrain.model import build_model
-    cfg = load_config(None, tiny_overrides(run, **overrides), world_size=world_size)
-    run.mkdir()
-    save_config(cfg, run / "config.yaml")
-    torch.manual_seed(0)
-    ours = build_model(cfg.model).eval()
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ckpt.save_model(ckpt.checkpoint_dir(cfg), 1, ours, cfg)
-    return cfg, ours
 
 
 @pytest.fixture(scope="module")

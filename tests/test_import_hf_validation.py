@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_export import cli, init_run
+from helpers import cli, init_run
 from llmtrain.config import load_config
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.export import (SAFETENSORS_INDEX, hf_llama_shapes, load_checkpoint_model,

@@ -5,34 +5,17 @@ print the command they would run (LLMTRAIN_DRY_RUN=1; a fake `scontrol` stands i
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from test_parallel import overrides, read_losses
+from helpers import (LAUNCH, free_port, launch_script, parallel_overrides, read_losses,
+                     set_args, subprocess_env)
 
-LAUNCH = Path(__file__).parent.parent / "launch"
 # 4 data-parallel ranks x micro-batch 2 = global batch 8, one micro-batch each
 SETS = {"train.micro_batch_size": 2}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _set_args(args: list[str]) -> list[str]:
-    return sum((["--set", a] for a in args), [])
-
-
-def script(name: str, *args: str, timeout: int = 60, **env: str) -> subprocess.CompletedProcess:
-    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
-    return subprocess.run(["bash", str(LAUNCH / name), *args], env=full, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def _errors(out: str) -> str:
@@ -43,16 +26,15 @@ def _errors(out: str) -> str:
 
 def test_two_nodes_train_like_one_four_process_node(tmp_path):
     one = tmp_path / "one_node"
-    r = script("torchrun.sh", "configs/tiny.yaml", *_set_args(overrides(one, **SETS)),
-               timeout=300, NPROC_PER_NODE="4")
+    r = launch_script("torchrun.sh", "configs/tiny.yaml",
+                      *set_args(parallel_overrides(one, **SETS)), timeout=300, NPROC_PER_NODE="4")
     assert r.returncode == 0, _errors(r.stdout + r.stderr)
 
     two = tmp_path / "two_nodes"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "NNODES": "2",
-           "NPROC_PER_NODE": "2", "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}",
-           "RDZV_ID": f"test-{os.getpid()}"}
+    env = subprocess_env(PYTHON=sys.executable, NNODES="2", NPROC_PER_NODE="2",
+                         RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID=f"test-{os.getpid()}")
     cmd = ["bash", str(LAUNCH / "torchrun.sh"), "configs/tiny.yaml",
-           *_set_args(overrides(two, **SETS))]
+           *set_args(parallel_overrides(two, **SETS))]
     nodes = [subprocess.Popen(cmd, env={**env, "NODE_RANK": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
@@ -69,19 +51,21 @@ def test_two_nodes_train_like_one_four_process_node(tmp_path):
 
 
 def test_torchrun_dry_run_single_and_multi_node():
-    r = script("torchrun.sh", "cfg.yaml", "--set", "a=1", LLMTRAIN_DRY_RUN="1",
-               NPROC_PER_NODE="3")
+    r = launch_script("torchrun.sh", "cfg.yaml", "--set", "a=1", LLMTRAIN_DRY_RUN="1",
+                      NPROC_PER_NODE="3")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == (f"{sys.executable} -m torch.distributed.run --standalone "
                                 f"--nproc_per_node 3 --max-restarts 0 -m llmtrain train "
                                 f"cfg.yaml --set a=1")
-    r = script("torchrun.sh", "cfg.yaml", LLMTRAIN_DRY_RUN="1", NPROC_PER_NODE="8", NNODES="4",
-               NODE_RANK="2", RDZV_ENDPOINT="node001:29400", RDZV_ID="job7", MAX_RESTARTS="3")
+    r = launch_script("torchrun.sh", "cfg.yaml", LLMTRAIN_DRY_RUN="1", NPROC_PER_NODE="8",
+                      NNODES="4", NODE_RANK="2", RDZV_ENDPOINT="node001:29400", RDZV_ID="job7",
+                      MAX_RESTARTS="3")
     assert r.returncode == 0, r.stderr
     assert "--standalone" not in r.stdout
     assert ("--nproc_per_node 8 --max-restarts 3 --nnodes 4 --node_rank 2 --rdzv_backend c10d "
             "--rdzv_endpoint node001:29400 --rdzv_id job7 -m llmtrain train cfg.yaml") in r.stdout
-    r = script("torchrun.sh", "cfg.yaml", LLMTRAIN_DRY_RUN="1", NPROC_PER_NODE="8", NNODES="2")
+    r = launch_script("torchrun.sh", "cfg.yaml", LLMTRAIN_DRY_RUN="1", NPROC_PER_NODE="8",
+                      NNODES="2")
     assert r.returncode == 2 and "needs RDZV_ENDPOINT" in r.stderr
 
 
@@ -91,9 +75,10 @@ def test_slurm_dry_run_takes_the_master_from_the_allocation(tmp_path):
     (fake / "scontrol").write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[017-018]" ] '
                                    '&& printf "gpu017\\ngpu018\\n"\n')
     (fake / "scontrol").chmod(0o755)
-    r = script("slurm.sbatch", "cfg.yaml", "--set", "a=1", LLMTRAIN_DRY_RUN="1",
-               PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[017-018]",
-               SLURM_NNODES="2", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="4")
+    r = launch_script("slurm.sbatch", "cfg.yaml", "--set", "a=1", LLMTRAIN_DRY_RUN="1",
+                      PATH=f"{fake}{os.pathsep}{os.environ['PATH']}",
+                      SLURM_JOB_NODELIST="gpu[017-018]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
+                      SLURM_GPUS_ON_NODE="4")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == (
         f"srun --kill-on-bad-exit=1 --nodes 2 --ntasks-per-node 1 {sys.executable} -m "
@@ -113,7 +98,7 @@ def _outside_slurm(monkeypatch) -> None:
 
 def test_slurm_dry_run_outside_an_allocation_prints_placeholders(monkeypatch):
     _outside_slurm(monkeypatch)
-    r = script("slurm.sbatch", "cfg.yaml", "--set", "a=1", LLMTRAIN_DRY_RUN="1")
+    r = launch_script("slurm.sbatch", "cfg.yaml", "--set", "a=1", LLMTRAIN_DRY_RUN="1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == (
         f"srun --kill-on-bad-exit=1 --nodes <SLURM_NNODES> --ntasks-per-node 1 {sys.executable} "
@@ -125,7 +110,7 @@ def test_slurm_dry_run_outside_an_allocation_prints_placeholders(monkeypatch):
 
 def test_slurm_outside_an_allocation_says_to_submit_it(monkeypatch):
     _outside_slurm(monkeypatch)
-    r = script("slurm.sbatch", "cfg.yaml")
+    r = launch_script("slurm.sbatch", "cfg.yaml")
     assert r.returncode == 2 and r.stdout == ""
     assert "not inside a Slurm allocation" in r.stderr and "sbatch" in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 1
@@ -136,21 +121,21 @@ def test_deepspeed_dry_run_outside_slurm_counts_gpus_with_PYTHON(monkeypatch, tm
     fake = tmp_path / "python"  # stands in for `python -c "...torch.cuda.device_count()..."`
     fake.write_text("#!/bin/sh\necho 5\n")
     fake.chmod(0o755)
-    r = script("deepspeed.sh", "cfg.yaml", LLMTRAIN_DRY_RUN="1", PYTHON=str(fake))
+    r = launch_script("deepspeed.sh", "cfg.yaml", LLMTRAIN_DRY_RUN="1", PYTHON=str(fake))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ("deepspeed --master_port 29500 --module --no_local_rank "
                                 "--num_gpus 5 llmtrain train cfg.yaml")
-    r = script("deepspeed.sh", "cfg.yaml", LLMTRAIN_DRY_RUN="1", NUM_GPUS="3",
-               DEEPSPEED="/nonexistent/deepspeed")
+    r = launch_script("deepspeed.sh", "cfg.yaml", LLMTRAIN_DRY_RUN="1", NUM_GPUS="3",
+                      DEEPSPEED="/nonexistent/deepspeed")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ("/nonexistent/deepspeed --master_port 29500 --module "
                                 "--no_local_rank --num_gpus 3 llmtrain train cfg.yaml")
 
 
 def test_deepspeed_dry_run_with_a_hostfile():
-    r = script("deepspeed.sh", "cfg.yaml", "--set", "parallel.engine=deepspeed",
-               LLMTRAIN_DRY_RUN="1", HOSTFILE=str(LAUNCH / "hostfile.example"),
-               MASTER_ADDR="node001", MASTER_PORT="29600")
+    r = launch_script("deepspeed.sh", "cfg.yaml", "--set", "parallel.engine=deepspeed",
+                      LLMTRAIN_DRY_RUN="1", HOSTFILE=str(LAUNCH / "hostfile.example"),
+                      MASTER_ADDR="node001", MASTER_PORT="29600")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == (
         f"deepspeed --master_port 29600 --module --no_local_rank --hostfile "
@@ -160,5 +145,5 @@ def test_deepspeed_dry_run_with_a_hostfile():
 
 @pytest.mark.parametrize("name", ["torchrun.sh", "deepspeed.sh", "slurm.sbatch"])
 def test_scripts_need_a_config(name):
-    r = script(name)
+    r = launch_script(name)
     assert r.returncode == 2 and "usage:" in r.stderr

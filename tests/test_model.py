@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import seeded_model, tiny_model_config, tokens
 from llmtrain.config import ModelConfig
 from llmtrain.model import (Transformer, apply_rope, build_model, deepnorm_alpha, deepnorm_beta,
                             rope_cos_sin)
@@ -18,18 +19,8 @@ NORM_POSITIONS = ["pre", "post", "deepnorm", "b2t"]
 POSITIONS = ["rope", "learned", "none"]
 
 
-def tiny(**kw) -> ModelConfig:
-    base = dict(n_layers=2, d_model=32, n_heads=4, vocab_size=61, max_seq_len=24)
-    return ModelConfig(**{**base, **kw})
-
-
 def make(seed: int = 0, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    return build_model(tiny(**kw)).eval()
-
-
-def tokens(B: int, T: int, vocab: int = 61, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+    return seeded_model(tiny_model_config(**kw), seed)
 
 
 @pytest.mark.parametrize("position", POSITIONS)
@@ -190,7 +181,7 @@ def test_residual_placement_matches_formula(norm_position):
 
 
 def test_meta_build_tied_and_init():
-    cfg = tiny(tie_embeddings=True)
+    cfg = tiny_model_config(tie_embeddings=True)
     with torch.device("meta"):
         meta = Transformer(cfg)
     assert meta.output.weight.is_meta and meta.output.weight is meta.tok_embeddings.weight
@@ -211,7 +202,7 @@ def test_meta_build_tied_and_init():
     torch.manual_seed(5)
     model.init_weights()
     torch.testing.assert_close(model.layers["0"].attention.wq.weight, w, rtol=0, atol=0)
-    untied = build_model(tiny(tie_embeddings=False))
+    untied = build_model(tiny_model_config(tie_embeddings=False))
     assert untied.output.weight.data_ptr() != untied.tok_embeddings.weight.data_ptr()
 
 
@@ -223,7 +214,7 @@ def test_meta_build_tied_and_init():
          norm_position="post", d_ff=40),
 ])
 def test_num_params_and_flops(kw):
-    cfg = tiny(**kw)
+    cfg = tiny_model_config(**kw)
     model = build_model(cfg)
     d, V, L, f, hd = cfg.d_model, cfg.vocab_size, cfg.n_layers, cfg.ffn_dim, cfg.head_dim
     kv = cfg.kv_heads * hd
@@ -266,7 +257,7 @@ def test_feed_forward_activations():
                      ("geglu", lambda m: m.w2(F.gelu(m.w1(x)) * m.w3(x)))]:
         ff = make(activation=act).layers["0"].feed_forward
         assert (ff.w3 is None) == (act == "gelu")
-        assert ff.w1.out_features == tiny(activation=act).ffn_dim
+        assert ff.w1.out_features == tiny_model_config(activation=act).ffn_dim
         torch.testing.assert_close(ff(x), ref(ff))
 
 

@@ -3,42 +3,31 @@ experts against dense FeedForwards; top-2 against a per-token reference; a tiny 
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_overrides
-from llmtrain.cli import main
+from helpers import (ROOT, cli_train, one_thread, read_losses, read_metrics, seeded_moe,
+                     tiny_overrides)
 from llmtrain.config import ConfigError, MoEConfig, ModelConfig, load_config
 from llmtrain.model import FeedForward, build_model
 from llmtrain.model.moe import (MoE, _grouped_mm_works, aux_loss, moe_metrics, moe_stats,
                                 update_bias)
 
-ROOT = Path(__file__).resolve().parent.parent
 LN3 = math.log(3.0)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds waiting (40x slower measured on
-    a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def make_moe(d=4, f=8, activation="swiglu", seed=0, **moe) -> MoE:
-    cfg = ModelConfig(d_model=d, n_heads=1, d_ff=f, activation=activation,
+    return seeded_moe(0.5, seed, d_model=d, d_ff=f, activation=activation,
                       moe=MoEConfig(**{"num_experts": 2, **moe}))
-    torch.manual_seed(seed)
-    layer = MoE(cfg)
-    layer.init_weights(0.5, 0.5)
-    return layer
 
 
 def dense_expert(layer: MoE, e: int) -> FeedForward:
@@ -298,9 +287,8 @@ def test_tiny_moe_trains_through_the_cli(tmp_path):
     run = tmp_path / "run"
     overrides = tiny_overrides(run, **{"train.steps": 12, "model.moe.num_experts": 4,
                                        "model.moe.every_n_layers": 2})
-    assert main(["train", str(ROOT / "configs" / "switch-tiny.yaml"),
-                 *sum((["--set", o] for o in overrides), [])]) == 0
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert cli_train(overrides, str(ROOT / "configs" / "switch-tiny.yaml")) == 0
+    losses = read_losses(run)
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.25
 
 
@@ -329,8 +317,8 @@ def test_activation_checkpointing_leaves_moe_training_unchanged(tmp_path):
                                            "model.moe.aux_free_bias": True,
                                            "model.moe.bias_update_rate": 0.05,
                                            "parallel.activation_checkpointing": ac})
-        assert main(["train", *sum((["--set", o] for o in overrides), [])]) == 0
-        runs[ac] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert cli_train(overrides) == 0
+        runs[ac] = read_metrics(run)
     for key in ("loss", "grad_norm", "moe_aux_loss"):
         assert [r[key] for r in runs["full"]] == pytest.approx([r[key] for r in runs["none"]],
                                                               rel=1e-5), key

@@ -6,66 +6,21 @@ bytes at each ZeRO stage and resume with ZeRO-1 optimizer-state sharding."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_overrides
-from llmtrain.cli import main
+from helpers import (ATOL, PARALLEL_STEPS, assert_weights_close, cli_train, cut_back,
+                     final_weights, launch_script, parallel_overrides, read_losses, run_train,
+                     tiny_overrides)
 from llmtrain.config import ConfigError, load_config
 from llmtrain.planner.compute import H100_SXM
 from llmtrain.planner.search import Layout, estimate
 
-STEPS = 5
-# Weights after 5 AdamW steps: an element whose gradient is ~0 moves by up to lr * m/sqrt(v),
-# which amplifies float summation-order noise; 1e-4 is lr/30 (a wrong gradient moves by ~lr).
-ATOL = 1e-4
+STEPS = PARALLEL_STEPS
 # the reference each layout is compared with: model overrides shared by both runs
 MODELS = {"mha": {}, "gqa": {"model.n_kv_heads": 2}, "mqa": {"model.n_kv_heads": 1}}
-
-
-def read_losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_weights(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    out = run / f"weights_{step}.pt"
-    dcp_to_torch_save(run / "checkpoints" / f"step_{step}", out)
-    return torch.load(out, weights_only=True)["model"]
-
-
-def cut_back(run: Path, keep: int, last: int = STEPS) -> None:
-    """As if the run had been killed after the step-`keep` checkpoint: drop the step-`last`
-    checkpoint and the metrics logged after step `keep`."""
-    shutil.rmtree(run / "checkpoints" / f"step_{last}")
-    lines = (run / "metrics.jsonl").read_text().splitlines()[:keep]
-    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-
-
-def assert_weights_close(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys()
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=ATOL,
-                                   msg=lambda m, k=k: f"{k}: {m}")
-
-
-def overrides(run: Path, **extra) -> list[str]:
-    return tiny_overrides(run, **{"train.steps": STEPS, **extra})
-
-
-def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), "-m", "llmtrain", "train", *sum((["--set", a] for a in args), [])]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +32,8 @@ def reference(tmp_path_factory):
     def get(model: str) -> tuple[list[float], dict[str, torch.Tensor]]:
         if model not in cache:
             run = root / model
-            args = overrides(run, **MODELS[model])
-            assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
-            cache[model] = read_losses(run), final_weights(run)
+            assert cli_train(parallel_overrides(run, **MODELS[model])) == 0
+            cache[model] = read_losses(run), final_weights(run, STEPS)
         return cache[model]
     return get
 
@@ -108,10 +62,10 @@ def test_layout_matches_single_process(name, tmp_path, reference):
     nproc, par, model = LAYOUTS[name]
     ref_losses, ref_weights = reference(model)
     run = tmp_path / name
-    r = torchrun(nproc, overrides(run, **MODELS[model], **par))
+    r = run_train(parallel_overrides(run, **MODELS[model], **par), nproc=nproc)
     assert "layout: world" in r.stdout and "model state:" in r.stdout
     assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
-    assert_weights_close(final_weights(run), ref_weights)
+    assert_weights_close(final_weights(run, STEPS), ref_weights)
 
     mem = [json.loads((run / f"memory_rank{i}.json").read_text()) for i in range(nproc)]
     full = 4 * mem[0]["n_params"]  # fp32 bytes of every parameter once
@@ -137,7 +91,7 @@ def test_layout_matches_single_process(name, tmp_path, reference):
         assert sum(m["optim_bytes"] for m in mem) == 2 * full, "every state on exactly one rank"
 
     # `llmtrain plan`'s model-state estimate against these measured per-rank bytes (within 5%)
-    cfg = load_config(None, overrides(run, **MODELS[model], **par), world_size=nproc)
+    cfg = load_config(None, parallel_overrides(run, **MODELS[model], **par), world_size=nproc)
     est = estimate(cfg, Layout.from_config(cfg, nproc), H100_SXM).memory
     for key, measured in (("params", "param_bytes"), ("grads", "grad_bytes"),
                           ("optimizer", "optim_bytes")):
@@ -153,21 +107,21 @@ def test_zero1_resume_reproduces_losses_and_weights(tmp_path, reference):
     resume to step 5; losses and weights equal the uninterrupted single-process run."""
     ref_losses, ref_weights = reference("mha")
     run = tmp_path / "zero1"
-    args = overrides(run, **{"parallel.zero_stage": 1, "checkpoint.every": 3})
-    torchrun(2, args)
-    cut_back(run, 3)
-    r = torchrun(2, args)
+    args = parallel_overrides(run, **{"parallel.zero_stage": 1, "checkpoint.every": 3})
+    run_train(args, nproc=2)
+    cut_back(run, 3, STEPS)
+    r = run_train(args, nproc=2)
     assert "resumed from" in r.stdout
     assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
-    assert_weights_close(final_weights(run), ref_weights)
+    assert_weights_close(final_weights(run, STEPS), ref_weights)
 
 
 def test_zero3_bf16_with_cpu_offload_trains(tmp_path):
     """MixedPrecisionPolicy (bf16 params, fp32 reduction) at dp=2; offload=cpu is accepted (the
     CPUOffloadPolicy itself needs an accelerator and is applied only on GPU runs)."""
     run = tmp_path / "bf16"
-    torchrun(2, overrides(run, **{"parallel.zero_stage": 3, "train.precision": "bf16",
-                                  "parallel.offload": "cpu", "optim.lr": 0.01}))
+    run_train(parallel_overrides(run, **{"parallel.zero_stage": 3, "train.precision": "bf16",
+                                         "parallel.offload": "cpu", "optim.lr": 0.01}), nproc=2)
     losses = read_losses(run)
     assert all(x == x for x in losses) and losses[-1] < losses[0]
 
@@ -185,15 +139,12 @@ def test_zero3_bf16_with_cpu_offload_trains(tmp_path):
 ])
 def test_bad_layouts_are_refused_before_any_group(tmp_path, sets, world, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        load_config(None, overrides(tmp_path, **sets), world_size=world)
+        load_config(None, parallel_overrides(tmp_path, **sets), world_size=world)
 
 
 def test_torchrun_script_prints_and_passes_overrides(tmp_path):
-    script = Path(__file__).parent.parent / "launch" / "torchrun.sh"
-    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
-           "LLMTRAIN_DRY_RUN": "1"}
-    r = subprocess.run(["bash", str(script), "configs/tiny.yaml", "--set", "parallel.tp=2"],
-                       env=env, capture_output=True, text=True, timeout=60)
+    r = launch_script("torchrun.sh", "configs/tiny.yaml", "--set", "parallel.tp=2",
+                      NPROC_PER_NODE="2", LLMTRAIN_DRY_RUN="1")
     assert r.returncode == 0, r.stderr
     assert "--nproc_per_node 2" in r.stdout and "--set parallel.tp=2" in r.stdout
 
@@ -215,15 +166,15 @@ def resharded_source(tmp_path_factory):
     # untied embeddings: the pp=2 target puts the embedding and the output layer on two stages
     steps = {"train.steps": 10, "checkpoint.every": 5, "model.tie_embeddings": False}
     ref = root / "ref"
-    assert main(["train", *sum((["--set", a] for a in tiny_overrides(ref, **steps)), [])]) == 0
+    assert cli_train(tiny_overrides(ref, **steps)) == 0
     src = root / "tp2xdp2"
-    torchrun(4, tiny_overrides(src, **steps, **{"parallel.tp": 2, "parallel.zero_stage": 3,
-                                                "parallel.sequence_parallel": True}))
+    run_train(tiny_overrides(src, **steps, **{"parallel.tp": 2, "parallel.zero_stage": 3,
+                                              "parallel.sequence_parallel": True}), nproc=4)
     for step in (5, 10):  # what the layout saved is the single-process run's state
         saved, expected = final_weights(src, step), final_weights(ref, step)
         for k in expected:
             torch.testing.assert_close(saved[k], expected[k], rtol=1e-4, atol=ATOL)
-    cut_back(src, 5, last=10)
+    cut_back(src, 5, 10)
     return steps, ref, src
 
 
@@ -237,15 +188,7 @@ def test_checkpoint_reshards_to_another_layout(target, tmp_path, resharded_sourc
     nproc, par = RESHARD_TARGETS[target]
     run = tmp_path / target
     shutil.copytree(src, run)
-    args = tiny_overrides(run, **steps, **par)
-    if nproc == 1:
-        out = subprocess.run([sys.executable, "-m", "llmtrain", "train",
-                              *sum((["--set", a] for a in args), [])],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    else:
-        out = torchrun(nproc, args)
+    out = run_train(tiny_overrides(run, **steps, **par), nproc=nproc)  # 1: without torchrun
     assert "resumed from" in out.stdout and "step_5" in out.stdout
     assert read_losses(run) == pytest.approx(read_losses(ref), rel=1e-5)
     assert_weights_close(final_weights(run, 10), final_weights(ref, 10))
@@ -258,18 +201,18 @@ def test_async_checkpoints_with_two_ranks_resume_exactly(tmp_path, reference):
     from llmtrain.train import checkpoint as ckpt
     ref_losses, ref_weights = reference("mha")
     run = tmp_path / "async"
-    args = overrides(run, **{"parallel.zero_stage": 3, "checkpoint.every": 2,
-                             "checkpoint.keep_last": 0, "checkpoint.async": True})
-    torchrun(2, args)
+    args = parallel_overrides(run, **{"parallel.zero_stage": 3, "checkpoint.every": 2,
+                                      "checkpoint.keep_last": 0, "checkpoint.async": True})
+    run_train(args, nproc=2)
     saved = ckpt.list_checkpoints(run / "checkpoints")
     assert [p.name for p in saved] == ["step_2", "step_4", f"step_{STEPS}"]
     for p in saved:
         ckpt.verify(p)
-    cut_back(run, 4)
-    r = torchrun(2, args)
+    cut_back(run, 4, STEPS)
+    r = run_train(args, nproc=2)
     assert "resumed from" in r.stdout and "step_4" in r.stdout
     assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
-    assert_weights_close(final_weights(run), ref_weights)
+    assert_weights_close(final_weights(run, STEPS), ref_weights)
 
 
 def test_fresh_corpus_cache_with_two_ranks(tmp_path):
@@ -283,7 +226,7 @@ def test_fresh_corpus_cache_with_two_ranks(tmp_path):
     corpus.write_text("".join(
         json.dumps({"text": " ".join(rng.choices(words, k=200))}) + "\n" for _ in range(200)))
     run = tmp_path / "run"
-    torchrun(2, overrides(run, **{"train.steps": 2, "data.source": "files",
-                                  "data.paths": f"[{corpus}]",
-                                  "data.cache_dir": str(tmp_path / "cache")}))
+    run_train(parallel_overrides(run, **{"train.steps": 2, "data.source": "files",
+                                         "data.paths": f"[{corpus}]",
+                                         "data.cache_dir": str(tmp_path / "cache")}), nproc=2)
     assert len(read_losses(run)) == 2

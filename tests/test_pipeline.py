@@ -5,38 +5,30 @@ shards, for each schedule and composed with tensor and data parallelism; plus th
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
-import torch
 
+from helpers import (as_overrides, assert_weights_close, cli_train, cut_back, final_weights,
+                     read_losses, read_metrics, run_train, tiny_overrides)
 from llmtrain.config import ConfigError, config_from_dict, load_config
-from test_parallel import assert_weights_close, final_weights, read_losses, torchrun
 
 STEPS = 4
 # An untied embedding row of a rare token has a ~0 gradient, which AdamW turns into a step of up to
-# lr, amplifying summation-order noise (see test_parallel.ATOL); lr/10 still tells a wrong
-# gradient (which moves a weight by ~lr) from noise.
+# lr, amplifying summation-order noise (see helpers.ATOL); lr/10 still tells a wrong gradient
+# (which moves a weight by ~lr) from noise.
 ATOL = 3e-4
 # tied embeddings would put one weight on the first and the last stage: refused with pp > 1
 MODEL = {"model.n_layers": 4, "model.tie_embeddings": False, "train.steps": STEPS}
 
 
 def overrides(run, **extra) -> list[str]:
-    from conftest import tiny_overrides
     return tiny_overrides(run, **{**MODEL, **extra})
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The single-process run every layout is compared with, trained once for the module."""
-    from llmtrain.cli import main
     run = tmp_path_factory.mktemp("reference") / "ref"
-    args = overrides(run)
-    assert main(["train", *sum((["--set", a] for a in args), [])]) == 0
+    assert cli_train(overrides(run)) == 0
     return read_losses(run), final_weights(run, STEPS)
 
 
@@ -63,18 +55,15 @@ def test_pipeline_matches_single_process(name, tmp_path, reference):
     ref_losses, ref_weights = reference
     steps = par.get("train.steps", STEPS)
     run = tmp_path / name
-    r = torchrun(nproc, overrides(run, **par), timeout=240)
+    r = run_train(overrides(run, **par), nproc=nproc, timeout=240)
     assert "validation loss" in r.stdout
     losses = read_losses(run)
     assert len(losses) == steps
     assert losses == pytest.approx(ref_losses[:steps], rel=1e-5)
     if steps < STEPS:
         return
-    weights = final_weights(run, STEPS)  # every stage's own FQNs, merged by DCP
-    assert weights.keys() == ref_weights.keys()
-    for k in ref_weights:
-        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=ATOL,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+    # every stage's own FQNs, merged by DCP
+    assert_weights_close(final_weights(run, STEPS), ref_weights, atol=ATOL)
     check_planner_model_state(run, nproc, par)
 
 
@@ -118,17 +107,11 @@ MOE_LAYOUTS = {
 }
 
 
-def records(run) -> list[dict]:
-    import json
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def moe_reference(tmp_path_factory):
-    from llmtrain.cli import main
     run = tmp_path_factory.mktemp("moe_reference") / "ref"
-    assert main(["train", *sum((["--set", a] for a in overrides(run, **MOE)), [])]) == 0
-    return records(run), final_weights(run, STEPS)
+    assert cli_train(overrides(run, **MOE)) == 0
+    return read_metrics(run), final_weights(run, STEPS)
 
 
 @pytest.mark.parametrize("name", list(MOE_LAYOUTS))
@@ -138,8 +121,8 @@ def test_moe_pipeline_matches_single_process(name, tmp_path, moe_reference):
     nproc, par = MOE_LAYOUTS[name]
     ref, ref_weights = moe_reference
     run = tmp_path / name
-    torchrun(nproc, overrides(run, **MOE, **par), timeout=300)
-    got = records(run)
+    run_train(overrides(run, **MOE, **par), nproc=nproc, timeout=300)
+    got = read_metrics(run)
     for key in ("loss", "grad_norm", "moe_aux_loss"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-5), key
     if nproc == 2:  # one data-parallel rank: the logged per-layer stats are the whole batch's
@@ -168,7 +151,7 @@ def test_moe_pipeline_matches_single_process(name, tmp_path, moe_reference):
 
 def test_split_keeps_fqns():
     """Each rank's stages own disjoint parameters with the whole model's names; together all."""
-    from llmtrain.layout import stage_layer_ids
+    from llmtrain.config.layout import stage_layer_ids
     from llmtrain.model import build_model
     from llmtrain.parallel.pipeline import split_model
     cfg = config_from_dict({"model": {"n_layers": 6, "tie_embeddings": False, "d_model": 32,
@@ -205,8 +188,7 @@ def test_split_keeps_fqns():
 ])
 def test_pipeline_config_errors(sets, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [f"{k}={v}" for k, v in {"train.micro_batch_size": 8, **sets}.items()],
-                    world_size=2)
+        load_config(None, as_overrides({"train.micro_batch_size": 8, **sets}), world_size=2)
 
 
 def test_pipeline_resume_reproduces_losses(tmp_path, reference):
@@ -214,16 +196,9 @@ def test_pipeline_resume_reproduces_losses(tmp_path, reference):
     resume to step 4; the losses equal the uninterrupted single-process run."""
     run = tmp_path / "resume"
     args = overrides(run, **{**PP, "checkpoint.every": 2})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "llmtrain", "train", *sum((["--set", a] for a in args), [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun(2, args, timeout=240)
-    shutil.rmtree(run / "checkpoints" / f"step_{STEPS}")  # as if killed after step 2
-    lines = (run / "metrics.jsonl").read_text().splitlines()[:2]
-    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    run_train(args, nproc=2, timeout=240)
+    cut_back(run, 2, STEPS)
     # --overwrite: check_run_dir re-validates the saved config at world size 1, which pp=2 fails
-    r = subprocess.run([*cmd, "--overwrite"], env=env, capture_output=True, text=True,
-                       timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_train(args, "--overwrite", nproc=2, timeout=240)
     assert "resumed from" in r.stdout
     assert read_losses(run) == pytest.approx(reference[0], rel=1e-5)

@@ -3,7 +3,6 @@ save, a hung collective, SIGTERM, a full disk, bad input. docs/reliability.md li
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,34 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.cli import main
+from helpers import (ROOT, cli_train, free_port, launch_script, logged_steps, read_evals,
+                     read_metric, read_metrics, run_command, run_dir_of, run_train, set_args,
+                     subprocess_env, train_command)
 from llmtrain.config import ConfigError, load_config
 from llmtrain.train import checkpoint as ckpt
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return sum((["--set", o] for o in overrides), [])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_cmd(overrides: list[str], nproc: int = 1, restarts: int = 0) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "llmtrain", "train", *sets(overrides)]
-    # --standalone, as launch/torchrun.sh runs a single node
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            str(nproc), "--max-restarts", str(restarts), "-m", "llmtrain",
-            "train", *sets(overrides)]
+ENV = subprocess_env(PYTHONUNBUFFERED="1")
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -51,11 +29,6 @@ def wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.005)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def logged_steps(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def worker_pid(marker: str, local_rank: int) -> int | None:
@@ -76,12 +49,11 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny,
     # lr 1e30 throws the weights to ~1e30: every loss after that is inf/nan
     overrides = tiny(**{"optim.lr": 1e30, "optim.min_lr": 0, "optim.warmup_steps": 0,
                         "train.grad_clip": 0, "train.steps": 20, "train.max_skipped_steps": 3})
-    run = Path(overrides[[o.startswith("logging.run_dir") for o in overrides].index(True)]
-               .split("=", 1)[1])
-    assert main(["train", *sets(overrides)]) == 1
+    run = run_dir_of(overrides)
+    assert cli_train(overrides) == 1
     err = capfd.readouterr().err
     assert "3 consecutive steps had a non-finite loss or gradient norm" in err
-    records = read_jsonl(run / "metrics.jsonl")
+    records = read_metrics(run)
     assert records[-1]["skipped_steps"] == 3
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     saved = ckpt.list_checkpoints(run / "checkpoints")
@@ -95,13 +67,12 @@ def test_killed_rank_restarts_from_checkpoint_and_finishes(tmp_path, tiny):
     # within the grace period (min(60 s, collective timeout)) so the job can restart
     common = {"train.steps": 30, "checkpoint.every": 4, "model.dropout": 0.0,
               "train.collective_timeout_s": 20}
-    subprocess.run(train_cmd(tiny(**common, **{"logging.run_dir": ref})), env=ENV, check=True,
-                   capture_output=True, timeout=300)
+    run_train(tiny(**common, **{"logging.run_dir": ref}), env=ENV)
     # one restart needed, one spare: the restarted group's connect failing once (before
     # restart_store gave each restart its own keys it did, then failed every later round) is not
     # what this test is about
-    proc = subprocess.Popen(train_cmd(tiny(**common, **{"logging.run_dir": run}), nproc=2,
-                                      restarts=2), env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_command(tiny(**common, **{"logging.run_dir": run}), nproc=2,
+                                          max_restarts=2), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: logged_steps(run) >= 6, 240, "step 6")
@@ -113,7 +84,7 @@ def test_killed_rank_restarts_from_checkpoint_and_finishes(tmp_path, tiny):
         proc.kill()
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
-    got, want = read_jsonl(run / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl")
+    got, want = read_metrics(run), read_metrics(ref)
     assert [r["step"] for r in got] == list(range(1, 31)), "every step exactly once"
     for a, b in zip(got, want):  # same data, same order after the restart: same losses
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
@@ -150,8 +121,7 @@ def test_restarted_workers_form_their_group_when_one_joins_late(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--rdzv-backend",
            "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "late",
            "--nproc_per_node", "2", "--max-restarts", "1", str(script)]
-    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=150)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    out = run_command(cmd, timeout=150, env=ENV)
     for rank in (0, 1):
         assert f"round 1 rank {rank} joined" in out.stdout
 
@@ -161,7 +131,7 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path, tiny):
     overrides = tiny(**{"logging.run_dir": run, "train.steps": 40, "checkpoint.every": 1,
                         "checkpoint.keep_last": 0, "model.d_model": 128,
                         "model.vocab_size": 4096})
-    proc = subprocess.Popen(train_cmd(overrides), env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_command(overrides), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         root = run / "checkpoints"
@@ -175,9 +145,7 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path, tiny):
     good = ckpt.list_checkpoints(root)
     newest = good[-1]
     ckpt.verify(newest)  # complete and intact
-    r = subprocess.run(train_cmd(overrides), env=ENV, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_train(overrides, timeout=600, env=ENV)
     assert f"resumed from {newest}" in r.stdout
 
 
@@ -185,7 +153,7 @@ def test_hung_collective_dumps_stacks_and_exits_nonzero(tmp_path, tiny):
     run = tmp_path / "hang"
     overrides = tiny(**{"logging.run_dir": run, "train.steps": 1000,
                         "train.collective_timeout_s": 10})
-    proc = subprocess.Popen(train_cmd(overrides, nproc=2), env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_command(overrides, nproc=2), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: logged_steps(run) >= 2, 240, "step 2")
@@ -207,7 +175,7 @@ def test_hung_collective_dumps_stacks_and_exits_nonzero(tmp_path, tiny):
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, tiny):
     run = tmp_path / "term"
     overrides = tiny(**{"logging.run_dir": run, "train.steps": 400})
-    proc = subprocess.Popen(train_cmd(overrides), env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_command(overrides), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: logged_steps(run) >= 3, 240, "step 3")
@@ -217,14 +185,11 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, tiny):
         proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert "stopped by SIGTERM" in out
-    stopped_at = read_jsonl(run / "metrics.jsonl")[-1]["step"]
+    stopped_at = read_metrics(run)[-1]["step"]
     assert ckpt.list_checkpoints(run / "checkpoints")[-1].name == f"step_{stopped_at}"
-    r = subprocess.run(train_cmd(overrides + [f"train.steps={stopped_at + 2}"]),
-                       env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_train(overrides + [f"train.steps={stopped_at + 2}"], env=ENV)
     assert f"resumed from {run / 'checkpoints' / f'step_{stopped_at}'}" in r.stdout
-    assert [x["step"] for x in read_jsonl(run / "metrics.jsonl")] == list(
-        range(1, stopped_at + 3))
+    assert read_metric(run, "step") == list(range(1, stopped_at + 3))
 
 
 @pytest.fixture
@@ -244,27 +209,27 @@ def test_disk_full_keeps_last_good_checkpoint(tmp_path, tiny, small_tmpfs, capfd
     # each checkpoint of this model is ~2 MB (params + 2 Adam moments): one fits in 3 MB, two not
     overrides = tiny(**{"logging.run_dir": run, "checkpoint.dir": small_tmpfs, "train.steps": 6,
                         "checkpoint.every": 2, "checkpoint.keep_last": 1})
-    assert main(["train", *sets(overrides)]) == 1
+    assert cli_train(overrides) == 1
     out, err = capfd.readouterr()
     assert "checkpoint at step 4 could not be written" in out and "training continues" in out
     assert "error: checkpoint at step 6 could not be written" in err
     assert f"last good checkpoint: {small_tmpfs / 'step_2'}" in err
     assert [p.name for p in small_tmpfs.iterdir()] == ["step_2"], "no partial directory left"
     ckpt.verify(small_tmpfs / "step_2")
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))
+    assert read_metric(run, "step") == list(range(1, 7))
 
 
 def test_incompatible_checkpoint_and_oversized_tokenizer_are_refused(tmp_path, tiny, capsys):
     run = tmp_path / "a"
-    assert main(["train", *sets(tiny(**{"logging.run_dir": run, "train.steps": 2}))]) == 0
+    assert cli_train(tiny(**{"logging.run_dir": run, "train.steps": 2})) == 0
     other = tmp_path / "b"
-    code = main(["train", *sets(tiny(**{"logging.run_dir": other, "model.d_model": 32,
-                                        "checkpoint.resume": run / "checkpoints" / "step_2"}))])
+    code = cli_train(tiny(**{"logging.run_dir": other, "model.d_model": 32,
+                             "checkpoint.resume": run / "checkpoints" / "step_2"}))
     assert code == 2
     assert "different model or data settings" in capsys.readouterr().err
     tok = run / "tokenizer.json"
-    code = main(["train", *sets(tiny(**{"logging.run_dir": tmp_path / "c", "data.tokenizer": tok,
-                                        "model.vocab_size": 256}))])
+    code = cli_train(tiny(**{"logging.run_dir": tmp_path / "c", "data.tokenizer": tok,
+                             "model.vocab_size": 256}))
     assert code == 2
     err = capsys.readouterr().err
     assert "the tokenizer has 1024 entries but model.vocab_size=256" in err
@@ -277,12 +242,12 @@ def test_a_diverged_rerun_never_prunes_the_good_checkpoint(tmp_path, tiny, capfd
     run = tmp_path / "run"
     good = {"logging.run_dir": run, "train.steps": 4, "checkpoint.every": 2,
             "checkpoint.keep_last": 1, "train.grad_clip": 0, "train.max_skipped_steps": 3}
-    assert main(["train", *sets(tiny(**good))]) == 0
+    assert cli_train(tiny(**good)) == 0
     bad = {**good, "train.steps": 30, "optim.lr": 1e30, "optim.min_lr": 0}
     root = run / "checkpoints"
     for attempt in range(2):
         capfd.readouterr()
-        assert main(["train", *sets(tiny(**bad))]) == 1
+        assert cli_train(tiny(**bad)) == 1
         err = capfd.readouterr().err
         assert f"a rerun resumes from {root / 'step_4'}" in err, err
         found = ckpt.list_checkpoints(root)
@@ -290,16 +255,16 @@ def test_a_diverged_rerun_never_prunes_the_good_checkpoint(tmp_path, tiny, capfd
         assert len(found) == 2 and ckpt.is_diverged(found[1]), found
         assert ckpt.find_resume(load_config(run / "config.yaml")) == root / "step_4"
     capfd.readouterr()
-    assert main(["train", *sets(tiny(**{**good, "train.steps": 6}))]) == 0  # lr back down
+    assert cli_train(tiny(**{**good, "train.steps": 6})) == 0  # lr back down
     assert f"resumed from {root / 'step_4'} at step 4" in capfd.readouterr().out
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))
+    assert read_metric(run, "step") == list(range(1, 7))
 
 
 def test_only_diverged_checkpoints_are_not_resumed_silently(tmp_path, tiny):
     run = tmp_path / "run"
     overrides = tiny(**{"logging.run_dir": run, "optim.lr": 1e30, "optim.min_lr": 0,
                         "train.grad_clip": 0, "train.steps": 20, "train.max_skipped_steps": 2})
-    assert main(["train", *sets(overrides)]) == 1
+    assert cli_train(overrides) == 1
     assert all(map(ckpt.is_diverged, ckpt.list_checkpoints(run / "checkpoints")))
     with pytest.raises(ConfigError, match="written after non-finite steps.*resume=PATH.*none"):
         ckpt.find_resume(load_config(run / "config.yaml"))
@@ -309,16 +274,16 @@ def test_a_half_written_metrics_line_does_not_block_resume(tmp_path, tiny, capsy
     run = tmp_path / "run"
     args = {"logging.run_dir": run, "train.steps": 4, "checkpoint.every": 2,
             "train.eval_every": 2}
-    assert main(["train", *sets(tiny(**args))]) == 0
+    assert cli_train(tiny(**args)) == 0
     for name in ("metrics.jsonl", "eval.jsonl"):  # as a kill or a full disk leaves them
         with open(run / name, "a") as f:
             f.write('{"step": 5, "lo')
     capsys.readouterr()
-    assert main(["train", *sets(tiny(**{**args, "train.steps": 6}))]) == 0
+    assert cli_train(tiny(**{**args, "train.steps": 6})) == 0
     out = capsys.readouterr().out
     assert "metrics.jsonl: dropped 1 damaged line(s)" in out
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))
-    assert [r["step"] for r in read_jsonl(run / "eval.jsonl")] == [2, 4, 6]
+    assert read_metric(run, "step") == list(range(1, 7))
+    assert [r["step"] for r in read_evals(run)] == [2, 4, 6]
 
 
 def _fill(directory: Path) -> Path:
@@ -350,7 +315,7 @@ def test_full_disk_under_the_run_dir_stops_in_one_line_then_resumes(tmp_path, ti
     watcher = threading.Thread(target=lambda: (
         wait_for(lambda: logged_steps(run) >= 12, 120, "step 12"), filled.append(_fill(small_tmpfs))))
     watcher.start()
-    code = main(["train", *sets(args)])
+    code = cli_train(args)
     watcher.join()
     out, err = capfd.readouterr()
     assert code == 1, out + err
@@ -360,17 +325,18 @@ def test_full_disk_under_the_run_dir_stops_in_one_line_then_resumes(tmp_path, ti
     good = ckpt.latest_good(ckpts)
     assert str(good) in last
     filled[0].unlink()
-    assert main(["train", *sets(args)]) == 0
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 201))
+    assert cli_train(args) == 0
+    assert read_metric(run, "step") == list(range(1, 201))
 
 
 def test_a_second_job_on_a_run_dir_is_refused_until_the_first_dies(tmp_path, tiny, capsys):
     run = tmp_path / "run"
-    first = subprocess.Popen(train_cmd(tiny(**{"logging.run_dir": run, "train.steps": 100000})),
+    first = subprocess.Popen(train_command(tiny(**{"logging.run_dir": run,
+                                                   "train.steps": 100000})),
                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: logged_steps(run) >= 1, 120, "the first job's first step")
-        assert main(["train", *sets(tiny(**{"logging.run_dir": run}))]) == 2
+        assert cli_train(tiny(**{"logging.run_dir": run})) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is in use by another llmtrain job" in err[0], err
         assert f"pid {first.pid} on {socket.gethostname()}" in err[0]
@@ -380,24 +346,18 @@ def test_a_second_job_on_a_run_dir_is_refused_until_the_first_dies(tmp_path, tin
         first.kill()
         first.wait(timeout=60)
     # a dead holder's lock is gone with it
-    assert main(["train", *sets(tiny(**{"logging.run_dir": run, "train.steps": 2,
-                                        "checkpoint.resume": "none"}))]) == 0
-
-
-ROOT = Path(__file__).parent.parent
+    assert cli_train(tiny(**{"logging.run_dir": run, "train.steps": 2,
+                             "checkpoint.resume": "none"})) == 0
 
 
 def test_a_config_error_under_torchrun_prints_once_and_the_launcher_checks_first(tmp_path):
-    bad = ["configs/tiny.yaml", "--set", "model.n_heads=3",
-           "--set", f"logging.run_dir={tmp_path / 'run'}"]
-    r = subprocess.run(train_cmd([], nproc=2) + bad, env=ENV, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    bad = ["model.n_heads=3", f"logging.run_dir={tmp_path / 'run'}"]
+    r = run_train(bad, "configs/tiny.yaml", nproc=2, cwd=ROOT, check=False, env=ENV)
     assert r.returncode != 0
     assert r.stderr.count("error: model.n_heads=3 does not divide") == 1, r.stderr[-3000:]
     # launch/torchrun.sh validates before starting the processes: one line, exit 2
-    r = subprocess.run(["bash", "launch/torchrun.sh", *bad], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**ENV, "NPROC_PER_NODE": "2",
-                                                   "PYTHON": sys.executable})
+    r = launch_script("torchrun.sh", "configs/tiny.yaml", *set_args(bad), timeout=300, cwd=ROOT,
+                      NPROC_PER_NODE="2", PYTHONUNBUFFERED="1")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: model.n_heads=3 does not divide model.d_model=128; use one of 1, 2, 4, 8, 16, "
@@ -410,14 +370,13 @@ def test_the_readme_torchrun_command_runs_tiny_yaml_on_two_processes(tmp_path):
     to the 8 sequences each rank holds, with a notice, instead of refusing the README's command."""
     run = tmp_path / "run"
     cmd = ["torchrun", "--nproc_per_node", "2", "-m", "llmtrain", "train", "configs/tiny.yaml",
-           *sets([f"logging.run_dir={run}", "train.steps=2", "train.eval_steps=1",
-                  "train.log_every=1", "logging.progress=false"])]
+           *set_args([f"logging.run_dir={run}", "train.steps=2", "train.eval_steps=1",
+                      "train.log_every=1", "logging.progress=false"])]
     cmd[0] = str(Path(sys.executable).parent / "torchrun")
-    r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = run_command(cmd, timeout=600, cwd=ROOT, env=ENV)
     assert r.stdout.count("notice: train.micro_batch_size=16 exceeds the 8 sequences") == 1
     assert "micro-batch 8, 1 accumulation steps" in r.stdout
-    assert [x["step"] for x in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert read_metric(run, "step") == [1, 2]
 
 
 def test_a_filesystem_without_flock_warns_and_trains(tmp_path, tiny, capsys, monkeypatch):
@@ -427,13 +386,13 @@ def test_a_filesystem_without_flock_warns_and_trains(tmp_path, tiny, capsys, mon
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    assert main(["train", *sets(tiny(**{"train.steps": 2}))]) == 0
+    assert cli_train(tiny(**{"train.steps": 2})) == 0
     assert "warning: cannot lock" in capsys.readouterr().err
 
 
 def test_an_unwritable_run_dir_is_one_line(tmp_path, tiny, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    assert main(["train", *sets(tiny(**{"logging.run_dir": blocker / "run"}))]) == 2
+    assert cli_train(tiny(**{"logging.run_dir": blocker / "run"})) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot be written" in err[0], err

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
+from helpers import read_summary
 from llmtrain.config import ConfigError, load_config, save_config
 from llmtrain.scaling import budget, cli
 from llmtrain.scaling.data import Curve, exclude, make_points, read_csv, read_runs
@@ -334,7 +335,7 @@ def test_runs_with_null_or_nonfinite_loss_are_skipped_with_one_counted_warning(t
             (tmp_path / name / "metrics.jsonl").unlink()
             (tmp_path / name / "eval.jsonl").unlink()
         else:
-            summary = json.loads((tmp_path / name / "summary.json").read_text())
+            summary = read_summary(tmp_path / name)
             text = json.dumps({**summary, "final_val_loss": "LOSS"})
             (tmp_path / name / "summary.json").write_text(text.replace('"LOSS"', loss))
     out = tmp_path / "fit.json"

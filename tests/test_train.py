@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from llmtrain.cli import main
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def cli_train(overrides: list[str]) -> int:
-    return main(["train", *sum((["--set", o] for o in overrides), [])])
-
-
-def final_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    out = run / f"w{step}.pt"
-    dcp_to_torch_save(run / "checkpoints" / f"step_{step}", out)
-    return torch.load(out, weights_only=True)["model"]
+from helpers import (cli_train, cut_back, final_weights, read_losses, read_metric, read_metrics,
+                     read_summary, run_train)
 
 
 def test_resume_reproduces_losses_and_weights(tmp_path, tiny):
@@ -36,13 +19,10 @@ def test_resume_reproduces_losses_and_weights(tmp_path, tiny):
     assert cli_train(tiny(**common, **{"logging.run_dir": straight})) == 0
     # the interrupted run: trains to step 10 and is killed before step 11 would be written
     assert cli_train(tiny(**common, **{"logging.run_dir": resumed})) == 0
-    shutil.rmtree(resumed / "checkpoints" / "step_20")
-    lines = read_jsonl(resumed / "metrics.jsonl")
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:10]))
+    cut_back(resumed, 10, 20)
     assert cli_train(tiny(**common, **{"logging.run_dir": resumed})) == 0
 
-    a = read_jsonl(straight / "metrics.jsonl")
-    b = read_jsonl(resumed / "metrics.jsonl")
+    a, b = read_metrics(straight), read_metrics(resumed)
     assert [r["step"] for r in b] == list(range(1, 21)), "every step exactly once"
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6), ra["step"]
@@ -63,9 +43,8 @@ def test_resume_from_different_steps_continues_and_meta(tmp_path, tiny):
     assert meta["step"] == 6 and meta["tokens"] == 6 * 8 * 32
     # extend the run: more steps resume from step 6
     assert cli_train(tiny(**{"logging.run_dir": run, "train.steps": 8})) == 0
-    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
-    assert steps == list(range(1, 9))
-    summary = json.loads((run / "summary.json").read_text())
+    assert read_metric(run, "step") == list(range(1, 9))
+    summary = read_summary(run)
     assert summary["steps"] == 8 and summary["tokens"] == 8 * 8 * 32
 
 
@@ -102,7 +81,7 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_the_fix(tmp_path
     assert "model.vocab_size=256" in capsys.readouterr().err
     assert (run / "config.yaml").is_file()
     assert cli_train(tiny(**{**bad, "model.vocab_size": 1024})) == 0
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert read_metric(run, "step") == [1, 2]
 
 
 def _snapshot(run: Path) -> dict:
@@ -121,10 +100,10 @@ def test_rerunning_a_finished_run_changes_nothing_and_more_steps_extend_it(tmp_p
     out = capsys.readouterr().out
     assert "already finished" in out and "step_4" in out and "raise train.steps" in out
     assert _snapshot(run) == before, "no file rewritten"
-    assert json.loads((run / "summary.json").read_text())["final_val_loss"] is not None
+    assert read_summary(run)["final_val_loss"] is not None
     assert cli_train(tiny(**{"logging.run_dir": run, "train.steps": 6,
                              "train.eval_every": 2})) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     assert summary["steps"] == 6 and summary["final_val_loss"] is not None
 
 
@@ -134,7 +113,7 @@ def test_accumulation_equals_one_big_micro_batch(tmp_path, tiny):
     for mb in (8, 2):
         run = tmp_path / f"mb{mb}"
         assert cli_train(tiny(**{"logging.run_dir": run, "train.micro_batch_size": mb})) == 0
-        runs[mb] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
+        runs[mb] = read_losses(run)
     assert runs[2] == pytest.approx(runs[8], rel=1e-5)
 
 
@@ -143,23 +122,20 @@ def test_bf16_precisions_train(tmp_path, tiny, precision):
     run = tmp_path / precision
     assert cli_train(tiny(**{"logging.run_dir": run, "train.precision": precision,
                              "train.steps": 8, "optim.lr": 0.01})) == 0
-    losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
+    losses = read_losses(run)
     assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
 
 
 def test_default_run_through_the_cli(tmp_path):
     """`llmtrain train` (the embedded tiny config) runs end to end; a few steps here."""
     run = tmp_path / "tiny"
-    r = subprocess.run([sys.executable, "-m", "llmtrain", "train", "--set", "train.steps=4",
-                        "--set", "train.eval_steps=1", "--set", f"logging.run_dir={run}",
-                        "--set", "train.log_every=2"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_train(["train.steps=4", "train.eval_steps=1", f"logging.run_dir={run}",
+                   "train.log_every=2"], timeout=600)
     assert "done: 4 steps" in r.stdout
     for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json"):
         assert (run / name).is_file(), name
     assert list((run / "tb").iterdir()), "TensorBoard events written"
-    rec = read_jsonl(run / "metrics.jsonl")[-1]
+    rec = read_metrics(run)[-1]
     assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s",
             "peak_memory_gib"} <= rec.keys()
     assert (run / "checkpoints" / "step_4" / "meta.json").is_file()
@@ -172,5 +148,5 @@ def test_full_activation_checkpointing_gives_the_same_losses(tmp_path, tiny):
         assert cli_train(tiny(**{"logging.run_dir": run, "train.steps": 3,
                                  "parallel.activation_checkpointing": ac,
                                  "model.dropout": 0.1})) == 0
-        runs[ac] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl")]
+        runs[ac] = read_losses(run)
     assert runs["full"] == pytest.approx(runs["none"], rel=1e-6)

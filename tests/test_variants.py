@@ -4,40 +4,32 @@ identity at initialisation, a parameter count, causality."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llmtrain.cli import main
+from helpers import (cli_train, one_thread, read_losses, read_summary, run_dir_of, run_train,
+                     seeded_model, tiny_model_config, tokens)
 from llmtrain.config import ConfigError, ModelConfig, load_config
-from llmtrain.model import FeedForward, build_model, tfixup_scale
+from llmtrain.model import FeedForward, tfixup_scale
 
 MIXERS = ["gmlp", "synthesizer_dense", "synthesizer_random"]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():
+        yield
 
 
 def cfg(**kw) -> ModelConfig:
-    base = dict(n_layers=3, d_model=32, n_heads=4, vocab_size=61, max_seq_len=24)
-    return ModelConfig(**{**base, **kw})
+    return tiny_model_config(**{"n_layers": 3, **kw})
 
 
 def make(seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    return build_model(cfg(**kw)).eval()
-
-
-def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 61, (B, T), generator=torch.Generator().manual_seed(seed))
+    return seeded_model(cfg(**kw), seed)
 
 
 def n_params(model) -> int:
@@ -260,8 +252,7 @@ def test_bad_combinations_are_one_line_errors(sets, message, tmp_path):
 
 
 def test_cli_exit_code_2(tmp_path, capsys):
-    assert main(["train", "--set", "model.init=fixup", "--set",
-                 f"logging.run_dir={tmp_path}"]) == 2
+    assert cli_train(["model.init=fixup", f"logging.run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model.init=fixup") and "\n" not in err
 
@@ -283,12 +274,10 @@ TRAIN = {
 @pytest.mark.parametrize("name", list(TRAIN))
 def test_variant_trains_through_the_cli(name, tiny):
     sets = tiny(**{"train.steps": 3}) + TRAIN[name]
-    assert main(["train", *sum((["--set", s] for s in sets), [])]) == 0
-    run = next(s.split("=", 1)[1] for s in sets if s.startswith("logging.run_dir="))
-    from pathlib import Path
-    summary = json.loads((Path(run) / "summary.json").read_text())
-    losses = [json.loads(line)["loss"] for line in
-              (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    assert cli_train(sets) == 0
+    run = run_dir_of(sets)
+    summary = read_summary(run)
+    losses = read_losses(run)
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert math.isfinite(summary["final_val_loss"])
 
@@ -297,25 +286,12 @@ def test_variant_trains_through_the_cli(name, tiny):
 
 @pytest.mark.parametrize("zero", [0, 3])
 def test_variants_under_data_parallel_match_single_process(zero, tiny, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
     variant = {"model.share_layers": "true", "model.residual": "rezero", "model.mixer": "gmlp",
                "model.output": "mos", "model.mos_k": 2, "model.embedding_dim": 16,
                "train.steps": 4}
 
-    def losses(run: Path) -> list[float]:
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
     single = tmp_path / "single"
-    sets = tiny(**variant, **{"logging.run_dir": single})
-    assert main(["train", *sum((["--set", s] for s in sets), [])]) == 0
+    assert cli_train(tiny(**variant, **{"logging.run_dir": single})) == 0
     multi = tmp_path / "multi"
-    sets = tiny(**variant, **{"logging.run_dir": multi, "parallel.zero_stage": zero})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "llmtrain", "train", *sum((["--set", s] for s in sets), [])]
-    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert losses(multi) == pytest.approx(losses(single), rel=1e-5)
+    run_train(tiny(**variant, **{"logging.run_dir": multi, "parallel.zero_stage": zero}), nproc=2)
+    assert read_losses(multi) == pytest.approx(read_losses(single), rel=1e-5)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from llmtrain.config import Config, ConfigError
+from llmtrain.config.layout import micro_batches
 from llmtrain.data.indexed import (PAIR_SUFFIXES, blend_entries, check_datasets, check_indexed,
                                    check_pairs)
 from llmtrain.data.span_corruption import N_SENTINELS, SENTINEL, corrupt, span_counts
@@ -121,7 +122,7 @@ class BatchReader:
         self.order = EpochOrder(len(dataset), t.seed)
         self.G, self.mb = t.global_batch_size, t.micro_batch_size
         self.per_rank = self.G // dp_size
-        self.n_micro = self.per_rank // self.mb
+        self.n_micro = micro_batches(self.G, self.mb, dp_size)
         self.offset = dp_rank * self.per_rank
         self.reset_at_eod = cfg.data.reset_attention_at_eod
 

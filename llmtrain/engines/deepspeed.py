@@ -8,12 +8,13 @@ reported. Batch sizes are the exception: the data loader follows our config, so 
 there is an error, not a warning.
 
 The Trainer (train/loop.py) builds the model and a plain AdamW as for the torch engine, then hands
-them to `initialize`; `train_step`, `save_checkpoint` and `load_checkpoint` here replace its own
-when `parallel.engine: deepspeed`. Everything else (data, evaluation, logging) is shared.
+them to `initialize`; `DeepSpeedStep` (the step interface of train/step.py), `save_checkpoint` and
+`load_checkpoint` here replace the torch engine's when `parallel.engine: deepspeed`. Everything
+else (data, evaluation, logging) is shared.
 
 Loss normalisation: `engine.backward` divides the loss by gradient_accumulation_steps and the
 gradients are averaged over dp, so each micro-batch passes sum(CE) / N_global * dp * gas; the
-gradients then equal the torch engine's (see train/loop.py).
+gradients then equal the torch engine's (see train/step.py).
 
 Checkpoints use DeepSpeed's own format (`engine.save_checkpoint`, every rank writes its ZeRO
 partition) published like train/checkpoint.py: written under `.step_<N>.tmp/`, then meta.json and
@@ -36,11 +37,13 @@ import torch
 import torch.distributed as dist
 
 from llmtrain.config import Config, ConfigError
+from llmtrain.config.layout import micro_batches
 from llmtrain.model.moe import aux_loss as moe_aux_loss
-from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
+from llmtrain.model.moe import moe_metrics
 from llmtrain.train import checkpoint as ckpt
-from llmtrain.train.loss import all_reduce_sum, reduce_step_losses
-from llmtrain.train.optim import lr_at
+from llmtrain.train.loss import reduce_step_losses
+from llmtrain.train.step import (DataParallelGroup, StepResult, TrainStep, global_token_count,
+                                 set_lr, update_router_bias)
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -55,7 +58,8 @@ def generated_config(cfg: Config, dp_size: int) -> dict[str, Any]:
     ds: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),
+        "gradient_accumulation_steps": micro_batches(t.global_batch_size, t.micro_batch_size,
+                                                     dp_size),
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision in ("bf16", "bf16_pure")},
@@ -162,60 +166,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_step(trainer, step: int) -> dict:
-    """Trainer.train_step for the DeepSpeed engine: the same batches, loss and learning rate;
-    DeepSpeed accumulates, averages over dp, clips and steps (at the last micro-batch)."""
-    cfg, engine, device = trainer.cfg, trainer.engine, trainer.device
-    engine.train()
-    lr = lr_at(step, cfg.optim, cfg.train.steps, cfg.model.d_model)
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-    reader = trainer.train_reader
-    batches = [reader.get(step, m) for m in range(reader.n_micro)]
-    n_global = all_reduce_sum(torch.as_tensor(float(sum(b.loss_mask.sum() for b in batches)),
-                                              device=device), trainer.dp_group)
-    # undo engine.backward's 1/gas and the 1/dp of the gradient average
-    scale = trainer.dp_size * engine.gradient_accumulation_steps() / n_global
-    loss_sum = torch.zeros((), device=device)
-    aux_sum = torch.zeros((), device=device)
-    for batch in batches:
-        ce_sum, _ = trainer._forward_loss(batch)
-        step_loss = ce_sum * scale
-        aux = moe_aux_loss(engine.module)  # the torch engine's aux / n_micro, times gas (= n_micro)
-        if aux is not None:
-            step_loss = step_loss + aux
-            aux_sum += aux.detach() / len(batches)
-        engine.backward(step_loss)
-        engine.step()  # a no-op except at the gradient-accumulation boundary
-        loss_sum += ce_sum.detach()
-    routers = [m.router for m in moe_layers(engine.module).values() if m.router.aux_free_bias]
-    for r in routers:  # every rank moves its selection bias by the global load
-        all_reduce_sum(r.load, trainer.dp_group)
-    if routers:
-        update_bias(engine.module)
-    loss, aux_mean = reduce_step_losses(loss_sum, aux_sum, n_global, trainer.dp_group,
-                                        trainer.dp_size)
-    norm = engine.get_global_grad_norm()  # None where DeepSpeed did not compute one (ZeRO 0)
-    grad_norm = float(norm) if norm is not None else float("nan")
-    # DeepSpeed has already stepped; a non-finite step is reported, not skipped (in fp32/bf16
-    # it has no loss scaler that would skip it)
-    finite = math.isfinite(float(loss)) and (norm is None or math.isfinite(grad_norm))
-    return {"loss": float(loss), "lr": lr, "grad_norm": grad_norm, "skipped": not finite,
-            "sample_ids": [i for b in batches for i in b.sample_ids],
-            "moe_aux_loss": float(aux_mean), "moe": moe_metrics(engine.module)}
+class DeepSpeedStep(TrainStep):
+    """The step under `parallel.engine: deepspeed`: the torch engine's batches, loss and learning
+    rate; DeepSpeed accumulates, averages over dp, clips and steps (at the last micro-batch)."""
+
+    def __init__(self, engine, cfg: Config, device: torch.device, dp: DataParallelGroup):
+        super().__init__(engine, engine.optimizer, cfg, device, dp)
+        self.engine = engine
+
+    def __call__(self, batches: list, lr: float, measure_state: bool = False) -> StepResult:
+        engine, module = self.engine, self.engine.module
+        engine.train()
+        set_lr(engine.optimizer, lr)
+        n_global = global_token_count(batches, self.device, self.dp)
+        # undo engine.backward's 1/gas and the 1/dp of the gradient average
+        scale = self.dp.size * engine.gradient_accumulation_steps() / n_global
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            ce_sum, _ = self.forward_loss(batch)
+            step_loss = ce_sum * scale
+            aux = moe_aux_loss(module)  # the torch engine's aux / n_micro, times gas (= n_micro)
+            if aux is not None:
+                step_loss = step_loss + aux
+                aux_sum += aux.detach() / len(batches)
+            engine.backward(step_loss)
+            engine.step()  # a no-op except at the gradient-accumulation boundary
+            loss_sum += ce_sum.detach()
+        update_router_bias(module, self.dp)
+        loss, aux_mean = reduce_step_losses(loss_sum, aux_sum, n_global, self.dp.group,
+                                            self.dp.size)
+        norm = engine.get_global_grad_norm()  # None where DeepSpeed did not compute one (ZeRO 0)
+        grad_norm = float(norm) if norm is not None else float("nan")
+        # DeepSpeed has already stepped; a non-finite step is reported, not skipped (in fp32/bf16
+        # it has no loss scaler that would skip it)
+        finite = math.isfinite(float(loss)) and (norm is None or math.isfinite(grad_norm))
+        return StepResult(float(loss), lr, grad_norm, not finite,
+                          [i for b in batches for i in b.sample_ids], float(aux_mean),
+                          moe_metrics(module))
 
 
-def save_checkpoint(trainer) -> Path:
+def save_checkpoint(engine, cfg: Config, step: int, device: torch.device, extra: dict) -> Path:
     """DeepSpeed's checkpoint (every rank writes its partition) published as `step_<N>/` with
-    meta.json and a manifest, like train/checkpoint.py (collective)."""
-    cfg, step = trainer.cfg, trainer.step
+    meta.json (`extra` added) and a manifest, like train/checkpoint.py (collective)."""
     root = ckpt.checkpoint_dir(cfg)
     tmp, final = ckpt.begin(root, step)
-    trainer.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    torch.save(ckpt.rng_state(trainer.device), tmp / f"rng_rank{ckpt.rank()}.pt")
+    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    torch.save(ckpt.rng_state(device), tmp / f"rng_rank{ckpt.rank()}.pt")
     ckpt.barrier()
     if ckpt.rank() == 0:
-        extra = {"engine": "deepspeed", **trainer.checkpoint_extra()}
+        extra = {"engine": "deepspeed", **extra}
         ckpt.publish(tmp, final, ckpt.make_meta(step, cfg, extra), cfg.checkpoint.keep_last)
     ckpt.barrier()
     return final
@@ -249,7 +249,7 @@ def safe_load(path, map_location=None):
                               f"does not ({cause[:160]}); refusing to load it") from None
 
 
-def load_checkpoint(trainer, path: Path) -> dict:
+def load_checkpoint(engine, cfg: Config, device: torch.device, path: Path) -> dict:
     """Resume the engine (module, ZeRO partitions of the optimizer) and the RNG from a checkpoint
     `save_checkpoint` wrote; returns its meta.json."""
     path = Path(path)
@@ -258,15 +258,15 @@ def load_checkpoint(trainer, path: Path) -> dict:
         raise ConfigError(f"checkpoint {path} was written by the torch engine (DCP); "
                           f"parallel.engine=deepspeed resumes DeepSpeed checkpoints only; use "
                           f"engine=torch or checkpoint.resume=none")
-    ckpt.check_same_run(meta, trainer.cfg, path)
-    trainer.engine.checkpoint_engine.load = safe_load  # every file DeepSpeed reads back
-    loaded, _ = trainer.engine.load_checkpoint(str(path.parent), tag=path.name)
+    ckpt.check_same_run(meta, cfg, path)
+    engine.checkpoint_engine.load = safe_load  # every file DeepSpeed reads back
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {path}")
     rng_file = path / f"rng_rank{ckpt.rank()}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], trainer.device)
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
     return meta

@@ -6,14 +6,14 @@ encoder_decoder`, built from the same parts as the decoder-only stack (transform
                  x = x + cross_attn(x, memory)   queries from the decoder, keys/values from the
                                                  encoder output; source padding masked
                  x = x + ffn(x)
-with each `+` placed as `norm_position` says (see transformer.py): pre, post, deepnorm (with the
-encoder-decoder constants of DeepNet, Wang et al. 2022, section 4.1) or b2t (the layer input
-bypasses every LN of the layer but the last). Positions: rope / learned (one table per stack) /
-sinusoidal (added to embeddings * sqrt(d_model), Vaswani et al. 2017, 3.4-3.5) / t5_relative (one
-bucketed bias table per stack, shared by its layers; SDPA's 1/sqrt(head_dim) scaling is kept,
-which T5 folds into its init) / none. Cross-attention gets no position information, as in both
-papers. With tie_embeddings one `tok_embeddings` matrix is the encoder
-input, decoder input and output projection (T5); without, each has its own.
+with each `+` placed as `norm_position` says (residual.py, shared with the decoder-only block):
+pre, post, deepnorm (with the encoder-decoder constants of DeepNet, Wang et al. 2022, section 4.1)
+or b2t (the layer input bypasses every LN of the layer but the last). Positions: rope / learned
+(one table per stack) / sinusoidal (added to embeddings * sqrt(d_model), Vaswani et al. 2017,
+3.4-3.5) / t5_relative (one bucketed bias table per stack, shared by its layers; SDPA's
+1/sqrt(head_dim) scaling is kept, which T5 folds into its init) / none. Cross-attention gets no
+position information, as in both papers. With tie_embeddings one `tok_embeddings` matrix is the
+encoder input, decoder input and output projection (T5); without, each has its own.
 """
 
 from __future__ import annotations
@@ -30,27 +30,9 @@ from llmtrain.model.mlp import FeedForward
 from llmtrain.model.moe import MoE, aux_loss, moe_layers, moe_stats
 from llmtrain.model.norms import build_norm
 from llmtrain.model.positions import RelativePositionBias, sinusoidal_table
+from llmtrain.model.residual import (deepnorm_decoder_alpha, deepnorm_decoder_beta,
+                                     deepnorm_encoder_alpha, deepnorm_encoder_beta, residual_layer)
 from llmtrain.model.rope import register_rope_tables, reset_rope_tables
-
-
-def deepnorm_encoder_alpha(n_encoder_layers: int, n_decoder_layers: int) -> float:
-    """DeepNet encoder residual scale for N encoder, M decoder layers: 0.81 (N^4 M)^(1/16)."""
-    return 0.81 * (n_encoder_layers ** 4 * n_decoder_layers) ** (1 / 16)
-
-
-def deepnorm_encoder_beta(n_encoder_layers: int, n_decoder_layers: int) -> float:
-    """DeepNet encoder init gain for N encoder, M decoder layers: 0.87 (N^4 M)^(-1/16)."""
-    return 0.87 * (n_encoder_layers ** 4 * n_decoder_layers) ** (-1 / 16)
-
-
-def deepnorm_decoder_alpha(n_decoder_layers: int) -> float:
-    """DeepNet decoder residual scale (encoder-decoder) for M decoder layers: (3M)^(1/4)."""
-    return (3 * n_decoder_layers) ** 0.25
-
-
-def deepnorm_decoder_beta(n_decoder_layers: int) -> float:
-    """DeepNet decoder init gain (encoder-decoder) for M decoder layers: (12M)^(-1/4)."""
-    return (12 * n_decoder_layers) ** -0.25
 
 
 class CrossAttention(Attention):
@@ -94,24 +76,13 @@ class EncoderDecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, memory: torch.Tensor | None = None,
                 cross_mask: torch.Tensor | None = None) -> torch.Tensor:
-        sublayers = [(self.attention_norm, lambda h: self.attention(h, rope, mask))]
+        dropout = self.dropout
+        sublayers = [(self.attention_norm, lambda h: dropout(self.attention(h, rope, mask)))]
         if self.cross_attention is not None:
             sublayers.append((self.cross_attention_norm,
-                              lambda h: self.cross_attention(h, memory, cross_mask)))
-        sublayers.append((self.ffn_norm, self.feed_forward))
-        if self.norm_position == "pre":
-            for norm, f in sublayers:
-                x = x + self.dropout(f(norm(x)))
-            return x
-        if self.norm_position == "b2t":
-            h = x
-            for i, (norm, f) in enumerate(sublayers):
-                bypass = x if i == len(sublayers) - 1 else 0
-                h = norm(h + self.dropout(f(h)) + bypass)
-            return h
-        for norm, f in sublayers:  # post-LN (alpha = 1) and DeepNorm
-            x = norm(self.alpha * x + self.dropout(f(x)))
-        return x
+                              lambda h: dropout(self.cross_attention(h, memory, cross_mask))))
+        sublayers.append((self.ffn_norm, lambda h: dropout(self.feed_forward(h))))
+        return residual_layer(self.norm_position, x, sublayers, self.alpha)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

@@ -44,7 +44,6 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from llmtrain.config import ModelConfig
 from llmtrain.model.mlp import GLU_ACTIVATIONS, FeedForward
@@ -71,13 +70,6 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return True
     except (RuntimeError, NotImplementedError):
         return False
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor parameter (differentiable), a plain tensor as it is: under
-    tensor or expert parallelism the weights here are DTensors and the code runs on their
-    shards."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class GroupedExperts(nn.Module):
@@ -108,13 +100,12 @@ class GroupedExperts(nn.Module):
         return aligned and _grouped_mm_works(x.device, dtype)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return self.run(x, counts, tuple(None if w is None else local_tensor(w)
-                                         for w in (self.w1, self.w2, self.w3)))
+        return self.run(x, counts, (self.w1, self.w2, self.w3))
 
     def run(self, x: torch.Tensor, counts: torch.Tensor, weights) -> torch.Tensor:
-        """forward with the given (w1, w2, w3), plain tensors: len(counts) experts, e.g. this
-        rank's share of them under expert parallelism (parallel/expert.py), each expert's share
-        of hidden units under tensor parallelism (parallel/tensor.py)."""
+        """forward with the given (w1, w2, w3): len(counts) experts. The parallel/ subclasses
+        pass this rank's shards: its experts under expert parallelism (parallel/expert.py), its
+        hidden units of every expert under tensor parallelism (parallel/tensor.py)."""
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -151,12 +142,16 @@ class Router(nn.Module):
         self.register_buffer("load", torch.zeros(num_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor):
-        """x [N, d] -> logits [N, E] (fp32), probs [N, E], experts [N, k], gates [N, k] (fp32)."""
+        return self.route(x, self.gate.weight)
+
+    def route(self, x: torch.Tensor, weight: torch.Tensor):
+        """x [N, d] and the gate's weight [E, d] -> logits [N, E] (fp32), probs [N, E], experts
+        [N, k], gates [N, k] (fp32)."""
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
             if self.training and self.jitter > 0:
                 x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
-            logits = F.linear(x, local_tensor(self.gate.weight).float())
+            logits = F.linear(x, weight.float())
         probs = logits.softmax(dim=-1)
         scores = probs.detach() + self.expert_bias if self.aux_free_bias else probs.detach()
         experts = scores.topk(self.top_k, dim=-1).indices

@@ -1,14 +1,9 @@
 """Decoder-only Transformer (Vaswani et al. 2017) with Llama/torchtitan module names.
 
-Residual/normalization placement (`norm_position`), per layer with sublayers f = attn then ffn:
-  pre       x = x + f(LN(x))                        (Xiong et al. 2020; GPT-2, Llama)
-  post      x = LN(x + f(x))                        (Vaswani et al. 2017)
-  deepnorm  x = LN(alpha * x + f(x))                (Wang et al. 2022, "DeepNet", decoder-only)
-  b2t       h = LN(x + attn(x)); x = LN(h + ffn(h) + x)
-            (Takase et al. 2022, "B2T Connection: Serving Stability and Performance in Deep
-            Transformers", eq. 4: the layer input bypasses every LN of the layer but the last)
-Only pre-LN has a final norm (`norm`); for the others `norm` is None, as their last layer
-already ends in an LN.
+Each layer is x -> attn -> ffn, each sublayer with its norm (`attention_norm`, `ffn_norm`) placed
+as `norm_position` says: pre, post, deepnorm (alpha = (2N)^(1/4) for N layers) or b2t, written
+once in residual.py. Only pre-LN has a final norm (`norm`); for the others `norm` is None, as their
+last layer already ends in an LN.
 
 Variants (config keys of ModelConfig; each default leaves modules, names and math as above):
   norm: none          LN is the identity (with pre placement: x = x + f(x)).
@@ -49,17 +44,8 @@ from llmtrain.model.mlp import FeedForward
 from llmtrain.model.moe import MoE, moe_layers, moe_stats, aux_loss as moe_aux_loss
 from llmtrain.model.norms import build_norm
 from llmtrain.model.output import MixtureOfSoftmaxes
+from llmtrain.model.residual import deepnorm_alpha, deepnorm_beta, residual_layer
 from llmtrain.model.rope import register_rope_tables, reset_rope_tables
-
-
-def deepnorm_alpha(n_layers: int) -> float:
-    """Residual scale of DeepNet for an N-layer decoder-only model: (2N)^(1/4) (Wang et al. 2022)."""
-    return (2 * n_layers) ** 0.25
-
-
-def deepnorm_beta(n_layers: int) -> float:
-    """Init gain of DeepNet for an N-layer decoder-only model: (8N)^(-1/4) (Wang et al. 2022)."""
-    return (8 * n_layers) ** -0.25
 
 
 def tfixup_scale(n_layers: int) -> float:
@@ -97,33 +83,19 @@ class TransformerBlock(nn.Module):
         """The attention sublayer's module: `attention`, or `mixer` for model.mixer != attention."""
         return self.attention if self.attention is not None else self.mixer
 
-    def _branch(self, f, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Pre-LN residual branch f(norm(x)), with LayerNorm Scaling and ReZero's alpha."""
-        h = norm(x)
-        if self.ln_scale != 1.0:
-            h = h * self.ln_scale
-        h = f(h)
-        return h if self.resweight is None else self.resweight * h
+    def _sublayer(self, norm: nn.Module, f):
+        """(norm, f) with LayerNorm Scaling on the norm's output and ReZero's alpha on f's (pre-LN
+        only, the config checks): x + alpha * f(norm(x) / sqrt(l))."""
+        scaled = norm if self.ln_scale == 1.0 else (lambda h: norm(h) * self.ln_scale)
+        weighted = f if self.resweight is None else (lambda h: self.resweight * f(h))
+        return scaled, weighted
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         mixer = self.token_mixer
-
-        def attn(h):
-            return self.dropout(mixer(h, rope, mask))
-
-        def ffn(h):
-            return self.dropout(self.feed_forward(h))
-
-        if self.norm_position == "pre":
-            h = x + self._branch(attn, self.attention_norm, x)
-            return h + self._branch(ffn, self.ffn_norm, h)
-        if self.norm_position == "b2t":
-            h = self.attention_norm(x + attn(x))
-            return self.ffn_norm(h + ffn(h) + x)
-        # post-LN (alpha = 1) and DeepNorm
-        h = self.attention_norm(self.alpha * x + attn(x))
-        return self.ffn_norm(self.alpha * h + ffn(h))
+        attn = self._sublayer(self.attention_norm, lambda h: self.dropout(mixer(h, rope, mask)))
+        ffn = self._sublayer(self.ffn_norm, lambda h: self.dropout(self.feed_forward(h)))
+        return residual_layer(self.norm_position, x, [attn, ffn], self.alpha)
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:

@@ -9,17 +9,16 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 
 from llmtrain.config import Config
-from llmtrain.model.moe import local_tensor
 from llmtrain.parallel import data as _data
 from llmtrain.parallel.expert import apply_ep, build_ep_mesh
-from llmtrain.parallel.tensor import apply_tp
+from llmtrain.parallel.parallelized import ParallelModel
+from llmtrain.parallel.tensor import apply_tp, local_tensor
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
-                device: torch.device) -> nn.Module:
-    """Apply tensor/sequence parallelism, then data parallelism (ZeRO 0-3), to a materialised,
-    initialised model (every rank built the same weights from the same seed; each keeps its
-    shard of them).
+                device: torch.device) -> ParallelModel:
+    """Apply the parallel techniques to a materialised, initialised model (every rank built the
+    same weights from the same seed; each keeps its shard of them).
 
     Order (docs/architecture.md): activation checkpointing, pipeline split, tensor parallel,
     expert parallel, data parallel. The config validator refuses the combinations not built yet.
@@ -27,7 +26,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     if cfg.parallel.activation_checkpointing == "full":
         apply_ac(model)
     if mesh is None or cfg.parallel.engine == "deepspeed":
-        return model  # deepspeed.initialize (engines/deepspeed.py) does the data parallelism
+        return ParallelModel(model)  # deepspeed.initialize (engines/deepspeed.py) does the rest
     if mesh["pp"].size() > 1:  # pipeline split first; TP and data parallelism per stage
         # imported here: torch.distributed.pipelining imports torch._dynamo (~1 s), which
         # checkpoint loading and export (they import this package) do not need
@@ -37,7 +36,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
         apply_tp(model, mesh["tp"], cfg)
     if cfg.parallel.ep > 1:
         apply_ep(model, build_ep_mesh(mesh, cfg.parallel.ep))
-    return _data.apply_data_parallel(model, mesh, cfg, device)
+    module, grad_sync = _data.apply_data_parallel(model, mesh, cfg, device)
+    return ParallelModel(module, grad_sync)
 
 
 def apply_ac(model: nn.Module) -> None:
@@ -89,11 +89,12 @@ def set_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module, max_norm: float, pp_group=None) -> torch.Tensor:
     """Global L2 norm of all gradients, then scale them by min(1, max_norm / norm) (as
     `torch.nn.utils.clip_grad_norm_` does on one process). A DTensor gradient contributes its
     local shard's squared norm, summed over the mesh dimensions it is sharded on; replicated
-    gradients count once. One all-reduce per distinct set of sharded dimensions."""
+    gradients count once. One all-reduce per distinct set of sharded dimensions; with pipeline
+    stages (`pp_group`), one more over the stages."""
     grads = [p.grad for p in {id(p): p for p in model.parameters()}.values()
              if p.grad is not None]
     buckets: dict[tuple, list[torch.Tensor]] = {}
@@ -112,7 +113,6 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
             for d in dims:
                 torch.distributed.all_reduce(sq, group=mesh.get_group(d))
         total += sq
-    pp_group = getattr(model, "pp_group", None)  # pipeline stages: sum over every stage too
     if pp_group is not None:
         torch.distributed.all_reduce(total, group=pp_group)
     norm = total.sqrt()

@@ -33,7 +33,10 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llmtrain.config import Config
-from llmtrain.model.moe import local_tensor, moe_layers
+from llmtrain.model.moe import moe_layers
+from llmtrain.parallel.expert import ExpertParallelExperts
+from llmtrain.parallel.parallelized import GradSync
+from llmtrain.parallel.tensor import local_tensor
 from llmtrain.train.optim import param_groups
 
 
@@ -64,10 +67,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     dp_size = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
     for block in transformer_blocks(model):
         for moe in moe_layers(block).values():
-            ep_replicate = getattr(moe.experts, "replicate_mesh", None)
-            if ep_replicate is not None:  # expert-parallel weights (DTensors over ep): FSDP
+            if isinstance(moe.experts, ExpertParallelExperts):  # DTensors over ep: FSDP
                 # shards them over the ranks holding the same experts, as a unit of its own
-                _shard_experts(moe.experts, ep_replicate, dp_size, kwargs)
+                _shard_experts(moe.experts, moe.experts.replicate_mesh, dp_size, kwargs)
         fully_shard(block, **kwargs)
     # the root unit holds embeddings, final norm and output; the root is never resharded after
     # forward (its output layer runs first in the backward)
@@ -90,49 +92,42 @@ def _shard_experts(experts: nn.Module, ep_replicate: DeviceMesh, dp_size: int,
         experts.set_force_sum_reduction_for_comms(True)
 
 
-# Attribute of a model whose gradients the loop reduces after the backward, where DDP cannot
-# wrap the model (stages 0/1 with tensor parallelism: DTensor parameters; expert parallelism:
-# expert weights differ between ranks): a list of (parameters, group, divisor), each gradient
-# summed over its group and divided by the divisor (see `average_gradients`).
-GRAD_SYNC_ATTR = "grad_sync"
-
-
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
-                        device: torch.device) -> nn.Module:
+                        device: torch.device) -> tuple[nn.Module, list[GradSync]]:
+    """(the data-parallel module, the gradient reductions the step runs after the backward where
+    no DDP/FSDP wrapper does them: DTensor parameters and expert weights, which DDP cannot
+    handle)."""
     if cfg.parallel.zero_stage >= 2:
-        return apply_fsdp(model, mesh, cfg, device)
+        return apply_fsdp(model, mesh, cfg, device), []
     dp = dp_mesh(mesh)
     if dp.size() == 1:
-        return model
+        return model, []
     if expert_params(model) or \
             any(isinstance(p, DTensor) for p in model.parameters()):
-        set_grad_sync(model, dp)
-        return model
+        return model, grad_sync_plan(model, dp)
     return DDP(model, process_group=dp.get_group(), broadcast_buffers=False,
-               device_ids=[device.index] if device.type == "cuda" else None)
+               device_ids=[device.index] if device.type == "cuda" else None), []
 
 
 def expert_params(model: nn.Module) -> list[nn.Parameter]:
     """The expert weights sharded by expert parallelism (parallel/expert.py), as the model holds
     them now (FSDP replaces parameters with its own)."""
     return [p for m in moe_layers(model).values()
-            if getattr(m.experts, "replicate_mesh", None) is not None
+            if isinstance(m.experts, ExpertParallelExperts)
             for p in m.experts.parameters()]
 
 
-def set_grad_sync(model: nn.Module, dp: DeviceMesh) -> None:
+def grad_sync_plan(model: nn.Module, dp: DeviceMesh) -> list[GradSync]:
     """Where no DDP wrapper reduces the gradients (DTensor parameters, expert parallelism,
-    pipeline stages): the plan the training loop runs after the backward, as a plain attribute
-    (not state). Gradients are averaged over dp; expert weights (parallel/expert.py) are summed
-    over the ranks holding the same experts and divided by the same dp size."""
+    pipeline stages): the reductions the step runs after the backward. Gradients are averaged
+    over dp; expert weights (parallel/expert.py) are summed over the ranks holding the same
+    experts and divided by the same dp size."""
     params = list(model.parameters())
     expert = expert_params(model)
     if expert:
         rest, ep_rep = _split_experts(model, params, expert)
-        plan = [(rest, dp.get_group(), dp.size()), (expert, ep_rep, dp.size())]
-    else:
-        plan = [(params, dp.get_group(), dp.size())]
-    model.__dict__[GRAD_SYNC_ATTR] = plan
+        return [(rest, dp.get_group(), dp.size()), (expert, ep_rep, dp.size())]
+    return [(params, dp.get_group(), dp.size())]
 
 
 def _split_experts(model: nn.Module, params: list, expert: list) -> tuple[list, object]:

@@ -24,11 +24,13 @@ over all dp ranks (`grad_sync` plan, run by the training loop after the backward
 parallel/data.py). At ZeRO 2/3 the experts of each layer are an FSDP unit of their own, sharded
 over ep_replicate, with the same divisor (torchtitan's layout). Under pipeline parallelism each
 stage shards the experts of its own layers over the ep ranks of that stage.
+
+`apply_ep` turns each layer's GroupedExperts into an ExpertParallelExperts (over tp too: an
+ExpertTensorParallelExperts), the same object and parameter names, as FSDP's fully_shard does;
+its forward runs the model's plain expert code on this rank's local shards.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.distributed as dist
@@ -37,7 +39,8 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from llmtrain.model.moe import moe_layers
+from llmtrain.model.moe import GroupedExperts, moe_layers
+from llmtrain.parallel.tensor import TensorParallelExperts, local_weights
 
 
 def build_ep_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
@@ -51,44 +54,61 @@ def build_ep_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
                       mesh_dim_names=("ep_pp", "ep_replicate", "ep", "tp"))
 
 
-def _ep_forward(experts: nn.Module, group, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """GroupedExperts.forward across the ep group: x [M, d] sorted by global expert, counts [E]."""
-    ep = dist.get_world_size(group)
-    n_local = counts.numel() // ep
-    send = counts.view(ep, n_local)  # rows to each rank, per its local expert
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv.view(-1), send.reshape(-1), group=group)
-    in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-    # rows this forward sends to other ranks (each comes back once): benchmarks/moe_alltoall.py
-    experts.a2a_rows_off_rank = sum(in_splits) - in_splits[dist.get_rank(group)]
-    received = all_to_all_single_autograd(x, out_splits, in_splits, group)
-    received = torch.ops._c10d_functional.wait_tensor(received)
-    # received: by source rank, then local expert -> regroup by local expert, then source rank
-    sizes = recv.reshape(-1).tolist()  # chunk (source s, expert e) at index s * n_local + e
-    chunks = torch.arange(len(sizes)).view(ep, n_local).t().reshape(-1).tolist()
-    starts = [0]
-    for n in sizes:
-        starts.append(starts[-1] + n)
-    perm = torch.cat([torch.arange(starts[c], starts[c] + sizes[c]) for c in chunks]
-                     + [torch.zeros(0, dtype=torch.long)]).to(x.device)
-    local_weights = tuple(None if w is None else w.to_local()
-                          for w in (experts.w1, experts.w2, experts.w3))
-    y = experts.run(received[perm], recv.sum(0), local_weights)
-    if y.shape[0] == 0:
-        # No rank sent this rank a token. The empty result must still hang off the tokens and
-        # this rank's expert weights, as everyone else's does: otherwise this rank's backward
-        # skips the all-to-alls the other ranks wait in.
-        y = received[perm] * 0 + sum(w.sum() for w in local_weights if w is not None) * 0
-    back = torch.empty_like(y).index_copy(0, perm, y)  # inverse permutation
-    out = all_to_all_single_autograd(back, in_splits, out_splits, group)
-    return torch.ops._c10d_functional.wait_tensor(out)
+class ExpertParallelExperts(GroupedExperts):
+    """GroupedExperts whose E experts are split over the ranks of `ep_group` (weights Shard(0)
+    DTensors): forward moves the routed rows to the ranks owning their experts and back (module
+    docstring).
+      ep_group           the ranks the experts are split over (the all-to-alls)
+      replicate_mesh     the ranks holding the same experts: what their gradients are reduced
+                         over (parallel/data.py)
+      a2a_rows_off_rank  rows the last forward sent to other ranks, each of which came back once
+                         (benchmarks/moe_alltoall.py)"""
+
+    ep_group: dist.ProcessGroup
+    replicate_mesh: DeviceMesh
+    a2a_rows_off_rank: int
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, d] sorted by global expert, counts [E] -> the rows through their experts."""
+        group = self.ep_group
+        ep = dist.get_world_size(group)
+        n_local = counts.numel() // ep
+        send = counts.view(ep, n_local)  # rows to each rank, per its local expert
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv.view(-1), send.reshape(-1), group=group)
+        in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+        self.a2a_rows_off_rank = sum(in_splits) - in_splits[dist.get_rank(group)]
+        received = all_to_all_single_autograd(x, out_splits, in_splits, group)
+        received = torch.ops._c10d_functional.wait_tensor(received)
+        # received: by source rank, then local expert -> regroup by local expert, then source rank
+        sizes = recv.reshape(-1).tolist()  # chunk (source s, expert e) at index s * n_local + e
+        chunks = torch.arange(len(sizes)).view(ep, n_local).t().reshape(-1).tolist()
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        perm = torch.cat([torch.arange(starts[c], starts[c] + sizes[c]) for c in chunks]
+                         + [torch.zeros(0, dtype=torch.long)]).to(x.device)
+        weights = local_weights(self)
+        y = self.run(received[perm], recv.sum(0), weights)
+        if y.shape[0] == 0:
+            # No rank sent this rank a token. The empty result must still hang off the tokens
+            # and this rank's expert weights, as everyone else's does: otherwise this rank's
+            # backward skips the all-to-alls the other ranks wait in.
+            y = received[perm] * 0 + sum(w.sum() for w in weights if w is not None) * 0
+        back = torch.empty_like(y).index_copy(0, perm, y)  # inverse permutation
+        out = all_to_all_single_autograd(back, in_splits, out_splits, group)
+        return torch.ops._c10d_functional.wait_tensor(out)
+
+
+class ExpertTensorParallelExperts(ExpertParallelExperts, TensorParallelExperts):
+    """Experts split over ep (which experts) and tp (which hidden units of each): the all-to-alls
+    of ExpertParallelExperts around the tp-reduced run of TensorParallelExperts."""
 
 
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Shard every MoE layer's experts over ep_mesh["ep"] (built by `build_ep_mesh`; experts
-    already split over tp by parallel/tensor.py keep that split on its "tp" dimension) and route
-    their forward through the all-to-alls. Each GroupedExperts gets `replicate_mesh`, the ranks
-    holding its experts (what its gradients are reduced over: parallel/data.py). Names stay."""
+    already split over tp by parallel/tensor.py keep that split on its "tp" dimension) and make
+    them an ExpertParallelExperts (ExpertTensorParallelExperts over tp too). Names stay."""
     group = ep_mesh["ep"].get_group()
     for moe in moe_layers(model).values():
         experts = moe.experts
@@ -103,5 +123,8 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
                 mesh, placements = ep_mesh["ep"], [Shard(0)]
             sharded = nn.Parameter(distribute_tensor(w.detach(), mesh, placements))
             setattr(experts, name, sharded)
-        experts.forward = functools.partial(_ep_forward, experts, group)
+        tp = isinstance(experts, TensorParallelExperts)
+        experts.__class__ = ExpertTensorParallelExperts if tp else ExpertParallelExperts
+        experts.ep_group = group
         experts.replicate_mesh = ep_mesh["ep_replicate"]
+        experts.a2a_rows_off_rank = 0

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from llmtrain.config import Config, ConfigError
+from llmtrain.config import Config, ConfigError, ParallelDims
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -53,10 +53,9 @@ def resolve_device(cfg: Config, env: DistEnv) -> torch.device:
 
 
 def mesh_shape(cfg: Config, world_size: int) -> dict[str, int]:
-    p = cfg.parallel
-    other = p.pp * p.dp_replicate * p.tp
-    dp_shard = p.dp_shard if p.dp_shard > 0 else world_size // other
-    return {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp}
+    """The size of each of MESH_DIMS (a ConfigError where they do not fit `world_size`)."""
+    dims = ParallelDims.from_config(cfg, world_size)
+    return {name: getattr(dims, name) for name in MESH_DIMS}
 
 
 def restart_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store | None:

@@ -40,10 +40,11 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
 from torch.distributed.tensor import DTensor
 
 from llmtrain.config import Config
-from llmtrain.layout import rank_stages, stage_layer_ids
+from llmtrain.config.layout import micro_batches, rank_stages, stage_layer_ids
 from llmtrain.model.moe import moe_layers, moe_metrics
 from llmtrain.parallel import data as _data
 from llmtrain.parallel.expert import apply_ep, build_ep_mesh
+from llmtrain.parallel.parallelized import ParallelModel
 from llmtrain.parallel.tensor import apply_tp
 from llmtrain.train.loss import autocast, cross_entropy_sum
 
@@ -54,8 +55,6 @@ _MULTI_STAGE = ("interleaved_1f1b", "zero_bubble")
 # modules of the Transformer outside `layers` that run before the first / after the last layer
 _FIRST_ONLY = ("tok_embeddings", "pos_embeddings", "embedding_proj")
 _LAST_ONLY = ("norm", "output", "output_proj", "mos")
-# attribute on the model given to the trainer: the pp process group, read by clip_grad_norm_
-PP_GROUP_ATTR = "pp_group"
 
 
 def _keep(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> None:
@@ -95,10 +94,10 @@ def split_model(model: nn.Module, cfg: Config,
 
 
 def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
-                         device: torch.device) -> nn.Module:
+                         device: torch.device) -> ParallelModel:
     """Split `model` into this rank's stages, then tensor and data parallelism on each stage.
-    Returns the module whose parameters are all of this rank's (original FQNs); its stages are
-    in `.pipeline_parts`, their indices in `.pipeline_stages`."""
+    The result's module holds all of this rank's parameters (original FQNs); its parts are the
+    stages, wrapped by FSDP at ZeRO 2/3."""
     pp_mesh = mesh["pp"]
     rank_model, parts, stages = split_model(model, cfg, pp_mesh.get_local_rank())
     if mesh["tp"].size() > 1:
@@ -109,24 +108,21 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     wrapped = []
     for part in parts:
         if cfg.parallel.zero_stage >= 2:
-            part = _data.apply_data_parallel(part, mesh, cfg, device)
+            part, _ = _data.apply_data_parallel(part, mesh, cfg, device)
         if hasattr(part, "set_reshard_after_forward"):
             # FSDP2 inside a pipeline keeps the gathered parameters from the forward of a
             # micro-batch to its backward (torchtitan): re-gathering per micro-batch costs more
             part.set_reshard_after_forward(False)
         wrapped.append(part)
     top = wrapped[0] if len(parts) == 1 else rank_model
-    # plain attributes (lists, a process group): not registered as submodules or state
-    top.__dict__["pipeline_parts"] = wrapped
-    top.__dict__["pipeline_stages"] = stages
-    top.__dict__[PP_GROUP_ATTR] = pp_mesh.get_group()
     # ZeRO 0/1: DDP's reducer expects one backward per forward, a pipeline stage runs one per
-    # micro-batch (and one more for shape inference); the loop averages the gradients after the
+    # micro-batch (and one more for shape inference); the step averages the gradients after the
     # schedule's step, by the same plan as for tensor parallelism without DDP
     dp = _data.dp_mesh(mesh)
-    if cfg.parallel.zero_stage < 2 and dp.size() > 1:
-        _data.set_grad_sync(top, dp)
-    return top
+    grad_sync = (_data.grad_sync_plan(top, dp)
+                 if cfg.parallel.zero_stage < 2 and dp.size() > 1 else [])
+    return ParallelModel(top, grad_sync, parts=wrapped, stage_ids=stages,
+                         pp_group=pp_mesh.get_group())
 
 
 class _CarryRouterLoss(torch.autograd.Function):
@@ -221,11 +217,12 @@ class Pipeline:
     """This rank's stages and the schedule that drives them; `run` does forward and backward of
     every micro-batch of one step (or forward only, for evaluation)."""
 
-    def __init__(self, model: nn.Module, cfg: Config, device: torch.device, n_microbatches: int):
+    def __init__(self, parallel: ParallelModel, cfg: Config, device: torch.device,
+                 n_microbatches: int):
         self.cfg, self.device = cfg, device
-        self.group = getattr(model, PP_GROUP_ATTR)
+        model, self.group = parallel.module, parallel.pp_group
         self.params = [p for p in model.parameters() if p.requires_grad]
-        parts, stage_ids = model.pipeline_parts, model.pipeline_stages
+        parts, stage_ids = parallel.parts, parallel.stage_ids
         n_stages = cfg.parallel.pp * cfg.parallel.virtual_stages
         self.stages = [PipelineStage(part, s, n_stages, device, group=self.group)
                        for part, s in zip(parts, stage_ids)]
@@ -303,10 +300,11 @@ class Pipeline:
         return float(total / count)
 
 
-def build_pipeline(model: nn.Module, cfg: Config, device: torch.device,
+def build_pipeline(parallel: ParallelModel, cfg: Config, device: torch.device,
                    dp_size: int) -> Pipeline:
     """The pipeline of a model returned by `parallelize` with parallel.pp > 1. Micro-batches:
     `parallel.pp_microbatches`, 0 = the global batch per dp rank / train.micro_batch_size."""
     t = cfg.train
-    n_mb = cfg.parallel.pp_microbatches or t.global_batch_size // dp_size // t.micro_batch_size
-    return Pipeline(model, cfg, device, n_mb)
+    n_mb = cfg.parallel.pp_microbatches or micro_batches(t.global_batch_size,
+                                                         t.micro_batch_size, dp_size)
+    return Pipeline(parallel, cfg, device, n_mb)

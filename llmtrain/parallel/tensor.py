@@ -19,7 +19,9 @@ units (Megatron's expert tensor parallelism); the partial expert outputs are sum
 before the gates weight them, so that the gates' gradient sees whole outputs. Shared experts are
 a dense FFN. Under sequence parallelism the layer takes the gathered sequence and returns its
 sequence shard. With expert parallelism (parallel/expert.py) each rank's experts are split
-over tp the same way.
+over tp the same way. The model's Router and GroupedExperts become TensorParallelRouter and
+TensorParallelExperts (the same objects and parameter names, as FSDP's fully_shard does), whose
+forward hands the plain model code this rank's local tensors.
 
 Key/value heads: with tp dividing n_kv_heads, wk/wv are column-parallel like wq. Multi-query
 attention (n_kv_heads=1) keeps wk/wv whole on every tp rank (each rank's query heads read the
@@ -28,8 +30,6 @@ rank's query heads contribute only part of it. Other n_kv_heads < tp are refused
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, parallelize_module)
 
 from llmtrain.config import Config
-from llmtrain.model.moe import MoE
+from llmtrain.model.moe import GroupedExperts, MoE, Router
 
 
 class _SumGradOverGroup(torch.autograd.Function):
@@ -78,26 +78,58 @@ class _SumOverGroup(torch.autograd.Function):
         return grad, None
 
 
-def _experts_run_tp(run, group, x: torch.Tensor, counts: torch.Tensor, weights) -> torch.Tensor:
-    """GroupedExperts.run on this rank's hidden units of every expert: the same tokens on every
-    tp rank in, the sum of the tp ranks' partial outputs out."""
-    return _SumOverGroup.apply(run(_SumGradOverGroup.apply(x, group), counts, weights), group)
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (differentiable), a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_weights(experts: GroupedExperts) -> tuple[torch.Tensor | None, ...]:
+    """(w1, w2, w3) of `experts` as this rank's shards (w3 None without a GLU)."""
+    return tuple(None if w is None else local_tensor(w)
+                 for w in (experts.w1, experts.w2, experts.w3))
+
+
+class TensorParallelRouter(Router):
+    """A Router whose gate weight is a Replicate DTensor over tp (so that the optimizer and
+    gradient clipping see one kind of tensor): every tp rank routes the same tokens the same way
+    with its local copy."""
+
+    def forward(self, x: torch.Tensor):
+        return self.route(x, local_tensor(self.gate.weight))
+
+
+class TensorParallelExperts(GroupedExperts):
+    """GroupedExperts split over tp like the dense FFN: w1, w3 [E, d, f] by hidden columns
+    (Shard(2)), w2 [E, f, d] by hidden rows (Shard(1)). Every tp rank runs the same tokens through
+    its hidden units of every expert; the partial outputs are summed over `tp_group`."""
+
+    tp_group: dist.ProcessGroup
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return self.run(x, counts, local_weights(self))
+
+    def run(self, x: torch.Tensor, counts: torch.Tensor, weights) -> torch.Tensor:
+        x = _SumGradOverGroup.apply(x, self.tp_group)
+        return _SumOverGroup.apply(super().run(x, counts, weights), self.tp_group)
 
 
 def apply_tp_moe(moe: MoE, tp_mesh: DeviceMesh) -> None:
     """Split an MoE layer's router and experts over `tp_mesh` in place (see the module
-    docstring): router weight replicated, experts split over hidden units, their run wrapped in
-    the tp reductions. The shared experts are left to the block's plan (`_block_plan`)."""
-    gate = moe.router.gate
-    gate.weight = nn.Parameter(DTensor.from_local(gate.weight.detach(), tp_mesh, [Replicate()],
-                                                  run_check=False))
+    docstring): the router becomes a TensorParallelRouter with its weight replicated, the experts
+    a TensorParallelExperts split over hidden units. The shared experts are left to the block's
+    plan (`_block_plan`)."""
+    router = moe.router
+    router.gate.weight = nn.Parameter(DTensor.from_local(router.gate.weight.detach(), tp_mesh,
+                                                         [Replicate()], run_check=False))
+    router.__class__ = TensorParallelRouter
     experts = moe.experts
     for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):  # [E, d, f], [E, d, f], [E, f, d]
         w = getattr(experts, name)
         if w is not None:
             setattr(experts, name, nn.Parameter(distribute_tensor(w.detach(), tp_mesh,
                                                                   [Shard(dim)])))
-    experts.run = functools.partial(_experts_run_tp, experts.run, tp_mesh.get_group())
+    experts.__class__ = TensorParallelExperts
+    experts.tp_group = tp_mesh.get_group()
 
 
 def _replicate(module: nn.Module, mesh: DeviceMesh, sum_output_grad: bool = False) -> None:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from llmtrain.config import Config, ConfigError, load_config
-from llmtrain.layout import balanced_layer_counts
+from llmtrain.config import Config, ConfigError, ParallelDims, load_config
+from llmtrain.config.layout import balanced_layer_counts, micro_batches
 from llmtrain.planner import comm, compute, memory
 from llmtrain.planner.compute import Hardware
 from llmtrain.planner.memory import GIB
@@ -67,16 +67,15 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg: Config, gpus: int) -> Layout:
-        p, t = cfg.parallel, cfg.train
-        other = p.pp * p.dp_replicate * p.tp
-        dp_shard = p.dp_shard if p.dp_shard > 0 else max(gpus // other, 1)
-        dp = p.dp_replicate * dp_shard
-        m = p.pp_microbatches or max(t.global_batch_size // (t.micro_batch_size * dp), 1)
-        return cls(tp=p.tp, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=dp_shard, ep=p.ep,
+        """The layout `cfg` sets, resolved on `gpus` GPUs by ParallelDims without its check that
+        the degrees fit: `check_layout` reports that among the other rules."""
+        p, d = cfg.parallel, ParallelDims.from_config(cfg, gpus, strict=False)
+        return cls(tp=d.tp, pp=d.pp, dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, ep=d.ep,
                    zero_stage=p.zero_stage, engine=p.engine, pp_schedule=p.pp_schedule,
-                   pp_microbatches=m, virtual_stages=p.virtual_stages,
+                   pp_microbatches=d.pp_microbatches, virtual_stages=p.virtual_stages,
                    activation_checkpointing=p.activation_checkpointing,
-                   sequence_parallel=p.sequence_parallel, micro_batch_size=t.micro_batch_size)
+                   sequence_parallel=p.sequence_parallel,
+                   micro_batch_size=cfg.train.micro_batch_size)
 
 
 def _yaml(v: object) -> str:
@@ -106,13 +105,13 @@ def check_layout(cfg: Config, lay: Layout, gpus: int) -> list[str]:
     if lay.pp > m.n_layers:
         errs.append(f"parallel.pp={lay.pp} exceeds model.n_layers={m.n_layers}: every stage "
                     f"needs a layer")
+    n_micro = micro_batches(t.global_batch_size, lay.micro_batch_size, lay.dp)
     if t.global_batch_size % (lay.micro_batch_size * lay.dp):
         errs.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                     f"train.micro_batch_size={lay.micro_batch_size} x data-parallel size {lay.dp}")
-    elif lay.pp_microbatches != t.global_batch_size // (lay.micro_batch_size * lay.dp):
+    elif lay.pp_microbatches != n_micro:
         errs.append(f"parallel.pp_microbatches={lay.pp_microbatches} is not global batch / "
-                    f"(micro batch x dp) = "
-                    f"{t.global_batch_size // (lay.micro_batch_size * lay.dp)}")
+                    f"(micro batch x dp) = {n_micro}")
     if lay.pp > 1 and lay.pp_microbatches < lay.pp:
         errs.append(f"parallel.pp_microbatches={lay.pp_microbatches} is fewer than the "
                     f"{lay.pp} pipeline stages")
@@ -172,7 +171,7 @@ class Estimate:
 
 
 def _stage_layer_counts(cfg: Config, lay: Layout) -> list[int]:
-    """Layers on each pipeline rank, split as layout.py splits them: one entry per model chunk
+    """Layers on each pipeline rank, split as config/layout.py splits them: one entry per chunk
     (pp x virtual_stages; `parallel.pp_layers` when the config sets them for this layout, else
     balanced with the first chunks taking the remainder), rank r holding chunks r, r + pp, ..."""
     n, p, v = cfg.model.n_layers, lay.pp, lay.virtual_stages
@@ -187,112 +186,189 @@ def _act_bytes(precision: str) -> int:
 
 def estimate(cfg: Config, lay: Layout, hw: Hardware, flash: bool = True) -> Estimate:
     """Memory and step time of `lay` for the run in `cfg` (see the module docstring)."""
-    m, tr = cfg.model, cfg.train
-    pc = memory.param_counts(m)
-    s, b, t, p, v = tr.seq_len, lay.micro_batch_size, lay.tp, lay.pp, lay.virtual_stages
-    mb, ac, sp = lay.pp_microbatches, lay.activation_checkpointing, lay.sequence_parallel
-    h, ab = m.d_model, _act_bytes(tr.precision)
+    pc = memory.param_counts(cfg.model)
     counts = _stage_layer_counts(cfg, lay)  # layers on each pipeline rank
-    per_stage, first_n, last_n = max(counts), counts[0], counts[-1]
-    moe_frac = pc.n_moe_layers / m.n_layers
-    moe = m.moe
+    per_stage, moe_frac = max(counts), pc.n_moe_layers / cfg.model.n_layers
+    params = _gpu_params(cfg, lay, pc, counts, moe_frac)
+    mem = _memory(cfg, lay, hw, params, counts, moe_frac, flash)
 
-    # ---- parameters on the fullest stage (first holds the embedding, last the output layer)
-    dense_gpu = (pc.attention + pc.mlp) / t + pc.norms
-    expert_gpu = pc.moe_layer_experts / lay.ep / t
-    moe_shared_gpu = pc.attention / t + pc.norms + pc.router
-    layer_shared = (1 - moe_frac) * dense_gpu + moe_frac * moe_shared_gpu
-    layer_expert = moe_frac * expert_gpu
-    out_proj = (pc.output if (pc.output or p > 1) else 0) / t  # tied: last stage keeps a copy
-    first = first_n * layer_shared + pc.embedding / t + (pc.final_norm + out_proj if p == 1
-                                                         else 0)
-    last = last_n * layer_shared + pc.final_norm + out_proj
-
-    def states(shared: float, n_layers: int) -> dict[str, float]:
-        st = memory.model_state_bytes(shared, tr.precision, lay.zero_stage, lay.dp_shard)
-        ex = memory.model_state_bytes(n_layers * layer_expert, tr.precision, lay.zero_stage,
-                                      max(lay.dp_shard // lay.ep, 1))
-        return {k: st[k] + ex[k] for k in st}
-
-    # ---- activations
-    def per_layer(recompute: str, is_moe: bool = False) -> float:
-        ffn = m.ffn_dim * ((moe.top_k + moe.n_shared_experts) if is_moe else 1)
-        return memory.layer_activation_bytes(
-            s, b, h, m.n_heads, t, sp=sp, recompute=recompute, ffn=ffn,
-            glu=m.activation in memory.GLU_ACTIVATIONS, kv_heads=m.kv_heads,
-            dropout=m.dropout > 0, layernorm=m.norm == "layernorm", flash=flash, elem_bytes=ab)
-
-    layer_act = (1 - moe_frac) * per_layer(ac) + moe_frac * per_layer(ac, True)
-    transient = per_layer("none") if ac == "full" else 0.0  # the layer being recomputed
-    logits = 4 * s * b * m.vocab_size / t  # fp32 logits for the loss (Korthikanti Sec. 4.3)
-    inflight = memory.inflight_layers(m.n_layers, p, lay.pp_schedule, mb, v)
-    act_first = inflight * layer_act + transient + (logits if p == 1 else 0)
-    act_last = last_n * layer_act + transient + logits
-    zero3_gather = 0.0
-    if lay.zero_stage >= 3 and lay.dp_shard > 1:  # one layer gathered, the next prefetched
-        zero3_gather = 2 * (dense_gpu + expert_gpu * moe_frac) * memory.STATE_BYTES[
-            tr.precision][0]
-
-    overhead = hw.overhead_gib * GIB
-    mems = []
-    for shared, act, n_layers in ((first, act_first, first_n), (last, act_last, last_n)):
-        st = states(shared, n_layers)
-        mem = {**st, "activations": act + zero3_gather, "overhead": overhead}
-        mem["total"] = sum(mem.values())
-        mems.append(mem)
-    mem = max(mems, key=lambda d: d["total"])
-
-    # ---- time of one microbatch through the slowest stage
-    dense_t = compute.layer_time(m, b, s, t, sp, ac, hw)
-    moe_t = (compute.layer_time(m, b, s, t, sp, ac, hw,
-                                mlp_mult=moe.top_k + moe.n_shared_experts,
-                                mlp_split=max(moe.num_experts // lay.ep, 1))
-             if pc.n_moe_layers else 0.0)
-    layers_t = per_stage * ((1 - moe_frac) * dense_t + moe_frac * moe_t)
-    stage_compute = layers_t + compute.logits_time(m, b, s, t, hw)  # last stage: the worst
-
-    tp_link = comm.link_for(1, t, hw)
-    passes = 3 if ac == "full" else 2  # forward, backward (+ recomputed forward)
-    msg = b * s * h * ab
-    # 2 all-reduces per pass (Megatron); with SP an all-gather + reduce-scatter each: same bytes
-    tp_t = per_stage * passes * 2 * comm.collective_time("all_reduce", t, msg, tp_link)
-    tp_bytes = per_stage * passes * 2 * comm.ring_bytes("all_reduce", t, msg)
-
-    ep_link = comm.link_for(t, lay.ep, hw)
-    ep_msg = b * s / (t if sp else 1) * moe.top_k * h * ab * moe.capacity_factor
-    n_a2a = per_stage * moe_frac * 2 * passes
-    ep_t = n_a2a * comm.collective_time("all_to_all", lay.ep, ep_msg, ep_link)
-    ep_bytes = n_a2a * comm.ring_bytes("all_to_all", lay.ep, ep_msg)
-
-    pp_link = comm.link_for(t * lay.dp, p, hw)
-    p2p_msg = msg / (t if sp else 1)
-    pp_t = 2 * v * comm.collective_time("p2p", 2, p2p_msg, pp_link) if p > 1 else 0.0
-    pp_bytes = 2 * v * mb * p2p_msg if p > 1 else 0.0
-
-    stage_t = stage_compute + tp_t + ep_t + pp_t
-    bubble = compute.bubble_slots(lay.pp_schedule, p, v) * stage_t
+    # ---- time of one microbatch through the slowest stage, then the pipeline
+    compute_t = _compute_time(cfg, lay, hw, pc, per_stage, moe_frac)
+    tp_t, tp_bytes = _tp_comm(cfg, lay, hw, per_stage)
+    ep_t, ep_bytes = _ep_comm(cfg, lay, hw, per_stage, moe_frac)
+    pp_t, pp_bytes = _pp_comm(cfg, lay, hw)
+    stage_t = compute_t + tp_t + ep_t + pp_t
+    mb = lay.pp_microbatches
+    bubble = compute.bubble_slots(lay.pp_schedule, lay.pp, lay.virtual_stages) * stage_t
     pipeline_t = mb * stage_t + bubble
 
-    # ---- data parallel
-    grad_elem = memory.STATE_BYTES[tr.precision][1]
-    shared_params = max(first, last)
-    dp_t, dp_bytes = _dp_time(lay, shared_params * grad_elem, hw, stage_compute, per_stage)
+    # ---- data parallel, optimizer
+    grad_bytes = max(params.first, params.last) * memory.STATE_BYTES[cfg.train.precision][1]
+    dp_t, dp_bytes = _dp_time(lay, grad_bytes, hw, compute_t, per_stage)
     optimizer_t = 2 * (mem["params"] + mem["grads"] + mem["optimizer"]) / (hw.hbm_gbps * 1e9)
     step = pipeline_t + dp_t + optimizer_t
 
-    tokens = tr.global_batch_size * s
+    tokens = cfg.train.global_batch_size * cfg.train.seq_len
     gpus = lay.world
-    model_flops = compute.model_flops_per_token(m, s) * tokens
-    hw_flops = compute.hardware_flops_per_token(m, s, ac) * tokens
+    model_flops = compute.model_flops_per_token(cfg.model, cfg.train.seq_len) * tokens
+    hw_flops = compute.hardware_flops_per_token(cfg.model, cfg.train.seq_len,
+                                                lay.activation_checkpointing) * tokens
     return Estimate(
         layout=lay, memory=mem, fits=mem["total"] <= hw.gpu_mem_gib * GIB, step_time_s=step,
-        time_s={"compute": mb * stage_compute, "tp_comm": mb * tp_t, "ep_comm": mb * ep_t,
+        time_s={"compute": mb * compute_t, "tp_comm": mb * tp_t, "ep_comm": mb * ep_t,
                 "pp_comm": mb * pp_t, "bubble": bubble, "dp_exposed": dp_t,
                 "optimizer": optimizer_t},
         comm_bytes={"tp": mb * tp_bytes, "pp": pp_bytes, "dp": dp_bytes, "ep": mb * ep_bytes},
         tokens_per_s=tokens / step, mfu=model_flops / (step * gpus * hw.peak_tflops * 1e12),
         tflops_per_gpu=model_flops / step / gpus / 1e12,
         hw_tflops_per_gpu=hw_flops / step / gpus / 1e12)
+
+
+@dataclass(frozen=True)
+class _GpuParams:
+    """Parameters (elements) one GPU holds under a layout."""
+    dense: float         # one dense layer
+    expert: float        # the experts of one MoE layer
+    layer_expert: float  # experts per layer, averaged over dense and MoE layers
+    first: float         # all but experts on the first pipeline stage (holds the embedding)
+    last: float          # all but experts on the last pipeline stage (holds the output layer)
+
+
+def _gpu_params(cfg: Config, lay: Layout, pc: memory.ParamCounts, counts: list[int],
+                moe_frac: float) -> _GpuParams:
+    t, p = lay.tp, lay.pp
+    dense_gpu = (pc.attention + pc.mlp) / t + pc.norms
+    expert_gpu = pc.moe_layer_experts / lay.ep / t
+    moe_shared_gpu = pc.attention / t + pc.norms + pc.router
+    layer_shared = (1 - moe_frac) * dense_gpu + moe_frac * moe_shared_gpu
+    out_proj = (pc.output if (pc.output or p > 1) else 0) / t  # tied: last stage keeps a copy
+    first = counts[0] * layer_shared + pc.embedding / t + (pc.final_norm + out_proj if p == 1
+                                                           else 0)
+    last = counts[-1] * layer_shared + pc.final_norm + out_proj
+    return _GpuParams(dense_gpu, expert_gpu, moe_frac * expert_gpu, first, last)
+
+
+def _memory(cfg: Config, lay: Layout, hw: Hardware, params: _GpuParams, counts: list[int],
+            moe_frac: float, flash: bool) -> dict[str, float]:
+    """Bytes on the fullest GPU: of the first or the last pipeline stage, the larger."""
+    act_first, act_last = _activation_bytes(cfg, lay, counts, moe_frac, flash)
+    zero3_gather = 0.0
+    if lay.zero_stage >= 3 and lay.dp_shard > 1:  # one layer gathered, the next prefetched
+        zero3_gather = 2 * (params.dense + params.expert * moe_frac) * memory.STATE_BYTES[
+            cfg.train.precision][0]
+    overhead = hw.overhead_gib * GIB
+    mems = []
+    for shared, act, n_layers in ((params.first, act_first, counts[0]),
+                                  (params.last, act_last, counts[-1])):
+        st = _state_bytes(cfg, lay, shared, n_layers * params.layer_expert)
+        mem = {**st, "activations": act + zero3_gather, "overhead": overhead}
+        mem["total"] = sum(mem.values())
+        mems.append(mem)
+    return max(mems, key=lambda d: d["total"])
+
+
+def _state_bytes(cfg: Config, lay: Layout, shared: float, experts: float) -> dict[str, float]:
+    """Parameter, gradient and optimizer bytes: ZeRO shards shared parameters over dp_shard
+    ranks, experts over the dp_shard / ep ranks that hold the same experts."""
+    precision = cfg.train.precision
+    st = memory.model_state_bytes(shared, precision, lay.zero_stage, lay.dp_shard)
+    ex = memory.model_state_bytes(experts, precision, lay.zero_stage,
+                                  max(lay.dp_shard // lay.ep, 1))
+    return {k: st[k] + ex[k] for k in st}
+
+
+def _activation_bytes(cfg: Config, lay: Layout, counts: list[int], moe_frac: float,
+                      flash: bool) -> tuple[float, float]:
+    """Activation bytes held on the first and on the last pipeline stage."""
+    m, p, ac = cfg.model, lay.pp, lay.activation_checkpointing
+    layer_act = ((1 - moe_frac) * _layer_activations(cfg, lay, ac, flash)
+                 + moe_frac * _layer_activations(cfg, lay, ac, flash, True))
+    transient = (_layer_activations(cfg, lay, "none", flash) if ac == "full"
+                 else 0.0)  # the layer being recomputed
+    # fp32 logits for the loss (Korthikanti Sec. 4.3)
+    logits = 4 * cfg.train.seq_len * lay.micro_batch_size * m.vocab_size / lay.tp
+    inflight = memory.inflight_layers(m.n_layers, p, lay.pp_schedule, lay.pp_microbatches,
+                                      lay.virtual_stages)
+    act_first = inflight * layer_act + transient + (logits if p == 1 else 0)
+    act_last = counts[-1] * layer_act + transient + logits
+    return act_first, act_last
+
+
+def _layer_activations(cfg: Config, lay: Layout, recompute: str, flash: bool,
+                       is_moe: bool = False) -> float:
+    """Activation bytes one layer keeps for its backward pass."""
+    m, moe = cfg.model, cfg.model.moe
+    ffn = m.ffn_dim * ((moe.top_k + moe.n_shared_experts) if is_moe else 1)
+    return memory.layer_activation_bytes(
+        cfg.train.seq_len, lay.micro_batch_size, m.d_model, m.n_heads, lay.tp,
+        sp=lay.sequence_parallel, recompute=recompute, ffn=ffn,
+        glu=m.activation in memory.GLU_ACTIVATIONS, kv_heads=m.kv_heads,
+        dropout=m.dropout > 0, layernorm=m.norm == "layernorm", flash=flash,
+        elem_bytes=_act_bytes(cfg.train.precision))
+
+
+def _compute_time(cfg: Config, lay: Layout, hw: Hardware, pc: memory.ParamCounts,
+                  per_stage: int, moe_frac: float) -> float:
+    """Compute seconds of one microbatch on the slowest stage: the most layers any stage holds,
+    plus the output layer and loss as on the last stage (the worst case)."""
+    m, moe = cfg.model, cfg.model.moe
+    b, s, t = lay.micro_batch_size, cfg.train.seq_len, lay.tp
+    sp, ac = lay.sequence_parallel, lay.activation_checkpointing
+    dense_t = compute.layer_time(m, b, s, t, sp, ac, hw)
+    moe_t = (compute.layer_time(m, b, s, t, sp, ac, hw,
+                                mlp_mult=moe.top_k + moe.n_shared_experts,
+                                mlp_split=max(moe.num_experts // lay.ep, 1))
+             if pc.n_moe_layers else 0.0)
+    layers_t = per_stage * ((1 - moe_frac) * dense_t + moe_frac * moe_t)
+    return layers_t + compute.logits_time(m, b, s, t, hw)
+
+
+def _passes(lay: Layout) -> int:
+    """Passes over each layer per microbatch: forward, backward (+ recomputed forward)."""
+    return 3 if lay.activation_checkpointing == "full" else 2
+
+
+def _hidden_bytes(cfg: Config, lay: Layout) -> float:
+    """Bytes of one microbatch's hidden states (b x s x h): a tensor-parallel all-reduce."""
+    return (lay.micro_batch_size * cfg.train.seq_len * cfg.model.d_model
+            * _act_bytes(cfg.train.precision))
+
+
+def _tp_comm(cfg: Config, lay: Layout, hw: Hardware, per_stage: int) -> tuple[float, float]:
+    """(seconds, bytes one GPU sends) of one microbatch's tensor-parallel collectives."""
+    t = lay.tp
+    link = comm.link_for(1, t, hw)
+    msg = _hidden_bytes(cfg, lay)
+    # 2 all-reduces per pass (Megatron); with SP an all-gather + reduce-scatter each: same bytes
+    n = per_stage * _passes(lay) * 2
+    return (n * comm.collective_time("all_reduce", t, msg, link),
+            n * comm.ring_bytes("all_reduce", t, msg))
+
+
+def _ep_comm(cfg: Config, lay: Layout, hw: Hardware, per_stage: int,
+             moe_frac: float) -> tuple[float, float]:
+    """(seconds, bytes one GPU sends) of one microbatch's expert all-to-alls: dispatch and
+    combine in every pass over a MoE layer."""
+    moe, t = cfg.model.moe, lay.tp
+    link = comm.link_for(t, lay.ep, hw)
+    msg = (lay.micro_batch_size * cfg.train.seq_len / (t if lay.sequence_parallel else 1)
+           * moe.top_k * cfg.model.d_model * _act_bytes(cfg.train.precision)
+           * moe.capacity_factor)
+    n_a2a = per_stage * moe_frac * 2 * _passes(lay)
+    return (n_a2a * comm.collective_time("all_to_all", lay.ep, msg, link),
+            n_a2a * comm.ring_bytes("all_to_all", lay.ep, msg))
+
+
+def _pp_comm(cfg: Config, lay: Layout, hw: Hardware) -> tuple[float, float]:
+    """(seconds per microbatch, bytes per step one GPU sends) of pipeline point-to-point
+    traffic: one send forward and one backward per microbatch and model chunk."""
+    if not lay.pp > 1:
+        return 0.0, 0.0
+    link = comm.link_for(lay.tp * lay.dp, lay.pp, hw)
+    msg = _hidden_bytes(cfg, lay) / (lay.tp if lay.sequence_parallel else 1)
+    v = lay.virtual_stages
+    return (2 * v * comm.collective_time("p2p", 2, msg, link),
+            2 * v * lay.pp_microbatches * msg)
 
 
 def _dp_time(lay: Layout, grad_bytes: float, hw: Hardware, stage_compute: float,

@@ -1,9 +1,8 @@
 """The training loop: one function, `train(cfg)`, the same on one CPU process and on many GPUs.
 
-Loss normalisation: the loss of a step is the mean next-token cross entropy over every unmasked
-token of the *global* batch. Each micro-batch contributes sum(CE) / N_global, so gradient
-accumulation and data parallelism give the same gradients as one process with the whole batch
-(DDP/FSDP average over dp ranks, hence the factor dp).
+The `Trainer` builds a run (data, model, optimizer, the engine's step object of train/step.py,
+resume) and runs it (logging, evaluation, checkpoint policy, stops); the step itself and its loss
+normalisation are in train/step.py.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.tensor.parallel import loss_parallel
 
 from llmtrain.config import (Config, ConfigError, config_from_dict, read_yaml_file, save_config,
                              validate)
@@ -26,19 +24,16 @@ from llmtrain.data.loader import (BatchReader, Seq2SeqReader, SpanCorruptionRead
 from llmtrain.data.preprocess import prepare_corpus
 from llmtrain.engines import deepspeed as deepspeed_engine
 from llmtrain.model import build_model
-from llmtrain.model.moe import aux_loss as moe_aux_loss
-from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
-from llmtrain.parallel import build_optimizer, clip_grad_norm_, parallelize, state_bytes
-from llmtrain.parallel.data import GRAD_SYNC_ATTR, average_gradients
+from llmtrain.parallel import build_optimizer, parallelize
 from llmtrain.parallel.data import dp_mesh
 from llmtrain.parallel.mesh import (DistEnv, describe_groups, dp_info, init_distributed,
                                     resolve_device)
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
-from llmtrain.train.loss import all_reduce_sum, autocast, cross_entropy_sum, reduce_step_losses
 from llmtrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gib
 from llmtrain.train.rundir import RunDir, RunDirLock, RunError
 from llmtrain.train.optim import lr_at
+from llmtrain.train.step import DataParallelGroup, StepResult, TrainStep, build_step
 
 
 def _last_line(e: BaseException) -> str:
@@ -90,7 +85,8 @@ def _one_builder_first(env, build):
 
 
 class Trainer:
-    """Holds the state of one run; `run()` trains to `train.steps`."""
+    """Holds the state of one run: built by `__init__` (data, model, optimizer, step, resume),
+    trained to `train.steps` by `run()` (logging, evaluation, checkpoint policy)."""
 
     def __init__(self, cfg: Config, overwrite: bool = False, log=print):
         self.cfg = cfg
@@ -105,12 +101,24 @@ class Trainer:
             with self.files.writing("config.yaml") as path:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 save_config(cfg, path)
-        say = log if self.is_main else (lambda *a, **k: None)
-        self.say = say
+        self.say = log if self.is_main else (lambda *a, **k: None)
+        dp_rank, dp_size = dp_info(self.mesh)
+        self.dp_rank = dp_rank
+        self.dp = DataParallelGroup(dp_mesh(self.mesh).get_group() if self.mesh is not None
+                                    else None, dp_size)
+        self.tp = self.mesh["tp"].size() if self.mesh is not None else 1
+        n_train, n_valid = self._build_data()
+        self._build_model()
+        self._resume()
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        self._describe(n_train, n_valid)
 
-        # Data: the corpus cache is built by one process and then found by the others (see
-        # `_one_builder_first`); megatron-core's builder stages its index cache the same way.
-        prefix, tok = _one_builder_first(env, lambda: prepare_corpus(cfg, log=say))
+    def _build_data(self) -> tuple[int, int]:
+        """Tokenizer, corpus cache and this dp rank's batch readers; (train, valid) sample
+        counts. The corpus cache is built by one process and then found by the others (see
+        `_one_builder_first`); megatron-core's builder stages its index cache the same way."""
+        cfg = self.cfg
+        prefix, tok = _one_builder_first(self.env, lambda: prepare_corpus(cfg, log=self.say))
         if self.is_main:
             with self.files.writing("tokenizer.json") as path:  # export and generate read it
                 tmp = path.with_name(".tokenizer.json.tmp")
@@ -123,14 +131,16 @@ class Trainer:
         train_ds, valid_ds = (build_pair_datasets(cfg, prefix, tok) if pairs
                               else build_datasets(cfg, prefix, tok))
         self.tokenizer = tok
-        self.dp_rank, self.dp_size = dp_info(self.mesh)
-        self.dp_group = dp_mesh(self.mesh).get_group() if self.mesh is not None else None
         reader = (Seq2SeqReader if pairs else SpanCorruptionReader
                   if cfg.model.arch == "encoder_decoder" else BatchReader)
-        self.train_reader = reader(train_ds, cfg, tok, self.dp_rank, self.dp_size)
-        self.valid_reader = reader(valid_ds, cfg, tok, self.dp_rank, self.dp_size)
+        self.train_reader = reader(train_ds, cfg, tok, self.dp_rank, self.dp.size)
+        self.valid_reader = reader(valid_ds, cfg, tok, self.dp_rank, self.dp.size)
+        return len(train_ds), len(valid_ds)
 
-        # Model: identical initial weights on every rank (same seed), then parallelised.
+    def _build_model(self) -> None:
+        """The model (identical initial weights on every rank: same seed), parallelised; its
+        optimizer; the step object of the engine; the background checkpoint saver."""
+        cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, self.device)
         self.n_params = model.num_params(non_embedding=False)
@@ -138,61 +148,65 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
         if cfg.train.precision == "bf16_pure":
             model = model.to(torch.bfloat16)
-        self.model = parallelize(model, self.mesh, cfg, self.device)
+        parallel = parallelize(model, self.mesh, cfg, self.device)
+        self.model = parallel.module
         self.optimizer = build_optimizer(self.model, cfg, self.mesh)
         self.engine = None  # parallel.engine=deepspeed: engines/deepspeed.py drives the model
         if cfg.parallel.engine == "deepspeed":
-            self.engine = deepspeed_engine.initialize(self.model, cfg, self.dp_size,
-                                                      self.optimizer, log=say)
+            self.engine = deepspeed_engine.initialize(self.model, cfg, self.dp.size,
+                                                      self.optimizer, log=self.say)
             self.model, self.optimizer = self.engine, self.engine.optimizer
+            self.step_fn: TrainStep = deepspeed_engine.DeepSpeedStep(self.engine, cfg,
+                                                                     self.device, self.dp)
+        else:
+            self.step_fn = build_step(parallel, self.optimizer, cfg, self.device, self.dp,
+                                      self.tp)
         # checkpoint.async: periodic saves written in the background (its own gloo group)
         self.saver = (ckpt.AsyncSaver(cfg.train.collective_timeout_s)
                       if cfg.checkpoint.async_save else None)
-        self.tp = self.mesh["tp"].size() if self.mesh is not None else 1
-        self.pipeline = None  # parallel.pp > 1: a pipeline schedule runs the micro-batches
-        if cfg.parallel.pp > 1:
-            from llmtrain.parallel.pipeline import build_pipeline  # lazy: see parallelize()
-            self.pipeline = build_pipeline(self.model, cfg, self.device, self.dp_size)
 
+    def _resume(self) -> None:
+        """Load the checkpoint `checkpoint.resume` names (or the newest good one), if any."""
+        cfg = self.cfg
         self.step = 0
         self.skipped_total = 0
         self.consecutive_skips = 0  # a checkpoint written while > 0 is marked diverged
         resume = ckpt.find_resume(cfg)
         meta: dict = {}
         if resume is not None:
-            meta = (deepspeed_engine.load_checkpoint(self, resume) if self.engine is not None
+            meta = (deepspeed_engine.load_checkpoint(self.engine, cfg, self.device, resume)
+                    if self.engine is not None
                     else ckpt.load(resume, self.model, self.optimizer, cfg, self.device))
             self.step = meta["step"]
             self.skipped_total = meta.get("skipped_steps", 0)
-            say(f"resumed from {resume} at step {self.step}")
+            self.say(f"resumed from {resume} at step {self.step}")
         if resume is None or meta.get("model_only"):  # a model-only checkpoint has no RNG state
             # dropout streams differ by data-parallel rank; the ranks of one tp group share one
             torch.manual_seed(cfg.train.seed + 1 + self.dp_rank)
         self.first_step = self.step
 
-        t = cfg.train
-        self.tokens_per_step = t.global_batch_size * t.seq_len
+    def _describe(self, n_train: int, n_valid: int) -> None:
+        cfg, t, say = self.cfg, self.cfg.train, self.say
         say(f"model: {self.n_params:,} parameters ({self.n_params_nonemb:,} non-embedding), "
             f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}, {cfg.model.n_heads} heads "
             f"({cfg.model.kv_heads} kv), vocab {cfg.model.vocab_size}")
-        say(f"layout: world {env.world_size} on {self.device.type}, dp {self.dp_size}, tp "
-            f"{self.tp}{' (sequence parallel)' if self.tp > 1 and cfg.parallel.sequence_parallel else ''}"
-            f", ZeRO stage {cfg.parallel.zero_stage}; "
+        sp = " (sequence parallel)" if self.tp > 1 and cfg.parallel.sequence_parallel else ""
+        say(f"layout: world {self.env.world_size} on {self.device.type}, dp {self.dp.size}, tp "
+            f"{self.tp}{sp}, ZeRO stage {cfg.parallel.zero_stage}; "
             + "; ".join(describe_groups(self.mesh)))
         say(f"batch: {t.global_batch_size} sequences x {t.seq_len} tokens = "
             f"{self.tokens_per_step:,} tokens/step, micro-batch {t.micro_batch_size}, "
             f"{self.train_reader.n_micro} accumulation steps; {t.steps} steps, precision "
             f"{t.precision}")
-        say(f"data: {len(train_ds):,} training / {len(valid_ds):,} validation samples; "
+        say(f"data: {n_train:,} training / {n_valid:,} validation samples; "
             f"run dir {self.run_dir}")
 
     # ------------------------------------------------------------------------------------------
 
-    def _report_state_bytes(self) -> None:
+    def _report_state_bytes(self, state: dict[str, int]) -> None:
         """After the first optimizer step (when gradients and optimizer states exist): this
         rank's model-state bytes to `<run_dir>/memory_rank<R>.json`; rank 0 prints every rank's."""
-        rec = {"rank": self.env.rank, "step": self.step + 1, "n_params": self.n_params,
-               **state_bytes(self.model, self.optimizer)}
+        rec = {"rank": self.env.rank, "step": self.step + 1, "n_params": self.n_params, **state}
         self.files.write_text(f"memory_rank{self.env.rank}.json", json.dumps(rec))
         recs = [rec]
         if dist.is_initialized():
@@ -204,94 +218,18 @@ class Trainer:
                      f"gradients {r['grad_bytes'] / mib:.2f} MiB, optimizer "
                      f"{r['optim_bytes'] / mib:.2f} MiB")
 
-    def _loss_parallel(self):
-        return loss_parallel() if self.tp > 1 else contextlib.nullcontext()
-
-    def _forward_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = batch.tokens.to(self.device)
-        labels = batch.labels.to(self.device)
-        mask = batch.loss_mask.to(self.device)
-        doc_ids = batch.doc_ids.to(self.device) if batch.doc_ids is not None else None
-        with autocast(self.cfg, self.device):
-            if batch.src is not None:  # encoder-decoder
-                logits = self.model(batch.src.to(self.device), tokens,
-                                    batch.src_mask.to(self.device))
-            elif doc_ids is not None:
-                logits = self.model(tokens, doc_ids=doc_ids)
-            else:
-                logits = self.model(tokens)
-        return cross_entropy_sum(logits, labels, mask), mask.sum()
-
-    def train_step(self, step: int) -> dict:
-        if self.engine is not None:
-            return deepspeed_engine.train_step(self, step)
-        cfg, model, opt = self.cfg, self.model, self.optimizer
-        model.train()
+    def train_step(self, step: int) -> StepResult:
+        """Optimizer step `step` (0-based) on this rank's micro-batches of it, at its LR."""
+        cfg, reader = self.cfg, self.train_reader
+        batches = [reader.get(step, m) for m in range(reader.n_micro)]
         lr = lr_at(step, cfg.optim, cfg.train.steps, cfg.model.d_model)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batches = [self.train_reader.get(step, m) for m in range(self.train_reader.n_micro)]
-        n_global = all_reduce_sum(torch.as_tensor(float(sum(b.loss_mask.sum() for b in batches)),
-                                                  device=self.device), self.dp_group)
-        loss_sum = torch.zeros((), device=self.device)
-        aux_sum = torch.zeros((), device=self.device)
-        n_micro = len(batches)
-        if self.pipeline is not None:  # parallel.pp > 1 (parallel/pipeline.py)
-            loss_sum, aux_sum = self.pipeline.run(batches, self.dp_size / float(n_global),
-                                                  self._loss_parallel)
-        for m, batch in enumerate(batches if self.pipeline is None else []):
-            sync = m == n_micro - 1
-            ctx = model.no_sync() if (hasattr(model, "no_sync") and not sync) \
-                else contextlib.nullcontext()
-            with ctx, self._loss_parallel():
-                ce_sum, _ = self._forward_loss(batch)
-                step_loss = ce_sum * (self.dp_size / n_global)
-                aux = moe_aux_loss(model)  # MoE balance + z losses of this forward (None if dense)
-                if aux is not None:  # mean over micro-batches; DDP/FSDP average it over dp
-                    step_loss = step_loss + aux / n_micro
-                    aux_sum += aux.detach() / n_micro
-                step_loss.backward()
-            loss_sum += ce_sum.detach()
-        # no DDP wrapper (ZeRO 0/1 with tp, pipeline stages, expert parallelism): reduce now
-        for params, group, divisor in getattr(model, GRAD_SYNC_ATTR, ()):
-            average_gradients(params, group, divisor)
-        loss, aux_mean = reduce_step_losses(loss_sum, aux_sum, n_global, self.dp_group,
-                                            self.dp_size)
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm_(model, clip)  # over TP/FSDP shards too
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-        if finite:
-            opt.step()
-            routers = [m.router for m in moe_layers(model).values() if m.router.aux_free_bias]
-            for r in routers:  # every rank moves its selection bias by the global load
-                all_reduce_sum(r.load, self.dp_group)
-            if routers:
-                update_bias(model)
-        if step == self.first_step:
-            self._report_state_bytes()
-        opt.zero_grad(set_to_none=True)
-        return {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
-                "sample_ids": [i for b in batches for i in b.sample_ids],
-                "moe_aux_loss": float(aux_mean),
-                "moe": moe_metrics(model) if self.pipeline is None
-                else self.pipeline.moe_metrics(model)}
+        out = self.step_fn(batches, lr, measure_state=step == self.first_step)
+        if out.state_bytes is not None:
+            self._report_state_bytes(out.state_bytes)
+        return out
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
-        if self.pipeline is not None:  # parallel.pp > 1 (parallel/pipeline.py)
-            return self.pipeline.evaluate(self.valid_reader, self.cfg.train.eval_steps,
-                                          self._loss_parallel, self.dp_group)
-        total = torch.zeros((), device=self.device)
-        count = torch.zeros((), device=self.device)
-        r = self.valid_reader
-        for s in range(self.cfg.train.eval_steps):
-            for m in range(r.n_micro):
-                with self._loss_parallel():
-                    ce_sum, n = self._forward_loss(r.get(s, m))
-                total += ce_sum
-                count += n
-        return float(all_reduce_sum(total, self.dp_group) / all_reduce_sum(count, self.dp_group))
+        return self.step_fn.evaluate(self.valid_reader, self.cfg.train.eval_steps)
 
     def save_checkpoint(self, final: bool = False, writer: MetricsWriter | None = None) -> bool:
         """Write a checkpoint; on a write error (disk full, unwritable directory) report it, drop
@@ -320,7 +258,8 @@ class Trainer:
 
     def _save_checkpoint(self, save=ckpt.save) -> None:
         if self.engine is not None:
-            deepspeed_engine.save_checkpoint(self)
+            deepspeed_engine.save_checkpoint(self.engine, self.cfg, self.step, self.device,
+                                             self.checkpoint_extra())
             return
         save(ckpt.checkpoint_dir(self.cfg), self.step, self.model, self.optimizer, self.cfg,
              self.device, self.checkpoint_extra(), keep_last=self.cfg.checkpoint.keep_last)
@@ -357,104 +296,136 @@ class Trainer:
         return (requested or "SIGTERM") if flag.item() else None
 
     def run(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        writer = MetricsWriter(self.files, self.is_main, cfg.logging.tensorboard,
-                               cfg.logging.jsonl, cfg.logging.progress, t.steps, self.step)
-        peak = device_peak_flops(self.device)
-        last_val = None
-        stopped = None
-        spikes = SpikeDetector()
+        """Train to `train.steps`: log, evaluate and checkpoint on the configured steps; stop
+        with a checkpoint on SIGTERM (every rank after the same step) or when the run diverged."""
+        t = self.cfg.train
+        writer = MetricsWriter(self.files, self.is_main, self.cfg.logging.tensorboard,
+                               self.cfg.logging.jsonl, self.cfg.logging.progress, t.steps,
+                               self.step)
+        self.last_val = None
+        self.spikes = SpikeDetector()
+        self.meter = _Throughput(time.perf_counter())
         watchdog = HangWatchdog(t.collective_timeout_s)
         stop = StopSignal(grace_s=min(60.0, t.collective_timeout_s))
-        t_last, tokens_last = time.perf_counter(), 0
+        stopped = None
         try:
             while self.step < t.steps:
                 watchdog.arm()  # a step (and its collectives) hung longer than this: dump, exit 1
                 out = self.train_step(self.step)
                 self.step += 1
-                tokens_last += self.tokens_per_step
-                z = spikes.update(out["loss"])
-                if z is not None:
-                    ids = out["sample_ids"]
-                    writer.message(f"warning: loss spike at step {self.step}: loss "
-                                   f"{out['loss']:.4f} is {z:.1f} standard deviations above the "
-                                   f"last {len(spikes.losses)} steps; rank {self.env.rank}'s "
-                                   f"samples: {ids[:16]}{' ...' if len(ids) > 16 else ''}")
-                if out["skipped"]:
-                    self.consecutive_skips += 1
-                    self.skipped_total += 1
-                    writer.message(f"step {self.step}: non-finite loss or gradient norm "
-                                   f"(loss {out['loss']}, grad norm {out['grad_norm']}); "
-                                   f"optimizer step skipped")
-                else:
-                    self.consecutive_skips = 0
-                diverged = self.consecutive_skips >= t.max_skipped_steps
-                if self.step % t.log_every == 0 or self.step == t.steps or diverged:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    now = time.perf_counter()
-                    tps = tokens_last / max(now - t_last, 1e-9)
-                    t_last, tokens_last = now, 0
-                    rec = {"step": self.step, "loss": out["loss"], "lr": out["lr"],
-                           "grad_norm": out["grad_norm"],
-                           "tokens": self.step * self.tokens_per_step, "tokens_per_s": tps,
-                           "peak_memory_gib": peak_memory_gib(self.device),
-                           "skipped_steps": self.skipped_total}
-                    if peak:
-                        world = dist.get_world_size() if dist.is_initialized() else 1
-                        rec["mfu"] = self.flops_per_token * tps / (peak * world)
-                    moe_rec, moe_hist = out["moe"]
-                    if moe_rec:
-                        rec.update(moe_rec, moe_aux_loss=out["moe_aux_loss"])
-                    writer.log("metrics", rec, moe_hist)
-                    writer.progress(self.step, f"loss {out['loss']:.3f} lr {out['lr']:.2e} "
-                                               f"{tps:,.0f} tok/s")
-                    if writer.bar is None:
-                        writer.message(f"step {self.step}/{t.steps} loss {out['loss']:.4f} "
-                                       f"lr {out['lr']:.2e} grad_norm {out['grad_norm']:.3f} "
-                                       f"{tps:,.0f} tok/s")
-                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
-                    last_val = self.evaluate()
-                    writer.log("eval", {"step": self.step,
-                                        "tokens": self.step * self.tokens_per_step,
-                                        "val_loss": last_val})
-                    writer.message(f"step {self.step}: validation loss {last_val:.4f}")
-                if diverged:
-                    self.save_checkpoint(final=True)
-                    raise RunError(
-                        f"{self.consecutive_skips} consecutive steps had a non-finite loss or "
-                        f"gradient norm (train.max_skipped_steps={t.max_skipped_steps}); "
-                        f"stopped after saving step {self.step}, marked diverged; a rerun "
-                        f"resumes from {self.last_good_checkpoint()}")
+                self.meter.tokens += self.tokens_per_step
+                self._after_step(out, writer)
                 stopped = self._agreed_stop(stop.requested)
-                every = cfg.checkpoint.every
-                if stopped or self.step == t.steps:
-                    self.save_checkpoint(final=True)
-                elif every and self.step % every == 0:
-                    self.save_checkpoint(writer=writer)
-                if stopped:
-                    writer.message(f"{stopped}: stopped after step {self.step} with a checkpoint;"
-                                   f" run the same command again to resume")
+                if self._checkpoint_policy(stopped, writer):
                     break
         finally:
             watchdog.disarm()
             stop.restore()
-            try:
-                if self.saver is not None:  # also on an error: a save in flight is finished
-                    self.finish_async_save(writer)
-            finally:
-                if self.saver is not None:
-                    self.saver.close()
-                writer.close()
+            self._close(writer)
+        return self._summary(stopped)
+
+    def _after_step(self, out: StepResult, writer: MetricsWriter) -> None:
+        """Spike and skip reports, metrics on logging steps, evaluation on evaluation steps; a
+        diverged run (train.max_skipped_steps non-finite steps in a row) stops here."""
+        t = self.cfg.train
+        z = self.spikes.update(out.loss)
+        if z is not None:
+            ids = out.sample_ids
+            writer.message(f"warning: loss spike at step {self.step}: loss {out.loss:.4f} is "
+                           f"{z:.1f} standard deviations above the last "
+                           f"{len(self.spikes.losses)} steps; rank {self.env.rank}'s samples: "
+                           f"{ids[:16]}{' ...' if len(ids) > 16 else ''}")
+        if out.skipped:
+            self.consecutive_skips += 1
+            self.skipped_total += 1
+            writer.message(f"step {self.step}: non-finite loss or gradient norm (loss {out.loss}, "
+                           f"grad norm {out.grad_norm}); optimizer step skipped")
+        else:
+            self.consecutive_skips = 0
+        diverged = self.consecutive_skips >= t.max_skipped_steps
+        if self.step % t.log_every == 0 or self.step == t.steps or diverged:
+            self._log_metrics(out, writer)
+        if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+            self.last_val = self.evaluate()
+            writer.log("eval", {"step": self.step, "tokens": self.step * self.tokens_per_step,
+                                "val_loss": self.last_val})
+            writer.message(f"step {self.step}: validation loss {self.last_val:.4f}")
+        if diverged:
+            self.save_checkpoint(final=True)
+            raise RunError(
+                f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"norm (train.max_skipped_steps={t.max_skipped_steps}); stopped after saving "
+                f"step {self.step}, marked diverged; a rerun resumes from "
+                f"{self.last_good_checkpoint()}")
+
+    def _log_metrics(self, out: StepResult, writer: MetricsWriter) -> None:
+        """One metrics.jsonl record (and TensorBoard scalars, the progress line)."""
+        t = self.cfg.train
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        tps = self.meter.tokens_per_s(time.perf_counter())
+        rec = {"step": self.step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+               "tokens": self.step * self.tokens_per_step, "tokens_per_s": tps,
+               "peak_memory_gib": peak_memory_gib(self.device),
+               "skipped_steps": self.skipped_total}
+        peak = device_peak_flops(self.device)
+        if peak:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            rec["mfu"] = self.flops_per_token * tps / (peak * world)
+        moe_rec, moe_hist = out.moe
+        if moe_rec:
+            rec.update(moe_rec, moe_aux_loss=out.moe_aux_loss)
+        writer.log("metrics", rec, moe_hist)
+        writer.progress(self.step, f"loss {out.loss:.3f} lr {out.lr:.2e} {tps:,.0f} tok/s")
+        if writer.bar is None:
+            writer.message(f"step {self.step}/{t.steps} loss {out.loss:.4f} lr {out.lr:.2e} "
+                           f"grad_norm {out.grad_norm:.3f} {tps:,.0f} tok/s")
+
+    def _checkpoint_policy(self, stopped: str | None, writer: MetricsWriter) -> bool:
+        """Save on the last step, on a stop request and every `checkpoint.every` steps; True
+        when the run stops here."""
+        every = self.cfg.checkpoint.every
+        if stopped or self.step == self.cfg.train.steps:
+            self.save_checkpoint(final=True)
+        elif every and self.step % every == 0:
+            self.save_checkpoint(writer=writer)
+        if stopped:
+            writer.message(f"{stopped}: stopped after step {self.step} with a checkpoint; run "
+                           f"the same command again to resume")
+        return bool(stopped)
+
+    def _close(self, writer: MetricsWriter) -> None:
+        """Also on an error: a background save in flight is finished, the writer closed."""
+        try:
+            if self.saver is not None:
+                self.finish_async_save(writer)
+        finally:
+            if self.saver is not None:
+                self.saver.close()
+            writer.close()
+
+    def _summary(self, stopped: str | None) -> dict:
         summary = {"steps": self.step, "tokens": self.step * self.tokens_per_step,
                    "n_params": self.n_params, "n_params_nonembedding": self.n_params_nonemb,
-                   "flops_per_token": self.flops_per_token, "final_val_loss": last_val,
+                   "flops_per_token": self.flops_per_token, "final_val_loss": self.last_val,
                    "skipped_steps": self.skipped_total}
         if stopped:
             return {**summary, "stopped": stopped}
         if self.is_main:
             self.files.write_text("summary.json", json.dumps(summary, indent=1))
         return summary
+
+
+class _Throughput:
+    """Tokens per second since the last logged step."""
+
+    def __init__(self, now: float):
+        self.since, self.tokens = now, 0
+
+    def tokens_per_s(self, now: float) -> float:
+        tps = self.tokens / max(now - self.since, 1e-9)
+        self.since, self.tokens = now, 0
+        return tps
 
 
 def finished(cfg: Config) -> dict | None:

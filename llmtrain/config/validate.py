@@ -1,0 +1,333 @@
+"""Cross-field validation of a `Config`: the rules no single field's type or range expresses.
+
+`validate(cfg, world_size)` runs one rule per section or topic, in a fixed order (the first
+broken rule is the error a user sees): the model's shape, its architecture variants, training
+lengths and the optimizer, MoE, the parallel layout (`ParallelDims`, layout.py) and the batch
+split, expert parallelism, the pipeline, the DeepSpeed engine, tensor parallelism, offloading,
+switches this build does not run, data and checkpoint resumption. Each raises a one-line
+`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from llmtrain.config.errors import ConfigError, short
+from llmtrain.config.layout import ParallelDims, pipeline_split_problem
+from llmtrain.config.schema import GLU_ACTIVATIONS, Config
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Every rule below, in order; a ConfigError names the first that `cfg` breaks on
+    `world_size` ranks."""
+    p = cfg.parallel
+    _model_shape(cfg)
+    _variants(cfg)
+    _lengths_and_optim(cfg)
+    _moe(cfg)
+    dims = ParallelDims.from_config(cfg, world_size)
+    _batch(cfg, dims)
+    if p.ep > 1:
+        _expert_parallel(cfg, dims)
+    if p.pp > 1:
+        _pipeline(cfg, dims)
+    if p.engine == "deepspeed":
+        _deepspeed(cfg)
+    _tensor_parallel(cfg)
+    _offload(cfg)
+    _unsupported(cfg)
+    _data(cfg)
+    _resume(cfg)
+
+
+def _divisors(n: int) -> str:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]  # n may be 2**24
+    return ", ".join(str(d) for d in sorted({*small, *(n // d for d in small)}))
+
+
+def _model_shape(cfg: Config) -> None:
+    """Heads, head dim and the encoder-decoder architecture's layers and positions."""
+    m, p = cfg.model, cfg.parallel
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+                          f"use one of {_divisors(m.d_model)}")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads="
+                          f"{m.n_heads}; use one of {_divisors(m.n_heads)}")
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"position=rope needs an even head dim, got model.d_model/model.n_heads"
+                          f"={m.head_dim}")
+    if m.arch == "encoder_decoder":
+        for key in ("n_encoder_layers", "n_decoder_layers"):
+            if getattr(m, key) < 1:
+                raise ConfigError(f"model.arch=encoder_decoder needs model.{key} >= 1, got "
+                                  f"{getattr(m, key)}")
+        if p.pp > 1:
+            raise ConfigError(f"parallel.pp={p.pp} with model.arch=encoder_decoder is not "
+                              f"supported; use pp=1")
+        if p.tp > 1 and p.sequence_parallel:
+            raise ConfigError(f"parallel.sequence_parallel with model.arch=encoder_decoder is not "
+                              f"supported yet (parallel.tp={p.tp} works without it); use false")
+    elif m.position in ("sinusoidal", "t5_relative"):
+        raise ConfigError(f"model.position={m.position} is implemented for "
+                          f"model.arch=encoder_decoder only; use rope, learned or none")
+
+
+def _variants(cfg: Config) -> None:
+    """The architecture variants (model.mixer, residual, init, ...) and what they compose with."""
+    m, p = cfg.model, cfg.parallel
+    variants = {"mixer": (m.mixer, "attention"), "residual": (m.residual, "standard"),
+                "init": (m.init, "default"), "ln_scaling": (m.ln_scaling, "none"),
+                "embedding_dim": (m.embedding_dim, None), "share_layers": (m.share_layers, False),
+                "output": (m.output, "softmax")}
+    changed = [f"model.{k}={v}" for k, (v, default) in variants.items() if v != default]
+    if m.arch != "decoder" and changed:
+        raise ConfigError(f"{changed[0]} is implemented for model.arch=decoder only; leave it at "
+                          f"its default for model.arch={m.arch}")
+    if m.norm == "none" and m.norm_position != "pre":
+        raise ConfigError(f"model.norm=none needs model.norm_position=pre (without a norm the "
+                          f"placements are the plain residual x + f(x)); got {m.norm_position}")
+    if m.residual == "rezero" and m.norm_position != "pre":
+        raise ConfigError(f"model.residual=rezero needs model.norm_position=pre (x + alpha * "
+                          f"f(norm(x))); got {m.norm_position}")
+    if m.init == "fixup" and m.norm != "none":
+        raise ConfigError(f"model.init=fixup is an initialisation for models without "
+                          f"normalisation; set model.norm=none (got {m.norm})")
+    if m.ln_scaling != "none" and (m.norm == "none" or m.norm_position != "pre"):
+        raise ConfigError(f"model.ln_scaling={m.ln_scaling} scales pre-LN outputs; needs "
+                          f"model.norm_position=pre and a norm (got {m.norm_position}, {m.norm})")
+    if m.embedding_dim is not None and m.embedding_dim >= m.d_model:
+        raise ConfigError(f"model.embedding_dim={m.embedding_dim} must be below model.d_model="
+                          f"{m.d_model} (ALBERT's factorised embedding) or null")
+    if m.share_layers and (m.moe.num_experts or m.ln_scaling != "none"):
+        raise ConfigError("model.share_layers=true cannot be combined with model.moe.num_experts "
+                          "> 0 or model.ln_scaling (both differ per layer); use one of them")
+    if m.moe.num_experts and m.activation in ("relu", "silu", "elu", "selu"):
+        raise ConfigError(f"model.activation={m.activation} is not implemented for MoE experts; "
+                          f"use gelu, glu, reglu, geglu or swiglu")
+    if p.pp > 1:
+        bad = [c for c in changed if c.split("=")[0] in
+               ("model.share_layers", "model.embedding_dim", "model.output")]
+        if bad:
+            raise ConfigError(f"{bad[0]} with parallel.pp={p.pp} is not supported (pipeline "
+                              f"stages split layers and embeddings); use pp=1")
+    if p.tp > 1:
+        bad = changed + (["model.norm=none"] if m.norm == "none" else [])
+        bad = [c for c in bad if not c.startswith(("model.init=", "model.ln_scaling="))]
+        if bad:
+            raise ConfigError(f"{bad[0]} with parallel.tp={p.tp} is not supported (the tensor-"
+                              f"parallel plan follows the Llama module names); use tp=1")
+
+
+
+def _lengths_and_optim(cfg: Config) -> None:
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                          f"use at most {m.max_seq_len} or raise model.max_seq_len")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} exceeds optim.lr={o.lr}")
+
+
+def _moe(cfg: Config) -> None:
+    moe = cfg.model.moe
+    if moe.num_experts and moe.top_k > moe.num_experts:
+        raise ConfigError(f"model.moe.top_k={moe.top_k} exceeds model.moe.num_experts="
+                          f"{moe.num_experts}")
+    if moe.num_experts and moe.router == "switch" and moe.top_k != 1:
+        raise ConfigError(f"model.moe.router=switch routes top-1; got model.moe.top_k="
+                          f"{moe.top_k}; use top_k=1 or router=topk")
+
+
+def _batch(cfg: Config, dims: ParallelDims) -> None:
+    """The global batch splits into micro-batches over the data-parallel ranks."""
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dims.dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dims.dp}; use a "
+            f"multiple of {t.micro_batch_size * dims.dp}")
+
+
+def _expert_parallel(cfg: Config, dims: ParallelDims) -> None:
+    """Rules of parallel.ep > 1 (parallel/expert.py: the ep ranks are data-parallel ranks)."""
+    m, p = cfg.model, cfg.parallel
+    e = m.moe.num_experts
+    if not e:
+        raise ConfigError(f"parallel.ep={p.ep} needs an MoE model (model.moe.num_experts > 0)")
+    if e % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} does not divide model.moe.num_experts={e}; use "
+                          f"one of {_divisors(e)}")
+    if dims.dp_shard % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel shard size "
+                          f"{dims.dp_shard} (expert-parallel ranks are data-parallel ranks)")
+    if p.zero_stage == 1:
+        _expert_zero1(cfg, dims)
+
+
+def _expert_zero1(cfg: Config, dims: ParallelDims) -> None:
+    """ZeRO-1 gives every expert weight one owner among the ranks holding the same experts: each
+    of those ranks needs at least one expert tensor."""
+    m, p = cfg.model, cfg.parallel
+    per_layer = 3 if m.activation in GLU_ACTIVATIONS else 2
+
+    def tensors_in(layer_ids) -> int:
+        return per_layer * sum((i + 1) % m.moe.every_n_layers == 0 for i in layer_ids)
+    if p.pp > 1:  # each stage partitions the experts of its own layers
+        tensors = min([t for t in map(tensors_in, dims.stage_layers) if t] or [0])
+    else:
+        stacks = ((m.n_encoder_layers, m.n_decoder_layers) if m.arch == "encoder_decoder"
+                  else (m.n_layers,))
+        tensors = sum(tensors_in(range(n)) for n in stacks)
+    replicas = dims.dp // p.ep
+    if 0 < tensors < replicas:
+        where = " in the pipeline stage with the fewest" if p.pp > 1 else ""
+        raise ConfigError(f"parallel.ep={p.ep} with zero_stage=1 splits the expert weights "
+                          f"({tensors} tensors{where}) over the {replicas} ranks holding the "
+                          f"same experts; each needs at least one: use zero_stage=0 or a "
+                          f"larger ep")
+
+
+def _pipeline(cfg: Config, dims: ParallelDims) -> None:
+    """Rules of parallel.pp > 1 (parallel/pipeline.py splits the decoder by layer ranges)."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    problem = pipeline_split_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
+    if p.pp_schedule == "interleaved_1f1b" and p.virtual_stages < 2:
+        raise ConfigError(f"parallel.pp_schedule=interleaved_1f1b needs parallel.virtual_stages "
+                          f">= 2, got {p.virtual_stages}; use 1f1b or raise virtual_stages")
+    if p.virtual_stages > 1 and p.pp_schedule not in ("interleaved_1f1b", "zero_bubble"):
+        raise ConfigError(f"parallel.virtual_stages={p.virtual_stages} needs "
+                          f"parallel.pp_schedule=interleaved_1f1b or zero_bubble, got "
+                          f"{p.pp_schedule}")
+    per_rank = t.global_batch_size // dims.dp
+    n_mb = dims.pp_microbatches
+    if per_rank % n_mb:
+        raise ConfigError(f"parallel.pp_microbatches={p.pp_microbatches} does not divide the "
+                          f"batch per data-parallel rank train.global_batch_size / dp = "
+                          f"{per_rank}; use one of {_divisors(per_rank)}")
+    if p.pp_schedule == "1f1b" and n_mb < p.pp:
+        raise ConfigError(f"parallel.pp_schedule=1f1b needs at least parallel.pp={p.pp} "
+                          f"micro-batches, got {n_mb} (parallel.pp_microbatches, 0 = "
+                          f"global_batch_size / dp / micro_batch_size); raise it or use gpipe")
+    if m.tie_embeddings:
+        raise ConfigError("model.tie_embeddings=true with parallel.pp > 1 is not supported (the "
+                          "embedding and the output layer live on different stages); set "
+                          "model.tie_embeddings=false")
+    if cfg.data.reset_attention_at_eod:
+        raise ConfigError("data.reset_attention_at_eod with parallel.pp > 1 is not supported "
+                          "yet (document ids are not sent between stages); use pp=1")
+    if p.sequence_parallel and p.tp > 1:
+        raise ConfigError("parallel.sequence_parallel with parallel.pp > 1 is not supported yet "
+                          "(stages would exchange sequence shards); set it to false")
+
+
+def _deepspeed(cfg: Config) -> None:
+    """Rules of parallel.engine=deepspeed: its ZeRO shards over every rank and knows nothing of
+    our DTensor TP, pipeline stages or expert groups."""
+    p = cfg.parallel
+    bad = [f"{k}={v}" for k, v in (("tp", p.tp), ("pp", p.pp), ("ep", p.ep),
+                                   ("dp_replicate", p.dp_replicate)) if v != 1]
+    if bad:
+        raise ConfigError(f"parallel.engine=deepspeed runs data parallelism (ZeRO) only; got "
+                          f"parallel.{', parallel.'.join(bad)}; set them to 1 or use "
+                          f"parallel.engine=torch")
+    if p.offload != "none" and p.zero_stage == 0:
+        raise ConfigError(f"parallel.offload={p.offload} with engine=deepspeed needs "
+                          f"parallel.zero_stage=1, 2 or 3, got 0")
+
+
+def _tensor_parallel(cfg: Config) -> None:
+    """parallel.tp splits heads, kv heads, the vocabulary and the MLP; sequence parallelism
+    also splits the sequence."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if m.n_heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}; use "
+                          f"{_divisors(m.n_heads)}")
+    if m.kv_heads % p.tp and m.kv_heads != 1:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide model.n_kv_heads={m.kv_heads}; use "
+                          f"{_divisors(m.kv_heads)} (or n_kv_heads=1, whose kv head every tp rank "
+                          f"keeps whole)")
+    for key, n in (("model.vocab_size", m.vocab_size), ("model.d_ff", m.ffn_dim)):
+        if n % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide {key}={n}; use one of "
+                              f"{_divisors(n)}")
+    if p.sequence_parallel and p.tp > 1 and t.seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel needs train.seq_len={t.seq_len} divisible "
+                          f"by parallel.tp={p.tp}")
+    if p.sequence_parallel and p.tp > 1 and m.position == "learned" and m.max_seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel with position=learned needs "
+                          f"model.max_seq_len={m.max_seq_len} divisible by parallel.tp={p.tp}")
+
+
+def _offload(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.offload == "nvme" and p.engine != "deepspeed":
+        raise ConfigError("parallel.offload=nvme needs parallel.engine=deepspeed; use none or cpu "
+                          "with engine=torch")
+    if p.offload == "cpu" and p.zero_stage != 3 and p.engine == "torch":
+        raise ConfigError(f"parallel.offload=cpu needs parallel.zero_stage=3, got "
+                          f"{p.zero_stage}")
+
+
+def _unsupported(cfg: Config) -> None:
+    """Switches this build does not run (yet)."""
+    p = cfg.parallel
+    if p.activation_checkpointing == "selective":
+        raise ConfigError("parallel.activation_checkpointing=selective is not supported yet; use "
+                          "none or full")
+    if p.compile:
+        raise ConfigError("parallel.compile=true is not supported yet (per-block torch.compile "
+                          "is planned with the GPU work); use false")
+    if cfg.checkpoint.async_save and p.engine == "deepspeed":
+        raise ConfigError("checkpoint.async=true is for parallel.engine=torch (DCP async_save); "
+                          "the deepspeed engine writes its checkpoints synchronously: use false")
+
+
+def _data(cfg: Config) -> None:
+    """Sequence-to-sequence fields, blend entries and the paths a source needs."""
+    d = cfg.data
+    if d.source_field or d.target_field:
+        if not (d.source_field and d.target_field):
+            raise ConfigError(f"data.source_field={short(d.source_field)} and data.target_field="
+                              f"{short(d.target_field)}: the sequence-to-sequence objective needs "
+                              f"both")
+        if cfg.model.arch != "encoder_decoder":
+            raise ConfigError(f"data.source_field/target_field (sequence-to-sequence pairs) need "
+                              f"model.arch=encoder_decoder, got {cfg.model.arch}")
+        if d.source != "files" or d.blend:
+            raise ConfigError(f"data.source_field/target_field read pairs from jsonl/parquet "
+                              f"files: use data.source=files without data.blend (got "
+                              f"data.source={d.source})")
+    for i, entry in enumerate(d.blend or ()):
+        if not _blend_entry_ok(entry):
+            raise ConfigError(f"data.blend[{i}]={short(entry)} is not valid; each entry is "
+                              f"[weight, path] with a finite weight >= 0")
+    if d.source != "stdlib" and not d.paths:
+        raise ConfigError(f"data.source={d.source} needs data.paths (files or prefixes)")
+
+
+def _resume(cfg: Config) -> None:
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not _exists(resume):
+        raise ConfigError(f"checkpoint.resume={short(resume)} is neither auto, none nor an "
+                          f"existing checkpoint directory")
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # a name too long to look up, or with a NUL in it
+        return False
+
+
+def _blend_entry_ok(entry: list[Any]) -> bool:
+    if len(entry) != 2 or not isinstance(entry[1], str) or isinstance(entry[0], bool):
+        return False
+    try:
+        return math.isfinite(entry[0]) and entry[0] >= 0
+    except (TypeError, OverflowError):
+        return False

@@ -1,0 +1,207 @@
+"""One training step, behind the interface every engine implements.
+
+A step object is built once per run from explicit parts (the model, its optimizer, the config, the
+data-parallel group) and called once per optimizer step with that step's micro-batches and
+learning rate; it returns a `StepResult`. `TrainStep` runs a plain, DDP, FSDP, tensor- or
+expert-parallel model; `PipelineStep` hands the micro-batches to a pipeline schedule
+(parallel/pipeline.py); the DeepSpeed engine's `DeepSpeedStep` (engines/deepspeed.py) lets
+DeepSpeed accumulate, clip and step. The loop (train/loop.py) and `llmtrain bench` call them alike.
+
+Loss normalisation: the loss of a step is the mean next-token cross entropy over every unmasked
+token of the *global* batch. Each micro-batch contributes sum(CE) / N_global, so gradient
+accumulation and data parallelism give the same gradients as one process with the whole batch
+(DDP/FSDP average over dp ranks, hence the factor dp).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
+
+from llmtrain.config import Config
+from llmtrain.data.loader import Batch
+from llmtrain.model.moe import aux_loss as moe_aux_loss
+from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
+from llmtrain.parallel import clip_grad_norm_, state_bytes
+from llmtrain.parallel.data import average_gradients
+from llmtrain.parallel.parallelized import ParallelModel
+from llmtrain.train.loss import all_reduce_sum, autocast, cross_entropy_sum, reduce_step_losses
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: float  # mean CE per token of the global batch
+    lr: float
+    grad_norm: float  # before clipping; nan where the engine computed none
+    skipped: bool  # non-finite loss or gradient norm: the optimizer did not step
+    sample_ids: list[int]  # this rank's samples, for a loss-spike report
+    moe_aux_loss: float = 0.0  # router losses, averaged over micro-batches and dp ranks
+    moe: tuple[dict, dict] = ({}, {})  # moe_metrics of the whole model (record, histograms)
+    state_bytes: dict[str, int] | None = None  # this rank's model-state bytes, when asked
+
+
+@dataclasses.dataclass
+class DataParallelGroup:
+    """The ranks that read different data: the global token count and the reported losses are
+    summed over `group` (None on one process) of `size` ranks."""
+    group: object | None = None
+    size: int = 1
+
+
+def model_logits(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """The logits of a decoder (with document ids where attention resets at end of document) or
+    an encoder-decoder (source, target) batch."""
+    tokens = batch.tokens.to(device)
+    if batch.src is not None:
+        return model(batch.src.to(device), tokens, batch.src_mask.to(device))
+    if batch.doc_ids is not None:
+        return model(tokens, doc_ids=batch.doc_ids.to(device))
+    return model(tokens)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def global_token_count(batches: list[Batch], device: torch.device,
+                       dp: DataParallelGroup) -> torch.Tensor:
+    """N_global: the unmasked tokens of the whole global batch (one all-reduce)."""
+    n_local = float(sum(b.loss_mask.sum() for b in batches))
+    return all_reduce_sum(torch.as_tensor(n_local, device=device), dp.group)
+
+
+def update_router_bias(model: nn.Module, dp: DataParallelGroup) -> None:
+    """After an optimizer step: every rank moves its aux-free router biases by the global load."""
+    routers = [m.router for m in moe_layers(model).values() if m.router.aux_free_bias]
+    for r in routers:
+        all_reduce_sum(r.load, dp.group)
+    if routers:
+        update_bias(model)
+
+
+class TrainStep:
+    """The torch engine's step: forward and backward of each micro-batch (gradient accumulation,
+    DDP's sync only at the last), the reductions no wrapper did, the clipped global gradient
+    norm, and the optimizer step unless the loss or the norm is non-finite."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
+                 device: torch.device, dp: DataParallelGroup | None = None, *,
+                 parallel: ParallelModel | None = None, tp: int = 1,
+                 logits: Callable[[Batch], torch.Tensor] | None = None):
+        self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
+        self.dp = dp or DataParallelGroup()
+        self.parallel = parallel or ParallelModel(model)
+        self.tp = tp
+        self.logits = logits or (lambda batch: model_logits(model, batch, device))
+        self.clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+
+    def loss_parallel(self):
+        """Tensor parallelism: the vocab-sharded logits' cross entropy (and its backward)."""
+        return loss_parallel() if self.tp > 1 else contextlib.nullcontext()
+
+    def forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of CE over the batch's unmasked tokens, their count)."""
+        mask = batch.loss_mask.to(self.device)
+        with autocast(self.cfg, self.device):
+            logits = self.logits(batch)
+        return cross_entropy_sum(logits, batch.labels.to(self.device), mask), mask.sum()
+
+    def forward_backward(self, batches: list[Batch],
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of CE, router losses averaged over micro-batches) of this rank's micro-batches,
+        each backward of CE x `scale` (+ router losses / n_micro) accumulated into the grads."""
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        n_micro = len(batches)
+        for m, batch in enumerate(batches):
+            last = m == n_micro - 1
+            no_sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last \
+                else contextlib.nullcontext()
+            with no_sync, self.loss_parallel():
+                ce_sum, _ = self.forward_loss(batch)
+                step_loss = ce_sum * scale
+                aux = moe_aux_loss(self.model)  # MoE balance + z losses (None if dense)
+                if aux is not None:  # mean over micro-batches; DDP/FSDP average it over dp
+                    step_loss = step_loss + aux / n_micro
+                    aux_sum += aux.detach() / n_micro
+                step_loss.backward()
+            loss_sum += ce_sum.detach()
+        return loss_sum, aux_sum
+
+    def __call__(self, batches: list[Batch], lr: float,
+                 measure_state: bool = False) -> StepResult:
+        """One optimizer step on this rank's micro-batches of the step; `measure_state`: also
+        report this rank's model-state bytes (after the update, before gradients are freed)."""
+        self.model.train()
+        set_lr(self.optimizer, lr)
+        n_global = global_token_count(batches, self.device, self.dp)
+        loss_sum, aux_sum = self.forward_backward(batches, self.dp.size / n_global)
+        for params, group, divisor in self.parallel.grad_sync:
+            average_gradients(params, group, divisor)
+        loss, aux_mean = reduce_step_losses(loss_sum, aux_sum, n_global, self.dp.group,
+                                            self.dp.size)
+        grad_norm = clip_grad_norm_(self.model, self.clip, self.parallel.pp_group)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            update_router_bias(self.model, self.dp)
+        state = state_bytes(self.model, self.optimizer) if measure_state else None
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(float(loss), lr, float(grad_norm), not finite,
+                          [i for b in batches for i in b.sample_ids], float(aux_mean),
+                          self.moe_metrics(), state)
+
+    def moe_metrics(self) -> tuple[dict, dict]:
+        return moe_metrics(self.model)
+
+    @torch.no_grad()
+    def evaluate(self, reader, steps: int) -> float:
+        """Mean CE per token over the first `steps` steps of `reader` (every dp rank's part)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        for s in range(steps):
+            for m in range(reader.n_micro):
+                with self.loss_parallel():
+                    ce_sum, n = self.forward_loss(reader.get(s, m))
+                total += ce_sum
+                count += n
+        return float(all_reduce_sum(total, self.dp.group) / all_reduce_sum(count, self.dp.group))
+
+
+class PipelineStep(TrainStep):
+    """`parallel.pp > 1`: a pipeline schedule runs the micro-batches through this rank's stages
+    (parallel/pipeline.py); the rest of the step is the torch engine's."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
+                 device: torch.device, dp: DataParallelGroup, *, parallel: ParallelModel,
+                 tp: int = 1):
+        super().__init__(model, optimizer, cfg, device, dp, parallel=parallel, tp=tp)
+        # imported here: torch.distributed.pipelining imports torch._dynamo (~1 s)
+        from llmtrain.parallel.pipeline import build_pipeline
+        self.pipeline = build_pipeline(parallel, cfg, device, self.dp.size)
+
+    def forward_backward(self, batches: list[Batch],
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pipeline.run(batches, scale, self.loss_parallel)
+
+    def moe_metrics(self) -> tuple[dict, dict]:
+        return self.pipeline.moe_metrics(self.model)
+
+    @torch.no_grad()
+    def evaluate(self, reader, steps: int) -> float:
+        self.model.eval()
+        return self.pipeline.evaluate(reader, steps, self.loss_parallel, self.dp.group)
+
+
+def build_step(parallel: ParallelModel, optimizer: torch.optim.Optimizer, cfg: Config,
+               device: torch.device, dp: DataParallelGroup, tp: int = 1) -> TrainStep:
+    """The torch engine's step for a model `parallelize()` returned."""
+    cls = PipelineStep if parallel.parts else TrainStep
+    return cls(parallel.module, optimizer, cfg, device, dp, parallel=parallel, tp=tp)
