@@ -194,10 +194,8 @@ def _sizes(raw: Any, budget: tuple[str, float]) -> list[Size]:
     return sizes
 
 
-def load_spec(path: str | Path, sizes: bool = False) -> Spec:
-    """Read and check a spec; resolve every cell's config (each variant, at each size with
-    `sizes`) and its steps under the budget."""
-    p = Path(path)
+def _read_spec(p: Path, path: str | Path) -> dict:
+    """The spec file's mapping, with no key but `_SPEC_KEYS`."""
     data = read_yaml_file(p, "ablation spec")
     if not isinstance(data, dict):
         raise ConfigError(f"ablation spec {str(path)!r} must be a mapping with keys "
@@ -206,12 +204,19 @@ def load_spec(path: str | Path, sizes: bool = False) -> Spec:
     if unknown:
         raise ConfigError(f"unknown ablation spec key {unknown[0]!r}; valid keys: "
                           f"{', '.join(_SPEC_KEYS)}")
+    return data
+
+
+def _base(data: dict, p: Path) -> Path | None:
+    """spec.base, relative to the spec file; None for the embedded default config."""
     base = data.get("base")
     base = None if base is None else (p.parent / str(base)).resolve()
     if base is not None and not base.is_file():
         raise ConfigError(f"spec.base={data['base']!r} does not exist (relative to the spec)")
-    common = _string_list(data.get("set"), "spec.set")
+    return base
 
+
+def _seeds(data: dict) -> list[int]:
     seeds = data.get("seeds", 1)
     if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1:
         seeds = list(range(seeds))
@@ -219,14 +224,18 @@ def load_spec(path: str | Path, sizes: bool = False) -> Spec:
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise ConfigError(f"spec.seeds={data.get('seeds')!r} must be a count >= 1 or a list of "
                           f"distinct integers >= 0")
+    return seeds
 
-    kind, amount = _budget(data.get("budget"), "spec.budget")
 
+def _early_fraction(data: dict) -> float:
     early = data.get("early_fraction", 0.1)
     if isinstance(early, bool) or not isinstance(early, (int, float)) or not 0 < early <= 1:
         raise ConfigError(f"spec.early_fraction={early!r} must be in (0, 1]")
+    return float(early)
 
-    raw = data.get("variants")
+
+def _variants(raw: Any, kind: str) -> list[Variant]:
+    """spec.variants; none may set train.steps, which the budget (of `kind`) decides."""
     if not isinstance(raw, list) or not raw:
         raise ConfigError("spec.variants is empty; list at least one {name: ..., set: [...]} "
                           "(the first is the baseline)")
@@ -241,41 +250,69 @@ def load_spec(path: str | Path, sizes: bool = False) -> Spec:
             raise ConfigError(f"{where} ({name}) sets train.steps, but spec.budget.{kind} "
                               f"decides every variant's steps; remove it")
         variants.append(Variant(name, sets))
+    return variants
 
-    size_list = []
+
+def _spec_sizes(data: dict, sizes: bool, budget: tuple[str, float],
+                path: str | Path) -> list[Size]:
+    """spec.sizes with --sizes, else none; checked either way, so that a bad entry is found
+    before a later --sizes run."""
     if sizes:
         if "sizes" not in data:
             raise ConfigError(f"--sizes needs spec.sizes in {str(path)!r}: a list of 2-3 "
                               f"{{name: ..., set: [...]}} model sizes")
-        size_list = _sizes(data["sizes"], (kind, amount))
-    elif "sizes" in data:
-        _sizes(data["sizes"], (kind, amount))  # checked now, used with --sizes
+        return _sizes(data["sizes"], budget)
+    if "sizes" in data:
+        _sizes(data["sizes"], budget)
+    return []
 
-    spec = Spec(p, base, common, seeds, (kind, amount), variants, float(early), size_list)
+
+def _budget_steps(kind: str, amount: float, tokens_per_step: int, flops_per_token: int) -> int:
+    if kind == "steps":
+        return int(amount)
+    if kind == "tokens":
+        return round(amount / tokens_per_step)
+    return round(amount / (flops_per_token * tokens_per_step))
+
+
+def _cell(spec: Spec, i: int, v: Variant, size: Size | None) -> Variant:
+    """Variant `v` (spec.variants[i]) at `size` (None: the base config's), with its steps."""
+    cell = Variant(v.name, v.overrides, size=size.name if size else None)
+    size_sets = size.overrides if size else []
+    try:
+        cfg = load_config(spec.base, [*spec.overrides, *size_sets, *v.overrides])
+    except ConfigError as e:
+        at = f" at size {size.name}" if size else ""
+        raise ConfigError(f"spec.variants[{i}] ({v.name}){at}: {e}") from None
+    cell.flops_per_token = flops_per_token(cfg)
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    b_kind, b_amount = size.budget if size and size.budget else spec.budget
+    cell.steps = _budget_steps(b_kind, b_amount, tokens_per_step, cell.flops_per_token)
+    if cell.steps < 1:
+        raise ConfigError(f"budget {b_kind}={b_amount:g} is less than one step of "
+                          f"{cell.label} ({tokens_per_step} tokens, "
+                          f"{cell.flops_per_token:,} FLOPs per token)")
+    cell.overrides = [*size_sets, *v.overrides]
+    return cell
+
+
+def load_spec(path: str | Path, sizes: bool = False) -> Spec:
+    """Read and check a spec; resolve every cell's config (each variant, at each size with
+    `sizes`) and its steps under the budget."""
+    p = Path(path)
+    data = _read_spec(p, path)
+    base = _base(data, p)
+    common = _string_list(data.get("set"), "spec.set")
+    seeds = _seeds(data)
+    budget = _budget(data.get("budget"), "spec.budget")
+    early = _early_fraction(data)
+    variants = _variants(data.get("variants"), budget[0])
+    size_list = _spec_sizes(data, sizes, budget, path)
+
+    spec = Spec(p, base, common, seeds, budget, variants, early, size_list)
     for i, v in enumerate(spec.variants):
         for size in size_list or [None]:
-            cell = Variant(v.name, v.overrides, size=size.name if size else None)
-            size_sets = size.overrides if size else []
-            try:
-                cfg = load_config(base, [*common, *size_sets, *v.overrides])
-            except ConfigError as e:
-                at = f" at size {size.name}" if size else ""
-                raise ConfigError(f"spec.variants[{i}] ({v.name}){at}: {e}") from None
-            cell.flops_per_token = flops_per_token(cfg)
-            tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-            b_kind, b_amount = size.budget if size and size.budget else (kind, amount)
-            if b_kind == "steps":
-                cell.steps = int(b_amount)
-            elif b_kind == "tokens":
-                cell.steps = round(b_amount / tokens_per_step)
-            else:
-                cell.steps = round(b_amount / (cell.flops_per_token * tokens_per_step))
-            if cell.steps < 1:
-                raise ConfigError(f"budget {b_kind}={b_amount:g} is less than one step of "
-                                  f"{cell.label} ({tokens_per_step} tokens, "
-                                  f"{cell.flops_per_token:,} FLOPs per token)")
-            cell.overrides = [*size_sets, *v.overrides]
-            spec.cells.append(cell)
+            spec.cells.append(_cell(spec, i, v, size))
     if not size_list:  # one cell per variant: the variants carry their steps, as before
         spec.variants = spec.cells
     return spec

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from llmtrain.config import Config, ConfigError
+from llmtrain.config import Config, ConfigError, DataConfig
 from llmtrain.data.indexed import PAIR_SUFFIXES, check_datasets, check_indexed, check_pairs
 from llmtrain.data.span_corruption import N_SENTINELS, SENTINEL
 from llmtrain.data.tokenizer import Tokenizer
@@ -516,32 +516,16 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
     d = cfg.data
     check_datasets(cfg)  # data.blend, first: before building a corpus that the blend replaces
     if d.source == "indexed":
-        prefix = d.paths[0]
-        check_indexed(prefix, f"data.paths[0]={prefix}")
-        tok_path = d.tokenizer or next(
-            (p for p in (f"{prefix}.tokenizer.json", str(Path(prefix).parent / "tokenizer.json"))
-             if os.path.isfile(p)), f"{prefix}.tokenizer.json")
-        return prefix, Tokenizer.load(tok_path)
+        return _indexed_corpus(d)
 
     files = [] if d.source == "stdlib" else expand_paths(d.paths)
     out = cache_root(cfg) / f"corpus-{d.source}-{_corpus_key(cfg, files)}"
     prefix = out / "data"
     tok_file = out / "tokenizer.json"
     notes = out / "warnings.txt"  # what building it skipped, logged again on every reuse
-    last = f"{prefix}{PAIR_SUFFIXES[1]}.idx" if d.source_field else f"{prefix}.idx"
-    if tok_file.is_file() and Path(last).is_file():
-        try:
-            if d.source_field:
-                check_pairs(str(prefix))
-            else:
-                check_indexed(str(prefix))
-            if notes.is_file():
-                for line in notes.read_text().splitlines():
-                    log(line)
-            return str(prefix), Tokenizer.load(tok_file)
-        except ConfigError as e:
-            log(f"warning: the cached corpus in {out} is damaged ({e}); building it again")
-            tok_file.unlink(missing_ok=True)
+    cached = _cached_corpus(d, out, prefix, tok_file, notes, log)
+    if cached is not None:
+        return cached
 
     bad = BadLines(d.skip_bad_lines, "set data.skip_bad_lines=true")
     if d.source_field:
@@ -551,41 +535,9 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
     check_inputs(files, fields, bad, text_files=not d.source_field)
     out.mkdir(parents=True, exist_ok=True)
     notes.unlink(missing_ok=True)
-
-    def pairs() -> Iterator[tuple[str, str]]:
-        return iter_file_pairs(files, d.source_field, d.target_field, bad)
-
-    def texts() -> Iterator[str]:
-        if d.source == "stdlib":
-            yield from iter_stdlib_texts()
-        elif d.source_field:  # sequence-to-sequence pairs: both sides train the tokenizer
-            for pair in pairs():
-                yield from pair
-        else:
-            yield from iter_file_texts(files, d.text_field, bad=bad)
     try:
-        if d.tokenizer:
-            tok = Tokenizer.load(d.tokenizer)
-        else:
-            log(f"training a {cfg.model.vocab_size}-entry byte-level BPE tokenizer on the "
-                f"{d.source} corpus (once; cached in {out})")
-            # encoder-decoder models train by span corruption: T5's 100 sentinels join the
-            # vocabulary
-            extra = ([SENTINEL.format(i) for i in range(N_SENTINELS)]
-                     if cfg.model.arch == "encoder_decoder" else [])
-            tok = Tokenizer.train_bpe(texts(), cfg.model.vocab_size, extra_special=extra)
-        if d.source_field:
-            # two aligned indexed datasets, document i of each = the two sides of pair i
-            log(f"tokenizing the {d.source_field} -> {d.target_field} pairs into {prefix}"
-                f"{{{PAIR_SUFFIXES[0]},{PAIR_SUFFIXES[1]}}}.bin/.idx")
-            for side, suffix in enumerate(PAIR_SUFFIXES):
-                stats = write_indexed(encode_documents((pair[side] for pair in pairs()), tok),
-                                      f"{prefix}{suffix}", tok.vocab_size)
-            summary = f"{stats['documents']} pairs; {stats['tokens']:,} target tokens"
-        else:
-            log(f"tokenizing the {d.source} corpus into {prefix}.bin/.idx")
-            stats = write_indexed(encode_documents(texts(), tok), prefix, tok.vocab_size)
-            summary = f"{stats['documents']} documents, {stats['tokens']:,} tokens"
+        tok = _corpus_tokenizer(cfg, _corpus_texts(d, files, bad), out, log)
+        summary = _write_corpus(d, files, bad, tok, prefix, log)
     finally:
         warnings = bad.warnings()
         for line in warnings:
@@ -595,6 +547,80 @@ def prepare_corpus(cfg: Config, log=print) -> tuple[str, Tokenizer]:
     tok.save(tok_file)  # last: its presence marks the cache entry complete
     log(f"corpus ready: {summary}")
     return str(prefix), tok
+
+
+def _indexed_corpus(d: DataConfig) -> tuple[str, Tokenizer]:
+    """source=indexed: data.paths[0], checked, and the tokenizer named or found next to it."""
+    prefix = d.paths[0]
+    check_indexed(prefix, f"data.paths[0]={prefix}")
+    tok_path = d.tokenizer or next(
+        (p for p in (f"{prefix}.tokenizer.json", str(Path(prefix).parent / "tokenizer.json"))
+         if os.path.isfile(p)), f"{prefix}.tokenizer.json")
+    return prefix, Tokenizer.load(tok_path)
+
+
+def _cached_corpus(d: DataConfig, out: Path, prefix: Path, tok_file: Path, notes: Path,
+                   log) -> tuple[str, Tokenizer] | None:
+    """The cache entry in `out` if complete and sound (logging again what its build skipped);
+    None to build it, after dropping a damaged entry's tokenizer."""
+    last = f"{prefix}{PAIR_SUFFIXES[1]}.idx" if d.source_field else f"{prefix}.idx"
+    if not (tok_file.is_file() and Path(last).is_file()):
+        return None
+    try:
+        if d.source_field:
+            check_pairs(str(prefix))
+        else:
+            check_indexed(str(prefix))
+        if notes.is_file():
+            for line in notes.read_text().splitlines():
+                log(line)
+        return str(prefix), Tokenizer.load(tok_file)
+    except ConfigError as e:
+        log(f"warning: the cached corpus in {out} is damaged ({e}); building it again")
+        tok_file.unlink(missing_ok=True)
+    return None
+
+
+def _corpus_texts(d: DataConfig, files: list[str], bad: BadLines) -> Iterator[str]:
+    if d.source == "stdlib":
+        yield from iter_stdlib_texts()
+    elif d.source_field:  # sequence-to-sequence pairs: both sides train the tokenizer
+        for pair in iter_file_pairs(files, d.source_field, d.target_field, bad):
+            yield from pair
+    else:
+        yield from iter_file_texts(files, d.text_field, bad=bad)
+
+
+def _corpus_tokenizer(cfg: Config, texts: Iterator[str], out: Path, log) -> Tokenizer:
+    """data.tokenizer, else a byte-level BPE trained on `texts`."""
+    d = cfg.data
+    if d.tokenizer:
+        return Tokenizer.load(d.tokenizer)
+    log(f"training a {cfg.model.vocab_size}-entry byte-level BPE tokenizer on the "
+        f"{d.source} corpus (once; cached in {out})")
+    # encoder-decoder models train by span corruption: T5's 100 sentinels join the
+    # vocabulary
+    extra = ([SENTINEL.format(i) for i in range(N_SENTINELS)]
+             if cfg.model.arch == "encoder_decoder" else [])
+    return Tokenizer.train_bpe(texts, cfg.model.vocab_size, extra_special=extra)
+
+
+def _write_corpus(d: DataConfig, files: list[str], bad: BadLines, tok: Tokenizer, prefix: Path,
+                  log) -> str:
+    """Tokenize the corpus into the indexed dataset(s) at `prefix`; a one-line summary."""
+    if d.source_field:
+        # two aligned indexed datasets, document i of each = the two sides of pair i
+        log(f"tokenizing the {d.source_field} -> {d.target_field} pairs into {prefix}"
+            f"{{{PAIR_SUFFIXES[0]},{PAIR_SUFFIXES[1]}}}.bin/.idx")
+        for side, suffix in enumerate(PAIR_SUFFIXES):
+            pairs = iter_file_pairs(files, d.source_field, d.target_field, bad)
+            stats = write_indexed(encode_documents((pair[side] for pair in pairs), tok),
+                                  f"{prefix}{suffix}", tok.vocab_size)
+        return f"{stats['documents']} pairs; {stats['tokens']:,} target tokens"
+    log(f"tokenizing the {d.source} corpus into {prefix}.bin/.idx")
+    stats = write_indexed(encode_documents(_corpus_texts(d, files, bad), tok), prefix,
+                          tok.vocab_size)
+    return f"{stats['documents']} documents, {stats['tokens']:,} tokens"
 
 
 # ----------------------------------------------------------------------------------------------

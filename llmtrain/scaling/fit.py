@@ -153,6 +153,36 @@ def _frontier_rows(fn, point: dict, samples: list[dict], C: np.ndarray, loss_fn=
 # Parametric laws (Kaplan L(N), L(D), L(C), L(N, D); Chinchilla approach 3)
 
 
+def _bootstrap(law: Law, logs: dict[str, np.ndarray], y: np.ndarray, delta: float | None,
+               starts: list[np.ndarray], n_boot: int, seed: int,
+               progress: Progress) -> list[np.ndarray]:
+    """The best parameters of `n_boot` refits, each on the points resampled with replacement and
+    started from each of `starts`."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    thetas = []
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        bobj = Objective(law, {k: v[idx] for k, v in logs.items()}, y[idx], delta)
+        thetas.append(min((bobj.refine(s) for s in starts), key=lambda t: t[0])[1])
+        if n_boot >= 10 and (b + 1) % max(1, n_boot // 5) == 0:
+            progress(f"  {law.name}: bootstrap {b + 1}/{n_boot}")
+    return thetas
+
+
+def _residuals(law: Law, theta: np.ndarray, pts: Points, logs: dict[str, np.ndarray],
+               y: np.ndarray) -> dict:
+    """How far the law at `theta` lies from each point, in log loss."""
+    pred = np.exp(law.log_pred(theta[None, :], logs)[0])
+    resid = y - np.log(pred)
+    return {
+        "rmse_log": float(np.sqrt(np.mean(resid ** 2))),
+        "max_abs_log": float(np.max(np.abs(resid))),
+        "points": [{"label": pts.labels[i], "N": float(pts.N[i]), "D": float(pts.D[i]),
+                    "loss": float(pts.loss[i]), "pred": float(pred[i]),
+                    "log_residual": float(resid[i])} for i in range(len(pts))]}
+
+
 def fit_law(law: Law, pts: Points, delta: float | None = 1e-3, top_k: int | None = 200,
             n_boot: int = 200, boot_starts: int = 2, seed: int = 0, grid: np.ndarray | None = None,
             progress: Progress = _quiet) -> dict:
@@ -175,23 +205,14 @@ def fit_law(law: Law, pts: Points, delta: float | None = 1e-3, top_k: int | None
     fit_s = time.perf_counter() - t0
     p = law.params(best)
 
-    rng = np.random.default_rng(seed)
     starts = _distinct(optima, boot_starts)
-    thetas = []
-    for b in range(n_boot):
-        idx = rng.integers(0, len(pts), len(pts))
-        bobj = Objective(law, {k: v[idx] for k, v in logs.items()}, y[idx], delta)
-        thetas.append(min((bobj.refine(s) for s in starts), key=lambda t: t[0])[1])
-        if n_boot >= 10 and (b + 1) % max(1, n_boot // 5) == 0:
-            progress(f"  {law.name}: bootstrap {b + 1}/{n_boot}")
+    thetas = _bootstrap(law, logs, y, delta, starts, n_boot, seed, progress)
     boot = [law.params(t) for t in thetas]
     boot_d = [law.derived(q) for q in boot]
     ps = {k: np.array([q[k] for q in boot]) for k in p} if boot else None
     d = law.derived(p)
     ds = {k: np.array([q[k] for q in boot_d]) for k in d} if boot else None
 
-    pred = np.exp(law.log_pred(best[None, :], logs)[0])
-    resid = y - np.log(pred)
     out = {
         "law": law.name, "status": "ok", "formula": law.formula,
         "params": _named(p, ps), "derived": _named(d, ds),
@@ -202,12 +223,7 @@ def fit_law(law: Law, pts: Points, delta: float | None = 1e-3, top_k: int | None
                       "refined": len(optima), "seconds": round(fit_s, 3),
                       "best_found_by": int(sum(1 for v, _ in optima
                                                if v <= best_val * (1 + 1e-6) + 1e-12))},
-        "residuals": {
-            "rmse_log": float(np.sqrt(np.mean(resid ** 2))),
-            "max_abs_log": float(np.max(np.abs(resid))),
-            "points": [{"label": pts.labels[i], "N": float(pts.N[i]), "D": float(pts.D[i]),
-                        "loss": float(pts.loss[i]), "pred": float(pred[i]),
-                        "log_residual": float(resid[i])} for i in range(len(pts))]},
+        "residuals": _residuals(law, best, pts, logs, y),
         "bootstrap": {"n": n_boot, "resample": "points", "starts_per_refit": len(starts),
                       "samples": {k: v.tolist() for k, v in (ps or {}).items()}},
     }
