@@ -101,12 +101,10 @@ def test_torch_engine_checkpoint_is_refused_by_the_deepspeed_engine(tmp_path):
     ckpt = tmp_path / "step_1"
     ckpt.mkdir()
     (ckpt / "meta.json").write_text(json.dumps({"step": 1}))
-
-    class T:
-        cfg = load_config(None, [])
     with pytest.warns(UserWarning, match="no manifest.json"), \
             pytest.raises(ConfigError, match="written by the torch engine"):
-        load_checkpoint(T, ckpt)
+        # refused from meta.json alone, before the engine is touched
+        load_checkpoint(None, load_config(None, []), torch.device("cpu"), ckpt)
 
 
 def test_deepspeed_launcher_runs_two_cpu_processes(tmp_path, torch_engine):

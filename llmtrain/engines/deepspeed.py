@@ -263,10 +263,5 @@ def load_checkpoint(engine, cfg: Config, device: torch.device, path: Path) -> di
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {path}")
-    rng_file = path / f"rng_rank{ckpt.rank()}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
+    ckpt.restore_rng(path, device)
     return meta

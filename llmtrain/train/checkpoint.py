@@ -601,10 +601,15 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     state = {"model": model_sd, "optim": optim_sd}
     _dcp_load(state, path)
     set_train_state(model, optimizer, state["model"], state["optim"])
-    rng_file = path / f"rng_rank{rank()}.pt"
+    restore_rng(path, device)
+    return meta
+
+
+def restore_rng(path: Path, device: torch.device) -> None:
+    """This rank's RNG state as a checkpoint saved it (`rng_rank<R>.pt`, tensors only), if any."""
+    rng_file = Path(path) / f"rng_rank{rank()}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
-    return meta
