@@ -43,7 +43,7 @@ from llmtrain.model.moe import moe_metrics
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.loss import reduce_step_losses
 from llmtrain.train.step import (DataParallelGroup, StepResult, TrainStep, global_token_count,
-                                 set_lr, update_router_bias)
+                                 sample_ids, set_lr, update_router_bias)
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -201,9 +201,8 @@ class DeepSpeedStep(TrainStep):
         # DeepSpeed has already stepped; a non-finite step is reported, not skipped (in fp32/bf16
         # it has no loss scaler that would skip it)
         finite = math.isfinite(float(loss)) and (norm is None or math.isfinite(grad_norm))
-        return StepResult(float(loss), lr, grad_norm, not finite,
-                          [i for b in batches for i in b.sample_ids], float(aux_mean),
-                          moe_metrics(module))
+        return StepResult(float(loss), lr, grad_norm, not finite, sample_ids(batches),
+                          float(aux_mean), moe_metrics(module))
 
 
 def save_checkpoint(engine, cfg: Config, step: int, device: torch.device, extra: dict) -> Path:

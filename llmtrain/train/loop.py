@@ -93,6 +93,7 @@ class Trainer:
         self.env = env = DistEnv.from_environ()
         self.is_main = env.rank == 0
         self.device = resolve_device(cfg, env)
+        self.peak_flops = device_peak_flops(self.device)  # for MFU; None off the GPU
         self.mesh = init_distributed(cfg, env, self.device)
         self.run_dir = Path(cfg.logging.run_dir)
         self.files = RunDir(self.run_dir, last_good=self.last_good_checkpoint)
@@ -368,10 +369,9 @@ class Trainer:
                "tokens": self.step * self.tokens_per_step, "tokens_per_s": tps,
                "peak_memory_gib": peak_memory_gib(self.device),
                "skipped_steps": self.skipped_total}
-        peak = device_peak_flops(self.device)
-        if peak:
+        if self.peak_flops:
             world = dist.get_world_size() if dist.is_initialized() else 1
-            rec["mfu"] = self.flops_per_token * tps / (peak * world)
+            rec["mfu"] = self.flops_per_token * tps / (self.peak_flops * world)
         moe_rec, moe_hist = out.moe
         if moe_rec:
             rec.update(moe_rec, moe_aux_loss=out.moe_aux_loss)

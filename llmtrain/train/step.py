@@ -76,6 +76,11 @@ def global_token_count(batches: list[Batch], device: torch.device,
     return all_reduce_sum(torch.as_tensor(n_local, device=device), dp.group)
 
 
+def sample_ids(batches: list[Batch]) -> list[int]:
+    """The samples of a step's micro-batches, in order (a loss-spike report names them)."""
+    return [i for b in batches for i in b.sample_ids]
+
+
 def update_router_bias(model: nn.Module, dp: DataParallelGroup) -> None:
     """After an optimizer step: every rank moves its aux-free router biases by the global load."""
     routers = [m.router for m in moe_layers(model).values() if m.router.aux_free_bias]
@@ -153,9 +158,8 @@ class TrainStep:
             update_router_bias(self.model, self.dp)
         state = state_bytes(self.model, self.optimizer) if measure_state else None
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(float(loss), lr, float(grad_norm), not finite,
-                          [i for b in batches for i in b.sample_ids], float(aux_mean),
-                          self.moe_metrics(), state)
+        return StepResult(float(loss), lr, float(grad_norm), not finite, sample_ids(batches),
+                          float(aux_mean), self.moe_metrics(), state)
 
     def moe_metrics(self) -> tuple[dict, dict]:
         return moe_metrics(self.model)
