@@ -105,22 +105,27 @@ def run_command(cmd: list[str], timeout: float = 300, check: bool = True,
     return r
 
 
-def train_command(overrides: Iterable[str], *args: str, nproc: int = 1,
+def train_command(overrides: Iterable[str], *args: str, nproc: int = 1, torchrun: bool = False,
                   max_restarts: int = 0) -> list[str]:
-    """`python -m llmtrain train ARGS --set ...`; with nproc > 1 under torchrun: one node
-    (--standalone, as launch/torchrun.sh runs it), `nproc` processes, `max_restarts` restarts."""
+    """`python -m llmtrain train ARGS --set ...`; with nproc > 1, `nproc` ranks of one node:
+    forked from one interpreter by fork_ranks.py (the ranks see what torchrun would give them,
+    and start in a third of the time), or with `torchrun` (or `max_restarts`) under torchrun
+    itself (--standalone, as launch/torchrun.sh runs it)."""
     train = ["-m", "llmtrain", "train", *args, *set_args(overrides)]
     if nproc == 1:
         return [sys.executable, *train]
+    if not torchrun and not max_restarts:
+        return [sys.executable, str(Path(__file__).with_name("fork_ranks.py")), str(nproc),
+                *train[2:]]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
             str(nproc), "--max-restarts", str(max_restarts), *train]
 
 
-def run_train(overrides: Iterable[str], *args: str, nproc: int = 1,
+def run_train(overrides: Iterable[str], *args: str, nproc: int = 1, torchrun: bool = False,
               **kw) -> subprocess.CompletedProcess:
-    """`train_command(overrides, *args, nproc=nproc)` run to its end; `kw` as for `run_command`
-    (by default it must exit 0 within 300 s)."""
-    return run_command(train_command(overrides, *args, nproc=nproc), **kw)
+    """`train_command(overrides, *args, nproc=nproc, torchrun=torchrun)` run to its end; `kw` as
+    for `run_command` (by default it must exit 0 within 300 s)."""
+    return run_command(train_command(overrides, *args, nproc=nproc, torchrun=torchrun), **kw)
 
 
 def launch_script(name: str, *args: str, timeout: float = 60, cwd: Path | None = None,

@@ -153,7 +153,7 @@ def test_hung_collective_dumps_stacks_and_exits_nonzero(tmp_path, tiny):
     run = tmp_path / "hang"
     overrides = tiny(**{"logging.run_dir": run, "train.steps": 1000,
                         "train.collective_timeout_s": 10})
-    proc = subprocess.Popen(train_command(overrides, nproc=2), env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_command(overrides, nproc=2, torchrun=True), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: logged_steps(run) >= 2, 240, "step 2")
@@ -352,7 +352,7 @@ def test_a_second_job_on_a_run_dir_is_refused_until_the_first_dies(tmp_path, tin
 
 def test_a_config_error_under_torchrun_prints_once_and_the_launcher_checks_first(tmp_path):
     bad = ["model.n_heads=3", f"logging.run_dir={tmp_path / 'run'}"]
-    r = run_train(bad, "configs/tiny.yaml", nproc=2, cwd=ROOT, check=False, env=ENV)
+    r = run_train(bad, "configs/tiny.yaml", nproc=2, torchrun=True, cwd=ROOT, check=False, env=ENV)
     assert r.returncode != 0
     assert r.stderr.count("error: model.n_heads=3 does not divide") == 1, r.stderr[-3000:]
     # launch/torchrun.sh validates before starting the processes: one line, exit 2

@@ -23,6 +23,7 @@ from llmtrain.config import Config, ConfigError
 from llmtrain.config.layout import micro_batches
 from llmtrain.data.indexed import (PAIR_SUFFIXES, blend_entries, check_datasets, check_indexed,
                                    check_pairs)
+from llmtrain.data.mcore import import_datasets
 from llmtrain.data.span_corruption import N_SENTINELS, SENTINEL, corrupt, span_counts
 from llmtrain.data.tokenizer import Tokenizer
 
@@ -56,6 +57,7 @@ def check_tokenizer_fits(tok: Tokenizer, cfg: Config) -> None:
 
 def build_datasets(cfg: Config, prefix: str, tok: Tokenizer):
     """(train, valid) GPTDatasets over `prefix` (or over `data.blend`), with megatron's split."""
+    import_datasets()
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder)
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -243,6 +245,7 @@ class PairDataset:
     datasets (each document ends with EOD), restricted to `docs` (a split, in its order)."""
 
     def __init__(self, prefix: str, docs: np.ndarray):
+        import_datasets()
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         check_pairs(prefix)

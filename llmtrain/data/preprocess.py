@@ -28,6 +28,7 @@ import numpy as np
 
 from llmtrain.config import Config, ConfigError, DataConfig
 from llmtrain.data.indexed import PAIR_SUFFIXES, check_datasets, check_indexed, check_pairs
+from llmtrain.data.mcore import import_datasets
 from llmtrain.data.span_corruption import N_SENTINELS, SENTINEL
 from llmtrain.data.tokenizer import Tokenizer
 
@@ -441,6 +442,7 @@ def iter_file_pairs(files: list[str], source_field: str, target_field: str,
 
 def write_indexed(docs: Iterable[list[int]], prefix: str | Path, vocab_size: int) -> dict:
     """Write token lists (one per document, EOD already appended) as megatron-core .bin/.idx."""
+    import_datasets()
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(prefix)
@@ -638,7 +640,7 @@ def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
 
 
 def _import_writer() -> None:
-    import megatron.core.datasets.indexed_dataset  # noqa: F401
+    import_datasets()
 
 
 def resolve_tokenizer(spec: str, texts, log=print) -> Tokenizer:
@@ -665,7 +667,7 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_field: str =
     or with `skip_bad_lines` is skipped and counted in one warning per kind at the end."""
     import threading
 
-    # megatron-core's package import takes seconds; overlap it with reading and tokenizing.
+    # megatron-core's dataset import takes a second; overlap it with reading and tokenizing.
     threading.Thread(target=_import_writer, daemon=True).start()
     files = expand_paths(inputs, key="--input")
     bad = BadLines(skip_bad_lines, "pass --skip-bad-lines")
