@@ -145,18 +145,19 @@ def test_pair_batches_hold_the_jsonl_fields(tmp_path):
 
 
 def test_seq2seq_pairs_train_through_the_cli(tmp_path, capsys):
-    """Word-order reversal from a jsonl of pairs: learned to near-zero validation loss in 600
-    steps (about 10 s), and `generate` reverses a new sentence."""
+    """Word-order reversal from a jsonl of pairs: learned to near-zero validation loss in 1000
+    steps (about 15 s), and `generate` reverses a new sentence. (600 steps sufficed for some
+    initial draws and not for others: seeds 1, 2, 3 and 1234 reach 0.0002-0.04 at 1000.)"""
     write_pairs(tmp_path / "pairs.jsonl", n=3000)
     run = tmp_path / "run"
     args = pair_overrides(run, tmp_path / "pairs.jsonl", **{
-        "train.steps": 600, "train.eval_every": 600, "train.log_every": 50,
+        "train.steps": 1000, "train.eval_every": 1000, "train.log_every": 50,
         "train.global_batch_size": 32, "train.micro_batch_size": 32,
         "optim.warmup_steps": 10, "optim.lr": 3e-3, "model.dropout": 0.0})
     assert cli_train(args) == 0
     assert read_summary(run)["final_val_loss"] < 0.05
     capsys.readouterr()
-    assert cli("generate", str(run / "checkpoints" / "step_600"), "--prompt",
+    assert cli("generate", str(run / "checkpoints" / "step_1000"), "--prompt",
                "golf alpha tango mike", "--max-new-tokens", "12") == 0
     assert capsys.readouterr().out.strip() == "mike tango alpha golf"
 

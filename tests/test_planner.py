@@ -323,6 +323,27 @@ def test_zero_stage_and_ep_shrink_memory():
     assert e1 - e8 == pytest.approx(pc.n_moe_layers * pc.moe_layer_experts * 7 / 8 * 2)
 
 
+def test_zero_buffers_by_hand():
+    """A block of 1M parameters sharded over 8 ranks: ZeRO 3 gathers two blocks (4 bytes fp32, 2
+    bf16 each) and reduce-scatters one block's gradients in fp32; ZeRO 2 only the latter;
+    without sharding there is no buffer."""
+    assert memory.zero_buffer_bytes(1e6, "fp32", 3, 8) == {"gathered": 8e6, "reduce_scatter": 4e6}
+    assert memory.zero_buffer_bytes(1e6, "bf16", 3, 8) == {"gathered": 4e6, "reduce_scatter": 4e6}
+    assert memory.zero_buffer_bytes(1e6, "bf16_pure", 2, 8) == {"gathered": 0.0,
+                                                                "reduce_scatter": 2e6}
+    assert memory.zero_buffer_bytes(1e6, "fp32", 3, 1) == {"gathered": 0.0, "reduce_scatter": 0.0}
+
+
+def test_zero3_transients_in_the_estimate_by_hand():
+    """The estimate's activations at ZeRO 3 over 16 ranks exceed ZeRO 1's by three blocks of
+    this GPU's parameters at 2 + 2 + 4 bytes (bf16 gathers, fp32 reduce-scatter input)."""
+    cfg = small_cfg()
+    z1, z3 = (estimate(cfg, Layout(dp_shard=16, zero_stage=z, pp_microbatches=2), A100_80GB)
+              .memory["activations"] for z in (1, 3))
+    pc = memory.param_counts(cfg.model)
+    assert z3 - z1 == pytest.approx(pc.dense_layer * (2 + 2 + 4))
+
+
 def test_best_layout_overrides_round_trip():
     cfg = small_cfg()
     lay = best_layout(cfg, 8, Hardware(gpus_per_node=8))

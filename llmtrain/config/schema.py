@@ -128,6 +128,9 @@ class ParallelConfig:
     virtual_stages: int = _f(1, lo=1, hi=_LAYERS)
     pp_layers: list[int] | None = _f(None, hi=_LAYERS, doc="layers per stage (each item)")
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    activation_checkpointing_every: int = _f(1, lo=1, hi=_LAYERS,
+                                             doc="checkpoint every N-th block only (blocks N-1, "
+                                                 "2N-1, ...); the others keep all activations")
     compile: bool = False
     engine: Literal["torch", "deepspeed"] = "torch"
     offload: Literal["none", "cpu", "nvme"] = "none"
@@ -152,6 +155,11 @@ class TrainConfig:
     max_skipped_steps: int = _f(10, lo=1, hi=_STEPS)
     # 10**7 s (116 days): datetime.timedelta and threading waits overflow near 10**9 s
     collective_timeout_s: float = _f(600.0, lo=0.0, lo_open=True, hi=10 ** 7)
+    loss: Literal["plain", "chunked"] = _f("plain", doc="chunked: output layer and cross entropy "
+                                           "fused over token chunks, no [B, T, V] logits held "
+                                           "(train/lean_loss.py)")
+    loss_chunk_tokens: int = _f(1024, lo=1, hi=_TOKENS,
+                                doc="tokens per chunk of train.loss=chunked")
 
 
 @dataclass

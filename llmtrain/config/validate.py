@@ -4,8 +4,8 @@
 broken rule is the error a user sees): the model's shape, its architecture variants, training
 lengths and the optimizer, MoE, the parallel layout (`ParallelDims`, layout.py) and the batch
 split, expert parallelism, the pipeline, the DeepSpeed engine, tensor parallelism, offloading,
-switches this build does not run, data and checkpoint resumption. Each raises a one-line
-`ConfigError`.
+activation checkpointing, switches this build does not run, the loss, data and checkpoint
+resumption. Each raises a one-line `ConfigError`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _deepspeed(cfg)
     _tensor_parallel(cfg)
     _offload(cfg)
+    _checkpointing(cfg)
     _unsupported(cfg)
+    _loss(cfg)
     _data(cfg)
     _resume(cfg)
 
@@ -273,18 +275,44 @@ def _offload(cfg: Config) -> None:
                           f"{p.zero_stage}")
 
 
+def _checkpointing(cfg: Config) -> None:
+    """Which blocks parallel.activation_checkpointing_every checkpoints."""
+    m, p = cfg.model, cfg.parallel
+    every = p.activation_checkpointing_every
+    if every > 1 and p.activation_checkpointing == "none":
+        raise ConfigError(f"parallel.activation_checkpointing_every={every} needs "
+                          f"parallel.activation_checkpointing=selective or full, got none; set "
+                          f"one or use every=1")
+    blocks = (m.n_encoder_layers + m.n_decoder_layers if m.arch == "encoder_decoder"
+              else 1 if m.share_layers else m.n_layers)
+    if every > blocks:
+        raise ConfigError(f"parallel.activation_checkpointing_every={every} exceeds the model's "
+                          f"{blocks} blocks, so none would be checkpointed; use 1 to {blocks}")
+
+
 def _unsupported(cfg: Config) -> None:
     """Switches this build does not run (yet)."""
     p = cfg.parallel
-    if p.activation_checkpointing == "selective":
-        raise ConfigError("parallel.activation_checkpointing=selective is not supported yet; use "
-                          "none or full")
     if p.compile:
         raise ConfigError("parallel.compile=true is not supported yet (per-block torch.compile "
                           "is planned with the GPU work); use false")
     if cfg.checkpoint.async_save and p.engine == "deepspeed":
         raise ConfigError("checkpoint.async=true is for parallel.engine=torch (DCP async_save); "
                           "the deepspeed engine writes its checkpoints synchronously: use false")
+
+
+def _loss(cfg: Config) -> None:
+    """train.loss=chunked (train/lean_loss.py) is wired into the torch engine's TrainStep for a
+    decoder whose output is one softmax layer (plain, DDP, FSDP, tensor parallel)."""
+    m, p = cfg.model, cfg.parallel
+    bad = [key for key, on in (("model.arch=encoder_decoder", m.arch == "encoder_decoder"),
+                               ("model.output=mos", m.output == "mos"),
+                               (f"parallel.pp={p.pp}", p.pp > 1),
+                               ("parallel.engine=deepspeed", p.engine == "deepspeed")) if on]
+    if cfg.train.loss == "chunked" and bad:
+        raise ConfigError(f"train.loss=chunked with {bad[0]} is not supported (it fuses the "
+                          f"decoder's softmax output layer in the torch engine's step); use "
+                          f"train.loss=plain")
 
 
 def _data(cfg: Config) -> None:

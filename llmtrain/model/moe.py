@@ -44,6 +44,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from llmtrain.config import ModelConfig
 from llmtrain.model.mlp import GLU_ACTIVATIONS, FeedForward
@@ -56,14 +57,18 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        # saved_tensors_hooks of its own: the first probe often runs inside an activation-
-        # checkpointed forward, whose hooks would count the probe's saved tensors and then find
-        # them missing from the recompute (CheckpointError)
+        # The first probe often runs inside an activation-checkpointed forward. Its own
+        # saved_tensors_hooks: full checkpointing's would count the probe's saved tensors and
+        # then miss them in the recompute (CheckpointError). No dispatch modes: selective
+        # checkpointing's would keep the probe's outputs and replay them in the recompute, which
+        # runs no probe, shifting every later output. No random numbers: the forward would draw
+        # them and the recompute not, so its dropout masks would differ.
         with torch.inference_mode(False), torch.enable_grad(), \
                 torch.autocast(device.type, enabled=False), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            x = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
-            w = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), \
+                _disable_current_modes():
+            x = torch.ones(32, 16, device=device, dtype=dtype, requires_grad=True)
+            w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
             offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
             y = torch._grouped_mm(x, w, offs=offs)
             y.backward(torch.ones_like(y))

@@ -166,7 +166,11 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         register_rope_tables(self, cfg)
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                head=None) -> torch.Tensor:
+        """`head(h, output)`, if given, stands in for the output layer: it gets the final hidden
+        states (after `output_proj`) and the output module, and its result is returned (the
+        chunked loss of train/lean_loss.py, which never holds the [B, T, V] logits)."""
         T = tokens.shape[1]
         if self.tok_embeddings is None:
             h = tokens
@@ -188,6 +192,8 @@ class Transformer(nn.Module):
             h = self.norm(h)
         if self.output is None:
             return h
+        if head is not None:
+            return head(h if self.output_proj is None else self.output_proj(h), self.output)
         if self.mos is not None:
             latents, log_prior = self.mos(h)
             return self.mos.mix(self._logits(latents), log_prior)

@@ -10,23 +10,28 @@ from torch.distributed.tensor import DTensor
 
 from llmtrain.config import Config
 from llmtrain.parallel import data as _data
+from llmtrain.parallel.checkpointing import apply_ac
 from llmtrain.parallel.expert import apply_ep, build_ep_mesh
+from llmtrain.parallel.init import materialize_shards
 from llmtrain.parallel.parallelized import ParallelModel
 from llmtrain.parallel.tensor import apply_tp, local_tensor
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
                 device: torch.device) -> ParallelModel:
-    """Apply the parallel techniques to a materialised, initialised model (every rank built the
-    same weights from the same seed; each keeps its shard of them).
+    """Shard a model built on the meta device, then materialise and initialise this rank's part
+    of it only (parallel/init.py): every layout starts from the single-process weights of
+    `train.seed`, and no rank allocates more than it keeps.
 
     Order (docs/architecture.md): activation checkpointing, pipeline split, tensor parallel,
     expert parallel, data parallel. The config validator refuses the combinations not built yet.
     """
-    if cfg.parallel.activation_checkpointing == "full":
-        apply_ac(model)
+    if cfg.parallel.activation_checkpointing != "none":
+        apply_ac(model, cfg)
+    seed, offload = cfg.train.seed, cfg.parallel.offload == "cpu"
     if mesh is None or cfg.parallel.engine == "deepspeed":
-        return ParallelModel(model)  # deepspeed.initialize (engines/deepspeed.py) does the rest
+        # deepspeed.initialize (engines/deepspeed.py) shards the materialised model
+        return ParallelModel(model, init_s=materialize_shards(model, device, seed))
     if mesh["pp"].size() > 1:  # pipeline split first; TP and data parallelism per stage
         # imported here: torch.distributed.pipelining imports torch._dynamo (~1 s), which
         # checkpoint loading and export (they import this package) do not need
@@ -36,19 +41,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
         apply_tp(model, mesh["tp"], cfg)
     if cfg.parallel.ep > 1:
         apply_ep(model, build_ep_mesh(mesh, cfg.parallel.ep))
+    fsdp = cfg.parallel.zero_stage >= 2
+    if not fsdp:  # DDP and ZeroRedundancyOptimizer are built on materialised parameters
+        init_s = materialize_shards(model, device, seed)
     module, grad_sync = _data.apply_data_parallel(model, mesh, cfg, device)
-    return ParallelModel(module, grad_sync)
-
-
-def apply_ac(model: nn.Module) -> None:
-    """Full activation checkpointing: every block keeps only its input and recomputes the rest
-    in the backward (Chen et al. 2016). The block's forward is wrapped in place, so parameter
-    names (FQNs), and with them checkpoints, stay as they are."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-    for block in _data.transformer_blocks(model):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    if fsdp:
+        init_s = materialize_shards(module, device, seed, params_on_cpu=offload)
+    return ParallelModel(module, grad_sync, init_s=init_s)
 
 
 def build_optimizer(model: nn.Module, cfg: Config,

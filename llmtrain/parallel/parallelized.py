@@ -28,3 +28,5 @@ class ParallelModel:
     """Pipeline parallelism: the stage index of each of `parts`."""
     pp_group: object | None = None
     """Pipeline parallelism: the pp process group (the gradient norm sums over every stage)."""
+    init_s: float = 0.0
+    """Seconds this rank spent initialising its parameters (parallel/init.py)."""

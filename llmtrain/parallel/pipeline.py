@@ -44,6 +44,7 @@ from llmtrain.config.layout import micro_batches, rank_stages, stage_layer_ids
 from llmtrain.model.moe import moe_layers, moe_metrics
 from llmtrain.parallel import data as _data
 from llmtrain.parallel.expert import apply_ep, build_ep_mesh
+from llmtrain.parallel.init import materialize_shards
 from llmtrain.parallel.parallelized import ParallelModel
 from llmtrain.parallel.tensor import apply_tp
 from llmtrain.train.loss import autocast, cross_entropy_sum
@@ -71,7 +72,9 @@ def _view(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> nn
     """A stage sharing `model`'s submodules: a shallow copy with its own module/hook tables."""
     part = copy.copy(model)
     for k, v in vars(model).items():
-        if isinstance(v, dict):  # _modules, _parameters, _buffers, hook tables: not shared
+        # _modules and the hook tables: the stage's own. _parameters and _buffers (the rope
+        # tables): shared, so that materialising the rank's model (parallel/init.py) reaches them
+        if isinstance(v, dict) and k not in ("_parameters", "_buffers"):
             part.__dict__[k] = type(v)(v)
     part.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
     _keep(part, layer_ids, first, last)
@@ -115,6 +118,8 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
             part.set_reshard_after_forward(False)
         wrapped.append(part)
     top = wrapped[0] if len(parts) == 1 else rank_model
+    init_s = materialize_shards(top, device, cfg.train.seed,
+                                params_on_cpu=cfg.parallel.offload == "cpu")
     # ZeRO 0/1: DDP's reducer expects one backward per forward, a pipeline stage runs one per
     # micro-batch (and one more for shape inference); the step averages the gradients after the
     # schedule's step, by the same plan as for tensor parallelism without DDP
@@ -122,7 +127,7 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     grad_sync = (_data.grad_sync_plan(top, dp)
                  if cfg.parallel.zero_stage < 2 and dp.size() > 1 else [])
     return ParallelModel(top, grad_sync, parts=wrapped, stage_ids=stages,
-                         pp_group=pp_mesh.get_group())
+                         pp_group=pp_mesh.get_group(), init_s=init_s)
 
 
 class _CarryRouterLoss(torch.autograd.Function):

@@ -91,6 +91,27 @@ def model_state_bytes(n_params: float, precision: str, zero_stage: int,
             "optimizer": n_params * o / (dp_shard if zero_stage >= 1 else 1)}
 
 
+# bytes per element of the gradients FSDP reduce-scatters: fp32 unless the run is bf16 throughout
+# (parallel/data.py: MixedPrecisionPolicy(reduce_dtype=float32) for bf16)
+REDUCE_BYTES = {"bf16": 4, "fp32": 4, "bf16_pure": 2}
+
+
+def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int,
+                      dp_shard: int) -> dict[str, float]:
+    """Transient bytes of FSDP's full-size buffers on one GPU, for blocks of `layer_params` (this
+    GPU's tensor/expert share of one block), beyond the sharded model states:
+    - "gathered" (ZeRO 3): two blocks' parameters all-gathered, the one running and the next,
+      prefetched (FSDP2's implicit forward/backward prefetch);
+    - "reduce_scatter" (ZeRO 2, 3): one block's unsharded gradients, the reduce-scatter input
+      of the block just finished in the backward (measured: benchmarks/peak_memory.py).
+    Nothing without sharding (dp_shard = 1)."""
+    sharded = dp_shard > 1
+    return {"gathered": 2 * layer_params * STATE_BYTES[precision][0]
+            if zero_stage >= 3 and sharded else 0.0,
+            "reduce_scatter": layer_params * REDUCE_BYTES[precision]
+            if zero_stage >= 2 and sharded else 0.0}
+
+
 def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, *, sp: bool = False,
                            recompute: str = "none", ffn: int | None = None, glu: bool = False,
                            kv_heads: int | None = None, dropout: bool = True,

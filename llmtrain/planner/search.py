@@ -252,16 +252,17 @@ def _memory(cfg: Config, lay: Layout, hw: Hardware, params: _GpuParams, counts: 
             moe_frac: float, flash: bool) -> dict[str, float]:
     """Bytes on the fullest GPU: of the first or the last pipeline stage, the larger."""
     act_first, act_last = _activation_bytes(cfg, lay, counts, moe_frac, flash)
-    zero3_gather = 0.0
-    if lay.zero_stage >= 3 and lay.dp_shard > 1:  # one layer gathered, the next prefetched
-        zero3_gather = 2 * (params.dense + params.expert * moe_frac) * memory.STATE_BYTES[
-            cfg.train.precision][0]
+    # FSDP's full-size buffers (gathered blocks, the reduce-scatter input), counted with the
+    # activations as transients
+    zero_buffers = sum(memory.zero_buffer_bytes(params.dense + params.expert * moe_frac,
+                                                cfg.train.precision, lay.zero_stage,
+                                                lay.dp_shard).values())
     overhead = hw.overhead_gib * GIB
     mems = []
     for shared, act, n_layers in ((params.first, act_first, counts[0]),
                                   (params.last, act_last, counts[-1])):
         st = _state_bytes(cfg, lay, shared, n_layers * params.layer_expert)
-        mem = {**st, "activations": act + zero3_gather, "overhead": overhead}
+        mem = {**st, "activations": act + zero_buffers, "overhead": overhead}
         mem["total"] = sum(mem.values())
         mems.append(mem)
     return max(mems, key=lambda d: d["total"])

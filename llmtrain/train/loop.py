@@ -30,6 +30,7 @@ from llmtrain.parallel.mesh import (DistEnv, describe_groups, dp_info, init_dist
                                     resolve_device)
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
+from llmtrain.train.memory import PeakMemory
 from llmtrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gib
 from llmtrain.train.rundir import RunDir, RunDirLock, RunError
 from llmtrain.train.optim import lr_at
@@ -139,17 +140,21 @@ class Trainer:
         return len(train_ds), len(valid_ds)
 
     def _build_model(self) -> None:
-        """The model (identical initial weights on every rank: same seed), parallelised; its
-        optimizer; the step object of the engine; the background checkpoint saver."""
+        """The model, built on the meta device, sharded, then materialised and initialised shard
+        by shard (the single-process weights of train.seed at every layout: parallel/init.py);
+        its optimizer; the step object of the engine; the background checkpoint saver."""
         cfg = self.cfg
+        self.peaks = PeakMemory(self.device)  # the baseline: all but the model (train/memory.py)
+        self.memory_record: dict | None = None  # the first step's, for memory_rank<R>.json
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, self.device)
+        model = build_model(cfg.model, "meta")
         self.n_params = model.num_params(non_embedding=False)
         self.n_params_nonemb = model.num_params(non_embedding=True)
         self.flops_per_token = model.flops_per_token(cfg.train.seq_len)
         if cfg.train.precision == "bf16_pure":
             model = model.to(torch.bfloat16)
         parallel = parallelize(model, self.mesh, cfg, self.device)
+        self.say(f"initialised this rank's parameters in {parallel.init_s:.2f} s")
         self.model = parallel.module
         self.optimizer = build_optimizer(self.model, cfg, self.mesh)
         self.engine = None  # parallel.engine=deepspeed: engines/deepspeed.py drives the model
@@ -165,6 +170,7 @@ class Trainer:
         # checkpoint.async: periodic saves written in the background (its own gloo group)
         self.saver = (ckpt.AsyncSaver(cfg.train.collective_timeout_s)
                       if cfg.checkpoint.async_save else None)
+        self.peaks.mark("init")
 
     def _resume(self) -> None:
         """Load the checkpoint `checkpoint.resume` names (or the newest good one), if any."""
@@ -206,9 +212,12 @@ class Trainer:
 
     def _report_state_bytes(self, state: dict[str, int]) -> None:
         """After the first optimizer step (when gradients and optimizer states exist): this
-        rank's model-state bytes to `<run_dir>/memory_rank<R>.json`; rank 0 prints every rank's."""
+        rank's model-state bytes and peak memory to `<run_dir>/memory_rank<R>.json`; rank 0
+        prints every rank's model state."""
+        self.peaks.mark("step")
         rec = {"rank": self.env.rank, "step": self.step + 1, "n_params": self.n_params, **state}
-        self.files.write_text(f"memory_rank{self.env.rank}.json", json.dumps(rec))
+        self.memory_record = rec
+        self._write_memory_record()
         recs = [rec]
         if dist.is_initialized():
             recs = [None] * dist.get_world_size()
@@ -218,6 +227,11 @@ class Trainer:
             self.say(f"rank {r['rank']} model state: parameters {r['param_bytes'] / mib:.2f} MiB, "
                      f"gradients {r['grad_bytes'] / mib:.2f} MiB, optimizer "
                      f"{r['optim_bytes'] / mib:.2f} MiB")
+
+    def _write_memory_record(self) -> None:
+        """`memory_rank<R>.json`: the first step's model state and the peaks so far."""
+        rec = {**self.memory_record, **self.peaks.record()}
+        self.files.write_text(f"memory_rank{self.env.rank}.json", json.dumps(rec))
 
     def train_step(self, step: int) -> StepResult:
         """Optimizer step `step` (0-based) on this rank's micro-batches of it, at its LR."""
@@ -244,6 +258,9 @@ class Trainer:
                 self._save_checkpoint(self.saver.save)
             else:
                 self._save_checkpoint()
+            self.peaks.mark("save")  # since the first step: evaluation, logging and this save
+            if self.memory_record is not None:
+                self._write_memory_record()
             return True
         except (OSError, CheckpointException) as e:
             root = ckpt.checkpoint_dir(self.cfg)

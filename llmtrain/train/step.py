@@ -30,6 +30,7 @@ from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
 from llmtrain.parallel import clip_grad_norm_, state_bytes
 from llmtrain.parallel.data import average_gradients
 from llmtrain.parallel.parallelized import ParallelModel
+from llmtrain.train.lean_loss import chunked_loss_head
 from llmtrain.train.loss import all_reduce_sum, autocast, cross_entropy_sum, reduce_step_losses
 
 
@@ -53,15 +54,18 @@ class DataParallelGroup:
     size: int = 1
 
 
-def model_logits(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+def model_logits(model: nn.Module, batch: Batch, device: torch.device,
+                 head: Callable | None = None) -> torch.Tensor:
     """The logits of a decoder (with document ids where attention resets at end of document) or
-    an encoder-decoder (source, target) batch."""
+    an encoder-decoder (source, target) batch; given `head`, what it makes of the decoder's
+    final hidden states instead (Transformer.forward)."""
     tokens = batch.tokens.to(device)
     if batch.src is not None:
         return model(batch.src.to(device), tokens, batch.src_mask.to(device))
+    kwargs = {} if head is None else {"head": head}
     if batch.doc_ids is not None:
-        return model(tokens, doc_ids=batch.doc_ids.to(device))
-    return model(tokens)
+        return model(tokens, doc_ids=batch.doc_ids.to(device), **kwargs)
+    return model(tokens, **kwargs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -93,7 +97,9 @@ def update_router_bias(model: nn.Module, dp: DataParallelGroup) -> None:
 class TrainStep:
     """The torch engine's step: forward and backward of each micro-batch (gradient accumulation,
     DDP's sync only at the last), the reductions no wrapper did, the clipped global gradient
-    norm, and the optimizer step unless the loss or the norm is non-finite."""
+    norm, and the optimizer step unless the loss or the norm is non-finite. With
+    `train.loss: chunked` the loss is train/lean_loss.py's, fused with the output layer; a
+    custom `logits` function (bench's Hugging Face models) gets the plain loss."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
                  device: torch.device, dp: DataParallelGroup | None = None, *,
@@ -104,6 +110,8 @@ class TrainStep:
         self.parallel = parallel or ParallelModel(model)
         self.tp = tp
         self.logits = logits or (lambda batch: model_logits(model, batch, device))
+        self.chunk_tokens = (cfg.train.loss_chunk_tokens
+                             if cfg.train.loss == "chunked" and logits is None else 0)
         self.clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
 
     def loss_parallel(self):
@@ -112,10 +120,14 @@ class TrainStep:
 
     def forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of CE over the batch's unmasked tokens, their count)."""
-        mask = batch.loss_mask.to(self.device)
+        mask, labels = batch.loss_mask.to(self.device), batch.labels.to(self.device)
         with autocast(self.cfg, self.device):
+            if self.chunk_tokens:
+                sp = self.cfg.parallel.sequence_parallel and self.tp > 1
+                head = chunked_loss_head(labels, mask, self.chunk_tokens, sp)
+                return model_logits(self.model, batch, self.device, head), mask.sum()
             logits = self.logits(batch)
-        return cross_entropy_sum(logits, batch.labels.to(self.device), mask), mask.sum()
+        return cross_entropy_sum(logits, labels, mask), mask.sum()
 
     def forward_backward(self, batches: list[Batch],
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
