@@ -304,8 +304,9 @@ def _fill(directory: Path) -> Path:
 
 def test_full_disk_under_the_run_dir_stops_in_one_line_then_resumes(tmp_path, tiny,
                                                                     small_tmpfs, capfd):
-    """metrics.jsonl on a tmpfs that fills up mid-run (checkpoints elsewhere): one line naming
-    the file and the checkpoint to resume from, exit 1; once there is room the rerun resumes
+    """The run dir on a tmpfs that fills up mid-run (checkpoints elsewhere): one line naming
+    the file that could not be written (metrics.jsonl, or memory_rank0.json, rewritten after
+    each save) and the checkpoint to resume from, exit 1; once there is room the rerun resumes
     and every step is logged once."""
     run, ckpts = small_tmpfs / "run", tmp_path / "ckpts"
     args = tiny(**{"logging.run_dir": run, "checkpoint.dir": ckpts, "train.steps": 200,
@@ -320,8 +321,9 @@ def test_full_disk_under_the_run_dir_stops_in_one_line_then_resumes(tmp_path, ti
     out, err = capfd.readouterr()
     assert code == 1, out + err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"error: cannot write {run / 'metrics.jsonl'} (No space left on "
-                           f"device)") and "resumes from the last good checkpoint" in last, last
+    assert any(last.startswith(f"error: cannot write {run / name} (No space left on device)")
+               for name in ("metrics.jsonl", "memory_rank0.json")), last
+    assert "resumes from the last good checkpoint" in last, last
     good = ckpt.latest_good(ckpts)
     assert str(good) in last
     filled[0].unlink()
