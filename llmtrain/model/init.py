@@ -78,19 +78,25 @@ def normals(key: np.ndarray, start: int, count: int) -> np.ndarray:
     return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
 
 
+def _last_cut(shape: tuple[int, ...], box: tuple[int, ...]) -> int:
+    """The last dimension the box does not span whole (-1: it is the whole tensor)."""
+    return max((d for d in range(len(shape)) if box[d] != shape[d]), default=-1)
+
+
 def flat_runs(shape: tuple[int, ...], offset: tuple[int, ...],
-              box: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], int, int]]:
-    """The box as runs of consecutive flat indices of the full tensor: (index of the run in the
-    box's outer dimensions, first flat index, length). Dimensions after the last one the box
-    cuts are whole, so each run spans them."""
-    cut = max((d for d in range(len(shape)) if box[d] != shape[d]), default=-1)
-    inner = math.prod(box[cut:]) if cut >= 0 else math.prod(shape)
+              box: tuple[int, ...]) -> Iterator[tuple[int, int]]:
+    """The box as runs of consecutive flat indices of the full tensor, in row-major order of the
+    box: (first flat index, length). Dimensions after the last one the box cuts are whole, so
+    each run spans them; one run per index of the dimensions before it."""
+    cut = _last_cut(shape, box)
+    if cut < 0:
+        yield 0, math.prod(shape)
+        return
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    outer = [range(box[d]) for d in range(max(cut, 0))]
-    for idx in np.ndindex(*[len(r) for r in outer]) if outer else [()]:
-        start = sum((offset[d] + idx[d]) * strides[d] for d in range(len(idx)))
-        start += sum(offset[d] * strides[d] for d in range(len(idx), len(shape)))
-        yield idx, start, inner
+    first = sum(offset[d] * strides[d] for d in range(cut, len(shape)))
+    for idx in np.ndindex(*box[:cut]):
+        yield first + sum((offset[d] + i) * strides[d] for d, i in enumerate(idx)), \
+            math.prod(box[cut:])
 
 
 def fill_box(local: torch.Tensor, shape: tuple[int, ...], offset: tuple[int, ...], key,
@@ -98,13 +104,12 @@ def fill_box(local: torch.Tensor, shape: tuple[int, ...], offset: tuple[int, ...
     """Write draw(key, flat index, count) of the full tensor `shape` into `local`, the box at
     `offset`, CHUNK elements at a time (computed on the host in float64, sent to local's device
     as float32 unless the parameter is float64)."""
-    host = np.float64 if local.dtype == torch.float64 else np.float32
     if local.numel() == 0:
         return
-    box = tuple(local.shape)
-    cut = max((d for d in range(len(shape)) if box[d] != shape[d]), default=-1)
-    rows = local.view(-1, math.prod(box[cut:]) if cut >= 0 else local.numel())
-    for i, (_, start, n) in enumerate(flat_runs(shape, offset, box)):
+    host = np.float64 if local.dtype == torch.float64 else np.float32
+    runs = list(flat_runs(shape, offset, tuple(local.shape)))
+    rows = local.view(len(runs), -1)  # one row per run
+    for i, (start, n) in enumerate(runs):
         for c in range(0, n, CHUNK):
             m = min(CHUNK, n - c)
             rows[i, c:c + m].copy_(torch.from_numpy(draw(key, start + c, m).astype(host)))
