@@ -318,6 +318,11 @@ def load_spec(path: str | Path, sizes: bool = False) -> Spec:
     return spec
 
 
+# How a run is started: a fresh interpreter per run, so that runs share no state. (The tests
+# swap in their fork server, which starts the same `llmtrain.cli.main` without re-importing.)
+LLMTRAIN = [sys.executable, "-m", "llmtrain"]
+
+
 def plan_runs(spec: Spec, out: Path) -> list[Run]:
     runs = []
     for v in spec.cells:
@@ -325,7 +330,7 @@ def plan_runs(spec: Spec, out: Path) -> list[Run]:
             run_dir = out / "runs" / v.name / (v.size or "") / f"seed{seed}"
             sets = [*spec.overrides, *v.overrides, f"train.steps={v.steps}",
                     f"train.seed={seed}", f"logging.run_dir={run_dir}", "logging.progress=false"]
-            cmd = [sys.executable, "-m", "llmtrain", "train",
+            cmd = [*LLMTRAIN, "train",
                    *([str(spec.base)] if spec.base else []),
                    *sum((["--set", s] for s in sets), [])]
             runs.append(Run(v.name, seed, run_dir, cmd, v.size))

@@ -23,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
+FORK_RANKS = Path(__file__).with_name("fork_ranks.py")
 
 # One BPE tokenizer + indexed corpus for the whole test session (built once, ~15 s); the
 # subprocesses below inherit it with os.environ.
@@ -107,16 +108,14 @@ def run_command(cmd: list[str], timeout: float = 300, check: bool = True,
 
 def train_command(overrides: Iterable[str], *args: str, nproc: int = 1, torchrun: bool = False,
                   max_restarts: int = 0) -> list[str]:
-    """`python -m llmtrain train ARGS --set ...`; with nproc > 1, `nproc` ranks of one node:
-    forked from one interpreter by fork_ranks.py (the ranks see what torchrun would give them,
-    and start in a third of the time), or with `torchrun` (or `max_restarts`) under torchrun
-    itself (--standalone, as launch/torchrun.sh runs it)."""
+    """`python -m llmtrain train ARGS --set ...` as one process, or as `nproc` ranks of one node:
+    both forked from an interpreter that has imported llmtrain already by fork_ranks.py (the
+    ranks see what torchrun would give them, and start in a fraction of the time), or, with
+    `torchrun` (or `max_restarts`), under torchrun itself (--standalone, as launch/torchrun.sh
+    runs it)."""
     train = ["-m", "llmtrain", "train", *args, *set_args(overrides)]
-    if nproc == 1:
-        return [sys.executable, *train]
     if not torchrun and not max_restarts:
-        return [sys.executable, str(Path(__file__).with_name("fork_ranks.py")), str(nproc),
-                *train[2:]]
+        return [sys.executable, str(FORK_RANKS), str(0 if nproc == 1 else nproc), *train[2:]]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
             str(nproc), "--max-restarts", str(max_restarts), *train]
 

@@ -7,15 +7,24 @@ import csv
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import read_evals, read_metrics, read_summary, tiny_overrides
+from helpers import FORK_RANKS, read_evals, read_metrics, read_summary, tiny_overrides
+from llmtrain import ablate
 from llmtrain.ablate import load_spec
 from llmtrain.cli import main
 from llmtrain.config import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def forked_runs(monkeypatch):
+    """Each run forked from the test session's fork server (tests/fork_ranks.py: the same
+    `llmtrain.cli.main` as `python -m llmtrain`, without importing torch again per run)."""
+    monkeypatch.setattr(ablate, "LLMTRAIN", [sys.executable, str(FORK_RANKS), "0"])
 
 
 def write_spec(path: Path, **kw) -> Path:

@@ -1,5 +1,5 @@
-"""The launch scripts: two torchrun agents (`--nnodes 2`, c10d rendezvous on 127.0.0.1, 2
-processes each) train like one 4-process node; torchrun.sh, slurm.sbatch and deepspeed.sh dry runs
+"""The launch scripts: two torchrun agents (`--nnodes 2`, c10d rendezvous on 127.0.0.1, one
+process each) train like one 2-process node; torchrun.sh, slurm.sbatch and deepspeed.sh dry runs
 print the command they would run (LLMTRAIN_DRY_RUN=1; a fake `scontrol` stands in for Slurm)."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 from helpers import (LAUNCH, free_port, launch_script, parallel_overrides, read_losses,
                      set_args, subprocess_env)
 
-# 4 data-parallel ranks x micro-batch 2 = global batch 8, one micro-batch each
+# 2 data-parallel ranks x micro-batch 2 = global batch 8 in two micro-batches each (the
+# accumulation crosses the nodes' all-reduce too)
 SETS = {"train.micro_batch_size": 2}
 
 
@@ -24,14 +25,14 @@ def _errors(out: str) -> str:
     return "\n".join(lines[-20:]) or out[-4000:]
 
 
-def test_two_nodes_train_like_one_four_process_node(tmp_path):
+def test_two_nodes_train_like_one_two_process_node(tmp_path):
     one = tmp_path / "one_node"
     r = launch_script("torchrun.sh", "configs/tiny.yaml",
-                      *set_args(parallel_overrides(one, **SETS)), timeout=300, NPROC_PER_NODE="4")
+                      *set_args(parallel_overrides(one, **SETS)), timeout=300, NPROC_PER_NODE="2")
     assert r.returncode == 0, _errors(r.stdout + r.stderr)
 
     two = tmp_path / "two_nodes"
-    env = subprocess_env(PYTHON=sys.executable, NNODES="2", NPROC_PER_NODE="2",
+    env = subprocess_env(PYTHON=sys.executable, NNODES="2", NPROC_PER_NODE="1",
                          RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID=f"test-{os.getpid()}")
     cmd = ["bash", str(LAUNCH / "torchrun.sh"), "configs/tiny.yaml",
            *set_args(parallel_overrides(two, **SETS))]
@@ -46,7 +47,7 @@ def test_two_nodes_train_like_one_four_process_node(tmp_path):
     for n, out in zip(nodes, outs):
         assert n.returncode == 0, _errors(out)
     assert "--nnodes 2 --node_rank 1 --rdzv_backend c10d" in outs[1]
-    assert "layout: world 4" in outs[0] + outs[1]
+    assert "layout: world 2" in outs[0] + outs[1]
     assert read_losses(two) == pytest.approx(read_losses(one), rel=1e-6)
 
 
