@@ -1,19 +1,27 @@
 """`llmtrain import-hf` on damaged or hostile Hugging Face directories: every problem is a one-line
-error (exit 2) found before the model is built or a weight is loaded, and --out stays untouched."""
+error (exit 2) found before the model is built or a weight is loaded, and --out stays untouched.
+Also its memory: one weight at a time, never the whole model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import pickle
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from helpers import cli, init_run
 from llmtrain.config import load_config
 from llmtrain.train import checkpoint as ckpt
+from llmtrain.train import export
 from llmtrain.train.export import (SAFETENSORS_INDEX, hf_llama_shapes, load_checkpoint_model,
                                    to_hf_state_dict)
 
@@ -47,6 +55,7 @@ def no_loading(monkeypatch):
         import llmtrain.model
         monkeypatch.setattr(llmtrain.model, "build_model", fail("build_model"))
         monkeypatch.setattr(safetensors.torch, "load_file", fail("load_file"))
+        monkeypatch.setattr(export, "read_tensor", fail("read_tensor"))  # import-hf reads with it
         if not shards:
             monkeypatch.setattr(safetensors, "safe_open", fail("safe_open"))
     return install
@@ -255,3 +264,91 @@ def test_expected_shapes_are_what_export_writes(model):
     m = ModelConfig(n_layers=3, d_model=64, n_heads=4, vocab_size=300, max_seq_len=32, **model)
     written = to_hf_state_dict(build_model(m, "meta"), "llama")
     assert hf_llama_shapes(m) == {k: tuple(v.shape) for k, v in written.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: one tensor at a time, never the model
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the CPU tensor storages that ops run under the mode allocated and that are still
+    alive (a storage counted once, however many views share it), and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages: set[int] = set()
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.storages.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()  # the same Python object while it lives
+                if id(storage) not in self.storages:
+                    self.storages.add(id(storage))
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, id(storage), storage.nbytes())
+        return out
+
+
+def open_files_under(d: Path) -> list[str]:
+    """Files under `d` this process has open or mapped."""
+    links = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(fd))
+    maps = [line.split(maxsplit=5)[-1] for line in
+            Path("/proc/self/maps").read_text().splitlines() if line.count(" ") >= 5]
+    return [f for f in links + maps if f.startswith(str(d.resolve()))]
+
+
+def test_import_holds_one_tensor_at_a_time_and_writes_todays_checkpoint(hf_dirs, tmp_path):
+    """A sharded bf16 directory: the tensors alive at once never exceed the largest weight read
+    as bf16 and converted to fp32 (the model is over three times that); the checkpoint is the
+    one today's build-load-save import wrote, byte for byte; no shard is left open."""
+    from llmtrain.model import build_model
+    src, out = hf_dirs["bf16_sharded"], tmp_path / "out"
+    with LiveTensorBytes() as tracker:
+        assert cli("import-hf", str(src), "--out", str(out)) == 0
+    cfg = load_config(out / "config.yaml")
+    sizes = [math.prod(s) * 4 for s in hf_llama_shapes(cfg.model).values()]  # fp32 bytes
+    assert sum(sizes) > 3 * max(sizes)
+    assert tracker.peak <= 1.5 * max(sizes), (tracker.peak, max(sizes), sum(sizes))
+    assert open_files_under(src) == []
+
+    model = build_model(cfg.model)
+    model.load_state_dict(export.from_hf_llama_state_dict(export.read_safetensors(src),
+                                                          cfg.model))
+    ref = ckpt.save_model(tmp_path / "ref", 0, model, cfg)
+    new = out / "checkpoints" / "step_0"
+    assert sorted(os.listdir(new)) == sorted(os.listdir(ref)) == [
+        ".metadata", "__0_0.distcp", "manifest.json", "meta.json"]
+    assert (new / "__0_0.distcp").read_bytes() == (ref / "__0_0.distcp").read_bytes()
+    a, b = (pickle.loads((d / ".metadata").read_bytes()) for d in (new, ref))  # our own files
+    for field in ("state_dict_metadata", "storage_data", "planner_data"):
+        assert getattr(a, field) == getattr(b, field), field
+    a, b = (json.loads((d / "meta.json").read_text()) for d in (new, ref))
+    assert a.pop("source") == str(src.resolve()) and a.pop("time") and b.pop("time")
+    assert a == b
+
+
+def test_a_shard_truncated_after_the_checks_is_refused_with_nothing_left_open(
+        hf_dirs, tmp_path, capsys, monkeypatch):
+    """A shard that shrinks between the header checks and the reads (another process writing
+    it): a one-line error, no shard left open, --out untouched."""
+    src = tmp_path / "hf"
+    shutil.copytree(hf_dirs["sharded"], src)
+    check = export.check_llama_weights
+
+    def check_then_truncate(*args):
+        check(*args)
+        halve("model-00006-of-00006.safetensors")(src)
+    monkeypatch.setattr(export, "check_llama_weights", check_then_truncate)
+    expect_refusal(src, tmp_path, capsys, "model-00006-of-00006.safetensors is not a valid "
+                                          "safetensors file", "data_offsets=")
+    assert open_files_under(src) == []

@@ -32,11 +32,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import (DefaultLoadPlanner, DefaultSavePlanner,
+                                          FileSystemReader, FileSystemWriter)
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -388,6 +390,70 @@ def _dcp_save(state: dict, path: Path) -> None:
         dcp.save(state, checkpoint_id=str(path))
 
 
+class _StreamingWriter(FileSystemWriter):
+    """FileSystemWriter (one file, tensors in plan order, each by DCP's own `_write_item`, then
+    fsync) that drops each tensor once written: DCP's loop keeps every written tensor referenced
+    until the file is closed, so a state dict produced on the fly would end up all in memory."""
+
+    def write_data(self, plan, planner):
+        from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
+        from torch.distributed.checkpoint.planner import WriteItemType
+        from torch.futures import Future
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        results = []
+        # byte entries first, as DCP writes them
+        items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+            for item in items:
+                results.append(_write_item(self.transforms, stream, planner.resolve_data(item),
+                                           item, name, self.serialization_format))
+            if self.sync_files:
+                os.fsync(stream.fileno())
+        done = Future()
+        done.set_result(results)
+        return done
+
+
+class _LoadingPlanner(DefaultSavePlanner):
+    """Plans from a state dict of meta tensors; each tensor's data is `load(name)` when written
+    (`name`: the key in the state dict under "model")."""
+
+    def __init__(self, load: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self.load = load
+        self.load_error: Exception | None = None
+
+    def resolve_data(self, write_item):
+        from torch.distributed.checkpoint.planner import WriteItemType
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        try:
+            tensor = self.load(write_item.index.fqn.removeprefix("model.")).detach().cpu()
+        except Exception as e:
+            self.load_error = e
+            raise
+        # what DCP's loader does: a view would be saved with its whole storage
+        return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
+
+
+def save_streamed(state: dict[str, torch.Tensor], load: Callable[[str], torch.Tensor],
+                  path: Path) -> None:
+    """The DCP files `_dcp_save({"model": state}, path)` writes for a state dict whose entry
+    `name` is `load(name)` (`state` may hold meta tensors: only their shapes and dtypes are
+    used), holding one loaded tensor at a time. One process. An error of `load` is raised as
+    it is (DCP would wrap it in a multi-line CheckpointException)."""
+    planner = _LoadingPlanner(load)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # one process
+        try:
+            dcp.save({"model": state}, storage_writer=_StreamingWriter(str(path)),
+                     planner=planner)
+        except CheckpointException:
+            if planner.load_error is not None:
+                raise planner.load_error from None
+            raise
+
+
 # ----------------------------------------------------------------------------------------------
 # Save / resume / load
 
@@ -543,10 +609,16 @@ class AsyncSaveError(OSError):
 
 
 def save_model(path_root: Path, step: int, model: torch.nn.Module, cfg: Config,
-               extra: dict | None = None) -> Path:
-    """Write a model-only checkpoint (no optimizer, no RNG): `"model_only": true` in meta.json."""
+               extra: dict | None = None,
+               load: Callable[[str], torch.Tensor] | None = None) -> Path:
+    """Write a model-only checkpoint (no optimizer, no RNG): `"model_only": true` in meta.json.
+    With `load`, `model` may be on the meta device: it gives the names, shapes and dtypes, and
+    the value of each state-dict entry is `load(name)`, streamed (`save_streamed`)."""
     tmp, final = begin(path_root, step)
-    _dcp_save({"model": get_model_state_dict(model)}, tmp)
+    if load is None:
+        _dcp_save({"model": get_model_state_dict(model)}, tmp)
+    else:
+        save_streamed(get_model_state_dict(model), load, tmp)
     barrier()
     if rank() == 0:
         publish(tmp, final, make_meta(step, cfg, {"tokens": 0, **(extra or {}),

@@ -16,6 +16,9 @@ failure leaves --out as it was; a non-empty --out needs --overwrite, which repla
 the command writes (a smaller export must not leave an older export's shards and index behind).
 import-hf reads an untrusted directory: config.json is type- and range-checked, and the shard
 headers are compared with the shapes it implies, before the model is built or a weight is read.
+It never holds the model in memory: the model is built on the meta device (names, shapes), and
+each weight is read from its own byte range of its shard, converted to fp32 and written to the
+checkpoint before the next one is read.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ from llmtrain.train.rundir import RunDirLock
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of what import-hf accepts
+# safetensors' names of the dtypes import-hf accepts
+_SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                       "F64": torch.float64}
 
 # What each command writes into --out, and so what --overwrite replaces there.
 _EXPORT_OWNS = re.compile(r"config\.json|generation_config\.json|model\.safetensors"
@@ -50,7 +55,8 @@ _IMPORT_OWNS = re.compile(r"config\.yaml|tokenizer\.json|checkpoints")
 
 # Size limits of the files import-hf parses: far above real ones (config.json: a few KiB; the
 # index of a 405B model: ~100 KiB; tokenizer.json: tens of MiB for a 256k vocabulary).
-# safetensors itself refuses a shard header over 100 MB.
+# safetensors itself refuses a shard header over 100 MB, and so does our reader.
+_MAX_SAFETENSORS_HEADER = 100_000_000
 _MAX_CONFIG_BYTES = 4 << 20
 _MAX_INDEX_BYTES = 64 << 20
 _MAX_TOKENIZER_BYTES = 512 << 20
@@ -159,7 +165,20 @@ def to_hf_state_dict(model: torch.nn.Module, arch: str) -> dict[str, torch.Tenso
     return out
 
 
+def hf_llama_name(name: str, m: ModelConfig) -> str:
+    """The HF Llama weight our state-dict entry `name` comes from (tied: the output layer is the
+    embedding, as in `from_hf_llama_state_dict`)."""
+    if name == "output.weight" and m.tie_embeddings:
+        return "model.embed_tokens.weight"
+    hf = _rename(name, _LLAMA_NAMES)
+    if hf is None:
+        raise ConfigError(f"parameter {name} has no llama counterpart")
+    return hf
+
+
 def from_hf_llama_state_dict(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict:
+    """Our state dict from a whole HF Llama one (import-hf renames one weight at a time with
+    `hf_llama_name`; this is the reference its checkpoint is tested against)."""
     out = {}
     for name, t in sd.items():
         if name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports carry
@@ -297,12 +316,70 @@ def safetensors_header(src: Path) -> dict[str, tuple[Path, tuple[int, ...], str]
 
 
 def read_safetensors(src: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of HF directory `src` (see `safetensors_header` for which files)."""
+    """Every tensor of HF directory `src` (see `safetensors_header` for which files), all in
+    memory at once (import-hf reads one at a time: `read_tensor`)."""
     from safetensors.torch import load_file
     sd = {}
     for path in sorted({path for path, _, _ in safetensors_header(src).values()}):
         sd.update(load_file(str(path)))
     return sd
+
+
+def _damaged(path: Path, why: str) -> ConfigError:
+    return ConfigError(f"{path} is not a valid safetensors file (truncated or damaged?): {why}")
+
+
+def read_shard_header(path: Path) -> tuple[int, int, dict]:
+    """(file offset of the data, its length in bytes, the JSON header) of safetensors file
+    `path`: an 8-byte little-endian length, then that many bytes of JSON, at most what
+    safetensors itself accepts and within the file. Entries are checked as they are read."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > min(_MAX_SAFETENSORS_HEADER, size - 8):
+                raise _damaged(path, f"a header of {n} bytes in a file of {size}")
+            raw = f.read(n)
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read: {e.strerror}") from None
+    try:
+        header = json.loads(raw, parse_int=_json_int)
+    except (ValueError, RecursionError):
+        raise _damaged(path, "its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "its header is not a JSON object")
+    return 8 + n, size - 8 - n, header
+
+
+def read_tensor(path: Path, layout: tuple[int, int, dict], name: str,
+                shape: tuple[int, ...]) -> torch.Tensor:
+    """Tensor `name` of safetensors file `path` (`layout`: its `read_shard_header`) as stored,
+    read from its own byte range into new memory. Its header entry is checked first: a float
+    dtype, `shape`, and offsets within the data spanning what that dtype and shape take."""
+    start, length, header = layout
+    entry = header.get(name)
+    if not isinstance(entry, dict):
+        raise _damaged(path, f"no tensor {_short(name)} in its header")
+    dtype, offsets = _SAFETENSORS_FLOATS.get(entry.get("dtype")), entry.get("data_offsets")
+    if dtype is None or entry.get("shape") != list(shape):
+        raise _damaged(path, f"{_cut(name)} is {_short(entry.get('dtype'))} "
+                             f"{_short(entry.get('shape'))}, not a float {list(shape)}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= length and offsets[1] - offsets[0] == nbytes):
+        raise _damaged(path, f"{_cut(name)} has data_offsets={_short(offsets)}, not {nbytes} "
+                             f"bytes within the {length} of data")
+    tensor = torch.empty(shape, dtype=dtype)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start + offsets[0])
+            read = f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read: {e.strerror}") from None
+    if read != nbytes:  # the file shrank since its header was read
+        raise _damaged(path, f"{_cut(name)} ends after {read} of its {nbytes} bytes")
+    return tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,7 +698,7 @@ def check_llama_weights(found: dict[str, tuple[Path, tuple[int, ...], str]], m: 
     problems += [f"{_cut(k)} is {list(found[k][1])}, config.json implies {list(shape)}"
                  for k, shape in allowed.items() if k in found and found[k][1] != shape][:2]
     problems += [f"{_cut(k)} is {_cut(dtype, 10)}, not a float dtype"
-                 for k, (_, _, dtype) in found.items() if dtype not in _FLOAT_DTYPES][:2]
+                 for k, (_, _, dtype) in found.items() if dtype not in _SAFETENSORS_FLOATS][:2]
     if problems:
         raise ConfigError(f"the weights in {src} do not fit its config.json: "
                           + "; ".join(problems))
@@ -630,7 +707,8 @@ def check_llama_weights(found: dict[str, tuple[Path, tuple[int, ...], str]], m: 
 def import_hf(src: str | Path, out: str | Path, overwrite: bool = False, log=print) -> Path:
     """HF Llama directory `src` -> run directory `out`: config.yaml, tokenizer.json and a
     model-only checkpoint `checkpoints/step_0`. `llmtrain train out/config.yaml` continues.
-    Everything is checked before the model is built; `out` is written only at the end."""
+    Everything is checked before the model is built (on the meta device); the weights are read,
+    converted and written one at a time; `out` is written only at the end."""
     from llmtrain.data.tokenizer import Tokenizer
     from llmtrain.model import build_model
     src, out = Path(src), Path(out)
@@ -658,9 +736,21 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False, log=pri
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer of {src} has {tok.vocab_size} tokens, more than "
                           f"vocab_size={cfg.model.vocab_size}")
-    check_llama_weights(safetensors_header(src), cfg.model, src)
-    model = build_model(cfg.model, "cpu")
-    model.load_state_dict(from_hf_llama_state_dict(read_safetensors(src), cfg.model))
+    found = safetensors_header(src)
+    check_llama_weights(found, cfg.model, src)
+    # names, shapes and dtypes of the state dict, no storage: nothing is initialised
+    model = build_model(cfg.model, "meta")
+    like = model.state_dict()
+    layouts = {}
+
+    def load(name: str) -> torch.Tensor:
+        """Our entry `name`, read now and converted as load_state_dict would copy it in."""
+        hf = hf_llama_name(name, cfg.model)
+        path = found[hf][0]
+        if path not in layouts:
+            layouts[path] = read_shard_header(path)
+        return read_tensor(path, layouts[path], hf, tuple(like[name].shape)).to(like[name].dtype)
+
     # the run dir's lock: --overwrite must not replace the checkpoints of a job training there
     # (a directory that does not exist yet has no job, and a failed import leaves none behind)
     lock = RunDirLock(out) if out.exists() else contextlib.nullcontext()
@@ -668,7 +758,7 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False, log=pri
         shutil.copyfile(tok_file, tmp / "tokenizer.json")
         save_config(cfg, tmp / "config.yaml")
         path = ckpt.save_model(tmp / "checkpoints", 0, model, cfg,
-                               {"source": str(src.resolve())})
+                               {"source": str(src.resolve())}, load=load)
     log(f"imported {src} ({model.num_params(non_embedding=False):,} parameters) into "
         f"{out / 'checkpoints' / path.name}; continue with: llmtrain train {out / 'config.yaml'}")
     return out
