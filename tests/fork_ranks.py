@@ -17,7 +17,8 @@ imports llmtrain once) and puts SOCKET in LLMTRAIN_FORK_SERVER. A `fork_ranks.py
 command is then a small client: it hands the server its argv, environment, working directory
 and standard streams (the file descriptors themselves), and the server forks a launcher that
 runs the job exactly as the standalone script would, with the client's streams, environment and
-directory. The client forwards SIGTERM/SIGINT to the launcher and exits with the job's code;
+directory (an environment that differs from the server's where a process reads it only at start,
+e.g. MALLOC_*, OMP_*, is refused: `STARTUP_ENV`; the client then runs standalone). The client forwards SIGTERM/SIGINT to the launcher and exits with the job's code;
 when the client dies (a test's timeout kills it), the launcher kills the ranks. Without a server
 (LLMTRAIN_FORK_SERVER unset or not answering) the script imports llmtrain itself, as before.
 
@@ -166,6 +167,20 @@ def _reopen_stdio(env: dict[str, str]) -> None:
         setattr(sys, name, stream)
 
 
+# Environment variables read when a process starts (the C allocator, the dynamic loader, the
+# interpreter, OpenMP, torch's import), which a forked process cannot change: a job whose values
+# differ from the server's (e.g. a memory test's MALLOC_MMAP_THRESHOLD_) is refused by the
+# server and runs standalone. PYTHONUNBUFFERED is handled by `_reopen_stdio`.
+STARTUP_ENV = ("MALLOC_", "GLIBC_", "LD_", "PYTHON", "OMP_", "KMP_", "MKL_", "TORCH")
+
+
+def forkable(env: dict[str, str]) -> bool:
+    """Whether a job in `env` can be forked from this process (STARTUP_ENV agrees)."""
+    keys = {k for k in (*env, *os.environ)
+            if k.startswith(STARTUP_ENV) and k != "PYTHONUNBUFFERED"}
+    return all(env.get(k) == os.environ.get(k) for k in keys)
+
+
 def serve_one(conn: socket.socket, fds: list[int], request: dict) -> None:
     """In the forked launcher: become the client's process (streams, environment, directory),
     run the job, send its exit code; never returns."""
@@ -221,6 +236,9 @@ def serve(path: str) -> None:
             request = json.loads(_recv_exact(conn, struct.unpack("!Q", header)[0]))
             if len(fds) != 3:
                 raise ValueError(f"expected 3 descriptors, got {len(fds)}")
+            if not forkable(request["env"]):
+                conn.sendall(b"refused\n")
+                raise ValueError("an environment a fork cannot take")
         except (OSError, ValueError, ConnectionError):
             for fd in fds:
                 os.close(fd)
@@ -250,7 +268,11 @@ def run_by_server(nproc: int, args: list[str]) -> int | None:
     socket.send_fds(conn, [struct.pack("!Q", len(body))], [0, 1, 2])
     conn.sendall(body)
     replies = conn.makefile("r")
-    launcher = int(replies.readline() or 0)
+    first = replies.readline().strip()
+    if first == "refused":  # the server cannot take this environment (STARTUP_ENV)
+        conn.close()
+        return None
+    launcher = int(first or 0)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _: launcher and os.kill(launcher, s))
     line = replies.readline()
