@@ -15,6 +15,7 @@ batch 1, fp32). MALLOC_MMAP_THRESHOLD_ makes glibc return freed tensors to the O
 resident set follows live tensors as CUDA's allocated bytes do, not glibc's retained heap.
 
     python benchmarks/peak_memory.py [--rows dp1 dp2 ...] [--device cpu|cuda]
+                                     [--d-model 1280 --layers 14]
 """
 
 from __future__ import annotations
@@ -92,7 +93,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--d-model", type=int, default=MODEL["model.d_model"],
+                    help="another model width (heads of 64), e.g. 1280 with --layers 14: 276M "
+                         "parameters, the issue's 'about 270M'")
+    ap.add_argument("--layers", type=int, default=MODEL["model.n_layers"])
     args = ap.parse_args()
+    MODEL.update({"model.d_model": args.d_model, "model.n_layers": args.layers,
+                  "model.n_heads": max(1, args.d_model // 64)})
     mib = 2 ** 20
     print(f"{'layout':<8} {'ranks':>5} | {'states':>7} {'layer':>6} | {'init':>6} {'step':>6} "
           f"{'save':>6} {'peak':>6} {'peak/(states+layer)':>19} | {'planner':>7} "

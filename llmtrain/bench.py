@@ -1,5 +1,7 @@
 """`llmtrain bench`: time the real training step (forward, loss, backward, clip, AdamW) on random
-tokens, optionally beside the same-shape Hugging Face model measured in the same process.
+tokens, eager and with `parallel.compile` (torch.compile per block), optionally beside the
+same-shape Hugging Face model, eager and compiled, measured in the same process. The first step
+of each row is timed apart: its excess over the steady-state median is the compile time.
 
 MFU = flops_per_token x tokens/s / peak, with flops_per_token = 6 (N_nonembedding + d_model x
 vocab) + 12 x layers x d_model x seq (PaLM appendix B; the formula of issue 13), peak = the GPU's
@@ -9,6 +11,7 @@ dense bf16 FLOP/s (989e12 for H100 SXM). On the CPU no MFU is printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -60,7 +63,10 @@ def make_step(model: torch.nn.Module, cfg: Config, device: torch.device,
 
 def measure(step: Callable[[torch.Tensor], None], tokens: torch.Tensor, steps: int, warmup: int,
             device: torch.device) -> dict:
+    """The first step timed on its own (torch.compile builds its graphs there: its excess over
+    the steady-state median is the compile time), `warmup` untimed steps, `steps` timed ones."""
     timer = _timer(device)
+    first = timer(lambda: step(tokens))
     for _ in range(warmup):
         step(tokens)
     if device.type == "cuda":
@@ -69,8 +75,9 @@ def measure(step: Callable[[torch.Tensor], None], tokens: torch.Tensor, steps: i
     times = [timer(lambda: step(tokens)) for _ in range(steps)]
     n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
     med = statistics.median(times)
-    return {"step_s_min": min(times), "step_s_median": med, "step_s_max": max(times),
-            "tokens_per_s": n_tokens / med, "peak_memory_gib": peak_memory_gib(device)}
+    return {"first_step_s": first, "step_s_min": min(times), "step_s_median": med,
+            "step_s_max": max(times), "tokens_per_s": n_tokens / med,
+            "peak_memory_gib": peak_memory_gib(device)}
 
 
 def check_llama_layout(cfg: Config) -> None:
@@ -96,8 +103,12 @@ def hf_llama(cfg: Config):
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = None,
-          compare_hf: bool = False, compile_hf: bool = True, log=print) -> dict:
+          compare_hf: bool = False, compiled: bool = True, log=print) -> dict:
+    """Rows: llmtrain eager, llmtrain compiled (parallel/compile.py: per block), and with
+    `compare_hf` HF eager and HF compiled (torch.compile of the whole model); `compiled=False`
+    leaves out the compiled rows."""
     from llmtrain.model import build_model
+    from llmtrain.parallel.compile import apply_compile, graphs_compiled
     from llmtrain.parallel.mesh import DistEnv, resolve_device
 
     if compare_hf:
@@ -106,41 +117,56 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = Non
     b = batch or cfg.train.micro_batch_size
     torch.manual_seed(cfg.train.seed)
     tokens = torch.randint(0, cfg.model.vocab_size, (b, cfg.train.seq_len + 1), device=device)
-    model = build_model(cfg.model, device)
-    flops_per_token = model.flops_per_token(cfg.train.seq_len)
-    if cfg.train.precision == "bf16_pure":
-        model = model.to(torch.bfloat16)
     peak = device_peak_flops(device)
     rows = {}
 
-    def record(name: str, r: dict) -> None:
+    def ours(compile_blocks: bool) -> torch.nn.Module:
+        model = build_model(cfg.model, device, seed=cfg.train.seed)
+        if compile_blocks:
+            on = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel,
+                                                                       compile=True))
+            apply_compile(model, on, log=None)  # measure() times the compile
+        return model.to(torch.bfloat16) if cfg.train.precision == "bf16_pure" else model
+
+    def record(name: str, step: Callable[[torch.Tensor], None], compiled_row: bool) -> None:
+        graphs = graphs_compiled()
+        r = measure(step, tokens, steps, warmup, device)
         if peak:
             r["mfu"] = flops_per_token * r["tokens_per_s"] / peak
+        if compiled_row:
+            r["compile_s"] = r["first_step_s"] - r["step_s_median"]
+            r["graphs"] = graphs_compiled() - graphs
         rows[name] = r
-        log(f"{name:<24} {r['tokens_per_s']:>12,.0f} tok/s  step {r['step_s_median'] * 1e3:8.1f} ms "
-            f"(min {r['step_s_min'] * 1e3:.1f}, max {r['step_s_max'] * 1e3:.1f})  "
-            f"peak {r['peak_memory_gib']:.2f} GiB" + (f"  MFU {r['mfu']:.1%}" if peak else ""))
+        log(f"{name:<20} {r['tokens_per_s']:>12,.0f} tok/s  step "
+            f"{r['step_s_median'] * 1e3:8.1f} ms (min {r['step_s_min'] * 1e3:.1f}, "
+            f"max {r['step_s_max'] * 1e3:.1f})  "
+            f"peak {r['peak_memory_gib']:.2f} GiB" + (f"  MFU {r['mfu']:.1%}" if peak else "")
+            + (f"  compile {r['compile_s']:.1f} s ({r['graphs']} graphs)" if compiled_row
+               else ""))
 
+    model = ours(False)
+    flops_per_token = model.flops_per_token(cfg.train.seq_len)
     log(f"bench: {model.num_params(non_embedding=False):,} parameters, batch {b} x seq "
-        f"{cfg.train.seq_len}, {cfg.train.precision}, {device}; {warmup} warm-up + {steps} timed "
-        f"steps (median)")
-    record("llmtrain", measure(make_step(model, cfg, device, model), tokens, steps, warmup, device))
+        f"{cfg.train.seq_len}, {cfg.train.precision}, {device}; first step timed apart (its "
+        f"excess over the median: compile), {warmup} warm-up + {steps} timed steps (median)")
+    modes = [False, True] if compiled else [False]
+    for compile_blocks in modes:
+        model = model if not compile_blocks else ours(True)
+        record(f"llmtrain {'compiled' if compile_blocks else 'eager'}",
+               make_step(model, cfg, device, model), compile_blocks)
+    del model
     if compare_hf:
-        del model
         hf = hf_llama(cfg).to(device)
         if cfg.train.precision == "bf16_pure":
             hf = hf.to(torch.bfloat16)
-        record("hf eager", measure(make_step(hf, cfg, device, lambda t: hf(t).logits), tokens,
-                                   steps, warmup, device))
-        if compile_hf:
-            compiled = torch.compile(hf)
-            record("hf compiled", measure(make_step(hf, cfg, device,
-                                                    lambda t: compiled(t).logits),
-                                          tokens, steps, warmup, device))
-        ours = rows["llmtrain"]["tokens_per_s"]
-        for name in [k for k in rows if k.startswith("hf")]:
-            rows[name]["ours_over_this"] = ours / rows[name]["tokens_per_s"]
-            log(f"llmtrain / {name}: {rows[name]['ours_over_this']:.2f}x")
+        for compile_hf in modes:
+            run = torch.compile(hf) if compile_hf else hf
+            mode = "compiled" if compile_hf else "eager"
+            record(f"hf {mode}", make_step(hf, cfg, device, lambda t, run=run: run(t).logits),
+                   compile_hf)
+            ratio = rows[f"llmtrain {mode}"]["tokens_per_s"] / rows[f"hf {mode}"]["tokens_per_s"]
+            rows[f"hf {mode}"]["ours_over_this"] = ratio
+            log(f"llmtrain {mode} / hf {mode}: {ratio:.2f}x tokens/s")
     return {"config": {"batch": b, "seq_len": cfg.train.seq_len, "precision": cfg.train.precision,
                        "device": str(device), "torch": torch.__version__,
                        "flops_per_token": flops_per_token, "peak_flops": peak},
@@ -152,7 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
     out = bench(cfg, steps=args.steps, warmup=args.warmup, batch=args.batch,
-                compare_hf=args.compare == "hf", compile_hf=not args.no_compile)
+                compare_hf=args.compare == "hf", compiled=not args.no_compile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
@@ -168,6 +194,7 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
     p.add_argument("--batch", type=int, help="sequences per step (default train.micro_batch_size)")
     p.add_argument("--compare", choices=["hf"], help="also time transformers' LlamaForCausalLM")
-    p.add_argument("--no-compile", action="store_true", help="with --compare hf: eager HF only")
+    p.add_argument("--no-compile", action="store_true",
+                   help="eager rows only (no torch.compile of ours or of HF)")
     p.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     p.set_defaults(func=cmd_bench)

@@ -2,7 +2,9 @@
 of the config (the overrides) as `llmtrain train` does (meta device, parallelize, materialise and
 initialise its shards) and writes, to OUT/rank<R>.pt, the parameters it holds gathered to their
 full shape, and the number of elements of the largest tensor it allocated while building
-(test_init.py)."""
+(test_init.py). Under parallel.engine=deepspeed the building includes the engine's
+initialisation of the parameters (ZeRO-3: `init_partitions`) and the parameters are gathered
+from its partitions (test_deepspeed.py)."""
 
 import sys
 from pathlib import Path
@@ -37,6 +39,21 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
+def deepspeed_weights(module, cfg, world_size: int, tracker: LargestAllocation) -> dict:
+    """The DeepSpeed engine's initialisation of `module` (ZeRO-3: this rank's partitions,
+    allocated and initialised under `tracker`), then its state dict with every parameter
+    gathered whole. deepspeed.initialize itself is left out (its flat buffers are meant to be
+    large, and it does not change the partitions: test_deepspeed.py's equivalence test runs it)."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    from llmtrain.engines import deepspeed as ds
+    if any(p.is_meta for p in module.parameters()):
+        with tracker:
+            ds.init_partitions(module, ds.build_config(cfg, world_size)[0], cfg.train.seed)
+    with GatheredParameters(list(module.parameters())):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     env, device = DistEnv.from_environ(), torch.device("cpu")
@@ -45,7 +62,10 @@ def main() -> None:
     with LargestAllocation() as tracker:
         model = build_model(cfg.model, "meta")
         module = parallelize(model, mesh, cfg, device).module
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    if cfg.parallel.engine == "deepspeed":
+        full = deepspeed_weights(module, cfg, env.world_size, tracker)
+    else:
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
     torch.save({"weights": {k: v.detach().clone() for k, v in full.items()},
                 "largest_allocation": tracker.largest}, out / f"rank{env.rank}.pt")
     if torch.distributed.is_initialized():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import set_args
 from llmtrain.bench import hf_llama
 from llmtrain.cli import main
@@ -11,17 +13,26 @@ from llmtrain.config import load_config
 
 
 def test_bench_cli_writes_every_figure(tmp_path):
+    """Ours and HF, eager and compiled (torch.compile builds C++ here: the smallest shape)."""
     out = tmp_path / "bench.json"
-    code = main(["bench", *set_args(["model.n_layers=2", "model.d_model=64", "train.seq_len=32"]),
-                 "--steps", "2", "--warmup", "1", "--batch", "2", "--compare", "hf",
-                 "--no-compile", "--json", str(out)])
+    code = main(["bench", *set_args(["model.n_layers=2", "model.d_model=32", "train.seq_len=16",
+                                     "model.vocab_size=256"]),
+                 "--steps", "2", "--warmup", "0", "--batch", "2", "--compare", "hf",
+                 "--json", str(out)])
     assert code == 0
-    data = json.loads(out.read_text())
-    for name in ("llmtrain", "hf eager"):
-        r = data["results"][name]
+    rows = json.loads(out.read_text())["results"]
+    assert list(rows) == ["llmtrain eager", "llmtrain compiled", "hf eager", "hf compiled"]
+    for name, r in rows.items():
         assert r["step_s_min"] <= r["step_s_median"] <= r["step_s_max"]
-        assert r["tokens_per_s"] == 2 * 32 / r["step_s_median"]
-    assert data["results"]["hf eager"]["ours_over_this"] > 0
+        assert r["tokens_per_s"] == 2 * 16 / r["step_s_median"]
+        # the compile time is the first step's excess over the steady state, compiled rows only
+        assert ("compile_s" in r) == name.endswith("compiled")
+    for name in ("llmtrain compiled", "hf compiled"):
+        assert rows[name]["compile_s"] == rows[name]["first_step_s"] - rows[name]["step_s_median"]
+        assert rows[name]["graphs"] >= 1  # the compiled rows did compile
+    for mode in ("eager", "compiled"):
+        assert rows[f"hf {mode}"]["ours_over_this"] == pytest.approx(
+            rows[f"llmtrain {mode}"]["tokens_per_s"] / rows[f"hf {mode}"]["tokens_per_s"])
 
 
 def test_hf_twin_has_our_parameter_count():

@@ -67,6 +67,8 @@ def _alias_bomb(levels: int = 9) -> str:
      "data.blend[0]=[1, 'a', 'b'] is not valid; each entry is [weight, path] with a finite "
      "weight >= 0"),
     (["data.blend=[[.nan, a]]"], "data.blend[0]=[nan, 'a'] is not valid"),
+    (["parallel.compile=true", "parallel.engine=deepspeed"],
+     "parallel.compile=true with parallel.engine=deepspeed is not supported"),
 ])
 def test_config_errors_are_one_line(overrides, expected, capsys, tmp_path):
     with pytest.raises(ConfigError, match=None) as e:
@@ -78,6 +80,14 @@ def test_config_errors_are_one_line(overrides, expected, capsys, tmp_path):
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err
     assert not (tmp_path / "run").exists(), "a rejected config must write nothing"
+
+
+def test_compile_with_tensor_parallelism_is_refused():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["parallel.compile=true", "parallel.tp=2"], world_size=2)
+    assert str(e.value).startswith("parallel.compile=true with parallel.tp=2 is not supported")
+    assert "\n" not in str(e.value)
+    load_config(None, ["parallel.compile=true", "parallel.dp_shard=2"], world_size=2)
 
 
 def test_global_batch_checks_data_parallel_size():

@@ -1,7 +1,9 @@
 """`parallel.engine: deepspeed` on the CPU (gloo, DeepSpeed's CPU accelerator; the first run
 JIT-builds DeepSpeed's shared-memory comm op, cached afterwards): at dp=2 the per-step losses and
-gradient norms equal the torch engine's at the same ZeRO stage, a resume from a DeepSpeed
-checkpoint continues the loss curve, and `launch/deepspeed.sh` starts 2 local processes."""
+gradient norms equal the torch engine's at the same ZeRO stage, ZeRO-3 allocates only each rank's
+partitions while initialising and starts from the single-process weights, a resume from a
+DeepSpeed checkpoint continues the loss curve, and `launch/deepspeed.sh` starts 2 local
+processes."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from helpers import (PARALLEL_STEPS, ROOT, cut_back, free_port, launch_script, parallel_overrides,
-                     read_losses, read_metric, run_train, set_args)
+                     read_losses, read_metric, run_command, run_train, set_args)
 
 # micro-batch 2 at dp=2 and global batch 8: two accumulation steps per optimizer step
 DS = {"parallel.engine": "deepspeed", "train.micro_batch_size": 2}
@@ -58,6 +60,29 @@ def test_deepspeed_matches_torch_engine(stage, tmp_path, torch_engine):
     meta = json.loads((run / "checkpoints" / "step_5" / "meta.json").read_text())
     assert meta["engine"] == "deepspeed" and (run / "checkpoints" / "step_5" /
                                               "manifest.json").is_file()
+
+
+def test_deepspeed_zero3_initialises_only_its_partitions(tmp_path):
+    """dp=2 ZeRO-3 (tests/initial_weights.py): while the model is built and its parameters
+    initialised, no rank allocates a tensor larger than its partition (half) of the largest
+    parameter (the whole model materialised first would allocate every full weight), and the
+    weights gathered from the partitions equal the single-process initial weights exactly."""
+    from llmtrain.config import load_config
+    from llmtrain.model import build_model
+    sets = parallel_overrides(tmp_path / "run", **DS, **{"parallel.zero_stage": 3})
+    script = Path(__file__).with_name("initial_weights.py")
+    run_command([sys.executable, str(script.with_name("fork_ranks.py")), "2", "--call",
+                 str(script), str(tmp_path), *sets], timeout=240)
+    records = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    cfg = load_config(None, sets)
+    reference = build_model(cfg.model, seed=cfg.train.seed)  # as the single-process run starts
+    for rec in records:
+        assert rec["weights"].keys() == reference.state_dict().keys()
+        for k, v in reference.state_dict().items():
+            assert torch.equal(rec["weights"][k], v), k
+    sizes = [p.numel() for p in reference.parameters()]
+    largest = max(rec["largest_allocation"] for rec in records)
+    assert largest <= max(-(-n // 2) for n in sizes) < max(sizes), (largest, sizes)
 
 
 def test_deepspeed_resume_continues_the_loss_curve(tmp_path, torch_engine):

@@ -1,4 +1,5 @@
-"""LR schedules at warmup start, end of warmup and end of decay; parameter groups."""
+"""LR schedules at warmup start, end of warmup and end of decay; parameter groups; the AdamW
+kernel (fused, foreach) chosen for a device and its parameters."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from llmtrain.config import OptimConfig
-from llmtrain.train.optim import lr_at, param_groups
+from llmtrain.train.optim import (adamw_kernel, kernel_name, lr_at, param_groups,
+                                  split_by_kind)
 
 T = 100
 
@@ -65,3 +67,60 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     decay, no_decay = param_groups(m, 0.1)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+def _groups(*params):
+    return [{"params": list(params), "weight_decay": 0.1, "name": "decay"}]
+
+
+def test_adamw_kernel_is_fused_on_cuda_and_foreach_elsewhere():
+    floats = _groups(torch.zeros(2, 2), torch.zeros(3))
+    assert adamw_kernel("cuda", floats) == ({"fused": True}, "fused")
+    assert adamw_kernel("cpu", floats) == ({"foreach": True}, "foreach")
+    # the fused kernel takes floating-point parameters only
+    assert adamw_kernel("cuda", _groups(torch.zeros(2), torch.zeros(2, dtype=torch.long)))[1] \
+        == "foreach"
+    assert adamw_kernel("mixed", floats) == ({"foreach": False}, "for-loop")  # several devices
+
+
+def test_foreach_step_equals_the_plain_step_and_groups_split_by_kind():
+    """AdamW with foreach=True (what the CPU runs get) steps the weights bit for bit as the
+    per-parameter loop; groups mixing tensors and DTensors of two meshes are split into one
+    group per kind, which the foreach kernels then step (they cannot mix kinds)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    weights = {}
+    for foreach in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+        opt = torch.optim.AdamW(_groups(*params), lr=0.1, foreach=foreach)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        weights[foreach] = [p.detach().clone() for p in params]
+        assert kernel_name(opt) == ("foreach" if foreach else "for-loop")
+    assert all(torch.equal(a, b) for a, b in zip(weights[False], weights[True]))
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        tp = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+        ep = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+        plain = torch.nn.Parameter(torch.randn(3))
+        on_tp, on_ep = (torch.nn.Parameter(distribute_tensor(torch.randn(2, 2), m, [Replicate()]))
+                        for m in (tp, ep))
+        groups = split_by_kind(_groups(plain, on_tp, on_ep))
+        assert [(g["name"], g["params"]) for g in groups] == [
+            ("decay", [plain]), ("decay_tp", [on_tp]), ("decay_ep", [on_ep])]
+        assert [g["name"] for g in split_by_kind(_groups(on_tp))] == ["decay"]  # one kind
+        kernel, _ = adamw_kernel("cpu", groups)
+        opt = torch.optim.AdamW(groups, lr=0.1, **kernel)
+        for p in (plain, on_tp, on_ep):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert kernel == {"foreach": True} and (on_ep.to_local() < 1e9).all()
+    finally:
+        dist.destroy_process_group()

@@ -293,9 +293,19 @@ def _checkpointing(cfg: Config) -> None:
 def _unsupported(cfg: Config) -> None:
     """Switches this build does not run (yet)."""
     p = cfg.parallel
-    if p.compile:
-        raise ConfigError("parallel.compile=true is not supported yet (per-block torch.compile "
-                          "is planned with the GPU work); use false")
+    if p.compile and p.engine == "deepspeed":
+        # parallel/compile.py compiles the blocks inside parallelize()'s torch engine path;
+        # deepspeed.initialize wraps the model in its own engine (which has its own compile)
+        raise ConfigError("parallel.compile=true with parallel.engine=deepspeed is not "
+                          "supported (torch.compile per block is applied by the torch engine); "
+                          "use parallel.engine=torch or compile=false")
+    if p.compile and p.tp > 1:
+        # measured on torch 2.13 (2 gloo ranks): with the DTensor blocks compiled, the backward
+        # of the vocab-parallel cross entropy fails ("'Tensor' object has no attribute
+        # '_local_tensor'" in a DTensor redistribute), with or without sequence parallelism
+        raise ConfigError(f"parallel.compile=true with parallel.tp={p.tp} is not supported yet "
+                          f"(the loss-parallel backward fails with compiled DTensor blocks on "
+                          f"this torch); use parallel.tp=1 or compile=false")
     if cfg.checkpoint.async_save and p.engine == "deepspeed":
         raise ConfigError("checkpoint.async=true is for parallel.engine=torch (DCP async_save); "
                           "the deepspeed engine writes its checkpoints synchronously: use false")

@@ -8,7 +8,12 @@ reported. Batch sizes are the exception: the data loader follows our config, so 
 there is an error, not a warning.
 
 The Trainer (train/loop.py) builds the model and a plain AdamW as for the torch engine, then hands
-them to `initialize`; `DeepSpeedStep` (the step interface of train/step.py), `save_checkpoint` and
+them to `initialize`. At ZeRO 1 and 2 the model arrives materialised (those stages keep every
+parameter whole on every rank). At ZeRO-3 it arrives on the meta device and `init_partitions`
+allocates only this rank's DeepSpeed partition of each parameter and fills it with the values
+that slice has in the single-process model (model/init.py), so no rank holds a full copy of a
+parameter, as `deepspeed.zero.Init` promises but without its full tensor per parameter.
+`DeepSpeedStep` (the step interface of train/step.py), `save_checkpoint` and
 `load_checkpoint` here replace the torch engine's when `parallel.engine: deepspeed`. Everything
 else (data, evaluation, logging) is shared.
 
@@ -29,6 +34,7 @@ import copy
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +44,10 @@ import torch.distributed as dist
 
 from llmtrain.config import Config, ConfigError
 from llmtrain.config.layout import micro_batches
+from llmtrain.model.init import layout_free_init
 from llmtrain.model.moe import aux_loss as moe_aux_loss
 from llmtrain.model.moe import moe_metrics
+from llmtrain.parallel.init import materialize_shards
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.loss import reduce_step_losses
 from llmtrain.train.step import (DataParallelGroup, StepResult, TrainStep, global_token_count,
@@ -137,9 +145,12 @@ def _check_nvme(ds: dict[str, Any], path: str | None) -> None:
 
 
 def initialize(model: torch.nn.Module, cfg: Config, dp_size: int, optimizer=None, log=print):
-    """deepspeed.initialize with the merged config; returns the engine."""
+    """deepspeed.initialize with the merged config: (the engine, the seconds spent initialising
+    parameters). A model still on the meta device (ZeRO-3: `parallelize` leaves it there) is
+    first given this rank's partitions (`init_partitions`)."""
     import deepspeed  # optional dependency, only for parallel.engine=deepspeed
 
+    _skip_shm_comm_op()
     ds_config, conflicts = build_config(cfg, dp_size)
     for c in conflicts:
         log(f"deepspeed config: {c}")
@@ -147,6 +158,9 @@ def initialize(model: torch.nn.Module, cfg: Config, dp_size: int, optimizer=None
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
             os.environ.setdefault(key, value)
+    init_s = 0.0
+    if any(p.is_meta for p in model.parameters()):
+        init_s = init_partitions(model, ds_config, cfg.train.seed)
     groups = ([{"params": g["params"], "weight_decay": g["weight_decay"]}
                for g in optimizer.param_groups] if optimizer is not None
               else [p for p in model.parameters() if p.requires_grad])
@@ -156,7 +170,99 @@ def initialize(model: torch.nn.Module, cfg: Config, dp_size: int, optimizer=None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            model_parameters=None if optimizer is not None
                                            else groups)
-    return engine
+    return engine, init_s
+
+
+def _skip_shm_comm_op() -> None:
+    """On the CPU, DeepSpeed's comm backend JIT-builds a shared-memory all-reduce op
+    (deepspeed_shm_comm) when it starts: about 60 s of C++ compilation on a machine's first run
+    and 2.5 s of loading in every process after that (measured here). The op serves only
+    `inference_all_reduce` (DeepSpeed's inference kernels); training's collectives go through
+    torch.distributed either way. Marking it incompatible in the table DeepSpeed's
+    `build_shm_op` consults skips it."""
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_partitions(model: torch.nn.Module, ds_config: dict[str, Any], seed: int) -> float:
+    """Make every parameter of a meta `model` a ZeRO-3 parameter that holds only this rank's
+    partition, filled with the single-process values of `seed`; buffers are materialised whole.
+    Returns the seconds it took.
+
+    DeepSpeed's own ways (`zero.Init` around the constructor, or `zero.Init(module=...)`) start
+    from a full tensor per parameter and broadcast it. Here `zero.Init` supplies the partitioning
+    (the process group, the dtype, the device the partitions live on, the gather/partition
+    methods: `_convert_to_deepspeed_param`), each partition is allocated as its
+    `_partition_param` allocates it (deepspeed 0.19), and `layout_free_init` fills it: a
+    partition is a box of the flattened tensor, so the draws need nothing else. Where the merged
+    config does not partition parameters this way (a user's DeepSpeed JSON that sets another
+    stage; parameters offloaded to NVMe, hpZ secondary partitions, quantized weights: DeepSpeed
+    places those partitions itself), the model is materialised whole instead, as at ZeRO 1/2,
+    and `deepspeed.initialize` partitions it."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    start = time.perf_counter()
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3 or (zero.get("offload_param") or {}).get("device") == "nvme":
+        return materialize_shards(model, torch.device(get_accelerator().current_device_name()),
+                                  seed)
+    deepspeed.init_distributed()  # as deepspeed.initialize does first: the config reads the world
+    cut = deepspeed.zero.Init(config_dict_or_path=ds_config)  # not entered: its settings only
+    if cut.zero_param_process_group is not None or cut.quantized_weights \
+            or cut.quantized_nontrainable_weights:
+        return materialize_shards(model, cut.local_device, seed)
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    for p in params:
+        cut._convert_to_deepspeed_param(p)  # reads the full shape while p is still on meta
+        _allocate_partition(cut, p)
+    for module in model.modules():  # rope tables, router statistics: small, kept whole
+        for name, buf in module.named_buffers(recurse=False):
+            setattr(module, name, torch.empty_like(buf, device=cut.local_device))
+    layout_free_init(model, seed, local_box=_partition_box)
+    for p in params:
+        p.ds_tensor[_partition_box(p)[0].numel():].zero_()  # the last rank's padding
+        # a partitioned parameter as DeepSpeed's free_param leaves it, no data of its own; a meta
+        # tensor's data cannot be replaced by a real one, so the tensors are swapped, which
+        # keeps the parameter object the module and the optimizer hold (its attributes go along)
+        empty = torch.nn.Parameter(torch.empty(0, dtype=p.ds_tensor.dtype,
+                                               device=cut.local_device), p.requires_grad)
+        torch.utils.swap_tensors(p, empty)
+        p.__dict__.update(empty.__dict__)
+        p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+    # the module-level part of partitioning an existing module (memory-efficient linear,
+    # buffers kept in fp32); every parameter is partitioned already, so nothing is gathered
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    return time.perf_counter() - start
+
+
+def _allocate_partition(cut, p: torch.nn.Parameter) -> None:
+    """This rank's partition of ZeRO-3 parameter `p`, uninitialised: ceil(numel / dp) elements
+    of the partition dtype on the partition device (a persistent parameter's on the compute
+    device), as `Init._partition_param` allocates it."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+    size = p.aligned_size() // p.ds_zero_partition_world_size
+    device = cut.local_device if p.ds_persist else cut.remote_device
+    part = torch.empty(size, dtype=cut.dtype, device=device)
+    if cut.pin_memory and part.device.type == "cpu":
+        part = get_accelerator().pin_memory(part)
+    part.requires_grad = False
+    part.ds_numel, part.status, part.final_location = size, PartitionedParamStatus.AVAILABLE, None
+    p.ds_tensor, p.ds_numel_aligned = part, p.aligned_size()
+
+
+def _partition_box(p: torch.nn.Parameter) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """(the real elements of this rank's partition, the full tensor flattened, their offset in
+    it) for model/init.py: rank r of the partition group holds flat elements [r * size,
+    (r + 1) * size) of the tensor padded to a multiple of the group's size."""
+    size = p.ds_tensor.ds_numel
+    first = size * p.ds_zero_partition_rank
+    return p.ds_tensor.narrow(0, 0, max(0, min(size, p.ds_numel - first))), (p.ds_numel,), \
+        (first,)
 
 
 def _free_port() -> int:

@@ -171,7 +171,7 @@ class Router(nn.Module):
         routed here in training since the last call; under data parallelism pass (or all-reduce
         into `self.load`) the global load so that every rank moves its bias the same way."""
         load = (self.load if load is None else load).float()
-        if self.aux_free_bias and load.sum() > 0:
+        if self.aux_free_bias:  # no load (nothing routed): sign(0) = 0, the bias stays
             self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.load.zero_()
 

@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 from llmtrain.config import Config
 from llmtrain.parallel import data as _data
 from llmtrain.parallel.checkpointing import apply_ac
+from llmtrain.parallel.compile import apply_compile
 from llmtrain.parallel.expert import apply_ep, build_ep_mesh
 from llmtrain.parallel.init import materialize_shards
 from llmtrain.parallel.parallelized import ParallelModel
@@ -24,13 +25,23 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     `train.seed`, and no rank allocates more than it keeps.
 
     Order (docs/architecture.md): activation checkpointing, pipeline split, tensor parallel,
-    expert parallel, data parallel. The config validator refuses the combinations not built yet.
+    expert parallel, torch.compile per block, data parallel. The config validator refuses the
+    combinations not built yet.
     """
     if cfg.parallel.activation_checkpointing != "none":
         apply_ac(model, cfg)
     seed, offload = cfg.train.seed, cfg.parallel.offload == "cpu"
+    if mesh is None and cfg.parallel.engine == "torch":  # one process: nothing else to apply
+        apply_compile(model, cfg)
     if mesh is None or cfg.parallel.engine == "deepspeed":
-        # deepspeed.initialize (engines/deepspeed.py) shards the materialised model
+        if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+            # left on the meta device: engines/deepspeed.py `initialize` allocates and initialises
+            # each rank's DeepSpeed partitions only (in the engine, which this package cannot
+            # import: the engine imports train/step.py, which imports this package)
+            return ParallelModel(model)
+        # one process, or DeepSpeed ZeRO 1/2, which keep every parameter whole on every rank
+        # (they partition gradients and optimizer states): deepspeed.initialize wraps the
+        # materialised model
         return ParallelModel(model, init_s=materialize_shards(model, device, seed))
     if mesh["pp"].size() > 1:  # pipeline split first; TP and data parallelism per stage
         # imported here: torch.distributed.pipelining imports torch._dynamo (~1 s), which
@@ -41,6 +52,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
         apply_tp(model, mesh["tp"], cfg)
     if cfg.parallel.ep > 1:
         apply_ep(model, build_ep_mesh(mesh, cfg.parallel.ep))
+    apply_compile(model, cfg)
     fsdp = cfg.parallel.zero_stage >= 2
     if not fsdp:  # DDP and ZeroRedundancyOptimizer are built on materialised parameters
         init_s = materialize_shards(model, device, seed)
@@ -89,11 +101,13 @@ def set_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd
 
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, pp_group=None) -> torch.Tensor:
-    """Global L2 norm of all gradients, then scale them by min(1, max_norm / norm) (as
+    """Global L2 norm of all gradients, then scale them by min(1, max_norm / (norm + 1e-6)) (as
     `torch.nn.utils.clip_grad_norm_` does on one process). A DTensor gradient contributes its
     local shard's squared norm, summed over the mesh dimensions it is sharded on; replicated
     gradients count once. One all-reduce per distinct set of sharded dimensions; with pipeline
-    stages (`pp_group`), one more over the stages."""
+    stages (`pp_group`), one more over the stages. The norm and the clip coefficient stay on the
+    device and the gradients are always multiplied (by exactly 1 when not clipped): no host
+    sync here."""
     grads = [p.grad for p in {id(p): p for p in model.parameters()}.values()
              if p.grad is not None]
     buckets: dict[tuple, list[torch.Tensor]] = {}
@@ -115,10 +129,13 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, pp_group=None) -> torch.T
     if pp_group is not None:
         torch.distributed.all_reduce(total, group=pp_group)
     norm = total.sqrt()
-    coef = min(1.0, max_norm / (float(norm) + 1e-6))
-    if coef < 1.0:
-        for g in grads:
-            g.mul_(coef)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:  # local shards: a DTensor's in-place op would need a DTensor coefficient
+        g = g.to_local() if isinstance(g, DTensor) else g
+        by_device.setdefault(g.device, []).append(g)
+    for device, local in by_device.items():
+        torch._foreach_mul_(local, coef.to(device))
     return norm
 
 

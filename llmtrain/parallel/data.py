@@ -11,10 +11,10 @@ The standard torch mapping of the stages:
   3  FSDP2 `fully_shard(reshard_after_forward=True)`: parameters are re-gathered for the backward;
      per block, with the next block prefetched (FSDP2's implicit forward/backward prefetch).
 With tensor parallelism (DTensor parameters) stages 0 and 1 cannot use DDP or
-ZeroRedundancyOptimizer, which handle plain tensors only; there the gradients are averaged over
-the dp ranks after the last micro-batch (`average_gradients`, one all-reduce per bucket of local
-shards, not overlapped with the backward as DDP's is) and stage 1 is `PartitionedAdamW`: the
-same partition-step-broadcast as ZeroRedundancyOptimizer, over the local shards.
+ZeroRedundancyOptimizer, which handle plain tensors only; there `GradReducer` averages the
+gradients over the dp ranks as DDP does, in buckets of local shards all-reduced asynchronously
+from gradient hooks during the last micro-batch's backward, and stage 1 is `PartitionedAdamW`:
+the same partition-step-broadcast as ZeroRedundancyOptimizer, over the local shards.
 With dp_replicate > 1, stages 2/3 are HSDP: `fully_shard` on the 2-D (dp_replicate, dp_shard)
 mesh shards within a replica group and all-reduces across them. bf16 runs keep bf16 compute
 params and fp32 gradient reduction (MixedPrecisionPolicy); `parallel.offload=cpu` keeps the
@@ -37,7 +37,7 @@ from llmtrain.model.moe import moe_layers
 from llmtrain.parallel.expert import ExpertParallelExperts
 from llmtrain.parallel.parallelized import GradSync
 from llmtrain.parallel.tensor import local_tensor
-from llmtrain.train.optim import param_groups
+from llmtrain.train.optim import adamw_kernel, param_groups, split_by_kind
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -94,8 +94,8 @@ def _shard_experts(experts: nn.Module, ep_replicate: DeviceMesh, dp_size: int,
 
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
                         device: torch.device) -> tuple[nn.Module, list[GradSync]]:
-    """(the data-parallel module, the gradient reductions the step runs after the backward where
-    no DDP/FSDP wrapper does them: DTensor parameters and expert weights, which DDP cannot
+    """(the data-parallel module, the gradient reductions the step runs (`GradReducer`) where no
+    DDP/FSDP wrapper does them: DTensor parameters and expert weights, which DDP cannot
     handle)."""
     if cfg.parallel.zero_stage >= 2:
         return apply_fsdp(model, mesh, cfg, device), []
@@ -119,7 +119,7 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
 
 def grad_sync_plan(model: nn.Module, dp: DeviceMesh) -> list[GradSync]:
     """Where no DDP wrapper reduces the gradients (DTensor parameters, expert parallelism,
-    pipeline stages): the reductions the step runs after the backward. Gradients are averaged
+    pipeline stages): the reductions the step runs (`GradReducer`). Gradients are averaged
     over dp; expert weights (parallel/expert.py) are summed over the ranks holding the same
     experts and divided by the same dp size."""
     params = list(model.parameters())
@@ -146,35 +146,113 @@ def _copy_from_flat(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
-@torch.no_grad()
-def average_gradients(params, group, divisor: int | None = None,
-                      bucket_numel: int = 1 << 26) -> None:
-    """Sum of the gradients over `group` divided by `divisor` (default the group's size: the
-    mean, DDP's all-reduce, but after the backward instead of overlapped with it): local shards
-    of DTensor gradients, flattened into buckets of at most `bucket_numel` elements per dtype. A
-    missing gradient (a parameter this rank's batch did not reach, e.g. an idle expert) is taken
-    as zero so that every rank reduces the same buckets."""
-    grads: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        g = local_tensor(p.grad)
-        grads.setdefault(g.dtype, []).append(g)
-    world = divisor or dist.get_world_size(group)
-    for same_dtype in grads.values():
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for i, g in enumerate(same_dtype):
-            bucket.append(g)
-            size += g.numel()
-            if i == len(same_dtype) - 1 or size >= bucket_numel:
-                flat = torch.cat([b.flatten() for b in bucket])
-                dist.all_reduce(flat, group=group)
-                flat /= world
-                _copy_from_flat(flat, bucket)
-                bucket, size = [], 0
+# DDP's default bucket cap (DistributedDataParallel's bucket_cap_mb=25): large enough that each
+# all-reduce moves a bandwidth-bound message, small enough that the first buckets go out while
+# most of the backward is still to run. A module constant, not a config key: no measurement here
+# has asked for another value (GradReducer takes one, for the tests' tiny models).
+BUCKET_BYTES = 25 * 2 ** 20
+
+
+class _Bucket:
+    """Parameters whose gradients are all-reduced together: one group, divisor and dtype."""
+
+    def __init__(self, params: list[nn.Parameter], group, divisor: int):
+        self.params, self.group, self.divisor = params, group, divisor
+        self.ready: set[int] = set()  # ids of the parameters whose gradient is final
+        self.grads: list[torch.Tensor] = []
+        self.flat: torch.Tensor | None = None
+        self.work = None
+
+
+class GradReducer:
+    """The reductions of a `GradSync` plan (parallel/parallelized.py), as DDP runs them: each
+    gradient summed over its group and divided by its divisor, in flat buckets of local shards
+    (DTensor gradients) of at most `bucket_bytes`, one asynchronous all-reduce per bucket.
+
+    Overlap (`overlap=True`): `arm()` before the last micro-batch's backward; a post-accumulate
+    hook on every parameter marks its gradient final, and a bucket's all-reduce is launched as
+    soon as all its gradients are final *and* every earlier bucket has been launched. Buckets are
+    assigned deterministically, in reverse parameter order (about the order the backward finishes
+    them), so every rank launches the same collectives in the same order whatever the timing.
+    `finish()` (before clipping) launches what is left, waits, and writes the averages back.
+    Without overlap (pipeline stages) `finish()` does all of it after the backward.
+
+    A gradient still missing at `finish()` (a parameter this rank's batch did not reach) is
+    taken as zero so that every rank reduces the same buckets; its bucket and every later one
+    then wait for `finish()`."""
+
+    def __init__(self, plan, order, bucket_bytes: int = BUCKET_BYTES, overlap: bool = True):
+        domain = {}  # id(param) -> (index of its plan entry, param)
+        for i, (params, _, _) in enumerate(plan):
+            for p in params:
+                if p.requires_grad:
+                    domain.setdefault(id(p), (i, p))
+        pos = {id(p): k for k, p in enumerate(order)}
+        ordered = sorted(domain.values(), key=lambda ip: pos.get(id(ip[1]), len(pos)))
+        self.buckets: list[_Bucket] = []
+        open_buckets: dict[tuple, list] = {}  # (plan entry, dtype) -> [params, bytes]
+        for i, p in reversed(ordered):
+            shard = local_tensor(p)
+            key = (i, shard.dtype)
+            entry = open_buckets.setdefault(key, [[], 0])
+            entry[0].append(p)
+            entry[1] += shard.numel() * shard.element_size()
+            if entry[1] >= bucket_bytes:
+                self._close(plan, key, open_buckets.pop(key)[0])
+        for key, (params, _) in open_buckets.items():
+            self._close(plan, key, params)
+        self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self.armed = False
+        self.next = 0  # the first bucket not launched yet
+        if overlap:
+            for b in self.buckets:
+                for p in b.params:
+                    p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _close(self, plan, key: tuple, params: list) -> None:
+        _, group, divisor = plan[key[0]]
+        self.buckets.append(_Bucket(params, group, divisor or dist.get_world_size(group)))
+
+    def arm(self) -> None:
+        """The next backward is the last of the step: reduce as the gradients become final."""
+        for b in self.buckets:
+            b.ready.clear()
+        self.next, self.armed = 0, True
+
+    def _grad_ready(self, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        self.bucket_of[id(p)].ready.add(id(p))
+        self._launch(until_ready=True)
+
+    def _launch(self, until_ready: bool) -> None:
+        """Launch the buckets in order, from the first not launched: up to the first one whose
+        gradients are not all final (`until_ready`), or all of them."""
+        while self.next < len(self.buckets):
+            b = self.buckets[self.next]
+            if until_ready and len(b.ready) < len(b.params):
+                return
+            with torch.no_grad():
+                for p in b.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                b.grads = [local_tensor(p.grad) for p in b.params]
+                b.flat = torch.cat([g.flatten() for g in b.grads])
+            b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+            self.next += 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """After the backward: launch the buckets not launched yet, wait for every all-reduce
+        (on the GPU, an ordering of streams, not a host sync) and write the averages back."""
+        self.armed = False
+        self._launch(until_ready=False)
+        for b in self.buckets:
+            b.work.wait()
+            b.flat /= b.divisor
+            _copy_from_flat(b.flat, b.grads)
+            b.flat, b.grads, b.work = None, [], None
+        self.next = 0
 
 
 class PartitionedAdamW(torch.optim.AdamW):
@@ -239,22 +317,20 @@ class PartitionedAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> torch.optim.Optimizer:
-    """AdamW with the usual groups (no decay on norms, biases, embeddings); at ZeRO stage 1 the
-    states are partitioned over dp_shard by ZeroRedundancyOptimizer (PartitionedAdamW for
-    tensor-parallel parameters)."""
+    """AdamW with the usual groups (no decay on norms, biases, embeddings), each split into
+    parameters of one kind (plain tensors, or DTensors of one mesh: expert weights apart), on the
+    fused kernel on CUDA and foreach elsewhere (train/optim.py `adamw_kernel`); at ZeRO stage 1
+    the states are partitioned over dp_shard by ZeroRedundancyOptimizer (PartitionedAdamW for
+    tensor- or expert-parallel parameters)."""
     o = cfg.optim
-    kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    groups = param_groups(model, o.weight_decay)
+    groups = split_by_kind(param_groups(model, o.weight_decay))
+    params = [p for g in groups for p in g["params"]]
+    devices = {p.device.type for p in params}
+    kernel, _ = adamw_kernel(devices.pop() if len(devices) == 1 else "mixed", groups)
+    kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel)
     expert = expert_params(model)
-    if expert:  # AdamW's foreach kernels (the CUDA default) cannot mix DTensors and tensors
-        ids = {id(p) for p in expert}
-        groups = [{**g, "name": g["name"] + suffix, "params": [p for p in g["params"]
-                                                              if (id(p) in ids) == is_expert]}
-                  for g in groups for suffix, is_expert in (("", False), ("_experts", True))]
-        groups = [g for g in groups if g["params"]]
     if mesh is None or cfg.parallel.zero_stage != 1 or mesh["dp_shard"].size() == 1:
         return torch.optim.AdamW(groups, **kw)
-    params = [p for g in groups for p in g["params"]]
     if expert:  # expert weights: partitioned over the ranks holding the same experts
         rest, ep_rep = _split_experts(model, params, expert)
         return PartitionedAdamW(groups, [(rest, mesh["dp_shard"].get_group()),

@@ -20,8 +20,9 @@ shape [E, ...] and reshard on load like any other parameter. Gradients: each own
 gradient already sums the contributions of every ep rank's tokens (the backward of the
 all-to-all), so expert gradients are summed over the ranks that replicate the same experts
 (`ep_replicate`) and divided by the whole data-parallel size; the other parameters are averaged
-over all dp ranks (`grad_sync` plan, run by the training loop after the backward, see
-parallel/data.py). At ZeRO 2/3 the experts of each layer are an FSDP unit of their own, sharded
+over all dp ranks (the `grad_sync` plan, which parallel/data.py `GradReducer` runs in buckets
+during the last micro-batch's backward, dense and expert buckets in one fixed order on every
+rank). At ZeRO 2/3 the experts of each layer are an FSDP unit of their own, sharded
 over ep_replicate, with the same divisor (torchtitan's layout). Under pipeline parallelism each
 stage shards the experts of its own layers over the ep ranks of that stage.
 

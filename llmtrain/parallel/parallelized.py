@@ -8,10 +8,11 @@ import dataclasses
 
 from torch import nn
 
-# One gradient reduction the step runs after the backward where no DDP/FSDP wrapper did it
-# (tensor parallelism at ZeRO 0/1: DTensor parameters; expert parallelism: expert weights that
-# differ between ranks; pipeline stages): (parameters, process group, divisor), each gradient
-# summed over the group and divided by the divisor (parallel/data.py `average_gradients`).
+# One gradient reduction the step runs where no DDP/FSDP wrapper does it (tensor parallelism at
+# ZeRO 0/1: DTensor parameters; expert parallelism: expert weights that differ between ranks;
+# pipeline stages): (parameters, process group, divisor), each gradient summed over the group
+# and divided by the divisor. parallel/data.py `GradReducer` runs a plan: overlapped with the
+# last micro-batch's backward (TrainStep), or after the schedule's backward (PipelineStep).
 GradSync = tuple[list[nn.Parameter], object, int]
 
 
@@ -21,7 +22,7 @@ class ParallelModel:
     """Every parameter this rank holds, under the whole model's parameter names (FQNs), wrapped
     by DDP/FSDP where they apply: what the optimizer and checkpoints see."""
     grad_sync: list[GradSync] = dataclasses.field(default_factory=list)
-    """The reductions the step runs after the backward (empty where a wrapper reduces)."""
+    """The reductions the step runs (GradReducer; empty where a wrapper reduces)."""
     parts: list[nn.Module] = dataclasses.field(default_factory=list)
     """Pipeline parallelism: this rank's stage modules (sharing `module`'s parameters)."""
     stage_ids: list[int] = dataclasses.field(default_factory=list)

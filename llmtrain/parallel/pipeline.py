@@ -43,6 +43,7 @@ from llmtrain.config import Config
 from llmtrain.config.layout import micro_batches, rank_stages, stage_layer_ids
 from llmtrain.model.moe import moe_layers, moe_metrics
 from llmtrain.parallel import data as _data
+from llmtrain.parallel.compile import apply_compile, compiled_loss
 from llmtrain.parallel.expert import apply_ep, build_ep_mesh
 from llmtrain.parallel.init import materialize_shards
 from llmtrain.parallel.parallelized import ParallelModel
@@ -108,6 +109,7 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
             apply_tp(part, mesh["tp"], cfg)
     if cfg.parallel.ep > 1:  # the experts of this rank's layers, over the ep ranks of its stage
         apply_ep(rank_model, build_ep_mesh(mesh, cfg.parallel.ep))
+    apply_compile(rank_model, cfg)  # the stages' blocks are the rank model's
     wrapped = []
     for part in parts:
         if cfg.parallel.zero_stage >= 2:
@@ -209,13 +211,14 @@ class _RouterLosses:
 
 class _LossFn:
     """CE sum over unmasked tokens times `scale` (dp size / global token count while training);
-    `target` is [B, T, 2]: labels and loss mask."""
+    `target` is [B, T, 2]: labels and loss mask. Compiled with parallel.compile."""
 
-    def __init__(self):
+    def __init__(self, cfg: Config):
         self.scale = 1.0
+        self.ce_sum = compiled_loss(cfg, cross_entropy_sum)
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_sum(logits, target[..., 0], target[..., 1]) * self.scale
+        return self.ce_sum(logits, target[..., 0], target[..., 1]) * self.scale
 
 
 class Pipeline:
@@ -233,7 +236,7 @@ class Pipeline:
                        for part, s in zip(parts, stage_ids)]
         self.has_first = 0 in stage_ids
         self.has_last = n_stages - 1 in stage_ids
-        self.loss_fn = _LossFn()
+        self.loss_fn = _LossFn(cfg)
         self.router_losses = _RouterLosses(model, n_microbatches, device)
         for stage in self.stages:
             self.router_losses.hide(stage)

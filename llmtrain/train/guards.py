@@ -1,7 +1,9 @@
 """Guards that keep weeks-long runs alive: loss spikes, hangs, preemption.
 
 - `SpikeDetector`: z-score of the step loss against a trailing window (warn, don't act: a spike
-  is worth a look at the batch, not an automatic rollback).
+  is worth a look at the batch, not an automatic rollback). It reads the loss of every step, on
+  the host: the step's one device-to-host copy (train/step.py `HOST_SYNCS_PER_STEP`) brings it
+  with the gradient norm the skip decision needs, so the guard costs no sync of its own.
 - `HangWatchdog`: `faulthandler.dump_traceback_later` re-armed every step; if a step (and so any
   collective inside it) does not finish within `train.collective_timeout_s`, every thread's Python
   stack is dumped to stderr and the process exits with status 1, so the launcher sees a failure

@@ -8,6 +8,7 @@ normalisation are in train/step.py.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import time
@@ -33,7 +34,7 @@ from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
 from llmtrain.train.memory import PeakMemory
 from llmtrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gib
 from llmtrain.train.rundir import RunDir, RunDirLock, RunError
-from llmtrain.train.optim import lr_at
+from llmtrain.train.optim import kernel_name, lr_at
 from llmtrain.train.step import DataParallelGroup, StepResult, TrainStep, build_step
 
 
@@ -154,19 +155,22 @@ class Trainer:
         if cfg.train.precision == "bf16_pure":
             model = model.to(torch.bfloat16)
         parallel = parallelize(model, self.mesh, cfg, self.device)
-        self.say(f"initialised this rank's parameters in {parallel.init_s:.2f} s")
+        init_s = parallel.init_s
         self.model = parallel.module
         self.optimizer = build_optimizer(self.model, cfg, self.mesh)
         self.engine = None  # parallel.engine=deepspeed: engines/deepspeed.py drives the model
         if cfg.parallel.engine == "deepspeed":
-            self.engine = deepspeed_engine.initialize(self.model, cfg, self.dp.size,
-                                                      self.optimizer, log=self.say)
+            self.engine, ds_init_s = deepspeed_engine.initialize(self.model, cfg, self.dp.size,
+                                                                 self.optimizer, log=self.say)
+            init_s += ds_init_s  # ZeRO-3: the partitions are initialised there
             self.model, self.optimizer = self.engine, self.engine.optimizer
             self.step_fn: TrainStep = deepspeed_engine.DeepSpeedStep(self.engine, cfg,
                                                                      self.device, self.dp)
         else:
             self.step_fn = build_step(parallel, self.optimizer, cfg, self.device, self.dp,
                                       self.tp)
+        self.init_s = init_s  # reported by _describe
+        self.stop_group = None  # the group the ranks agree to stop over (_agreed_stop)
         # checkpoint.async: periodic saves written in the background (its own gloo group)
         self.saver = (ckpt.AsyncSaver(cfg.train.collective_timeout_s)
                       if cfg.checkpoint.async_save else None)
@@ -196,7 +200,8 @@ class Trainer:
         cfg, t, say = self.cfg, self.cfg.train, self.say
         say(f"model: {self.n_params:,} parameters ({self.n_params_nonemb:,} non-embedding), "
             f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}, {cfg.model.n_heads} heads "
-            f"({cfg.model.kv_heads} kv), vocab {cfg.model.vocab_size}")
+            f"({cfg.model.kv_heads} kv), vocab {cfg.model.vocab_size}; this rank's parameters "
+            f"initialised in {self.init_s:.2f} s")
         sp = " (sequence parallel)" if self.tp > 1 and cfg.parallel.sequence_parallel else ""
         say(f"layout: world {self.env.world_size} on {self.device.type}, dp {self.dp.size}, tp "
             f"{self.tp}{sp}, ZeRO stage {cfg.parallel.zero_stage}; "
@@ -207,6 +212,8 @@ class Trainer:
             f"{t.precision}")
         say(f"data: {n_train:,} training / {n_valid:,} validation samples; "
             f"run dir {self.run_dir}")
+        if self.engine is None:  # DeepSpeed reports its own optimizer
+            say(f"optimizer: AdamW ({kernel_name(self.optimizer)})")
 
     # ------------------------------------------------------------------------------------------
 
@@ -309,8 +316,13 @@ class Trainer:
         """Every rank stops after the same step if any rank was asked to (SIGTERM)."""
         if not dist.is_initialized():
             return requested
-        flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self.stop_group is None and self.device.type != "cpu":
+            # a CPU flag over gloo: an NCCL all-reduce read back with .item() would wait for
+            # the step's kernels every step (a host sync the step itself avoids: train/step.py)
+            self.stop_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+                seconds=self.cfg.train.collective_timeout_s))
+        flag = torch.tensor([1.0 if requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.stop_group)
         return (requested or "SIGTERM") if flag.item() else None
 
     def run(self) -> dict:
@@ -389,9 +401,9 @@ class Trainer:
         if self.peak_flops:
             world = dist.get_world_size() if dist.is_initialized() else 1
             rec["mfu"] = self.flops_per_token * tps / (self.peak_flops * world)
-        moe_rec, moe_hist = out.moe
+        moe_rec, moe_hist = out.moe_metrics()  # read from the device here, on logging steps
         if moe_rec:
-            rec.update(moe_rec, moe_aux_loss=out.moe_aux_loss)
+            rec.update(moe_rec, moe_aux_loss=float(out.moe_aux_loss))
         writer.log("metrics", rec, moe_hist)
         writer.progress(self.step, f"loss {out.loss:.3f} lr {out.lr:.2e} {tps:,.0f} tok/s")
         if writer.bar is None:

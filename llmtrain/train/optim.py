@@ -23,12 +23,59 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-def build_optimizer(model: nn.Module, o: OptimConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    kwargs = {}
-    if fused is not None:
-        kwargs["fused"] = fused
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                             eps=o.eps, **kwargs)
+def adamw_kernel(device_type: str, groups: list[dict]) -> tuple[dict, str]:
+    """(AdamW's kernel keyword, its name for the start-up line) for parameter groups whose
+    tensors all live on `device_type` ("mixed" if not). Fused (one kernel per device and dtype
+    for the whole update) on CUDA when every parameter is floating point; DTensors qualify
+    (torch >= 2.4 has DTensor rules for the fused kernels, one mesh per call: hence groups of
+    one kind each, `split_by_kind`). Else foreach, which every device runs (off CUDA through
+    torch's per-tensor fallback: bit for bit the per-parameter loop, a little faster on the
+    CPU); torch's own default would take the loop for DTensors and on the CPU. The loop only
+    for parameters on several devices, which one foreach call cannot take."""
+    params = [p for g in groups for p in g["params"]]
+    if device_type == "cuda" and all(torch.is_floating_point(p) for p in params):
+        return {"fused": True}, "fused"
+    if device_type != "mixed":
+        return {"foreach": True}, "foreach"
+    return {"foreach": False}, "for-loop"
+
+
+def split_by_kind(groups: list[dict]) -> list[dict]:
+    """Each group split so that its parameters are of one kind: plain tensors, or DTensors of
+    one device mesh (the foreach and fused kernels take one mesh per call and cannot mix
+    DTensors with tensors). A split group is named after the mesh ("decay_ep_tp"); empty groups
+    are dropped."""
+    from torch.distributed.tensor import DTensor
+    out = []
+    for g in groups:
+        kinds: dict = {}
+        for p in g["params"]:
+            mesh = p.device_mesh if isinstance(p, DTensor) else None
+            kinds.setdefault(mesh, []).append(p)
+        for mesh, params in kinds.items():
+            suffix = "" if mesh is None or len(kinds) == 1 else \
+                "_" + "_".join(mesh.mesh_dim_names or ("dtensor",))
+            out.append({**g, "name": g["name"] + suffix, "params": params})
+    return out
+
+
+def build_optimizer(model: nn.Module, o: OptimConfig,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` of a model on one process (bench); `fused` None: the kernel
+    `adamw_kernel` picks for the parameters' device."""
+    groups = param_groups(model, o.weight_decay)
+    if fused is None:
+        kernel, _ = adamw_kernel(next(model.parameters()).device.type, groups)
+    else:
+        kernel = {"fused": fused}
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel)
+
+
+def kernel_name(optimizer: torch.optim.Optimizer) -> str:
+    """"fused", "foreach" or "for-loop": the AdamW kernel `optimizer` (or the optimizer a
+    ZeroRedundancyOptimizer wraps) steps with, for the start-up line."""
+    d = getattr(getattr(optimizer, "optim", optimizer), "defaults", {})
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
 
 
 def lr_at(step: int, o: OptimConfig, total_steps: int, d_model: int | None = None) -> float:

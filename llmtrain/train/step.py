@@ -11,12 +11,17 @@ Loss normalisation: the loss of a step is the mean next-token cross entropy over
 token of the *global* batch. Each micro-batch contributes sum(CE) / N_global, so gradient
 accumulation and data parallelism give the same gradients as one process with the whole batch
 (DDP/FSDP average over dp ranks, hence the factor dp).
+
+Host syncs: a training step copies from the device to the host once, `HOST_SYNCS_PER_STEP`
+(`TrainStep.__call__`); everything else it computes (token count, loss, clip coefficient,
+router losses) stays on the device, and MoE metrics are read only when the loop logs them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -28,22 +33,38 @@ from llmtrain.data.loader import Batch
 from llmtrain.model.moe import aux_loss as moe_aux_loss
 from llmtrain.model.moe import moe_layers, moe_metrics, update_bias
 from llmtrain.parallel import clip_grad_norm_, state_bytes
-from llmtrain.parallel.data import average_gradients
+from llmtrain.parallel.compile import compiled_loss
+from llmtrain.parallel.data import GradReducer
 from llmtrain.parallel.parallelized import ParallelModel
 from llmtrain.train.lean_loss import chunked_loss_head
 from llmtrain.train.loss import all_reduce_sum, autocast, cross_entropy_sum, reduce_step_losses
 
 
+# The device-to-host copies one TrainStep call makes (tests/test_step.py counts them): the loss
+# and the gradient norm, together, for the skip decision (train/guards.py's spike detector reads
+# the same loss every step).
+HOST_SYNCS_PER_STEP = 1
+
+
 @dataclasses.dataclass
 class StepResult:
+    """What a step reports. `loss`, `grad_norm` and `skipped` are host values (a decision needs
+    them every step); `moe_aux_loss` may be a device tensor and `moe` a function computing the
+    metrics: the loop converts them on logging steps only (`float()`, `moe_metrics()`)."""
     loss: float  # mean CE per token of the global batch
     lr: float
     grad_norm: float  # before clipping; nan where the engine computed none
     skipped: bool  # non-finite loss or gradient norm: the optimizer did not step
     sample_ids: list[int]  # this rank's samples, for a loss-spike report
-    moe_aux_loss: float = 0.0  # router losses, averaged over micro-batches and dp ranks
-    moe: tuple[dict, dict] = ({}, {})  # moe_metrics of the whole model (record, histograms)
+    moe_aux_loss: float | torch.Tensor = 0.0  # router losses, averaged over micro-batches, dp
+    # moe_metrics of the whole model (record, histograms), or a function returning them
+    moe: tuple[dict, dict] | Callable[[], tuple[dict, dict]] = ({}, {})
     state_bytes: dict[str, int] | None = None  # this rank's model-state bytes, when asked
+
+    def moe_metrics(self) -> tuple[dict, dict]:
+        """The MoE metrics of the step (a pipeline gathers them over its stages: collective,
+        so every rank calls this on the same steps)."""
+        return self.moe() if callable(self.moe) else self.moe
 
 
 @dataclasses.dataclass
@@ -75,9 +96,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def global_token_count(batches: list[Batch], device: torch.device,
                        dp: DataParallelGroup) -> torch.Tensor:
-    """N_global: the unmasked tokens of the whole global batch (one all-reduce)."""
-    n_local = float(sum(b.loss_mask.sum() for b in batches))
-    return all_reduce_sum(torch.as_tensor(n_local, device=device), dp.group)
+    """N_global: the unmasked tokens of the whole global batch (one all-reduce). Counted where
+    the masks are (the loader's host tensors) and copied to the device, never read back."""
+    n_local = torch.stack([b.loss_mask.sum() for b in batches]).sum(dtype=torch.float32)
+    return all_reduce_sum(n_local.to(device), dp.group)
 
 
 def sample_ids(batches: list[Batch]) -> list[int]:
@@ -96,10 +118,13 @@ def update_router_bias(model: nn.Module, dp: DataParallelGroup) -> None:
 
 class TrainStep:
     """The torch engine's step: forward and backward of each micro-batch (gradient accumulation,
-    DDP's sync only at the last), the reductions no wrapper did, the clipped global gradient
-    norm, and the optimizer step unless the loss or the norm is non-finite. With
+    DDP's sync only at the last), the reductions no wrapper does (`GradReducer`, launched from
+    gradient hooks during the last micro-batch's backward), the clipped global gradient norm,
+    and the optimizer step unless the loss or the norm is non-finite. With
     `train.loss: chunked` the loss is train/lean_loss.py's, fused with the output layer; a
     custom `logits` function (bench's Hugging Face models) gets the plain loss."""
+
+    overlap = True  # reduce gradients during the backward (PipelineStep: after it)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
                  device: torch.device, dp: DataParallelGroup | None = None, *,
@@ -113,6 +138,9 @@ class TrainStep:
         self.chunk_tokens = (cfg.train.loss_chunk_tokens
                              if cfg.train.loss == "chunked" and logits is None else 0)
         self.clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        self.ce_sum = compiled_loss(cfg, cross_entropy_sum)  # parallel.compile: compiled too
+        self.reducer = GradReducer(self.parallel.grad_sync, list(model.parameters()),
+                                   overlap=self.overlap)
 
     def loss_parallel(self):
         """Tensor parallelism: the vocab-sharded logits' cross entropy (and its backward)."""
@@ -127,7 +155,7 @@ class TrainStep:
                 head = chunked_loss_head(labels, mask, self.chunk_tokens, sp)
                 return model_logits(self.model, batch, self.device, head), mask.sum()
             logits = self.logits(batch)
-        return cross_entropy_sum(logits, labels, mask), mask.sum()
+        return self.ce_sum(logits, labels, mask), mask.sum()
 
     def forward_backward(self, batches: list[Batch],
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +168,8 @@ class TrainStep:
             last = m == n_micro - 1
             no_sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last \
                 else contextlib.nullcontext()
+            if last:
+                self.reducer.arm()
             with no_sync, self.loss_parallel():
                 ce_sum, _ = self.forward_loss(batch)
                 step_loss = ce_sum * scale
@@ -154,24 +184,31 @@ class TrainStep:
     def __call__(self, batches: list[Batch], lr: float,
                  measure_state: bool = False) -> StepResult:
         """One optimizer step on this rank's micro-batches of the step; `measure_state`: also
-        report this rank's model-state bytes (after the update, before gradients are freed)."""
+        report this rank's model-state bytes (after the update, before gradients are freed).
+
+        Its one host sync (HOST_SYNCS_PER_STEP): the loss and the gradient norm (before
+        clipping), copied to the host together after clipping, before the optimizer step. Whether to step is a
+        host decision (a skipped step must not touch the weights or the AdamW moments and step
+        count), and the loop's spike guard needs the loss every step anyway: one copy serves
+        both. On the GPU it waits for the backward and the gradient reductions; the optimizer
+        step is launched after it."""
         self.model.train()
         set_lr(self.optimizer, lr)
         n_global = global_token_count(batches, self.device, self.dp)
         loss_sum, aux_sum = self.forward_backward(batches, self.dp.size / n_global)
-        for params, group, divisor in self.parallel.grad_sync:
-            average_gradients(params, group, divisor)
+        self.reducer.finish()
         loss, aux_mean = reduce_step_losses(loss_sum, aux_sum, n_global, self.dp.group,
                                             self.dp.size)
         grad_norm = clip_grad_norm_(self.model, self.clip, self.parallel.pp_group)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        loss_h, norm_h = torch.stack([loss.float(), grad_norm.float()]).tolist()  # the sync
+        finite = math.isfinite(loss_h) and math.isfinite(norm_h)
         if finite:
             self.optimizer.step()
             update_router_bias(self.model, self.dp)
         state = state_bytes(self.model, self.optimizer) if measure_state else None
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(float(loss), lr, float(grad_norm), not finite, sample_ids(batches),
-                          float(aux_mean), self.moe_metrics(), state)
+        return StepResult(loss_h, lr, norm_h, not finite, sample_ids(batches), aux_mean.detach(),
+                          self.moe_metrics, state)
 
     def moe_metrics(self) -> tuple[dict, dict]:
         return moe_metrics(self.model)
@@ -193,7 +230,14 @@ class TrainStep:
 
 class PipelineStep(TrainStep):
     """`parallel.pp > 1`: a pipeline schedule runs the micro-batches through this rank's stages
-    (parallel/pipeline.py); the rest of the step is the torch engine's."""
+    (parallel/pipeline.py); the rest of the step is the torch engine's. The gradient reductions
+    (ZeRO 0/1) run after the schedule's step, not from gradient hooks: the schedule runs the
+    backward of each micro-batch when its order says (1F1B interleaves them with forwards, zero
+    bubble splits input and weight gradients), so which backward is a parameter's last is the
+    schedule's knowledge, not the step's; and its stage-to-stage sends would interleave with
+    the hooks' all-reduces in an order that differs between stages."""
+
+    overlap = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
                  device: torch.device, dp: DataParallelGroup, *, parallel: ParallelModel,
