@@ -69,6 +69,9 @@ def main() -> None:
     torch.save({"weights": {k: v.detach().clone() for k, v in full.items()},
                 "largest_allocation": tracker.largest}, out / f"rank{env.rank}.pt")
     if torch.distributed.is_initialized():
+        # rank 0 hosts the store: it must not exit while a rank still builds its groups (a pp2
+        # rank 0 has no collective with stage 1 after the mesh and could finish first)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
