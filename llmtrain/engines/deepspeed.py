@@ -206,6 +206,7 @@ def init_partitions(model: torch.nn.Module, ds_config: dict[str, Any], seed: int
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     start = time.perf_counter()
+    _skip_shm_comm_op()  # before init_distributed starts DeepSpeed's comm backend
     zero = ds_config.get("zero_optimization", {})
     if zero.get("stage") != 3 or (zero.get("offload_param") or {}).get("device") == "nvme":
         return materialize_shards(model, torch.device(get_accelerator().current_device_name()),
