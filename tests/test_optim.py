@@ -10,7 +10,7 @@ import torch
 
 from llmtrain.config import OptimConfig
 from llmtrain.train.optim import (adamw_kernel, kernel_name, lr_at, param_groups,
-                                  split_by_kind)
+                                  params_device_type, split_by_kind)
 
 T = 100
 
@@ -75,12 +75,14 @@ def _groups(*params):
 
 def test_adamw_kernel_is_fused_on_cuda_and_foreach_elsewhere():
     floats = _groups(torch.zeros(2, 2), torch.zeros(3))
-    assert adamw_kernel("cuda", floats) == ({"fused": True}, "fused")
-    assert adamw_kernel("cpu", floats) == ({"foreach": True}, "foreach")
+    assert adamw_kernel("cuda", floats) == {"fused": True}
+    assert adamw_kernel("cpu", floats) == {"foreach": True}
     # the fused kernel takes floating-point parameters only
-    assert adamw_kernel("cuda", _groups(torch.zeros(2), torch.zeros(2, dtype=torch.long)))[1] \
-        == "foreach"
-    assert adamw_kernel("mixed", floats) == ({"foreach": False}, "for-loop")  # several devices
+    assert adamw_kernel("cuda", _groups(torch.zeros(2), torch.zeros(2, dtype=torch.long))) \
+        == {"foreach": True}
+    assert adamw_kernel("mixed", floats) == {"foreach": False}  # several devices
+    assert params_device_type(floats) == "cpu"
+    assert params_device_type(_groups(torch.zeros(2), torch.zeros(2, device="meta"))) == "mixed"
 
 
 def test_foreach_step_equals_the_plain_step_and_groups_split_by_kind():
@@ -116,7 +118,7 @@ def test_foreach_step_equals_the_plain_step_and_groups_split_by_kind():
         assert [(g["name"], g["params"]) for g in groups] == [
             ("decay", [plain]), ("decay_tp", [on_tp]), ("decay_ep", [on_ep])]
         assert [g["name"] for g in split_by_kind(_groups(on_tp))] == ["decay"]  # one kind
-        kernel, _ = adamw_kernel("cpu", groups)
+        kernel = adamw_kernel("cpu", groups)
         opt = torch.optim.AdamW(groups, lr=0.1, **kernel)
         for p in (plain, on_tp, on_ep):
             p.grad = torch.ones_like(p)

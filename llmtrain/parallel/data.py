@@ -37,7 +37,8 @@ from llmtrain.model.moe import moe_layers
 from llmtrain.parallel.expert import ExpertParallelExperts
 from llmtrain.parallel.parallelized import GradSync
 from llmtrain.parallel.tensor import local_tensor
-from llmtrain.train.optim import adamw_kernel, param_groups, split_by_kind
+from llmtrain.train.optim import (adamw_kernel, param_groups, params_device_type,
+                                  split_by_kind)
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -325,8 +326,7 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
     o = cfg.optim
     groups = split_by_kind(param_groups(model, o.weight_decay))
     params = [p for g in groups for p in g["params"]]
-    devices = {p.device.type for p in params}
-    kernel, _ = adamw_kernel(devices.pop() if len(devices) == 1 else "mixed", groups)
+    kernel = adamw_kernel(params_device_type(groups), groups)
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel)
     expert = expert_params(model)
     if mesh is None or cfg.parallel.zero_stage != 1 or mesh["dp_shard"].size() == 1:

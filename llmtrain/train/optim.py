@@ -23,21 +23,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-def adamw_kernel(device_type: str, groups: list[dict]) -> tuple[dict, str]:
-    """(AdamW's kernel keyword, its name for the start-up line) for parameter groups whose
-    tensors all live on `device_type` ("mixed" if not). Fused (one kernel per device and dtype
-    for the whole update) on CUDA when every parameter is floating point; DTensors qualify
-    (torch >= 2.4 has DTensor rules for the fused kernels, one mesh per call: hence groups of
-    one kind each, `split_by_kind`). Else foreach, which every device runs (off CUDA through
-    torch's per-tensor fallback: bit for bit the per-parameter loop, a little faster on the
-    CPU); torch's own default would take the loop for DTensors and on the CPU. The loop only
-    for parameters on several devices, which one foreach call cannot take."""
+def params_device_type(groups: list[dict]) -> str:
+    """The device type every parameter of `groups` lives on, or "mixed"."""
+    types = {p.device.type for g in groups for p in g["params"]}
+    return types.pop() if len(types) == 1 else "mixed"
+
+
+def adamw_kernel(device_type: str, groups: list[dict]) -> dict:
+    """AdamW's kernel keyword for parameter groups whose tensors all live on `device_type`
+    ("mixed" if not: `params_device_type`). Fused (one kernel per device and dtype for the whole
+    update) on CUDA when every parameter is floating point; DTensors qualify (torch >= 2.4 has
+    DTensor rules for the fused kernels, one mesh per call: hence groups of one kind each,
+    `split_by_kind`). Else foreach, which every device runs (off CUDA through torch's per-tensor
+    fallback: bit for bit the per-parameter loop, a little faster on the CPU); torch's own
+    default would take the loop for DTensors and on the CPU. The loop only for parameters on
+    several devices, which one foreach call cannot take. `kernel_name` names the choice."""
     params = [p for g in groups for p in g["params"]]
     if device_type == "cuda" and all(torch.is_floating_point(p) for p in params):
-        return {"fused": True}, "fused"
+        return {"fused": True}
     if device_type != "mixed":
-        return {"foreach": True}, "foreach"
-    return {"foreach": False}, "for-loop"
+        return {"foreach": True}
+    return {"foreach": False}
 
 
 def split_by_kind(groups: list[dict]) -> list[dict]:
@@ -65,7 +71,7 @@ def build_optimizer(model: nn.Module, o: OptimConfig,
     `adamw_kernel` picks for the parameters' device."""
     groups = param_groups(model, o.weight_decay)
     if fused is None:
-        kernel, _ = adamw_kernel(next(model.parameters()).device.type, groups)
+        kernel = adamw_kernel(params_device_type(groups), groups)
     else:
         kernel = {"fused": fused}
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel)
