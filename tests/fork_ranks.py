@@ -276,11 +276,7 @@ def run_by_server(nproc: int, args: list[str]) -> int | None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _: launcher and os.kill(launcher, s))
     line = replies.readline()
-    code = int(line) if line.strip() else 1
-    if code < 0:  # the one process died of a signal: so does this one, as `python -m` would
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    return code
+    return int(line) if line.strip() else 1
 
 
 def main() -> int:
@@ -289,11 +285,10 @@ def main() -> int:
         return 0
     nproc, args = int(sys.argv[1]), sys.argv[2:]
     code = run_by_server(nproc, args)
-    if code is not None:
-        return code
-    preload()
-    code = launch(nproc, args)
-    if code < 0:
+    if code is None:
+        preload()
+        code = launch(nproc, args)
+    if code < 0:  # the one process died of a signal: so does this one, as `python -m` would
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     return code
