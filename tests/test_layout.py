@@ -71,11 +71,11 @@ def test_split_left_empty_where_layers_cannot_be_split():
 
 
 @pytest.mark.parametrize("world, parallel, message", [
-    (8, {"tp": 3}, "parallel layout pp=1 x dp_replicate=1 x dp_shard=-1 x tp=3 = 3 does not "
+    (8, {"tp": 3}, "parallel layout pp=1 x dp_replicate=1 x dp_shard=-1 x cp=1 x tp=3 = 3 does not "
                    "match the world size 8"),
-    (8, {"dp_shard": 2, "tp": 2}, "parallel layout pp=1 x dp_replicate=1 x dp_shard=2 x tp=2 "
+    (8, {"dp_shard": 2, "tp": 2}, "parallel layout pp=1 x dp_replicate=1 x dp_shard=2 x cp=1 x tp=2 "
                                   "= 4 does not match the world size 8"),
-    (2, {"pp": 2, "tp": 2}, "parallel layout pp=2 x dp_replicate=1 x dp_shard=-1 x tp=2 = 4 "
+    (2, {"pp": 2, "tp": 2}, "parallel layout pp=2 x dp_replicate=1 x dp_shard=-1 x cp=1 x tp=2 = 4 "
                             "does not match the world size 2"),
 ])
 def test_layout_that_does_not_fit_is_one_line_error(world, parallel, message):
@@ -102,7 +102,7 @@ def test_readers_see_the_same_layout():
                             "train": {"global_batch_size": 64, "micro_batch_size": 2}})
     d = ParallelDims.from_config(cfg, 32)
     assert (d.dp_shard, d.dp, d.micro_batches) == (4, 8, 4)
-    assert mesh_shape(cfg, 32) == {"pp": 2, "dp_replicate": 2, "dp_shard": 4, "tp": 2}
+    assert mesh_shape(cfg, 32) == {"pp": 2, "dp_replicate": 2, "dp_shard": 4, "cp": 1, "tp": 2}
     lay = Layout.from_config(cfg, 32)
     assert (lay.dp_shard, lay.pp_microbatches, lay.world) == (4, 4, 32)
     assert BatchReader(range(64), cfg, None, dp_rank=1, dp_size=d.dp).n_micro == 4

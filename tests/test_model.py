@@ -309,3 +309,24 @@ def test_matches_hf_llama():
     x = tokens(2, 32, vocab=101)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_explicit_positions(position):
+    """`positions` places the tokens: 0..T-1 is the default; per-sequence positions [B, T] act on
+    each row; a shift of every position leaves a rope model's output unchanged (rope scores depend
+    on the distance only, Su et al. 2021 section 3.4.2) but changes a learned-position model's."""
+    m = seeded_model(tiny_model_config(position=position))
+    x = tokens(2, 16)
+    ref = m(x)
+    arange = torch.arange(16)
+    torch.testing.assert_close(m(x, positions=arange), ref, rtol=0, atol=0)
+    rows = torch.stack([arange, arange + 5])
+    out = m(x, positions=rows)
+    torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
+    shifted = m(x[1:], positions=arange + 5)
+    torch.testing.assert_close(out[1:], shifted, rtol=1e-6, atol=1e-6)
+    if position == "rope":
+        torch.testing.assert_close(shifted, ref[1:], rtol=1e-4, atol=1e-4)
+    else:
+        assert (shifted - ref[1:]).abs().max() > 1e-3

@@ -71,7 +71,8 @@ def micro_batches(global_batch_size: int, micro_batch_size: int, dp: int) -> int
 @dataclass(frozen=True)
 class ParallelDims:
     """The degrees of parallelism of a run on `world_size` ranks, the mesh `pp x dp_replicate x
-    dp_shard x tp` (outermost first) with the ep expert groups inside dp_shard."""
+    dp_shard x cp x tp` (outermost first) with the ep expert groups inside dp_shard. cp ranks
+    hold different tokens of the same sequences, so they are not data-parallel ranks."""
 
     world_size: int
     pp: int
@@ -79,6 +80,7 @@ class ParallelDims:
     dp_shard: int  # parallel.dp_shard, -1 resolved to the ranks the other degrees leave
     tp: int
     ep: int
+    cp: int
     # per data-parallel rank and step, at least 1 (exact where validate() passed: it checks
     # that micro_batch_size x dp divides the global batch)
     micro_batches: int
@@ -96,7 +98,7 @@ class ParallelDims:
     @property
     def fits(self) -> bool:
         """The degrees multiply to the world size (always true unless built with strict=False)."""
-        return self.pp * self.dp * self.tp == self.world_size
+        return self.pp * self.dp * self.cp * self.tp == self.world_size
 
     @classmethod
     def from_config(cls, cfg: Config, world_size: int, *, strict: bool = True) -> ParallelDims:
@@ -105,20 +107,20 @@ class ParallelDims:
         taking at least 1 rank) for callers that report it their own way: the planner lists every
         rule a layout breaks, `fit_micro_batch` runs before validate()."""
         p, t = cfg.parallel, cfg.train
-        other = p.pp * p.dp_replicate * p.tp
+        other = p.pp * p.dp_replicate * p.cp * p.tp
         dp_shard = p.dp_shard if p.dp_shard > 0 else max(world_size // other, 1)
         n_micro = max(micro_batches(t.global_batch_size, t.micro_batch_size,
                                     p.dp_replicate * dp_shard), 1)
         layers, ranks = _pipeline_split(cfg)
         dims = cls(world_size=world_size, pp=p.pp, dp_replicate=p.dp_replicate,
-                   dp_shard=dp_shard, tp=p.tp, ep=p.ep, micro_batches=n_micro,
+                   dp_shard=dp_shard, tp=p.tp, ep=p.ep, cp=p.cp, micro_batches=n_micro,
                    pp_microbatches=p.pp_microbatches or n_micro, stage_layers=layers,
                    pp_rank_stages=ranks)
         if strict and not dims.fits:
             given = other * (p.dp_shard if p.dp_shard > 0 else 1)
             raise ConfigError(
                 f"parallel layout pp={p.pp} x dp_replicate={p.dp_replicate} x dp_shard="
-                f"{p.dp_shard} x tp={p.tp} = {given} does not match the world size {world_size}")
+                f"{p.dp_shard} x cp={p.cp} x tp={p.tp} = {given} does not match the world size {world_size}")
         return dims
 
 

@@ -121,6 +121,7 @@ class ParallelConfig:
     tp: int = _f(1, lo=1, hi=_RANKS)
     pp: int = _f(1, lo=1, hi=_RANKS)
     ep: int = _f(1, lo=1, hi=_RANKS)
+    cp: int = _f(1, lo=1, hi=_RANKS, doc="context parallel: each sequence split over cp ranks")
     zero_stage: int = _f(0, lo=0, hi=3)
     sequence_parallel: bool = False
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"

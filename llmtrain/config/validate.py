@@ -293,6 +293,8 @@ def _checkpointing(cfg: Config) -> None:
 def _unsupported(cfg: Config) -> None:
     """Switches this build does not run (yet)."""
     p = cfg.parallel
+    if p.cp > 1:
+        raise ConfigError(f"parallel.cp={p.cp} (context parallelism) is not built yet; use 1")
     if p.compile and p.engine == "deepspeed":
         # parallel/compile.py compiles the blocks inside parallelize()'s torch engine path;
         # deepspeed.initialize wraps the model in its own engine (which has its own compile)

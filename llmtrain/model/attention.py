@@ -10,12 +10,33 @@ from torch import nn
 from llmtrain.model.rope import apply_rope
 
 
+class ScaledDotProduct(nn.Module):
+    """softmax(q k^T / sqrt(head_dim) + mask) v (Vaswani et al. 2017, eq. 1): the only part of
+    attention that reads other positions. Its own module so that parallel/context.py can run it on
+    a sequence split over ranks (it swaps this module for one that gathers the sequence)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q [B, H, T, head_dim], k and v [B, H_kv, T, head_dim]; mask [B, 1, T, T] bool (True =
+        attend) or None for the plain causal mask."""
+        # enable_gqa (torch >= 2.5) lets query head h read kv head h // (n_heads / n_kv_heads),
+        # the same grouping as Hugging Face's repeat_kv.
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.shape[1] != q.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, bias: bool = False,
                  dropout: float = 0.0):
         super().__init__()
         self.head_dim = dim // n_heads
-        self.dropout = dropout
+        self.core = ScaledDotProduct(dropout)
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
@@ -23,8 +44,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D]; rope = (cos, sin) [T, head_dim]; mask [B, 1, T, T] bool (True = attend)
-        replaces the plain causal mask. Head counts come from the weight shapes (`view(..., -1,
+        """x [B, T, D]; rope = (cos, sin), [T, head_dim] or per sequence [B, T, head_dim]; mask
+        [B, 1, T, T] bool (True = attend) replaces the plain causal mask. Head counts come from the weight shapes (`view(..., -1,
         head_dim)`), so a tensor-parallel shard holding a subset of the heads runs unchanged."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.head_dim)
@@ -32,13 +53,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        # enable_gqa (torch >= 2.5) lets query head h read kv head h // (n_heads / n_kv_heads),
-        # the same grouping as Hugging Face's repeat_kv.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=k.shape[1] != q.shape[1])
+        y = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
     def linears(self):

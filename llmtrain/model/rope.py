@@ -46,6 +46,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, H, head_dim] by position; cos/sin are [T, head_dim]."""
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    """Rotate x [B, T, H, head_dim] by position; cos/sin are [T, head_dim] (the same positions
+    for every sequence) or [B, T, head_dim]."""
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over the heads
     return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)

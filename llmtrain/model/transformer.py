@@ -167,10 +167,14 @@ class Transformer(nn.Module):
         register_rope_tables(self, cfg)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                head=None) -> torch.Tensor:
-        """`head(h, output)`, if given, stands in for the output layer: it gets the final hidden
-        states (after `output_proj`) and the output module, and its result is returned (the
-        chunked loss of train/lean_loss.py, which never holds the [B, T, V] logits)."""
+                head=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`doc_ids` [B, S]: document index of every token of the sequences, for the block-diagonal
+        mask; S = T, or the whole sequence where `tokens` hold a part of it (context parallelism
+        attends over all S). `positions` [T] or [B, T]: the position of each token for rope or
+        learned positions (default 0..T-1). `head(h, output)`, if given, stands in for the output
+        layer: it gets the final hidden states (after `output_proj`) and the output module, and
+        its result is returned (the chunked loss of train/lean_loss.py, which never holds the
+        [B, T, V] logits)."""
         T = tokens.shape[1]
         if self.tok_embeddings is None:
             h = tokens
@@ -179,11 +183,16 @@ class Transformer(nn.Module):
             if self.embedding_proj is not None:
                 h = self.embedding_proj(h)
             if self.pos_embeddings is not None:
-                h = h + self.pos_embeddings(torch.arange(T, device=h.device))
-        rope = None if self.rope_cos is None else (self.rope_cos[:T], self.rope_sin[:T])
+                h = h + self.pos_embeddings(torch.arange(T, device=h.device)
+                                            if positions is None else positions)
+        rope = None
+        if self.rope_cos is not None:
+            rope = ((self.rope_cos[:T], self.rope_sin[:T]) if positions is None
+                    else (self.rope_cos[positions], self.rope_sin[positions]))
         mask = None
         if doc_ids is not None:  # block-diagonal causal: attend only within the same document
-            causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+            S = doc_ids.shape[1]
+            causal = torch.ones(S, S, dtype=torch.bool, device=h.device).tril()
             mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
             mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
         for layer in self.blocks():

@@ -2,7 +2,7 @@
 
 Launchers tell a process who it is through environment variables: torchrun and the deepspeed
 launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; under Slurm without them we
-read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID. The mesh is `pp x dp_replicate x dp_shard x tp`,
+read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID. The mesh is `pp x dp_replicate x dp_shard x cp x tp`,
 outermost first (torchtitan's order), so tp groups are the closest ranks (same node).
 """
 
@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from llmtrain.config import Config, ConfigError, ParallelDims
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)

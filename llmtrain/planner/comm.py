@@ -50,3 +50,20 @@ def collective_time(op: str, n: int, nbytes: float, link: Link) -> float:
         return 0.0
     steps = {"all_reduce": 2 * (n - 1), "p2p": 1}.get(op, n - 1)
     return steps * link.alpha_s + ring_bytes(op, n, nbytes) / link.bytes_per_s
+
+
+def cp_all_to_all_bytes(micro_batch: int, seq_len: int, n_heads: int, n_kv_heads: int,
+                        head_dim: int, cp: int, bytes_per_el: int, tp: int = 1) -> float:
+    """Bytes one rank sends in the forward pass of one attention layer under all-to-all context
+    parallelism (DeepSpeed-Ulysses, Jacobs et al. 2023): q, k and v go from sequence-sharded to
+    head-sharded and the output back, four all-to-alls over the cp ranks. Each rank holds
+    [B, T/cp, h, head_dim] of each (h: the heads of its tp rank; key/value heads fewer than cp,
+    or not divisible by it, are repeated up to cp first) and keeps 1/cp of it. The backward sends
+    the same again (the gradients take the reverse path)."""
+    if cp <= 1:
+        return 0.0
+    q_heads, kv_heads = n_heads // tp, n_kv_heads // tp
+    if kv_heads % cp:
+        kv_heads = cp
+    local = micro_batch * seq_len / cp * head_dim * bytes_per_el  # one head's [B, T/cp, head_dim]
+    return ring_bytes("all_to_all", cp, local * (2 * q_heads + 2 * kv_heads))
