@@ -176,6 +176,16 @@ class OptimConfig:
     decay_steps: int | None = _f(None, lo=0, hi=_STEPS,
                                  doc="wsd: length of the final decay; others: steps from end of "
                                      "warmup to min_lr (None = until train.steps)")
+    name: Literal["adamw", "muon"] = _f(
+        "adamw", doc="muon: Muon on the hidden matrices, AdamW on embeddings, output, norms, "
+                     "biases and routers (train/optim.py is_muon_param)")
+    muon_lr: float | None = _f(None, lo=0.0, lo_open=True,
+                               doc="Muon's peak lr (None = optim.lr; the update is scaled to "
+                                   "AdamW's RMS, Liu et al. 2025); follows optim.schedule")
+    muon_momentum: float = _f(0.95, lo=0.0, hi=1.0, doc="Muon's momentum mu (< 1)")
+    muon_weight_decay: float | None = _f(None, lo=0.0, doc="None = optim.weight_decay")
+    muon_nesterov: bool = True
+    muon_ns_steps: int = _f(5, lo=1, hi=99, doc="Newton-Schulz iterations (torch's limit: 99)")
 
 
 @dataclass

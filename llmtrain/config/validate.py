@@ -131,6 +131,14 @@ def _lengths_and_optim(cfg: Config) -> None:
                           f"use at most {m.max_seq_len} or raise model.max_seq_len")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} exceeds optim.lr={o.lr}")
+    if o.muon_momentum >= 1.0:  # the momentum buffer would never see a gradient
+        raise ConfigError(f"optim.muon_momentum={o.muon_momentum} must be below 1; use e.g. 0.95")
+    if o.name == "muon" and cfg.parallel.engine == "deepspeed":
+        # DeepSpeed's ZeRO optimizer flattens and partitions parameters across ranks, so no rank
+        # holds a whole matrix to orthogonalise
+        raise ConfigError("optim.name=muon with parallel.engine=deepspeed is not supported "
+                          "(its ZeRO partitions split the matrices Muon orthogonalises); use "
+                          "parallel.engine=torch")
 
 
 def _moe(cfg: Config) -> None:

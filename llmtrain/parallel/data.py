@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -37,8 +37,8 @@ from llmtrain.model.moe import moe_layers
 from llmtrain.parallel.expert import ExpertParallelExperts
 from llmtrain.parallel.parallelized import GradSync
 from llmtrain.parallel.tensor import local_tensor
-from llmtrain.train.optim import (adamw_kernel, param_groups, params_device_type,
-                                  split_by_kind)
+from llmtrain.train.optim import (MuonAdamW, adamw_kernel, muon_options, newton_schulz,
+                                  optimizer_groups, params_device_type, split_by_kind)
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -256,18 +256,55 @@ class GradReducer:
         self.next = 0
 
 
-class PartitionedAdamW(torch.optim.AdamW):
+class ShardedMuonAdamW(MuonAdamW):
+    """MuonAdamW (train/optim.py) whose matrices may be DTensors: Newton-Schulz must see the
+    whole matrix (NS of a row block is not a row block of NS), so each sharded update is
+    gathered, orthogonalised whole and this rank's shard kept.
+
+    What is gathered: every placement that splits a matrix: FSDP's Shard(0) over dp_shard
+    (ZeRO 2/3), tensor parallelism's Shard(0)/Shard(1) (column/row-parallel). An expert stack
+    [E, in, out] split along E (expert parallelism, and FSDP over ep_replicate, which shard
+    dim 0 too) holds whole expert matrices: those placements stay, and each rank orthogonalises
+    its own experts without communication. The update is cast to bf16 before the gather (the
+    first thing Newton-Schulz does), so the result is bit for bit the single-process one and
+    the all-gather moves 2 bytes per element: per step every rank receives
+    2 x (1 - 1/n) x (elements of each n-way split matrix) bytes, and computes Newton-Schulz on
+    the whole matrix (n times the work of one process's share; docs/performance.md, "Muon").
+    Parameters that are not DTensors (one process, DDP, ZeroRedundancyOptimizer's whole
+    partitions) take MuonAdamW's path."""
+
+    def orthogonalize(self, update: torch.Tensor, p: torch.Tensor, ns_steps: int) -> torch.Tensor:
+        if not isinstance(p, DTensor):
+            return newton_schulz(update, ns_steps)
+        mesh, placements = p.device_mesh, p.placements
+        # an expert stack keeps dim-0 placements (whole experts); everything else is gathered
+        whole = [pl if p.ndim == 3 and isinstance(pl, Shard) and pl.dim == 0 else Replicate()
+                 for pl in placements]
+        if list(placements) == whole:
+            return newton_schulz(update, ns_steps)
+        full = DTensor.from_local(update.bfloat16(), mesh, placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+        ortho = newton_schulz(full.redistribute(mesh, whole).to_local(), ns_steps)
+        # back to this rank's shard: Replicate -> Shard is a local slice, no communication
+        return DTensor.from_local(ortho, mesh, whole, run_check=False, shape=p.shape,
+                                  stride=p.stride()).redistribute(mesh, placements).to_local()
+
+
+class Partitioned:
     """ZeRO stage 1 where ZeroRedundancyOptimizer cannot go: DTensor parameters (tensor or
-    expert parallelism), whose local shards it cannot broadcast. Parameters come in domains
+    expert parallelism), whose local shards it cannot broadcast; mixed into an optimizer class
+    (`PartitionedAdamW`, `PartitionedMuonAdamW`). Parameters come in domains
     `(params, group)`: each parameter is owned by one rank of its domain's group (largest first
-    to the least-loaded rank, as ZeroRedundancyOptimizer assigns them). This AdamW holds and
+    to the least-loaded rank, as ZeroRedundancyOptimizer assigns them). The optimizer holds and
     steps only the owned ones, then each owner broadcasts its updated local shards to its group
     (one flat buffer per owner and dtype). Expert weights form their own domain over the ranks
-    that replicate the same experts. The state dict is an ordinary AdamW's over the owned
+    that replicate the same experts. The state dict is an ordinary one over the owned
     parameters, so each rank saves its partition by parameter name and a checkpoint loads at
-    any layout."""
+    any layout. (A tensor-parallel matrix is owned by the same dp rank at every tp index, since
+    the shards are the same size, so the tp ranks that gather it for Muon all step it.)"""
 
     def __init__(self, groups: list[dict], domains: list[tuple[list, object]], **kw):
+        self.all_groups = groups
         self.all_params = [p for g in groups for p in g["params"]]
         in_domain = {id(p): i for i, (params, _) in enumerate(domains) for p in params}
         self.domains = [([p for p in self.all_params if in_domain.get(id(p)) == i], group)
@@ -317,30 +354,44 @@ class PartitionedAdamW(torch.optim.AdamW):
                 p.grad.zero_()
 
 
+class PartitionedAdamW(Partitioned, torch.optim.AdamW):
+    """AdamW partitioned over the data-parallel ranks (`Partitioned`)."""
+
+
+class PartitionedMuonAdamW(Partitioned, ShardedMuonAdamW):
+    """Muon + AdamW partitioned over the data-parallel ranks (`Partitioned`)."""
+
+
 def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> torch.optim.Optimizer:
     """AdamW with the usual groups (no decay on norms, biases, embeddings), each split into
     parameters of one kind (plain tensors, or DTensors of one mesh: expert weights apart), on the
     fused kernel on CUDA and foreach elsewhere (train/optim.py `adamw_kernel`); at ZeRO stage 1
     the states are partitioned over dp_shard by ZeroRedundancyOptimizer (PartitionedAdamW for
-    tensor- or expert-parallel parameters)."""
+    tensor- or expert-parallel parameters). optim.name muon: the same with Muon on the hidden
+    matrices (`ShardedMuonAdamW`, `PartitionedMuonAdamW`)."""
     o = cfg.optim
-    groups = split_by_kind(param_groups(model, o.weight_decay))
+    groups = split_by_kind(optimizer_groups(model, o))
     params = [p for g in groups for p in g["params"]]
     kernel = adamw_kernel(params_device_type(groups), groups)
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel)
+    opt_class, partitioned = torch.optim.AdamW, PartitionedAdamW
+    if o.name == "muon":
+        opt_class, partitioned = ShardedMuonAdamW, PartitionedMuonAdamW
+        kw.update(muon_options(o))
     expert = expert_params(model)
     if mesh is None or cfg.parallel.zero_stage != 1 or mesh["dp_shard"].size() == 1:
-        return torch.optim.AdamW(groups, **kw)
+        return opt_class(groups, **kw)
     if expert:  # expert weights: partitioned over the ranks holding the same experts
         rest, ep_rep = _split_experts(model, params, expert)
-        return PartitionedAdamW(groups, [(rest, mesh["dp_shard"].get_group()),
-                                         (expert, ep_rep)], **kw)
+        return partitioned(groups, [(rest, mesh["dp_shard"].get_group()),
+                                    (expert, ep_rep)], **kw)
     if any(isinstance(p, DTensor) for p in params):
-        return PartitionedAdamW(groups, [(params, mesh["dp_shard"].get_group())], **kw)
-    # ZeroRedundancyOptimizer takes one group at construction; add the others after.
-    zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                   process_group=mesh["dp_shard"].get_group(),
-                                   weight_decay=groups[0]["weight_decay"], **kw)
+        return partitioned(groups, [(params, mesh["dp_shard"].get_group())], **kw)
+    # ZeroRedundancyOptimizer takes one group at construction (its options are the defaults);
+    # add the others after.
+    first = {k: v for k, v in groups[0].items() if k not in ("params", "name")}
+    zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=opt_class,
+                                   process_group=mesh["dp_shard"].get_group(), **{**kw, **first})
     zero.param_groups[0]["name"] = groups[0]["name"]
     for g in groups[1:]:
         zero.add_param_group(g)
@@ -360,6 +411,14 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
+def _state_keys(local: torch.optim.Optimizer, group: dict) -> tuple[str, ...]:
+    """The state tensors of a stepped parameter of `group` of ZeroRedundancyOptimizer's local
+    optimizer: AdamW's, or MuonAdamW's for its groups."""
+    if isinstance(local, MuonAdamW):
+        return local.state_keys(group)
+    return ("step", "exp_avg", "exp_avg_sq")
+
+
 def zero_state_dict(model: nn.Module, opt: ZeroRedundancyOptimizer,
                     init: bool = False) -> dict:
     """This rank's partition in the flattened layout of torch's `flatten_optimizer_state_dict`
@@ -373,9 +432,8 @@ def zero_state_dict(model: nn.Module, opt: ZeroRedundancyOptimizer,
     for group in local.param_groups:
         for p in group["params"]:
             if init and p not in local.state:
-                local.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                  "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+                local.state[p] = {k: torch.zeros((), dtype=torch.float32) if k == "step"
+                                  else torch.zeros_like(p) for k in _state_keys(local, group)}
             for k, v in local.state.get(p, {}).items():
                 sd[f"state.{names[id(p)]}.{k}"] = v
     for group in opt.param_groups:
@@ -393,8 +451,7 @@ def load_zero_state_dict(model: nn.Module, opt: ZeroRedundancyOptimizer, sd: dic
     for group in opt.optim.param_groups:
         for p in group["params"]:
             n = names[id(p)]
-            opt.optim.state[p] = {k: sd[f"state.{n}.{k}"]
-                                  for k in ("step", "exp_avg", "exp_avg_sq")}
+            opt.optim.state[p] = {k: sd[f"state.{n}.{k}"] for k in _state_keys(opt.optim, group)}
     for group in opt.param_groups:
         first = names[id(group["params"][0])]
         for k in group:

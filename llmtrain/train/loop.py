@@ -34,7 +34,7 @@ from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
 from llmtrain.train.memory import PeakMemory
 from llmtrain.train.metrics import MetricsWriter, device_peak_flops, peak_memory_gib
 from llmtrain.train.rundir import RunDir, RunDirLock, RunError
-from llmtrain.train.optim import kernel_name, lr_at
+from llmtrain.train.optim import describe_optimizer, lr_at
 from llmtrain.train.step import DataParallelGroup, StepResult, TrainStep, build_step
 
 
@@ -213,7 +213,7 @@ class Trainer:
         say(f"data: {n_train:,} training / {n_valid:,} validation samples; "
             f"run dir {self.run_dir}")
         if self.engine is None:  # DeepSpeed reports its own optimizer
-            say(f"optimizer: AdamW ({kernel_name(self.optimizer)})")
+            say(f"optimizer: {describe_optimizer(self.optimizer)}")
 
     # ------------------------------------------------------------------------------------------
 

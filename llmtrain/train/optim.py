@@ -1,18 +1,27 @@
-"""AdamW with parameter groups, and learning-rate schedules as a pure function of the step."""
+"""AdamW (or Muon on the hidden matrices, AdamW on the rest) with parameter groups, and
+learning-rate schedules as a pure function of the step."""
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 
 import torch
 from torch import nn
+# torch.optim.Muon's own Newton-Schulz iteration and shape rule (torch >= 2.9): `MuonAdamW`
+# reuses them rather than copying their coefficients; what it adds is the step around them that
+# torch's Muon cannot take (3-D expert stacks, sharded matrices, AdamW groups in one optimizer)
+from torch.optim._muon import (DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr,
+                               _zeropower_via_newtonschulz)
 
 from llmtrain.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: no weight decay on norms, biases and embeddings (GPT-3, Llama)."""
-    decay, no_decay, seen = [], [], set()
+def param_groups(model: nn.Module, weight_decay: float, skip: set[int] = frozenset()) -> list[dict]:
+    """Decay matrices only: no weight decay on norms, biases and embeddings (GPT-3, Llama).
+    Parameters whose id is in `skip` (Muon's, `optimizer_groups`) are left out."""
+    decay, no_decay, seen = [], [], set(skip)
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -21,6 +30,157 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+# A parameter inside a transformer block (`layers.<i>.`, also under `encoder.`/`decoder.` or a
+# DDP `module.` prefix).
+_IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
+
+
+def is_muon_param(name: str, p: torch.Tensor) -> bool:
+    """Whether `optim.name: muon` steps parameter `name` with Muon: the hidden matrices only,
+    i.e. the 2-D weights of the linear maps inside the transformer blocks (attention q/k/v/o and
+    cross-attention, MLP, the token mixers' projections) and the stacked [E, in, out] expert
+    weights of an MoE layer, orthogonalised one expert at a time. Muon orthogonalises the update
+    of a map from hidden vectors to hidden vectors (Jordan et al. 2024, "Muon: an optimizer for
+    hidden layers"); everything else stays on AdamW, as Jordan et al. and Liu et al. 2025 ("Muon
+    is scalable for LLM training") do: the token and position embeddings (lookup tables: one row
+    per token, not a map of hidden vectors, and their sparse gradients have no useful spectrum),
+    the output layer (hidden -> vocabulary logits; tied to the embedding here by default), norms
+    and biases (vectors), the MoE routers (a d_model -> num_experts map whose few rows an
+    orthogonalised update would force to equal norms, fighting the load balancing) and the
+    Synthesizer's random attention logits (a parameter of attention weights, not a linear map).
+    The one rule that splits the parameters: muP's per-parameter rules key on it too."""
+    parts = name.split(".")
+    if not _IN_BLOCK.search(name) or "router" in parts:
+        return False
+    if len(parts) >= 2 and parts[-2] == "experts":
+        return p.ndim == 3
+    return p.ndim == 2
+
+
+def optimizer_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
+    """`param_groups`; with `optim.name: muon`, a first group "muon" of the `is_muon_param`
+    matrices (weight decay optim.muon_weight_decay, learning rate optim.muon_lr through its
+    `lr_scale`: the schedule sets every group's lr) ahead of the AdamW groups of the rest."""
+    if o.name != "muon":
+        return param_groups(model, o.weight_decay)
+    muon, seen = [], set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen and is_muon_param(name, p):
+            muon.append(p)
+        seen.add(id(p))
+    wd = o.weight_decay if o.muon_weight_decay is None else o.muon_weight_decay
+    lr_scale = 1.0 if o.muon_lr is None else o.muon_lr / o.lr
+    # every group says which it is: ZeroRedundancyOptimizer fills a key a group lacks from its
+    # first group's
+    adamw = [{**g, "muon": False, "lr_scale": 1.0}
+             for g in param_groups(model, o.weight_decay, {id(p) for p in muon})]
+    return [{"params": muon, "muon": True, "weight_decay": wd, "lr_scale": lr_scale,
+             "name": "muon"}, *adamw]
+
+
+def muon_options(o: OptimConfig) -> dict:
+    """`MuonAdamW`'s keywords from the config (the group defaults; the Muon group overrides
+    weight decay and lr_scale)."""
+    return {"momentum": o.muon_momentum, "nesterov": o.muon_nesterov, "ns_steps": o.muon_ns_steps}
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself otherwise): what the update is applied to."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def newton_schulz(update: torch.Tensor, ns_steps: int) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalisation (quintic Newton-Schulz, in bf16) of a matrix, or of
+    each matrix of a stack [E, a, b] (the experts of an MoE layer, one at a time)."""
+    abc = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+    if update.ndim == 3:
+        return torch.stack([_zeropower_via_newtonschulz(u, abc, ns_steps, EPS)
+                            for u in update.unbind(0)])
+    return _zeropower_via_newtonschulz(update, abc, ns_steps, EPS)
+
+
+class MuonAdamW(torch.optim.AdamW):
+    """torch.optim.Muon on the groups marked "muon" (`optimizer_groups`), AdamW (its kernels,
+    states and checkpoint format) on the others: one optimizer, so that the schedule, ZeRO-1,
+    gradient clipping and DCP checkpoints see one object, as for AdamW alone.
+
+    The Muon step is torch.optim.Muon's (`_single_tensor_muon`): momentum buffer
+    B <- mu B + (1 - mu) g (a lerp), the Nesterov update g + mu (B - g) (a lerp again), its
+    Newton-Schulz orthogonalisation O, decoupled weight decay theta <- theta (1 - lr wd), then
+    theta <- theta - lr' O, bit for bit (tests/test_muon.py). Written out because torch's Muon
+    takes 2-D parameters only and orthogonalises what it is given: an expert stack is E
+    matrices, and a sharded matrix (FSDP, tensor parallelism) must be orthogonalised whole:
+    `orthogonalize` is the seam parallel/data.py's subclass gathers in.
+
+    lr' = lr * 0.2 * sqrt(max(A, B)) for an A x B matrix: torch's adjust_lr_fn
+    "match_rms_adamw" (Liu et al. 2025, sec. 2.2), which gives the orthogonalised update the RMS
+    (0.2) of a typical AdamW update, so Muon's matrices can share AdamW's learning rate,
+    schedule and weight decay (optim.muon_lr and optim.muon_weight_decay default to them).
+    Chosen over "original" (Jordan: sqrt(max(1, A/B)), lr ~0.02) also because it is symmetric
+    in A and B: a Linear weight is [out, in] while an expert stack holds [in, out], and the
+    rule must not depend on which way a matrix is stored."""
+
+    def __init__(self, params, *, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, muon: bool = False, lr_scale: float = 1.0, **adamw):
+        super().__init__(params, **adamw)
+        extra = {"muon": muon, "lr_scale": lr_scale, "momentum": momentum,
+                 "nesterov": nesterov, "ns_steps": ns_steps}
+        self.defaults.update(extra)
+        for group in self.param_groups:
+            for k, v in extra.items():
+                group.setdefault(k, v)
+            for p in group["params"] if group["muon"] else ():
+                if p.ndim not in (2, 3):
+                    raise ValueError(f"Muon takes matrices (or stacks of them); got a "
+                                     f"parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if not g["muon"]]
+        try:  # AdamW's own step (unwrapped: the optimizer-step hooks run once, for this step)
+            inspect.unwrap(torch.optim.AdamW.step)(self)
+        finally:
+            self.param_groups = groups
+        for group in groups:
+            if group["muon"]:
+                self._muon_step(group)
+        return loss
+
+    def _muon_step(self, group: dict) -> None:
+        lr = group["lr"] * group["lr_scale"]
+        mu, wd = group["momentum"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:  # "step" too: AdamW's load_state_dict expects it in every state
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            state["step"] += 1
+            g, buf = local_shard(p.grad), local_shard(state["momentum_buffer"])
+            buf.lerp_(g, 1 - mu)
+            # (a copy without Nesterov: Newton-Schulz divides its bf16 input in place, which
+            # for a bf16 parameter would be the buffer itself)
+            update = g.lerp(buf, mu) if group["nesterov"] else buf.clone()
+            update = self.orthogonalize(update, p, group["ns_steps"])
+            w = local_shard(p)
+            w.mul_(1 - lr * wd)
+            w.add_(update, alpha=-_adjust_lr(lr, "match_rms_adamw", p.shape[-2:]))
+
+    def orthogonalize(self, update: torch.Tensor, p: torch.Tensor, ns_steps: int) -> torch.Tensor:
+        """NS(update) of parameter `p` (whole here: one process, or whole-tensor ZeRO-1)."""
+        return newton_schulz(update, ns_steps)
+
+    def state_keys(self, group: dict) -> tuple[str, ...]:
+        """The state tensors a parameter of `group` has once stepped."""
+        return ("step", "momentum_buffer") if group["muon"] else ("step", "exp_avg", "exp_avg_sq")
 
 
 def params_device_type(groups: list[dict]) -> str:
@@ -67,14 +227,18 @@ def split_by_kind(groups: list[dict]) -> list[dict]:
 
 def build_optimizer(model: nn.Module, o: OptimConfig,
                     fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` of a model on one process (bench); `fused` None: the kernel
-    `adamw_kernel` picks for the parameters' device."""
-    groups = param_groups(model, o.weight_decay)
+    """AdamW over `param_groups` of a model on one process (bench), or `MuonAdamW` over
+    `optimizer_groups` with optim.name muon; `fused` None: the kernel `adamw_kernel` picks for
+    the parameters' device."""
+    groups = optimizer_groups(model, o)
     if fused is None:
         kernel = adamw_kernel(params_device_type(groups), groups)
     else:
         kernel = {"fused": fused}
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel)
+    kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel)
+    if o.name == "muon":
+        return MuonAdamW(groups, **muon_options(o), **kw)
+    return torch.optim.AdamW(groups, **kw)
 
 
 def kernel_name(optimizer: torch.optim.Optimizer) -> str:
@@ -82,6 +246,19 @@ def kernel_name(optimizer: torch.optim.Optimizer) -> str:
     ZeroRedundancyOptimizer wraps) steps with, for the start-up line."""
     d = getattr(getattr(optimizer, "optim", optimizer), "defaults", {})
     return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """The start-up line's name of `optimizer`: "AdamW (foreach)", or with Muon how many
+    matrices it steps ("Muon on 14 hidden matrices + AdamW (foreach)")."""
+    local = getattr(optimizer, "optim", optimizer)
+    adamw = f"AdamW ({kernel_name(optimizer)})"
+    if not isinstance(local, MuonAdamW):
+        return adamw
+    # a partitioned optimizer (parallel/data.py) steps its own share of the groups it was given
+    groups = getattr(optimizer, "all_groups", optimizer.param_groups)
+    n = sum(len(g["params"]) for g in groups if g.get("muon"))
+    return f"Muon on {n} hidden matrices + {adamw}"
 
 
 def lr_at(step: int, o: OptimConfig, total_steps: int, d_model: int | None = None) -> float:
