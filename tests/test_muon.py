@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import (PARALLEL_STEPS, as_overrides, assert_weights_close, cli_train, cut_back,
+from helpers import (ATOL, PARALLEL_STEPS, as_overrides, assert_weights_close, cli_train, cut_back,
                      final_weights, parallel_overrides, read_losses, run_train,
                      tiny_model_config)
 from llmtrain.config import ConfigError, MoEConfig, OptimConfig, load_config
@@ -26,8 +26,7 @@ STEPS = PARALLEL_STEPS
 # top-2 of 4 SwiGLU experts in every layer (tests/test_expert_parallel.py's model), with Muon
 MOE = {"model.moe.num_experts": 4, "model.moe.router": "topk", "model.moe.top_k": 2,
        "model.moe.capacity_factor": 1.0, "model.moe.every_n_layers": 1,
-       "model.activation": "swiglu", "model.dropout": 0.0, "optim.name": "muon",
-       "optim.muon_lr": 0.01}
+       "model.activation": "swiglu", "model.dropout": 0.0, "optim.name": "muon"}
 
 
 def test_muon_takes_the_hidden_matrices_only():
@@ -116,22 +115,28 @@ def reference(tmp_path_factory):
     return run
 
 
+# Final-weight tolerance under tensor parallelism: its gradients are summed in another order
+# (float noise ~1e-7 relative), and Newton-Schulz amplifies the noise in a matrix's smallest
+# singular directions by up to a^5 ~ 485 (a = 3.4445, the quintic's slope at 0, five
+# iterations), in bf16; measured after 5 steps: 2.8e-4. One step's Muon update is ~3e-3 per
+# element here, and an unsharded Newton-Schulz (no gather) moves weights by ~1e-2.
+TP_ATOL = 1e-3
 LAYOUTS = {
-    # name: (processes, parallel overrides)
-    "dp2-zero3": (2, {"parallel.zero_stage": 3}),
-    "tp2": (2, {"parallel.tp": 2}),
-    "ep2-zero1": (2, {"parallel.ep": 2, "parallel.zero_stage": 1}),
+    # name: (processes, parallel overrides, final-weight tolerance)
+    "dp2-zero3": (2, {"parallel.zero_stage": 3}, ATOL),  # bit for bit here
+    "tp2": (2, {"parallel.tp": 2}, TP_ATOL),
+    "ep2-zero1": (2, {"parallel.ep": 2, "parallel.zero_stage": 1}, ATOL),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_muon_layout_matches_single_process(name, tmp_path, reference):
-    nproc, par = LAYOUTS[name]
+    nproc, par, atol = LAYOUTS[name]
     run = tmp_path / name
     r = run_train(parallel_overrides(run, **MOE, **par), nproc=nproc)
     assert "optimizer: Muon on 14 hidden matrices" in r.stdout
     assert read_losses(run) == pytest.approx(read_losses(reference), rel=1e-5)
-    assert_weights_close(final_weights(run, STEPS), final_weights(reference, STEPS))
+    assert_weights_close(final_weights(run, STEPS), final_weights(reference, STEPS), atol=atol)
 
 
 def test_muon_checkpoint_resumes_at_another_layout(tmp_path, reference):

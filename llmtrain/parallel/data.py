@@ -19,6 +19,8 @@ With dp_replicate > 1, stages 2/3 are HSDP: `fully_shard` on the 2-D (dp_replica
 mesh shards within a replica group and all-reduces across them. bf16 runs keep bf16 compute
 params and fp32 gradient reduction (MixedPrecisionPolicy); `parallel.offload=cpu` keeps the
 stage-3 shards and optimizer step on the CPU (CPUOffloadPolicy).
+`optim.name: muon` builds the same with `ShardedMuonAdamW` (and `PartitionedMuonAdamW`), which
+orthogonalises each sharded matrix whole.
 """
 
 from __future__ import annotations

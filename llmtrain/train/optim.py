@@ -96,6 +96,8 @@ def newton_schulz(update: torch.Tensor, ns_steps: int) -> torch.Tensor:
     each matrix of a stack [E, a, b] (the experts of an MoE layer, one at a time)."""
     abc = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
     if update.ndim == 3:
+        if update.shape[0] == 0:  # a rank whose FSDP shard of a few experts is empty
+            return update.bfloat16()
         return torch.stack([_zeropower_via_newtonschulz(u, abc, ns_steps, EPS)
                             for u in update.unbind(0)])
     return _zeropower_via_newtonschulz(update, abc, ns_steps, EPS)
