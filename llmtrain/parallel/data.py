@@ -268,10 +268,11 @@ class ShardedMuonAdamW(MuonAdamW):
     [E, in, out] split along E (expert parallelism, and FSDP over ep_replicate, which shard
     dim 0 too) holds whole expert matrices: those placements stay, and each rank orthogonalises
     its own experts without communication. The update is cast to bf16 before the gather (the
-    first thing Newton-Schulz does), so the result is bit for bit the single-process one and
-    the all-gather moves 2 bytes per element: per step every rank receives
-    2 x (1 - 1/n) x (elements of each n-way split matrix) bytes, and computes Newton-Schulz on
-    the whole matrix (n times the work of one process's share; docs/performance.md, "Muon").
+    first thing Newton-Schulz does), so from the same gradient the result is bit for bit the
+    single-process one, and the all-gather moves 2 bytes per element: per step every rank
+    receives 2 x (1 - 1/n) x (elements of each n-way split matrix) bytes, and computes
+    Newton-Schulz on the whole matrix (n times the work of one process's share;
+    docs/performance.md, "Muon").
     Parameters that are not DTensors (one process, DDP, ZeroRedundancyOptimizer's whole
     partitions) take MuonAdamW's path."""
 
