@@ -5,8 +5,8 @@ proportions, the embedding and output layer left out so that only the block's st
     python benchmarks/optimizer_step.py [--steps 5] [--rounds 2] [--layer-steps 1]
         [--layer-scale 4]
 
-Gradients are random and fixed; each timed step is one `optimizer.step()` after one warm-up
-step (which allocates the states), the two optimizers alternating round by round so that
+Gradients are random and fixed; each timed step is one `optimizer.step()` after WARMUP
+untimed ones, the two optimizers alternating round by round so that
 background load hits both alike; the table shows medians. Muon's Newton-Schulz runs in bf16
 (torch.optim.Muon's choice, for GPU tensor cores); a CPU without bf16 matrix units runs those
 matmuls far slower than fp32, so the script also times one bf16 and one fp32 GEMM to show the
@@ -38,12 +38,19 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+# Untimed steps first: the first allocates the states, and the next few were still 10-40x slower
+# than the steady state on the VM (928, 515, 256, 37, 25 ms for AdamW on the tiny model)
+WARMUP = 4
+
+
 def timed_steps(model: nn.Module, cfg, name: str, steps: int) -> list[float]:
-    """`steps` timed optimizer steps of optimizer `name` on `model` (gradients set)."""
+    """`steps` timed optimizer steps of optimizer `name` on `model` (gradients set), after
+    WARMUP untimed ones."""
     o = cfg.optim
     o.name = name
     opt = build_optimizer(model, o)
-    opt.step()  # warm-up: allocates the states
+    for _ in range(WARMUP):
+        opt.step()
     out = []
     for _ in range(steps):
         t = time.perf_counter()
