@@ -55,6 +55,23 @@ class MoEConfig:
     bias_update_rate: float = _f(0.001, lo=0.0, doc="aux_free_bias step per update_bias()")
 
 
+@dataclass
+class RopeScalingConfig:
+    """Rope frequencies for context extension, as Hugging Face's `rope_parameters` (model/rope.py
+    has the formulas); type none = plain rope."""
+    type: Literal["none", "linear", "dynamic", "yarn", "llama3"] = "none"
+    factor: float = _f(1.0, lo=1.0, hi=_TOKENS, doc="context extension factor s")
+    original_max_position_embeddings: int = _f(0, lo=0, hi=_TOKENS,
+                                               doc="pretraining length L0 (dynamic, yarn, "
+                                                   "llama3); 0 = unset")
+    low_freq_factor: float = _f(1.0, lo=0.0, lo_open=True, doc="llama3")
+    high_freq_factor: float = _f(4.0, lo=0.0, lo_open=True, doc="llama3")
+    beta_fast: float = _f(32.0, lo=0.0, lo_open=True, doc="yarn: ramp end, in rotations")
+    beta_slow: float = _f(1.0, lo=0.0, lo_open=True, doc="yarn: ramp start, in rotations")
+    attention_factor: float | None = _f(None, lo=0.0, lo_open=True,
+                                        doc="yarn: cos/sin scale; None = 0.1 ln(factor) + 1")
+
+
 # Gated linear units (Shazeer 2020): activation(x W1) * (x W3). The one list of their names, which
 # the model, the planner and the validator read (a copy that missed one under-counted its MLPs).
 GLU_ACTIVATIONS = ("glu", "reglu", "geglu", "swiglu")
@@ -78,6 +95,12 @@ class ModelConfig:
     norm_position: Literal["pre", "post", "deepnorm", "b2t"] = "pre"
     position: Literal["rope", "learned", "sinusoidal", "t5_relative", "none"] = "rope"
     rope_theta: float = _f(10000.0, lo=0.0, lo_open=True)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    attention_window: int = _f(0, lo=0, hi=_TOKENS,
+                               doc="sliding window: token t attends to t-w+1..t; 0 = full")
+    attention_global_every: int = _f(0, lo=0, hi=_LAYERS,
+                                     doc="with a window, layers n-1, 2n-1, ... attend fully; "
+                                         "0 = none")
     activation: Literal["relu", "gelu", "silu", "elu", "selu", "glu", "reglu", "geglu",
                         "swiglu"] = "swiglu"
     bias: bool = False

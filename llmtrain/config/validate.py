@@ -25,6 +25,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     p = cfg.parallel
     _model_shape(cfg)
     _variants(cfg)
+    _long_context(cfg)
     _lengths_and_optim(cfg)
     _moe(cfg)
     dims = ParallelDims.from_config(cfg, world_size)
@@ -122,6 +123,43 @@ def _variants(cfg: Config) -> None:
             raise ConfigError(f"{bad[0]} with parallel.tp={p.tp} is not supported (the tensor-"
                               f"parallel plan follows the Llama module names); use tp=1")
 
+
+
+def _long_context(cfg: Config) -> None:
+    """model.rope_scaling (model/rope.py) and the sliding window (model.attention_window,
+    attention_global_every; model/transformer.py), both decoder-only."""
+    m = cfg.model
+    s = m.rope_scaling
+    if s.type != "none":
+        if m.position != "rope":
+            raise ConfigError(f"model.rope_scaling.type={s.type} needs model.position=rope, got "
+                              f"{m.position}; use rope_scaling.type=none")
+        if s.type != "linear" and s.original_max_position_embeddings < 1:
+            raise ConfigError(f"model.rope_scaling.type={s.type} needs model.rope_scaling."
+                              f"original_max_position_embeddings (the pretraining length), got "
+                              f"{s.original_max_position_embeddings}; set it >= 1")
+        if s.type == "dynamic" and m.arch != "decoder":
+            raise ConfigError(f"model.rope_scaling.type=dynamic is implemented for "
+                              f"model.arch=decoder only, got {m.arch}; use linear, yarn or llama3")
+        if s.type == "llama3" and s.high_freq_factor <= s.low_freq_factor:
+            raise ConfigError(f"model.rope_scaling.high_freq_factor={s.high_freq_factor} must "
+                              f"exceed low_freq_factor={s.low_freq_factor} (type=llama3)")
+        if s.type == "yarn" and s.beta_fast < s.beta_slow:
+            raise ConfigError(f"model.rope_scaling.beta_fast={s.beta_fast} must be >= "
+                              f"beta_slow={s.beta_slow} (type=yarn)")
+    if m.attention_global_every and not m.attention_window:
+        raise ConfigError(f"model.attention_global_every={m.attention_global_every} needs "
+                          f"model.attention_window > 0 (the local layers' window), got 0")
+    if m.attention_window:
+        if m.arch != "decoder" or m.mixer != "attention":
+            what = f"arch={m.arch}" if m.arch != "decoder" else f"mixer={m.mixer}"
+            raise ConfigError(f"model.attention_window={m.attention_window} is implemented for "
+                              f"model.arch=decoder with mixer=attention, got model.{what}; "
+                              f"use 0")
+        if m.attention_global_every and m.share_layers:
+            raise ConfigError(f"model.attention_global_every={m.attention_global_every} with "
+                              f"model.share_layers=true is not supported (one shared block "
+                              f"cannot alternate windows); use 0 or share_layers=false")
 
 
 def _lengths_and_optim(cfg: Config) -> None:

@@ -45,7 +45,8 @@ from llmtrain.model.moe import MoE, moe_layers, moe_stats, aux_loss as moe_aux_l
 from llmtrain.model.norms import build_norm
 from llmtrain.model.output import MixtureOfSoftmaxes
 from llmtrain.model.residual import deepnorm_alpha, deepnorm_beta, residual_layer
-from llmtrain.model.rope import register_rope_tables, reset_rope_tables
+from llmtrain.model.rope import (dynamic_length, register_rope_tables, reset_rope_tables,
+                                 rope_cos_sin)
 
 
 def tfixup_scale(n_layers: int) -> float:
@@ -60,6 +61,13 @@ class TransformerBlock(nn.Module):
         self.n_layers = cfg.n_layers
         self.norm_position = cfg.norm_position
         self.init = cfg.init
+        # Sliding-window attention (Longformer, Beltagy et al. 2020; Mistral 7B): 0 = full. With
+        # attention_global_every = n, layers n-1, 2n-1, ... attend fully, as Gemma 2 alternates
+        # local and global layers (n = 2: layers 1, 3, ... global) -- the same counting as MoE's
+        # every_n_layers.
+        every = cfg.attention_global_every
+        self.attention_window = (0 if every and (layer_id + 1) % every == 0
+                                 else cfg.attention_window)
         if cfg.mixer == "attention":
             self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias,
                                        cfg.dropout)
@@ -170,12 +178,16 @@ class Transformer(nn.Module):
                 head=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """`doc_ids` [B, S]: document index of every token of the sequences, for the block-diagonal
         mask; S = T, or the whole sequence where `tokens` hold a part of it (context parallelism
-        attends over all S). `positions` [T] or [B, T]: the position of each token for rope or
-        learned positions (default 0..T-1). `head(h, output)`, if given, stands in for the output
-        layer: it gets the final hidden states (after `output_proj`) and the output module, and
-        its result is returned (the chunked loss of train/lean_loss.py, which never holds the
-        [B, T, V] logits)."""
+        attends over all S). The sequence length S of the masks (document, sliding window) and of
+        dynamic NTK's rope is doc_ids.shape[1] when doc_ids is given, else T: a caller whose
+        `tokens` are a part of the sequence passes doc_ids when the model has an attention window
+        or dynamic NTK (zeros for a single document). `positions` [T] or [B, T]: the position of
+        each token for rope or learned positions (default 0..T-1). `head(h, output)`, if given,
+        stands in for the output layer: it gets the final hidden states (after `output_proj`) and
+        the output module, and its result is returned (the chunked loss of train/lean_loss.py,
+        which never holds the [B, T, V] logits)."""
         T = tokens.shape[1]
+        S = T if doc_ids is None else doc_ids.shape[1]
         if self.tok_embeddings is None:
             h = tokens
         else:
@@ -185,18 +197,11 @@ class Transformer(nn.Module):
             if self.pos_embeddings is not None:
                 h = h + self.pos_embeddings(torch.arange(T, device=h.device)
                                             if positions is None else positions)
-        rope = None
-        if self.rope_cos is not None:
-            rope = ((self.rope_cos[:T], self.rope_sin[:T]) if positions is None
-                    else (self.rope_cos[positions], self.rope_sin[positions]))
-        mask = None
-        if doc_ids is not None:  # block-diagonal causal: attend only within the same document
-            S = doc_ids.shape[1]
-            causal = torch.ones(S, S, dtype=torch.bool, device=h.device).tril()
-            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-            mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
+        rope = self._rope(T, S, positions, h.device)
+        masks = {w: self._mask(w, S, doc_ids, h.device)
+                 for w in {layer.attention_window for layer in self.blocks()}}
         for layer in self.blocks():
-            h = layer(h, rope, mask)
+            h = layer(h, rope, masks[layer.attention_window])
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
@@ -207,6 +212,32 @@ class Transformer(nn.Module):
             latents, log_prior = self.mos(h)
             return self.mos.mix(self._logits(latents), log_prior)
         return self._logits(h)
+
+    def _rope(self, T: int, S: int, positions: torch.Tensor | None, device):
+        """(cos, sin) of the T tokens, or None without rope. Dynamic NTK beyond its pretraining
+        length: the tables of an S-token sequence, computed here (its base depends on S)."""
+        if self.rope_cos is None:
+            return None
+        cos, sin = self.rope_cos, self.rope_sin
+        if dynamic_length(self.cfg, S):
+            c = self.cfg
+            cos, sin = rope_cos_sin(c.head_dim, S, c.rope_theta, device, c.rope_scaling)
+        return (cos[:T], sin[:T]) if positions is None else (cos[positions], sin[positions])
+
+    @staticmethod
+    def _mask(window: int, S: int, doc_ids: torch.Tensor | None, device) -> torch.Tensor | None:
+        """[B or 1, 1, S, S] bool, True = attend: causal, within the document (doc_ids) and, for
+        window w > 0, to the w latest positions t-w+1..t (Mistral's sliding window); None for the
+        plain causal mask (SDPA's is_causal path)."""
+        local = 0 < window < S
+        if doc_ids is None and not local:
+            return None
+        offset = torch.arange(S, device=device)
+        offset = offset[:, None] - offset[None, :]  # query - key
+        mask = (offset >= 0) & (offset < window) if local else offset >= 0
+        if doc_ids is not None:  # block-diagonal causal: attend only within the same document
+            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & mask
+        return mask[None, None] if mask.dim() == 2 else mask[:, None]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(h if self.output_proj is None else self.output_proj(h))
