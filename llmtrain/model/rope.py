@@ -17,7 +17,8 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling=None, seq_len: 
     """(inv_freq [head_dim/2], attention factor): the rotation speeds theta^(-2i/d) after the
     context-extension rule `scaling` (a RopeScalingConfig or None), and the factor cos and sin are
     multiplied by (1 except YaRN). `seq_len` is the length of the sequence the table serves (only
-    dynamic NTK reads it). Equal to transformers' ROPE_INIT_FUNCTIONS (tests/test_rope_scaling.py)."""
+    dynamic NTK reads it). Equal to transformers' ROPE_INIT_FUNCTIONS
+    (tests/test_rope_scaling.py)."""
     d = head_dim
     kind = "none" if scaling is None else scaling.type
     if kind == "dynamic":

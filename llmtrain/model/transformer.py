@@ -232,9 +232,9 @@ class Transformer(nn.Module):
         local = 0 < window < S
         if doc_ids is None and not local:
             return None
-        offset = torch.arange(S, device=device)
-        offset = offset[:, None] - offset[None, :]  # query - key
-        mask = (offset >= 0) & (offset < window) if local else offset >= 0
+        pos = torch.arange(S, device=device)
+        q, k = pos[:, None], pos[None, :]  # compared by broadcasting: no [S, S] integer tensor
+        mask = (k <= q) & (k > q - window) if local else k <= q
         if doc_ids is not None:  # block-diagonal causal: attend only within the same document
             mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & mask
         return mask[None, None] if mask.dim() == 2 else mask[:, None]

@@ -694,7 +694,8 @@ def _rope(hf: dict, where: str, max_len: int) -> tuple[float, dict, int]:
         if factor is None and params.get("mscale") and params.get("mscale_all_dim"):
             # DeepSeek's form of YaRN's sqrt(1/t), as transformers computes it
             log_s = math.log(scaling["factor"]) if scaling["factor"] > 1 else 0.0
-            m, m_all = (_hf_number(params, k, where, 1.0, 0.0) for k in ("mscale", "mscale_all_dim"))
+            m, m_all = (_hf_number(params, key, where, 1.0, 0.0)
+                        for key in ("mscale", "mscale_all_dim"))
             factor = (0.1 * m * log_s + 1.0) / (0.1 * m_all * log_s + 1.0)
         if factor is not None:
             scaling["attention_factor"] = _hf_number({"attention_factor": factor},
