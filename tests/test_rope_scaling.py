@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import cli, init_run, tiny_model_config, tokens
-from llmtrain.config import RopeScalingConfig, load_config
+from llmtrain.config import ConfigError, RopeScalingConfig, load_config
 from llmtrain.model import build_model
 from llmtrain.model.rope import rope_inv_freq
 from llmtrain.train.export import load_checkpoint_model, to_hf_state_dict
@@ -125,3 +125,25 @@ def test_hf_round_trip(case, tmp_path):
     back = load_checkpoint_model(imported / "checkpoints" / "step_0", new_cfg).state_dict()
     for k, v in ours.state_dict().items():
         assert torch.equal(back[k], v), k
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"model.rope_scaling.type": "yarn"},
+     "model.rope_scaling.type=yarn needs model.rope_scaling.original_max_position_embeddings"),
+    ({"model.rope_scaling.type": "linear", "model.position": "learned"},
+     "model.rope_scaling.type=linear needs model.position=rope, got learned"),
+    ({"model.rope_scaling.factor": 0.5}, "model.rope_scaling.factor=0.5 is out of range"),
+    ({"model.rope_scaling.type": "llama3", "model.rope_scaling.original_max_position_embeddings":
+      64, "model.rope_scaling.high_freq_factor": 1.0},
+     "model.rope_scaling.high_freq_factor=1.0 must exceed low_freq_factor=1.0"),
+    ({"model.attention_global_every": 2}, "model.attention_global_every=2 needs "
+                                          "model.attention_window > 0"),
+    ({"model.attention_window": 8, "model.mixer": "gmlp"},
+     "model.attention_window=8 is implemented for model.arch=decoder with mixer=attention"),
+    ({"model.attention_window": 8, "model.attention_global_every": 2,
+      "model.share_layers": True}, "model.share_layers=true is not supported"),
+])
+def test_config_errors_are_one_line(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
