@@ -20,6 +20,6 @@ from llmtrain.config.validate import validate
 
 __all__ = ["GLU_ACTIVATIONS", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
            "LoggingConfig", "ModelConfig", "MoEConfig", "OptimConfig", "ParallelConfig",
-           "ParallelDims", "RopeScalingConfig", "TrainConfig", "apply_override", "config_from_dict", "fit_micro_batch",
-           "load_config", "parse_override", "parse_yaml", "read_yaml_file", "save_config",
-           "validate"]
+           "ParallelDims", "RopeScalingConfig", "TrainConfig", "apply_override",
+           "config_from_dict", "fit_micro_batch", "load_config", "parse_override", "parse_yaml",
+           "read_yaml_file", "save_config", "validate"]
