@@ -114,9 +114,11 @@ def _variants(cfg: Config) -> None:
                                               "polyrelu"):
         raise ConfigError(f"model.activation={m.activation} is not implemented for MoE experts; "
                           f"use gelu, glu, reglu, geglu or swiglu")
-    if m.value_residual and m.mixer != "attention":
-        raise ConfigError(f"model.value_residual=true mixes attention values; it needs "
-                          f"model.mixer=attention, got {m.mixer}")
+    for key, what in (("qk_norm", "normalises attention queries and keys"),
+                      ("value_residual", "mixes attention values")):
+        if getattr(m, key) and m.mixer != "attention":
+            raise ConfigError(f"model.{key}=true {what}; it needs model.mixer=attention, got "
+                              f"{m.mixer}")
     if p.pp > 1:
         bad = [c for c in changed if c.split("=")[0] in
                ("model.share_layers", "model.embedding_dim", "model.output",
