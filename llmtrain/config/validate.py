@@ -130,6 +130,8 @@ def _variants(cfg: Config) -> None:
     if p.tp > 1:
         bad = changed + (["model.norm=none"] if m.norm == "none" else [])
         bad = [c for c in bad if not c.startswith(("model.init=", "model.ln_scaling="))]
+        if m.kv_heads % p.tp == 0:  # QK-norm over sharded heads (parallel/tensor.py)
+            bad = [c for c in bad if not c.startswith("model.qk_norm=")]
         if bad:
             raise ConfigError(f"{bad[0]} with parallel.tp={p.tp} is not supported (the tensor-"
                               f"parallel plan follows the Llama module names); use tp=1")
