@@ -130,8 +130,12 @@ def _variants(cfg: Config) -> None:
     if p.tp > 1:
         bad = changed + (["model.norm=none"] if m.norm == "none" else [])
         bad = [c for c in bad if not c.startswith(("model.init=", "model.ln_scaling="))]
-        if m.kv_heads % p.tp == 0:  # QK-norm over sharded heads (parallel/tensor.py)
-            bad = [c for c in bad if not c.startswith("model.qk_norm=")]
+        if m.qk_norm and m.kv_heads % p.tp:
+            raise ConfigError(f"model.qk_norm=true with parallel.tp={p.tp} needs the kv heads "
+                              f"split over tp (model.n_kv_heads={m.kv_heads} is kept whole on "
+                              f"every rank); use tp=1")
+        # QK-norm over this rank's heads: parallel/tensor.py (_replicate_over_heads)
+        bad = [c for c in bad if not c.startswith("model.qk_norm=")]
         if bad:
             raise ConfigError(f"{bad[0]} with parallel.tp={p.tp} is not supported (the tensor-"
                               f"parallel plan follows the Llama module names); use tp=1")

@@ -6,7 +6,7 @@ Options (both off by default, each applied right after the projections):
                   head_dim shared by the heads, before rope (`q_norm`, `k_norm`; Qwen3's
                   layout; Dehghani et al. 2023, "Scaling Vision Transformers to 22 Billion
                   Parameters", section 3.1): bounds the attention logits.
-  value_residual  ResFormer (Zhou et al. 2024, "Value Residual Learning", eq. 5 with its
+  value_residual  ResFormer (Zhou et al. 2024, "Value Residual Learning", section 3, at its
                   lambda_1 = lambda_2 = 1/2): layer n > 1 attends over (V_n + V_1) / 2, V_1 the
                   first layer's values. forward then also returns this layer's own V_n, so the
                   caller can hand the first layer's to the others.

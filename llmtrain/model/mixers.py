@@ -16,7 +16,7 @@ sublayer of a TransformerBlock, whose feed-forward sublayer stays.
   synthesizer_random  Random Synthesizer (same paper, eq. 3-4): per head a learned [L, L] matrix
                       R, independent of the input, Y = softmax(R) G(x).
   linear_attention    causal linear attention (Katharopoulos et al. 2020, "Transformers are RNNs",
-                      eq. 6 and 9-12): per head, with phi(x) = elu(x) + 1,
+                      sections 3.2-3.3): per head, with phi(x) = elu(x) + 1,
                       V'_i = phi(Q_i)^T S_i / (phi(Q_i)^T Z_i), S_i = sum_{j<=i} phi(K_j) V_j^T,
                       Z_i = sum_{j<=i} phi(K_j): prefix sums over positions, O(T) time. Packed
                       documents: S_i and Z_i start again at each document (the prefix sum up to
@@ -136,7 +136,8 @@ class Synthesizer(nn.Module):
 
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020, eq. 7): positive, so the normaliser is."""
+    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020, section 3.2.1): positive, so the
+    normaliser is."""
     return F.elu(x) + 1
 
 
@@ -157,7 +158,7 @@ def document_starts(mask: torch.Tensor) -> torch.Tensor:
 def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             starts: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """phi-mapped q, k [B, T, H, M] and v [B, T, H, Dv] -> [B, T, H, Dv] by the causal prefix
-    sums of eq. 10-12 (S_i = cumsum phi(K) V^T, Z_i = cumsum phi(K)); `starts` [B, T]: each
+    sums of section 3.3 (S_i = cumsum phi(K) V^T, Z_i = cumsum phi(K)); `starts` [B, T]: each
     token's document start, whose preceding sums are subtracted. eps in the denominator as the
     paper's code (fast-transformers) has it. Computed in fp32; S_i is held for every i (T d M
     elements per sequence), the paper's memory-lean form needs a custom kernel."""

@@ -8,7 +8,7 @@ GLU:    w2(act(w1 x) * w3 x), the variants of Shazeer 2020 ("GLU Variants Improv
         (Swish-1 = silu). The hidden width is `model.ffn_dim` as given; only its default shrinks
         to 8/3 d_model for the GLU family (see config.ModelConfig.ffn_dim).
 Polynomial composition (Zhuo et al. 2025, "Polynomial Composition Activations: Unleashing the
-        Dynamics of Large Language Models", eq. 3-4), plain MLPs of order r = 3 with learned
+        Dynamics of Large Language Models", section 3), plain MLPs of order r = 3 with learned
         coefficients a_0..a_3 (`PolyActivation`):
         polyrelu  sum_i a_i relu(x)^i
         polynorm  sum_i a_i N(x^i), N(u) = u / sqrt(mean(u^2) + eps) over the hidden units

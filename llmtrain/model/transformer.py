@@ -31,9 +31,9 @@ Variants (config keys of ModelConfig; each default leaves modules, names and mat
   qk_norm             RMSNorm on each head's queries and keys (attention.py, `q_norm`, `k_norm`).
   value_residual      ResFormer (attention.py): the first block's values V_1 are handed to every
                       later block (blocks then return (h, V_n); forward keeps the first).
-  logit_softcap: c    output logits c * tanh(logits / c) (Gemma 2, Gemma Team 2024, section
-                      2; transformers' final_logit_softcapping), also inside the chunked loss
-                      (train/lean_loss.py), which gets c from forward.
+  logit_softcap: c    output logits c * tanh(logits / c) (Gemma Team 2024, "Gemma 2", logit
+                      soft-capping; transformers' final_logit_softcapping), also inside the
+                      chunked loss (train/lean_loss.py), which gets c from forward.
 """
 
 from __future__ import annotations

@@ -78,8 +78,8 @@ def param_counts(m: ModelConfig) -> ParamCounts:
     moe = m.moe
     n_moe = m.n_layers // moe.every_n_layers if moe.num_experts else 0
     return ParamCounts(
-        embedding=embedding, attention=attention, mlp=mlp, norms=2 * norm + qk_norm, n_layers=m.n_layers,
-        n_moe_layers=n_moe, experts_per_layer=moe.num_experts + moe.n_shared_experts,
+        embedding=embedding, attention=attention, mlp=mlp, norms=2 * norm + qk_norm,
+        n_layers=m.n_layers, n_moe_layers=n_moe, experts_per_layer=moe.num_experts + moe.n_shared_experts,
         router=h * moe.num_experts, final_norm=norm,
         output=0 if m.tie_embeddings else m.vocab_size * h, vocab_proj=m.vocab_size * h)
 
