@@ -190,7 +190,7 @@ def test_mos_is_a_distribution_and_mixes():
 
 # ---- token mixers
 
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", [*MIXERS, "linear_attention"])
 def test_mixer_decoder_is_causal(mixer):
     model = make(mixer=mixer)
     with torch.no_grad():  # make gMLP's near-zero spatial weights matter
@@ -207,7 +207,7 @@ def test_mixer_decoder_is_causal(mixer):
         assert (a[:, t:] - b[:, t:]).abs().amax(-1).min() > 1e-5  # later positions see it
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", [*MIXERS, "linear_attention"])
 def test_mixer_doc_mask_and_shorter_sequences(mixer):
     model = make(mixer=mixer)
     with torch.no_grad():
