@@ -102,14 +102,15 @@ class ModelConfig:
                                      doc="with a window, layers n-1, 2n-1, ... attend fully; "
                                          "0 = none")
     activation: Literal["relu", "gelu", "silu", "elu", "selu", "glu", "reglu", "geglu",
-                        "swiglu"] = "swiglu"
+                        "swiglu", "polynorm", "polyrelu"] = "swiglu"
     bias: bool = False
     tie_embeddings: bool = True
     dropout: float = _f(0.0, lo=0.0, hi=1.0)
     init_std: float = _f(0.02, lo=0.0, lo_open=True)
     moe: MoEConfig = field(default_factory=MoEConfig)
     # architecture variants (model/transformer.py, mixers.py, output.py; decoder-only)
-    mixer: Literal["attention", "gmlp", "synthesizer_dense", "synthesizer_random"] = "attention"
+    mixer: Literal["attention", "gmlp", "synthesizer_dense", "synthesizer_random",
+                   "linear_attention"] = "attention"
     residual: Literal["standard", "rezero"] = "standard"
     init: Literal["default", "fixup"] = "default"
     ln_scaling: Literal["none", "inv_sqrt_depth"] = "none"
@@ -118,6 +119,11 @@ class ModelConfig:
     share_layers: bool = False
     output: Literal["softmax", "mos"] = "softmax"
     mos_k: int = _f(4, lo=1, hi=_COUNT, doc="softmaxes mixed by output=mos")
+    qk_norm: bool = _f(False, doc="RMSNorm on each head's queries and keys before rope (Qwen3)")
+    value_residual: bool = _f(False, doc="every layer's values averaged with the first layer's "
+                              "(ResFormer, Zhou et al. 2024)")
+    logit_softcap: float = _f(0.0, lo=0.0, doc="c > 0: output logits c * tanh(logits / c) "
+                              "(Gemma 2); 0 = off")
 
     @property
     def head_dim(self) -> int:

@@ -84,8 +84,12 @@ def _variants(cfg: Config) -> None:
     variants = {"mixer": (m.mixer, "attention"), "residual": (m.residual, "standard"),
                 "init": (m.init, "default"), "ln_scaling": (m.ln_scaling, "none"),
                 "embedding_dim": (m.embedding_dim, None), "share_layers": (m.share_layers, False),
-                "output": (m.output, "softmax")}
+                "output": (m.output, "softmax"), "qk_norm": (m.qk_norm, False),
+                "value_residual": (m.value_residual, False),
+                "logit_softcap": (m.logit_softcap, 0.0)}
     changed = [f"model.{k}={v}" for k, (v, default) in variants.items() if v != default]
+    if m.activation in ("polynorm", "polyrelu"):  # their coefficients: decoder blocks only
+        changed.append(f"model.activation={m.activation}")
     if m.arch != "decoder" and changed:
         raise ConfigError(f"{changed[0]} is implemented for model.arch=decoder only; leave it at "
                           f"its default for model.arch={m.arch}")
@@ -107,18 +111,32 @@ def _variants(cfg: Config) -> None:
     if m.share_layers and (m.moe.num_experts or m.ln_scaling != "none"):
         raise ConfigError("model.share_layers=true cannot be combined with model.moe.num_experts "
                           "> 0 or model.ln_scaling (both differ per layer); use one of them")
-    if m.moe.num_experts and m.activation in ("relu", "silu", "elu", "selu"):
+    if m.moe.num_experts and m.activation in ("relu", "silu", "elu", "selu", "polynorm",
+                                              "polyrelu"):
         raise ConfigError(f"model.activation={m.activation} is not implemented for MoE experts; "
                           f"use gelu, glu, reglu, geglu or swiglu")
+    for key, what in (("qk_norm", "normalises attention queries and keys"),
+                      ("value_residual", "mixes attention values")):
+        if getattr(m, key) and m.mixer != "attention":
+            raise ConfigError(f"model.{key}=true {what}; it needs model.mixer=attention, got "
+                              f"{m.mixer}")
     if p.pp > 1:
         bad = [c for c in changed if c.split("=")[0] in
-               ("model.share_layers", "model.embedding_dim", "model.output")]
+               ("model.share_layers", "model.embedding_dim", "model.output",
+                "model.value_residual")]
         if bad:
             raise ConfigError(f"{bad[0]} with parallel.pp={p.pp} is not supported (pipeline "
-                              f"stages split layers and embeddings); use pp=1")
+                              f"stages split layers and embeddings, and the first layer's "
+                              f"values would have to travel with the activations); use pp=1")
     if p.tp > 1:
         bad = changed + (["model.norm=none"] if m.norm == "none" else [])
         bad = [c for c in bad if not c.startswith(("model.init=", "model.ln_scaling="))]
+        if m.qk_norm and m.kv_heads % p.tp:
+            raise ConfigError(f"model.qk_norm=true with parallel.tp={p.tp} needs the kv heads "
+                              f"split over tp (model.n_kv_heads={m.kv_heads} is kept whole on "
+                              f"every rank); use tp=1")
+        # QK-norm over this rank's heads: parallel/tensor.py (_replicate_over_heads)
+        bad = [c for c in bad if not c.startswith("model.qk_norm=")]
         if bad:
             raise ConfigError(f"{bad[0]} with parallel.tp={p.tp} is not supported (the tensor-"
                               f"parallel plan follows the Llama module names); use tp=1")

@@ -28,6 +28,12 @@ Variants (config keys of ModelConfig; each default leaves modules, names and mat
                       hold it once; flops_per_token counts n_layers applications.
   output: mos         Mixture of Softmaxes over `mos_k` components (output.py, `mos`); forward then
                       returns log-probabilities, which cross entropy reads as logits.
+  qk_norm             RMSNorm on each head's queries and keys (attention.py, `q_norm`, `k_norm`).
+  value_residual      ResFormer (attention.py): the first block's values V_1 are handed to every
+                      later block (blocks then return (h, V_n); forward keeps the first).
+  logit_softcap: c    output logits c * tanh(logits / c) (Gemma Team 2024, "Gemma 2", logit
+                      soft-capping; transformers' final_logit_softcapping), also inside the
+                      chunked loss (train/lean_loss.py), which gets c from forward.
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ class TransformerBlock(nn.Module):
                                  else cfg.attention_window)
         if cfg.mixer == "attention":
             self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias,
-                                       cfg.dropout)
+                                       cfg.dropout, cfg.norm_eps if cfg.qk_norm else None,
+                                       cfg.value_residual)
             self.mixer = None
         else:
             self.attention = None
@@ -99,11 +106,22 @@ class TransformerBlock(nn.Module):
         return scaled, weighted
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, first_values: torch.Tensor | None = None):
+        """x -> x'; with value_residual (x, V_1 or None) -> (x', this block's values V_n)."""
         mixer = self.token_mixer
-        attn = self._sublayer(self.attention_norm, lambda h: self.dropout(mixer(h, rope, mask)))
+        value_residual = self.attention is not None and self.attention.value_residual
+        values = []  # value_residual: this block's V_n, caught on its way out of the attention
+
+        def mix(h):
+            if not value_residual:
+                return mixer(h, rope, mask)
+            out, v = mixer(h, rope, mask, first_values)
+            values.append(v)
+            return out
+        attn = self._sublayer(self.attention_norm, lambda h: self.dropout(mix(h)))
         ffn = self._sublayer(self.ffn_norm, lambda h: self.dropout(self.feed_forward(h)))
-        return residual_layer(self.norm_position, x, [attn, ffn], self.alpha)
+        out = residual_layer(self.norm_position, x, [attn, ffn], self.alpha)
+        return (out, values[0]) if value_residual else out
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
@@ -141,6 +159,10 @@ class TransformerBlock(nn.Module):
                 nn.init.zeros_(linear.bias)
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
+        if self.attention is not None:
+            self.attention.reset_parameters()  # QK-norm scales
+        if not moe and f.poly is not None:
+            f.poly.reset_parameters()  # PolyNorm / PolyReLU coefficients
         if self.mixer is not None:
             self.mixer.reset_parameters()
         if self.resweight is not None:
@@ -185,7 +207,8 @@ class Transformer(nn.Module):
         each token for rope or learned positions (default 0..T-1). `head(h, output)`, if given,
         stands in for the output layer: it gets the final hidden states (after `output_proj`) and
         the output module, and its result is returned (the chunked loss of train/lean_loss.py,
-        which never holds the [B, T, V] logits)."""
+        which never holds the [B, T, V] logits), given `softcap` = model.logit_softcap to
+        apply to its logits too."""
         T = tokens.shape[1]
         S = T if doc_ids is None else doc_ids.shape[1]
         if self.tok_embeddings is None:
@@ -200,14 +223,21 @@ class Transformer(nn.Module):
         rope = self._rope(T, S, positions, h.device)
         masks = {w: self._mask(w, S, doc_ids, h.device)
                  for w in {layer.attention_window for layer in self.blocks()}}
+        first_values = None  # value_residual: V_1, the first block's values
         for layer in self.blocks():
-            h = layer(h, rope, masks[layer.attention_window])
+            mask = masks[layer.attention_window]
+            if self.cfg.value_residual:
+                h, values = layer(h, rope, mask, first_values)
+                first_values = values if first_values is None else first_values
+            else:
+                h = layer(h, rope, mask)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
             return h
         if head is not None:
-            return head(h if self.output_proj is None else self.output_proj(h), self.output)
+            return head(h if self.output_proj is None else self.output_proj(h), self.output,
+                        softcap=self.cfg.logit_softcap)
         if self.mos is not None:
             latents, log_prior = self.mos(h)
             return self.mos.mix(self._logits(latents), log_prior)
@@ -240,7 +270,9 @@ class Transformer(nn.Module):
         return mask[None, None] if mask.dim() == 2 else mask[:, None]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(h if self.output_proj is None else self.output_proj(h))
+        logits = self.output(h if self.output_proj is None else self.output_proj(h))
+        c = self.cfg.logit_softcap
+        return logits if not c else c * torch.tanh(logits / c)
 
     def blocks(self) -> list[TransformerBlock]:
         """The blocks in the order forward applies them (share_layers: layers["0"] n_layers

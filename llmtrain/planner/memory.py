@@ -71,12 +71,15 @@ def param_counts(m: ModelConfig) -> ParamCounts:
         attention += d_attn + 2 * kv_dim + h
         mlp += (2 if glu else 1) * m.ffn_dim + h
     norm = (2 * h if m.norm == "layernorm" else h)
+    if m.activation in ("polynorm", "polyrelu"):
+        mlp += 4  # the polynomial's coefficients a_0..a_3 (model/mlp.py, PolyActivation)
+    qk_norm = 2 * m.head_dim if m.qk_norm else 0  # q_norm and k_norm scales (attention.py)
     embedding = m.vocab_size * h + (m.max_seq_len * h if m.position == "learned" else 0)
     moe = m.moe
     n_moe = m.n_layers // moe.every_n_layers if moe.num_experts else 0
     return ParamCounts(
-        embedding=embedding, attention=attention, mlp=mlp, norms=2 * norm, n_layers=m.n_layers,
-        n_moe_layers=n_moe, experts_per_layer=moe.num_experts + moe.n_shared_experts,
+        embedding=embedding, attention=attention, mlp=mlp, norms=2 * norm + qk_norm,
+        n_layers=m.n_layers, n_moe_layers=n_moe, experts_per_layer=moe.num_experts + moe.n_shared_experts,
         router=h * moe.num_experts, final_norm=norm,
         output=0 if m.tie_embeddings else m.vocab_size * h, vocab_proj=m.vocab_size * h)
 
