@@ -73,7 +73,7 @@ def run(cp: int, m: ModelConfig, seq: int) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # the parent has imported torch, run nothing: cheap and safe
     q = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, cp, port, m, seq, q)) for r in range(cp)]
     for p in procs:

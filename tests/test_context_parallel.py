@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from helpers import (PARALLEL_STEPS, assert_weights_close, cli_train, cut_back, final_weights,
-                     parallel_overrides, read_losses, run_train, seeded_model, tiny_model_config,
-                     tokens)
+                     parallel_overrides, read_losses, read_metric, run_train, seeded_model,
+                     tiny_model_config, tokens)
 from llmtrain.config import ConfigError, load_config
 from llmtrain.data.loader import Batch, context_part, document_positions
 
@@ -27,10 +27,11 @@ MODEL = {"model.n_kv_heads": 2, "model.tie_embeddings": False}
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The single-process run every layout is compared with (losses, final weights)."""
+    """The single-process run every layout is compared with (losses, final weights, gradient
+    norms)."""
     run = tmp_path_factory.mktemp("cp_reference") / "ref"
     assert cli_train(parallel_overrides(run, **MODEL)) == 0
-    return read_losses(run), final_weights(run, STEPS)
+    return read_losses(run), final_weights(run, STEPS), read_metric(run, "grad_norm")
 
 
 LAYOUTS = {
@@ -45,18 +46,20 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_cp_layout_matches_single_process(name, tmp_path, reference):
     nproc, par = LAYOUTS[name]
-    ref_losses, ref_weights = reference
+    ref_losses, ref_weights, ref_norms = reference
     run = tmp_path / name
     r = run_train(parallel_overrides(run, **MODEL, **par), nproc=nproc)
     assert f"cp {par['parallel.cp']}," in r.stdout
     assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
+    # the clipped norm counts every gradient once (not once per cp rank)
+    assert read_metric(run, "grad_norm") == pytest.approx(ref_norms, rel=1e-4)
     assert_weights_close(final_weights(run, STEPS), ref_weights)
 
 
 def test_cp2_checkpoint_resumes_on_one_process(tmp_path, reference):
     """cp=2 (ZeRO 0: DDP over the dp x cp ranks) equals the single-process run; its step-3
     checkpoint, resumed on one process, finishes steps 4-5 as the uninterrupted run did."""
-    ref_losses, ref_weights = reference
+    ref_losses, ref_weights, _ = reference
     run = tmp_path / "cp2"
     args = parallel_overrides(run, **MODEL, **{"checkpoint.every": 3})
     run_train(args + ["parallel.cp=2"], nproc=2)

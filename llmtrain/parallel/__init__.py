@@ -26,8 +26,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     `train.seed`, and no rank allocates more than it keeps.
 
     Order (docs/architecture.md): activation checkpointing, pipeline split, tensor parallel,
-    context parallel, expert parallel, torch.compile per block, data parallel. The config validator refuses the
-    combinations not built yet.
+    context parallel, expert parallel, torch.compile per block, data parallel. The config
+    validator refuses the combinations not built yet.
     """
     if cfg.parallel.activation_checkpointing != "none":
         apply_ac(model, cfg)
