@@ -59,11 +59,12 @@ def test_cp_layout_matches_single_process(name, tmp_path, reference):
 def test_cp2_checkpoint_resumes_on_one_process(tmp_path, reference):
     """cp=2 (ZeRO 0: DDP over the dp x cp ranks) equals the single-process run; its step-3
     checkpoint, resumed on one process, finishes steps 4-5 as the uninterrupted run did."""
-    ref_losses, ref_weights, _ = reference
+    ref_losses, ref_weights, ref_norms = reference
     run = tmp_path / "cp2"
     args = parallel_overrides(run, **MODEL, **{"checkpoint.every": 3})
     run_train(args + ["parallel.cp=2"], nproc=2)
     assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
+    assert read_metric(run, "grad_norm") == pytest.approx(ref_norms, rel=1e-4)
     assert_weights_close(final_weights(run, STEPS), ref_weights)
     cut_back(run, 3, STEPS)
     r = run_train(args, nproc=1)

@@ -11,8 +11,8 @@ only. Attention is the one part that reads other positions (`Attention.core`, a
 
 The inner core sees the whole sequence in its original order, so the plain causal mask (and the
 block-diagonal document mask, built by the model over the whole sequence from `doc_ids`) applies
-unchanged. The all-to-all is torch.distributed.nn.functional.all_to_all_single, differentiable:
-its backward is the reverse all-to-all.
+unchanged. The all-to-all is torch's functional `all_to_all_single_autograd` (as in
+parallel/expert.py), differentiable: its backward is the reverse all-to-all.
 
 Load balance (issue 24 item 2): none is needed. Ring attention keeps the queries sequence-sharded,
 so under a causal mask the rank holding the first 1/cp of the sequence skips most key blocks and
@@ -36,7 +36,7 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from llmtrain.model.attention import Attention
 
@@ -45,7 +45,8 @@ def _all_to_all(x: torch.Tensor, group, core: ContextParallelCore) -> torch.Tens
     """Exchange the cp chunks of dim 0 of `x` (contiguous, [cp, ...]): chunk j goes to rank j."""
     cp = x.shape[0]
     core.sent_bytes += x.numel() * x.element_size() * (cp - 1) // cp
-    return all_to_all_single(torch.empty_like(x), x, group=group)
+    y = all_to_all_single_autograd(x, None, None, group)
+    return torch.ops._c10d_functional.wait_tensor(y)
 
 
 def seq_to_heads(x: torch.Tensor, cp: int, group, core) -> torch.Tensor:
