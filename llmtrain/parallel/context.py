@@ -61,8 +61,9 @@ def seq_to_heads(x: torch.Tensor, cp: int, group, core) -> torch.Tensor:
 def heads_to_seq(y: torch.Tensor, cp: int, group, core) -> torch.Tensor:
     """The inverse of `seq_to_heads`: [B, H/cp, T, hd] -> [B, H, T/cp, hd], laid out in memory
     as [B, T/cp, H, hd] (as SDPA lays out its output), so that Attention's transpose and reshape
-    before `wo` is a view: a copy there would be kept for the backward beside the inner core's
-    output (measured: +1 [T/cp, d_model] tensor per layer, benchmarks/context_parallel.py)."""
+    before `wo` is a view, not one more copy. `wo` keeps this tensor for its backward and the
+    inner core keeps its head-sharded output: one [T/cp, d_model] per layer more than one
+    process keeps, where both are one tensor (+4.7% measured, benchmarks/context_parallel.py)."""
     B, h, T, hd = y.shape
     chunks = y.reshape(B, h, cp, T // cp, hd).permute(2, 0, 1, 3, 4).contiguous()
     x = _all_to_all(chunks, group, core)  # [cp (head group j), B, H/cp, T/cp, hd]
