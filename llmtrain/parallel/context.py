@@ -106,5 +106,5 @@ def apply_cp(model: nn.Module, cp_mesh) -> None:
 
 
 def sent_bytes(model: nn.Module) -> int:
-    """Bytes this rank's all-to-alls have sent in forward passes since the last reset."""
+    """Bytes this rank's all-to-alls have sent to other ranks in forward passes so far."""
     return sum(m.sent_bytes for m in model.modules() if isinstance(m, ContextParallelCore))
