@@ -1,7 +1,7 @@
 """Context parallelism (parallel/context.py: sequences split over cp ranks, attention by
 all-to-all) against the single-process run with the same global batch: per-step losses within
 1e-5 relative and the final weights within ATOL, alone and with ZeRO-3 data parallelism, tensor
-(+ sequence) parallelism and pipeline stages; a cp checkpoint resumed on one process; document
+(+ sequence) parallelism and pipeline stages; a cp x dp checkpoint resumed on one process; document
 masking (positions restarting per document) with documents crossing the cp split."""
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ def reference(tmp_path_factory):
 LAYOUTS = {
     # name: (processes, parallel overrides)
     "cp4-zero1": (4, {"parallel.cp": 4, "parallel.zero_stage": 1}),
-    "cp2xdp2-zero3": (4, {"parallel.cp": 2, "parallel.zero_stage": 3}),
     "cp2xtp2-sp": (4, {"parallel.cp": 2, "parallel.tp": 2, "parallel.sequence_parallel": True}),
     "cp2xpp2": (4, {"parallel.cp": 2, "parallel.pp": 2}),
 }
@@ -56,13 +55,15 @@ def test_cp_layout_matches_single_process(name, tmp_path, reference):
     assert_weights_close(final_weights(run, STEPS), ref_weights)
 
 
-def test_cp2_checkpoint_resumes_on_one_process(tmp_path, reference):
-    """cp=2 (ZeRO 0: DDP over the dp x cp ranks) equals the single-process run; its step-3
-    checkpoint, resumed on one process, finishes steps 4-5 as the uninterrupted run did."""
+def test_cp2xdp2_zero3_checkpoint_resumes_on_one_process(tmp_path, reference):
+    """cp=2 x dp=2 ZeRO-3 (FSDP over dp_shard x cp) equals the single-process run; its step-3
+    checkpoint, resumed on one process, finishes steps 4-5 as the uninterrupted run did (one
+    run checks the layout and the reshard to a non-cp layout)."""
     ref_losses, ref_weights, ref_norms = reference
-    run = tmp_path / "cp2"
+    run = tmp_path / "cp2xdp2"
     args = parallel_overrides(run, **MODEL, **{"checkpoint.every": 3})
-    run_train(args + ["parallel.cp=2"], nproc=2)
+    r = run_train(args + ["parallel.cp=2", "parallel.zero_stage=3"], nproc=4)
+    assert "dp 2, cp 2," in r.stdout
     assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
     assert read_metric(run, "grad_norm") == pytest.approx(ref_norms, rel=1e-4)
     assert_weights_close(final_weights(run, STEPS), ref_weights)
