@@ -217,7 +217,8 @@ class DataConfig:
     num_workers: int = _f(0, lo=0, hi=_COUNT)
     text_field: str = "text"
     cache_dir: str | None = _f(None, doc="None = $LLMTRAIN_CACHE or ~/.cache/llmtrain")
-    reset_attention_at_eod: bool = False
+    reset_attention_at_eod: bool = _f(False, doc="attend within each packed document only, "
+                                      "positions restarting at each (reset_position_ids)")
     mask_eod_loss: bool = False
     source_field: str | None = None
     target_field: str | None = None

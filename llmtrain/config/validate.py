@@ -3,7 +3,8 @@
 `validate(cfg, world_size)` runs one rule per section or topic, in a fixed order (the first
 broken rule is the error a user sees): the model's shape, its architecture variants, training
 lengths and the optimizer, MoE, the parallel layout (`ParallelDims`, layout.py) and the batch
-split, expert parallelism, the pipeline, the DeepSpeed engine, tensor parallelism, offloading,
+split, expert parallelism, the pipeline, the DeepSpeed engine, tensor and context parallelism,
+offloading,
 activation checkpointing, switches this build does not run, the loss, data and checkpoint
 resumption. Each raises a one-line `ConfigError`.
 """
@@ -37,6 +38,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if p.engine == "deepspeed":
         _deepspeed(cfg)
     _tensor_parallel(cfg)
+    if p.cp > 1:
+        _context_parallel(cfg)
     _offload(cfg)
     _checkpointing(cfg)
     _unsupported(cfg)
@@ -319,6 +322,40 @@ def _tensor_parallel(cfg: Config) -> None:
     if p.sequence_parallel and p.tp > 1 and m.position == "learned" and m.max_seq_len % p.tp:
         raise ConfigError(f"parallel.sequence_parallel with position=learned needs "
                           f"model.max_seq_len={m.max_seq_len} divisible by parallel.tp={p.tp}")
+    if p.sequence_parallel and p.tp > 1 and m.position == "learned" and \
+            cfg.data.reset_attention_at_eod:
+        # positions restart per document: a [B, T] table lookup, which the sequence-parallel
+        # plan of the position table ([T, D] output split along T) does not shard
+        raise ConfigError("data.reset_attention_at_eod with position=learned and "
+                          "parallel.sequence_parallel is not supported; use position=rope or "
+                          "sequence_parallel=false")
+
+
+def _context_parallel(cfg: Config) -> None:
+    """parallel.cp splits every sequence over cp ranks and attention's heads by all-to-all
+    (parallel/context.py): what that needs of the model and the other switches."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    cp = f"parallel.cp={p.cp}"
+    why = {"model.arch=encoder_decoder": m.arch == "encoder_decoder",
+           f"model.mixer={m.mixer}": m.mixer != "attention",  # only attention is swapped
+           "model.position=t5_relative": m.position == "t5_relative",
+           # router losses and expert capacity are computed over the local tokens
+           f"model.moe.num_experts={m.moe.num_experts}": m.moe.num_experts > 0,
+           "parallel.engine=deepspeed": p.engine == "deepspeed",
+           "parallel.compile=true": p.compile}  # not tested with the all-to-all in the graph
+    bad = next((key for key, on in why.items() if on), None)
+    if bad:
+        raise ConfigError(f"{cp} with {bad} is not supported (context parallelism splits the "
+                          f"sequences of a decoder's self-attention); use parallel.cp=1")
+    sp = p.tp if p.sequence_parallel and p.tp > 1 else 1
+    if t.seq_len % (p.cp * sp):
+        by = f"parallel.cp={p.cp} x parallel.tp={p.tp} (sequence parallel)" if sp > 1 else cp
+        raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by {by}; use a multiple "
+                          f"of {p.cp * sp}")
+    if m.n_heads % (p.cp * p.tp):
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by {cp} x parallel.tp="
+                          f"{p.tp} = {p.cp * p.tp} (each cp rank attends with its share of a tp "
+                          f"rank's heads); use cp x tp in {_divisors(m.n_heads)}")
 
 
 def _offload(cfg: Config) -> None:
@@ -349,8 +386,6 @@ def _checkpointing(cfg: Config) -> None:
 def _unsupported(cfg: Config) -> None:
     """Switches this build does not run (yet)."""
     p = cfg.parallel
-    if p.cp > 1:
-        raise ConfigError(f"parallel.cp={p.cp} (context parallelism) is not built yet; use 1")
     if p.compile and p.engine == "deepspeed":
         # parallel/compile.py compiles the blocks inside parallelize()'s torch engine path;
         # deepspeed.initialize wraps the model in its own engine (which has its own compile)

@@ -42,8 +42,19 @@ from llmtrain.train.optim import (adamw_kernel, param_groups, params_device_type
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """All data-parallel ranks as one dimension (the gradient all-reduce group)."""
-    return mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    """All data-parallel and context-parallel ranks as one dimension: the gradient all-reduce
+    group. Context-parallel ranks hold different tokens of the same sequences, so their
+    gradients are averaged with the data-parallel ranks' (the step scales the loss by this
+    group's size: parallel/context.py, train/step.py)."""
+    return mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+
+
+def shard_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks ZeRO shards states over: dp_shard, times cp where context parallelism splits
+    the sequences (torchtitan's "dp_shard_cp": cp ranks hold the same parameters)."""
+    if mesh["cp"].size() == 1:
+        return mesh["dp_shard"]
+    return mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -58,7 +69,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
                device: torch.device) -> nn.Module:
     p = cfg.parallel
     hsdp = mesh["dp_replicate"].size() > 1
-    fsdp_mesh = mesh["dp_replicate", "dp_shard"] if hsdp else mesh["dp_shard"]
+    shard = shard_mesh(mesh)
+    fsdp_mesh = mesh["dp_replicate", shard.mesh_dim_names[0]] if hsdp else shard
     kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": p.zero_stage == 3}
     if cfg.train.precision == "bf16":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
@@ -329,17 +341,17 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
     kernel = adamw_kernel(params_device_type(groups), groups)
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel)
     expert = expert_params(model)
-    if mesh is None or cfg.parallel.zero_stage != 1 or mesh["dp_shard"].size() == 1:
+    if mesh is None or cfg.parallel.zero_stage != 1 or shard_mesh(mesh).size() == 1:
         return torch.optim.AdamW(groups, **kw)
+    shard_group = shard_mesh(mesh).get_group()
     if expert:  # expert weights: partitioned over the ranks holding the same experts
         rest, ep_rep = _split_experts(model, params, expert)
-        return PartitionedAdamW(groups, [(rest, mesh["dp_shard"].get_group()),
-                                         (expert, ep_rep)], **kw)
+        return PartitionedAdamW(groups, [(rest, shard_group), (expert, ep_rep)], **kw)
     if any(isinstance(p, DTensor) for p in params):
-        return PartitionedAdamW(groups, [(params, mesh["dp_shard"].get_group())], **kw)
+        return PartitionedAdamW(groups, [(params, shard_group)], **kw)
     # ZeroRedundancyOptimizer takes one group at construction; add the others after.
     zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                   process_group=mesh["dp_shard"].get_group(),
+                                   process_group=shard_group,
                                    weight_decay=groups[0]["weight_decay"], **kw)
     zero.param_groups[0]["name"] = groups[0]["name"]
     for g in groups[1:]:
