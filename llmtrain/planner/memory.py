@@ -100,9 +100,10 @@ def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_s
                       gathered_blocks: float = 2, root_params: float = 0.0) -> dict[str, float]:
     """Transient bytes of FSDP2's full-size buffers on one GPU, for blocks of `layer_params` (this
     GPU's tensor/expert share of one block), beyond the sharded model states, at the peak of the
-    backward (measured per phase by benchmarks/peak_memory.py: 278M parameters at dp8 ZeRO-3, the
-    forward/backward exceeds the states by 4.7 blocks, of which the activations are 0.4 and a
-    per-process constant of the CPU's resident set about 0.3; docs/performance.md):
+    backward (measured per phase by benchmarks/peak_memory.py, docs/performance.md: 278M
+    parameters at dp8 ZeRO-3 on the CPU, the steady-state forward/backward exceeds the states by
+    4.7 blocks: activations 0.4, the root unit 0.1, the process's own growth 0.6 (measured on a
+    near-empty model), leaving 3.5 for the 4 blocks counted here):
     - "gathered" (ZeRO 3): `gathered_blocks` blocks' parameters all-gathered (two: the block
       running and the next, prefetched; in a pipeline, where FSDP keeps them from the forward to
       the backward, all the stage's blocks) and the root unit's `root_params` (embeddings, final
@@ -126,8 +127,9 @@ def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_s
 # a copy of the second moments, which are fp32 unless bf16_pure keeps them in bf16); its other
 # updates are in place. The fused kernel (`_fused_adamw_`, what train/optim.py picks on CUDA)
 # makes none. Measured on the CPU by benchmarks/peak_memory.py: the optimizer step's peak
-# exceeds the states by one fp32 copy of the rank's parameter shard (278M parameters at dp1:
-# 1108 MiB over the states, 1061 MiB of parameters; docs/performance.md).
+# exceeds the states by one fp32 copy of the rank's parameter shard and the process's own growth
+# (278M parameters at dp1: 1108 MiB over the states = 1061 MiB of parameters + 46 MiB measured on
+# a near-empty model; docs/performance.md).
 FOREACH_TEMP_BYTES = {"bf16": 4, "fp32": 4, "bf16_pure": 2}
 
 
