@@ -360,8 +360,9 @@ def test_zero3_transients_in_the_estimate_by_hand():
 
 def test_optimizer_step_temporaries_by_formula():
     """torch's foreach AdamW holds sqrt(v), one copy of the second moments, of the rank's
-    optimizer shard (fp32 unless bf16_pure); the fused kernel none. The estimate's total counts
-    the larger of it and the forward/backward transients, never both."""
+    optimizer shard (fp32 unless bf16_pure), one parameter group at a time (decay, no-decay =
+    the embeddings, the experts apart); the fused kernel none. The estimate's total counts the
+    larger of it and the forward/backward transients, never both."""
     assert memory.optimizer_step_bytes(1e6, "fp32", 3, 8, "foreach") == 4e6 / 8
     assert memory.optimizer_step_bytes(1e6, "bf16", 1, 8, "foreach") == 4e6 / 8
     assert memory.optimizer_step_bytes(1e6, "bf16_pure", 0, 8, "foreach") == 2e6
@@ -370,8 +371,16 @@ def test_optimizer_step_temporaries_by_formula():
     lay = Layout(dp_shard=2, zero_stage=3, pp_microbatches=16)
     cpu, gpu = (estimate(cfg, lay, Hardware(adamw_kernel=k)).memory for k in ("foreach", "fused"))
     states = cpu["params"] + cpu["grads"] + cpu["optimizer"] + cpu["overhead"]
-    # the shard's parameters are 2-byte bf16, its moments 4-byte fp32
-    assert cpu["optimizer_step"] == pytest.approx(cpu["params"] / 2 * 4)
+    pc = memory.param_counts(cfg.model)
+    decay = pc.total - pc.embedding  # the larger group; moments in fp32, sharded over 2
+    assert cpu["optimizer_step"] == pytest.approx(decay / 2 * 4)
+    moe = small_cfg(moe={"num_experts": 8, "top_k": 2})
+    pm = memory.param_counts(moe.model)
+    experts = pm.n_moe_layers * pm.moe_layer_experts / 2  # over ep 2, not sharded further
+    ep = estimate(moe, Layout(dp_shard=2, ep=2, zero_stage=3, pp_microbatches=16),
+                  Hardware(adamw_kernel="foreach")).memory
+    assert experts > (pm.total - pm.embedding - experts * 2) / 2
+    assert ep["optimizer_step"] == pytest.approx(experts * 4)
     assert gpu["optimizer_step"] == 0.0
     assert cpu["total"] == pytest.approx(states + max(cpu["activations"],
                                                       cpu["optimizer_step"]))

@@ -129,7 +129,9 @@ def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_s
 # makes none. Measured on the CPU by benchmarks/peak_memory.py: the optimizer step's peak
 # exceeds the states by one fp32 copy of the rank's parameter shard and the process's own growth
 # (278M parameters at dp1: 1108 MiB over the states = 1061 MiB of parameters + 46 MiB measured on
-# a near-empty model; docs/performance.md).
+# a near-empty model; docs/performance.md). AdamW steps one parameter group at a time, so the
+# caller takes the largest group's (at 278M ep2 dp2, whose expert and shared groups are about
+# equal, the step exceeds the states by 416 MiB = 353 + 46 + 17, not the 706 of all parameters).
 FOREACH_TEMP_BYTES = {"bf16": 4, "fp32": 4, "bf16_pure": 2}
 
 

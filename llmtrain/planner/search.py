@@ -259,6 +259,7 @@ class _GpuParams:
     last: float          # all but experts on the last pipeline stage (holds the output layer)
     root_first: float    # of `first`, the parameters outside the blocks (FSDP's root unit)
     root_last: float     # of `last`, the same
+    embedding: float     # of `first`, the embeddings (AdamW's no-decay group, train/optim.py)
 
 
 def _gpu_params(cfg: Config, lay: Layout, pc: memory.ParamCounts, counts: list[int],
@@ -273,7 +274,8 @@ def _gpu_params(cfg: Config, lay: Layout, pc: memory.ParamCounts, counts: list[i
     root_last = pc.final_norm + out_proj
     return _GpuParams(dense_gpu, expert_gpu, moe_frac * expert_gpu,
                       counts[0] * layer_shared + root_first,
-                      counts[-1] * layer_shared + root_last, root_first, root_last)
+                      counts[-1] * layer_shared + root_last, root_first, root_last,
+                      pc.embedding / t)
 
 
 def _memory(cfg: Config, lay: Layout, hw: Hardware, params: _GpuParams, counts: list[int],
@@ -286,8 +288,9 @@ def _memory(cfg: Config, lay: Layout, hw: Hardware, params: _GpuParams, counts: 
     act_first, act_last = _activation_bytes(cfg, lay, counts, moe_frac, flash)
     overhead = hw.overhead_gib * GIB
     mems = []
-    for shared, root, act, n_layers in ((params.first, params.root_first, act_first, counts[0]),
-                                        (params.last, params.root_last, act_last, counts[-1])):
+    for shared, root, emb, act, n_layers in (
+            (params.first, params.root_first, params.embedding, act_first, counts[0]),
+            (params.last, params.root_last, 0.0, act_last, counts[-1])):
         # FSDP's full-size buffers (gathered blocks, unsharded gradients, the reduce-scatter
         # input), counted with the activations as transients; a pipeline stage keeps its
         # blocks gathered from forward to backward (parallel/pipeline.py)
@@ -297,9 +300,13 @@ def _memory(cfg: Config, lay: Layout, hw: Hardware, params: _GpuParams, counts: 
             root_params=root).values())
         experts = n_layers * params.layer_expert
         st = _state_bytes(cfg, lay, shared, experts)
-        opt_step = sum(memory.optimizer_step_bytes(
+        # AdamW steps one parameter group at a time: decay and no-decay (the embeddings), each
+        # split by device mesh (the experts apart: train/optim.py), so the largest group's
+        # temporary is the peak
+        opt_step = max(memory.optimizer_step_bytes(
             n, cfg.train.precision, lay.zero_stage, group, hw.adamw_kernel)
-            for n, group in ((shared, lay.shard), (experts, max(lay.shard // lay.ep, 1))))
+            for n, group in ((shared - emb, lay.shard), (emb, lay.shard),
+                             (experts, max(lay.shard // lay.ep, 1))))
         mem = {**st, "activations": act + zero_buffers, "optimizer_step": opt_step,
                "overhead": overhead}
         mem["total"] = (st["params"] + st["grads"] + st["optimizer"] + overhead
