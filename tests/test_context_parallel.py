@@ -26,28 +26,45 @@ MODEL = {"model.n_kv_heads": 2, "model.tie_embeddings": False}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The single-process run every layout is compared with (losses, final weights, gradient
-    norms)."""
-    run = tmp_path_factory.mktemp("cp_reference") / "ref"
-    assert cli_train(parallel_overrides(run, **MODEL)) == 0
-    return read_losses(run), final_weights(run, STEPS), read_metric(run, "grad_norm")
+def references(tmp_path_factory):
+    """The single-process run of MODEL plus `extra` model settings that a layout is compared with
+    (losses, final weights, gradient norms), run once per settings."""
+    runs = {}
+
+    def reference(**extra):
+        key = tuple(sorted(extra.items()))
+        if key not in runs:
+            run = tmp_path_factory.mktemp("cp_reference") / "ref"
+            assert cli_train(parallel_overrides(run, **MODEL, **extra)) == 0
+            runs[key] = read_losses(run), final_weights(run, STEPS), read_metric(run, "grad_norm")
+        return runs[key]
+    return reference
 
 
+@pytest.fixture(scope="module")
+def reference(references):
+    return references()
+
+
+# A sliding window (8 of the 32 tokens; every other layer global): each cp rank's model builds the
+# window mask over the whole sequence, whose length it reads from the doc ids the loader passes.
+WINDOW = {"model.attention_window": 8, "model.attention_global_every": 2}
 LAYOUTS = {
-    # name: (processes, parallel overrides)
-    "cp4-zero1": (4, {"parallel.cp": 4, "parallel.zero_stage": 1}),
-    "cp2xtp2-sp": (4, {"parallel.cp": 2, "parallel.tp": 2, "parallel.sequence_parallel": True}),
-    "cp2xpp2": (4, {"parallel.cp": 2, "parallel.pp": 2}),
+    # name: (processes, parallel overrides, model settings on top of MODEL)
+    "cp4-zero1": (4, {"parallel.cp": 4, "parallel.zero_stage": 1}, {}),
+    "cp2xtp2-sp": (4, {"parallel.cp": 2, "parallel.tp": 2, "parallel.sequence_parallel": True},
+                   {}),
+    "cp2xpp2": (4, {"parallel.cp": 2, "parallel.pp": 2}, {}),
+    "cp2-window": (2, {"parallel.cp": 2}, WINDOW),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_cp_layout_matches_single_process(name, tmp_path, reference):
-    nproc, par = LAYOUTS[name]
-    ref_losses, ref_weights, ref_norms = reference
+def test_cp_layout_matches_single_process(name, tmp_path, references):
+    nproc, par, model = LAYOUTS[name]
+    ref_losses, ref_weights, ref_norms = references(**model)
     run = tmp_path / name
-    r = run_train(parallel_overrides(run, **MODEL, **par), nproc=nproc)
+    r = run_train(parallel_overrides(run, **MODEL, **model, **par), nproc=nproc)
     assert f"cp {par['parallel.cp']}," in r.stdout
     assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
     # the clipped norm counts every gradient once (not once per cp rank)

@@ -158,6 +158,12 @@ class BatchReader:
         self.offset = dp_rank * self.per_rank
         self.reset_at_eod = cfg.data.reset_attention_at_eod
         self.cp_rank, self.cp_size = cp_rank, cp_size
+        # A cp rank's model sees T/cp tokens but must know the whole length S for the masks of a
+        # sliding window and for dynamic NTK's tables: it takes S from doc_ids, so they are passed
+        # (one document per row) where the data has none (Transformer.forward's contract).
+        m = cfg.model
+        self.whole_length_ids = cp_size > 1 and (m.attention_window > 0
+                                                 or m.rope_scaling.type == "dynamic")
 
     def sample_ids(self, step: int, micro: int) -> list[int]:
         start = step * self.G + self.offset + micro * self.mb
@@ -170,6 +176,8 @@ class BatchReader:
         labels = torch.stack([it["labels"] for it in items])
         mask = torch.stack([it["loss_mask"] for it in items]).float()
         doc_ids = _doc_ids(tokens, self.tok.eod) if self.reset_at_eod else None
+        if doc_ids is None and self.whole_length_ids:
+            doc_ids = torch.zeros_like(tokens)
         positions = None if doc_ids is None else document_positions(doc_ids)
         batch = Batch(tokens, labels, mask, doc_ids, ids, positions=positions)
         return context_part(batch, self.cp_rank, self.cp_size) if self.cp_size > 1 else batch
