@@ -95,6 +95,11 @@ class ModelConfig:
     share_layers: bool = False
     output: Literal["softmax", "mos"] = "softmax"
     mos_k: int = _f(4, lo=1, hi=_COUNT, doc="softmaxes mixed by output=mos")
+    # Yang et al. 2022 (Tensor Programs V), model/mup.py: hyperparameters tuned at width
+    # base_d_model transfer to d_model
+    parametrization: Literal["standard", "mup"] = "standard"
+    base_d_model: int | None = _f(None, lo=1, hi=_WIDTH,
+                                  doc="mup: the width the hyperparameters were tuned at")
 
     @property
     def head_dim(self) -> int:

@@ -123,6 +123,10 @@ def _rename(name: str, table: list[tuple[str, str]], to_hf: bool = True) -> str 
 
 def hf_architecture(m: ModelConfig) -> str:
     """`llama` or `gpt2`, whichever expresses model config `m` exactly; else a ConfigError."""
+    if m.parametrization == "mup":  # refused rather than folded: see docs/mup.md
+        raise ConfigError("model.parametrization=mup cannot be exported to Hugging Face: Llama "
+                          "and GPT-2 have no readout multiplier 1/m or attention scale "
+                          "~1/head_dim; export a parametrization=standard model")
     why = {}
     for arch, needs in _NEEDS.items():
         bad = [f"{k}={getattr(m, k)}" for k, ok in needs.items() if getattr(m, k) not in ok]
