@@ -607,7 +607,7 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
     if sized:
         lines += _multiplier_lines(report)
     if report.get("lr_sweep"):
-        lines += _lr_sweep_lines(report["lr_sweep"])
+        lines += lr_sweep_lines(report["lr_sweep"])
     failed = [(row["name"], r) for row in rows for r in row["runs"] if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -649,7 +649,7 @@ def _multiplier_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _lr_sweep_lines(sweep: list[dict]) -> list[str]:
+def lr_sweep_lines(sweep: list[dict]) -> list[str]:
     lines = ["", "## Best lr per width", "",
              "Final validation loss per optim.lr (mean over seeds) at each size; **bold** = the "
              "best lr of that size. Moved = grid steps between the best lrs of the sizes."]

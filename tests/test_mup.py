@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import one_thread, tiny_model_config, tokens
-from llmtrain.ablate import Size, _lr_sweep_lines, lr_sweep
+from llmtrain.ablate import Size, lr_sweep_lines, lr_sweep
 from llmtrain.config import Config, ConfigError
 from llmtrain.config.validate import validate
 from llmtrain.model import build_model
@@ -183,6 +183,6 @@ def test_lr_sweep_marks_best_lr_per_width():
     assert fam["family"] == "model.parametrization=mup" and fam["lrs"] == [1e-3, 2e-3, 4e-3]
     assert fam["sizes"]["s"]["best_lr"] == 2e-3 and fam["sizes"]["l"]["best_lr"] == 1e-3
     assert fam["moved"] == 1
-    md = "\n".join(_lr_sweep_lines([fam]))
+    md = "\n".join(lr_sweep_lines([fam]))
     assert "| s | 5.0000 | **4.0000** | 4.5000 | 0.002 |" in md
     assert "| l | **4.2000** | 4.4000 | - | 0.001 |" in md
