@@ -491,10 +491,10 @@ def summarize(spec: Spec, runs: list[Run]) -> dict[str, Any]:
 
 def lr_sweep(spec: Spec, rows: list[dict]) -> list[dict]:
     """The best lr per size of each family of variants that differ only in optim.lr (a family
-    with two or more lrs; its label: the variants' other overrides, less the sizes'). Per family: the lr grid
-    (ascending), each size's final validation loss per lr and its best lr, and `moved`: how many
-    grid steps apart the best lrs of the sizes lie (0: the same lr at every size). [] when no
-    family sweeps lr."""
+    with two or more lrs; its label: the variants' other overrides, less the sizes'). Per
+    family: the lr grid (ascending), each size's final validation loss per lr and its best lr,
+    and `moved`: how many grid steps apart the best lrs of the sizes lie (0: the same lr at
+    every size). [] when no family sweeps lr."""
     families: dict[str, dict] = {}
     size_keys = {parse_override(o)[0] for z in spec.sizes for o in z.overrides}
     for row in rows:

@@ -29,8 +29,8 @@ def param_groups(model: nn.Module, weight_decay: float, cfg: Config | None = Non
         groups.setdefault((decay, scale), []).append(p)
     out = []
     for (decay, scale), params in groups.items():
-        g = {"params": params, "weight_decay": weight_decay if decay else 0.0,
-             "name": ("decay" if decay else "no_decay") + ("" if scale == 1.0 else f"_lr{scale:g}")}
+        name = ("decay" if decay else "no_decay") + ("" if scale == 1.0 else f"_lr{scale:g}")
+        g = {"params": params, "weight_decay": weight_decay if decay else 0.0, "name": name}
         if scale != 1.0:
             g.update(lr_scale=scale, lr=cfg.optim.lr * scale)
         out.append(g)
