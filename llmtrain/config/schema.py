@@ -124,6 +124,11 @@ class ModelConfig:
                               "(ResFormer, Zhou et al. 2024)")
     logit_softcap: float = _f(0.0, lo=0.0, doc="c > 0: output logits c * tanh(logits / c) "
                               "(Gemma 2); 0 = off")
+    # Yang et al. 2022 (Tensor Programs V), model/mup.py: hyperparameters tuned at width
+    # base_d_model transfer to d_model
+    parametrization: Literal["standard", "mup"] = "standard"
+    base_d_model: int | None = _f(None, lo=1, hi=_WIDTH,
+                                  doc="mup: the width the hyperparameters were tuned at")
 
     @property
     def head_dim(self) -> int:

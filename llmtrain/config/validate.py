@@ -27,6 +27,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _model_shape(cfg)
     _variants(cfg)
     _long_context(cfg)
+    _mup(cfg)
     _lengths_and_optim(cfg)
     _moe(cfg)
     dims = ParallelDims.from_config(cfg, world_size)
@@ -144,6 +145,36 @@ def _variants(cfg: Config) -> None:
             raise ConfigError(f"{bad[0]} with parallel.tp={p.tp} is not supported (the tensor-"
                               f"parallel plan follows the Llama module names); use tp=1")
 
+
+def _mup(cfg: Config) -> None:
+    """model.parametrization=mup (model/mup.py): its base width, and the variants whose own
+    init, multipliers or optimizer groups it does not cover."""
+    m = cfg.model
+    if m.parametrization != "mup":
+        if m.base_d_model is not None:
+            raise ConfigError(f"model.base_d_model={m.base_d_model} is used by "
+                              f"model.parametrization=mup only (got {m.parametrization}); set "
+                              f"it to null or use parametrization=mup")
+        return
+    if m.base_d_model is None or m.base_d_model % m.n_heads:
+        raise ConfigError(f"model.parametrization=mup needs model.base_d_model, the width the "
+                          f"hyperparameters were tuned at, divisible by model.n_heads="
+                          f"{m.n_heads} (got {m.base_d_model})")
+    # (key, value, refused): sinusoidal positions multiply embeddings by sqrt(d_model), which
+    # grows with width; deepnorm and fixup have their own init; DeepSpeed builds its own groups
+    checks = [("model.moe.num_experts", m.moe.num_experts, m.moe.num_experts > 0),
+              ("model.mixer", m.mixer, m.mixer != "attention"),
+              ("model.output", m.output, m.output != "softmax"),
+              ("model.embedding_dim", m.embedding_dim, m.embedding_dim is not None),
+              ("model.init", m.init, m.init != "default"),
+              ("model.position", m.position, m.position == "sinusoidal"),
+              ("model.norm_position", m.norm_position, m.norm_position == "deepnorm"),
+              ("parallel.engine", cfg.parallel.engine, cfg.parallel.engine == "deepspeed")]
+    for key, value, refused in checks:
+        if refused:
+            raise ConfigError(f"{key}={value} with model.parametrization=mup is not supported "
+                              f"(muP's init, multipliers and lr groups are written for dense "
+                              f"attention models, model/mup.py); use parametrization=standard")
 
 
 def _long_context(cfg: Config) -> None:

@@ -25,11 +25,14 @@ from llmtrain.model.rope import apply_rope
 class ScaledDotProduct(nn.Module):
     """softmax(q k^T / sqrt(head_dim) + mask) v (Vaswani et al. 2017, eq. 1): the only part of
     attention that reads other positions. Its own module so that parallel/context.py can run it on
-    a sequence split over ranks (it swaps this module for one that gathers the sequence)."""
+    a sequence split over ranks (it swaps this module for one that gathers the sequence).
+    `scale` replaces 1/sqrt(head_dim) (None: that default); muP's is ~1/head_dim (model/mup.py,
+    Yang et al. 2022, section 4)."""
 
-    def __init__(self, dropout: float = 0.0):
+    def __init__(self, dropout: float = 0.0, scale: float | None = None):
         super().__init__()
         self.dropout = dropout
+        self.scale = scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,17 +43,18 @@ class ScaledDotProduct(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=k.shape[1] != q.shape[1])
+            enable_gqa=k.shape[1] != q.shape[1], scale=self.scale)
 
 
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, bias: bool = False,
                  dropout: float = 0.0, qk_norm_eps: float | None = None,
-                 value_residual: bool = False):
-        """qk_norm_eps: QK-norm with this RMSNorm eps (None: off)."""
+                 value_residual: bool = False, scale: float | None = None):
+        """qk_norm_eps: QK-norm with this RMSNorm eps (None: off); scale: the
+        attention scores' scale (None: 1/sqrt(head_dim); muP passes its own)."""
         super().__init__()
         self.head_dim = dim // n_heads
-        self.core = ScaledDotProduct(dropout)
+        self.core = ScaledDotProduct(dropout, scale)
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)

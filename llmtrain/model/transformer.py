@@ -34,6 +34,9 @@ Variants (config keys of ModelConfig; each default leaves modules, names and mat
   logit_softcap: c    output logits c * tanh(logits / c) (Gemma Team 2024, "Gemma 2", logit
                       soft-capping; transformers' final_logit_softcapping), also inside the
                       chunked loss (train/lean_loss.py), which gets c from forward.
+  parametrization: mup  Yang et al. 2022 (Tensor Programs V, Table 8), model/mup.py: hidden
+                      matrices start at std / sqrt(m), attention scores ~ 1/head_dim, the readout's
+                      input times 1/m (m = d_model / base_d_model); at m = 1 the standard model.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from llmtrain.model.attention import Attention
 from llmtrain.model.mixers import build_mixer
 from llmtrain.model.mlp import FeedForward
 from llmtrain.model.moe import MoE, moe_layers, moe_stats, aux_loss as moe_aux_loss
+from llmtrain.model.mup import attention_scale, hidden_std, output_multiplier
 from llmtrain.model.norms import build_norm
 from llmtrain.model.output import MixtureOfSoftmaxes
 from llmtrain.model.residual import deepnorm_alpha, deepnorm_beta, residual_layer
@@ -77,7 +81,7 @@ class TransformerBlock(nn.Module):
         if cfg.mixer == "attention":
             self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias,
                                        cfg.dropout, cfg.norm_eps if cfg.qk_norm else None,
-                                       cfg.value_residual)
+                                       cfg.value_residual, attention_scale(cfg))
             self.mixer = None
         else:
             self.attention = None
@@ -194,6 +198,7 @@ class Transformer(nn.Module):
         self.mos = MixtureOfSoftmaxes(cfg.d_model, cfg.mos_k) if cfg.output == "mos" else None
         if cfg.tie_embeddings:  # Press & Wolf 2017
             self.output.weight = self.tok_embeddings.weight
+        self.readout_scale = output_multiplier(cfg)  # muP's 1/m (model/mup.py); 1 standard
         register_rope_tables(self, cfg)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
@@ -235,6 +240,10 @@ class Transformer(nn.Module):
             h = self.norm(h)
         if self.output is None:
             return h
+        if self.readout_scale != 1.0:
+            # muP's logit multiplier 1/m on the readout's input: the readout is linear and
+            # bias-free, so this is (W h) / m for every path below (the chunked loss's head too)
+            h = h * self.readout_scale
         if head is not None:
             return head(h if self.output_proj is None else self.output_proj(h), self.output,
                         softcap=self.cfg.logit_softcap)
@@ -293,7 +302,7 @@ class Transformer(nn.Module):
         if self.pos_embeddings is not None:
             nn.init.normal_(self.pos_embeddings.weight, 0.0, std)
         for layer in self.layers.values():
-            layer.init_weights(std)
+            layer.init_weights(hidden_std(self.cfg, std))  # muP: variance ~ 1/fan_in
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.output is not None and not self.cfg.tie_embeddings:

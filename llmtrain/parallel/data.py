@@ -336,7 +336,7 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
     the states are partitioned over dp_shard by ZeroRedundancyOptimizer (PartitionedAdamW for
     tensor- or expert-parallel parameters)."""
     o = cfg.optim
-    groups = split_by_kind(param_groups(model, o.weight_decay))
+    groups = split_by_kind(param_groups(model, o.weight_decay, cfg))
     params = [p for g in groups for p in g["params"]]
     kernel = adamw_kernel(params_device_type(groups), groups)
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel)
@@ -353,7 +353,7 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
     zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
                                    process_group=shard_group,
                                    weight_decay=groups[0]["weight_decay"], **kw)
-    zero.param_groups[0]["name"] = groups[0]["name"]
+    zero.param_groups[0].update({k: v for k, v in groups[0].items() if k != "params"})
     for g in groups[1:]:
         zero.add_param_group(g)
     return zero

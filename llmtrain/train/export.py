@@ -133,6 +133,10 @@ def hf_architecture(m: ModelConfig) -> str:
         raise ConfigError(f"model.attention_global_every={m.attention_global_every} cannot be "
                           f"exported: Hugging Face Mistral slides its window in every layer; "
                           f"export a model with attention_global_every=0")
+    if m.parametrization == "mup":  # refused rather than folded: see docs/mup.md
+        raise ConfigError("model.parametrization=mup cannot be exported to Hugging Face: Llama "
+                          "and GPT-2 have no readout multiplier 1/m or attention scale "
+                          "~1/head_dim; export a parametrization=standard model")
     why = {}
     for arch, needs in _NEEDS.items():
         bad = [f"{k}={getattr(m, k)}" for k, ok in needs.items() if getattr(m, k) not in ok]

@@ -7,20 +7,34 @@ import math
 import torch
 from torch import nn
 
-from llmtrain.config import OptimConfig
+from llmtrain.config import Config, OptimConfig
+from llmtrain.model.mup import lr_multiplier
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: no weight decay on norms, biases and embeddings (GPT-3, Llama)."""
-    decay, no_decay, seen = [], [], set()
+def param_groups(model: nn.Module, weight_decay: float, cfg: Config | None = None) -> list[dict]:
+    """Decay matrices only: no weight decay on norms, biases and embeddings (GPT-3, Llama).
+    With run config `cfg`, each group is split further by model/mup.py's `lr_multiplier` of
+    (name, shape, cfg): a group whose multiplier is not 1 (muP's hidden matrices: 1/m) holds it
+    as `lr_scale` (and starts at that lr), which train/step.py `set_lr` multiplies into every
+    step's lr. Under the standard parametrization the groups are the two above, as before."""
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    seen = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         is_embedding = "embeddings" in name and "output" not in name
-        (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        decay = not (p.ndim < 2 or is_embedding)
+        scale = 1.0 if cfg is None else lr_multiplier(name, p.shape, cfg)[0]
+        groups.setdefault((decay, scale), []).append(p)
+    out = []
+    for (decay, scale), params in groups.items():
+        name = ("decay" if decay else "no_decay") + ("" if scale == 1.0 else f"_lr{scale:g}")
+        g = {"params": params, "weight_decay": weight_decay if decay else 0.0, "name": name}
+        if scale != 1.0:
+            g.update(lr_scale=scale, lr=cfg.optim.lr * scale)
+        out.append(g)
+    return out
 
 
 def params_device_type(groups: list[dict]) -> str:
@@ -65,11 +79,12 @@ def split_by_kind(groups: list[dict]) -> list[dict]:
     return out
 
 
-def build_optimizer(model: nn.Module, o: OptimConfig,
-                    fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` of a model on one process (bench); `fused` None: the kernel
-    `adamw_kernel` picks for the parameters' device."""
-    groups = param_groups(model, o.weight_decay)
+def build_optimizer(model: nn.Module, o: OptimConfig, fused: bool | None = None,
+                    cfg: Config | None = None) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` of a model on one process (bench; `cfg`: the run config, for
+    muP's lr multipliers); `fused` None: the kernel `adamw_kernel` picks for the parameters'
+    device."""
+    groups = param_groups(model, o.weight_decay, cfg)
     if fused is None:
         kernel = adamw_kernel(params_device_type(groups), groups)
     else:

@@ -103,8 +103,10 @@ def model_logits(model: nn.Module, batch: Batch, device: torch.device,
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr: `lr` times the group's `lr_scale` (muP's multipliers, train/optim.py
+    `param_groups`; 1 where absent)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def global_token_count(batches: list[Batch], device: torch.device,
