@@ -104,6 +104,10 @@ def test_sharded_safetensors_round_trip(tmp_path):
     {"activation": "gelu"},  # gelu with rope
     {"norm": "layernorm", "position": "learned", "activation": "gelu", "bias": True,
      "n_kv_heads": 2},  # GPT-2 layout with GQA
+    # variants without parameters of their own: the weight mapping alone would export them
+    {"ln_scaling": "inv_sqrt_depth"},
+    {"value_residual": True},
+    {"logit_softcap": 30.0},
 ])
 def test_refused_layouts(model, tmp_path, capsys):
     run = tmp_path / "run"

@@ -106,12 +106,18 @@ _GPT2_NAMES = [
 ]
 _GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
+# The variants neither Llama nor GPT-2 computes. Some have no parameters of their own (LayerNorm
+# Scaling, value residuals, the logit soft-cap), so the weight mapping would not notice them and an
+# export would silently be another function.
+_PLAIN = {"mixer": ("attention",), "residual": ("standard",), "ln_scaling": ("none",),
+          "share_layers": (False,), "embedding_dim": (None,), "output": ("softmax",),
+          "qk_norm": (False,), "value_residual": (False,), "logit_softcap": (0.0,)}
 # What each HF architecture needs of model.*: key -> allowed values.
 _NEEDS = {
     "llama": {"arch": ("decoder",), "norm": ("rmsnorm",), "norm_position": ("pre",),
-              "position": ("rope",), "activation": ("swiglu", "geglu")},
+              "position": ("rope",), "activation": ("swiglu", "geglu"), **_PLAIN},
     "gpt2": {"arch": ("decoder",), "norm": ("layernorm",), "norm_position": ("pre",),
-             "position": ("learned",), "activation": ("gelu",), "bias": (True,)},
+             "position": ("learned",), "activation": ("gelu",), "bias": (True,), **_PLAIN},
 }
 _LLAMA_ACT = {"swiglu": "silu", "geglu": "gelu"}  # HF ACT2FN["gelu"] is the exact GELU
 
@@ -152,9 +158,9 @@ def hf_architecture(m: ModelConfig) -> str:
             return "mistral" if arch == "llama" and m.attention_window else arch
         why[arch] = ", ".join(bad)
     raise ConfigError(
-        "this model cannot be exported to Hugging Face: Llama needs rmsnorm, pre-LN, rope and "
-        f"swiglu/geglu (model has {why['llama']}); GPT-2 needs layernorm, pre-LN, learned "
-        f"positions, gelu and bias=true (model has {why['gpt2']})")
+        "this model cannot be exported to Hugging Face: Llama needs rmsnorm, pre-LN, rope, "
+        f"swiglu/geglu and no variant keys (model has {why['llama']}); GPT-2 needs layernorm, "
+        f"pre-LN, learned positions, gelu and bias=true (model has {why['gpt2']})")
 
 
 # ----------------------------------------------------------------------------------------------
