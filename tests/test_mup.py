@@ -97,10 +97,10 @@ def test_rules_and_lr_multipliers():
     assert model.output.weight.std().item() == pytest.approx(0.02, rel=0.05)
     x = tokens(2, 8, 256)
     with torch.no_grad():  # the readout multiplier reaches the chunked loss's head too
-        assert torch.equal(model(x, head=lambda h, out: out(h)), model(x))
-        h = model(x, head=lambda h, out: h)
+        assert torch.equal(model(x, head=lambda h, out, softcap: out(h)), model(x))
+        h = model(x, head=lambda h, out, softcap: h)
         model.readout_scale = 1.0
-        assert torch.equal(h, model(x, head=lambda h, out: h) * 0.25)
+        assert torch.equal(h, model(x, head=lambda h, out, softcap: h) * 0.25)
         model.readout_scale = 0.25
     core = model.layers["0"].attention.core  # sqrt(base_head_dim) / head_dim = sqrt(8) / 32
     assert core.scale == pytest.approx(math.sqrt(8) / 32)

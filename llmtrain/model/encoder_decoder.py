@@ -63,9 +63,9 @@ class EncoderDecoderBlock(nn.Module):
         self.alpha, self.beta = alpha, beta
         scale = attention_scale(cfg)  # None: SDPA's 1/sqrt(head_dim); muP: model/mup.py
         self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout,
-                                   scale)
+                                   scale=scale)
         self.cross_attention = (CrossAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias,
-                                               cfg.dropout, scale) if cross else None)
+                                               cfg.dropout, scale=scale) if cross else None)
         # MoE in every n-th layer of each stack, as transformer.py (Switch: every other)
         moe = cfg.moe.num_experts > 0 and (layer_id + 1) % cfg.moe.every_n_layers == 0
         self.feed_forward = (MoE(cfg) if moe else
