@@ -45,6 +45,9 @@ over the seeds that finished as mean and sample standard deviation (ddof 1):
                              p < 0.05
   multiplier (--sizes)       compute multiplier against the baseline's law, per size, and the
                              geometric mean over sizes
+  best lr per width          with --sizes, for each family of variants that differ only in
+                             optim.lr: every size's loss per lr, its best lr, and how many grid
+                             steps the best lr moves across sizes (muP transfer, docs/mup.md)
 """
 
 from __future__ import annotations
@@ -480,7 +483,45 @@ def summarize(spec: Spec, runs: list[Run]) -> dict[str, Any]:
         report["sizes"] = [{"name": z.name, "set": z.overrides,
                             "budget": dict([z.budget]) if z.budget else None} for z in spec.sizes]
         report["scaling"] = scaling_summary(spec, rows)
+        sweep = lr_sweep(spec, rows)
+        if sweep:
+            report["lr_sweep"] = sweep
     return report
+
+
+def lr_sweep(spec: Spec, rows: list[dict]) -> list[dict]:
+    """The best lr per size of each family of variants that differ only in optim.lr (a family
+    with two or more lrs; its label: the variants' other overrides, less the sizes'). Per
+    family: the lr grid (ascending), each size's final validation loss per lr and its best lr,
+    and `moved`: how many grid steps apart the best lrs of the sizes lie (0: the same lr at
+    every size). [] when no family sweeps lr."""
+    families: dict[str, dict] = {}
+    size_keys = {parse_override(o)[0] for z in spec.sizes for o in z.overrides}
+    for row in rows:
+        sets = dict(parse_override(o) for o in row["overrides"])
+        if "optim.lr" not in sets:
+            continue
+        lr = float(sets.pop("optim.lr"))
+        label = " ".join(f"{k}={v}" for k, v in sets.items() if k not in size_keys) \
+            or "(base config)"
+        fam = families.setdefault(label, {"family": label, "lrs": set(), "sizes": {}})
+        fam["lrs"].add(lr)
+        loss = row["final_val_loss_mean"]
+        fam["sizes"].setdefault(row["size"], {})[lr] = loss
+    out = []
+    for fam in families.values():
+        if len(fam["lrs"]) < 2:
+            continue
+        grid = sorted(fam["lrs"])
+        sizes = {}
+        for size, losses in fam["sizes"].items():
+            finite = {lr: v for lr, v in losses.items() if v is not None and math.isfinite(v)}
+            best = min(finite, key=finite.get) if finite else None
+            sizes[size] = {"losses": {str(lr): losses.get(lr) for lr in grid}, "best_lr": best}
+        idx = [grid.index(z["best_lr"]) for z in sizes.values() if z["best_lr"] is not None]
+        out.append({"family": fam["family"], "lrs": grid, "sizes": sizes,
+                    "moved": max(idx) - min(idx) if idx else None})
+    return out
 
 
 def _fit(rows: list[dict]):
@@ -565,6 +606,8 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
                      f"{_fmt_delta(row)} |")
     if sized:
         lines += _multiplier_lines(report)
+    if report.get("lr_sweep"):
+        lines += lr_sweep_lines(report["lr_sweep"])
     failed = [(row["name"], r) for row in rows for r in row["runs"] if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -603,6 +646,26 @@ def _multiplier_lines(report: dict[str, Any]) -> list[str]:
         alpha = "-" if v["alpha"] is None else f"{v['alpha']:.4f}"
         gm = "-" if v["multiplier_geomean"] is None else f"{v['multiplier_geomean']:.3f}"
         lines.append(f"| {name} | {alpha} | " + " | ".join(cells) + f" | {gm} |")
+    return lines
+
+
+def lr_sweep_lines(sweep: list[dict]) -> list[str]:
+    lines = ["", "## Best lr per width", "",
+             "Final validation loss per optim.lr (mean over seeds) at each size; **bold** = the "
+             "best lr of that size. Moved = grid steps between the best lrs of the sizes."]
+    for fam in sweep:
+        grid = fam["lrs"]
+        lines += ["", f"`{fam['family']}`: best lr moved {fam['moved']} grid step(s)", "",
+                  "| size | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | best lr |",
+                  "| --- | " + " | ".join("---:" for _ in grid) + " | ---: |"]
+        for size, z in fam["sizes"].items():
+            cells = []
+            for lr in grid:
+                v = z["losses"][str(lr)]
+                cell = "-" if v is None else f"{v:.4f}"
+                cells.append(f"**{cell}**" if lr == z["best_lr"] else cell)
+            best = "-" if z["best_lr"] is None else f"{z['best_lr']:g}"
+            lines.append(f"| {size} | " + " | ".join(cells) + f" | {best} |")
     return lines
 
 

@@ -50,7 +50,8 @@ def make_step(model: torch.nn.Module, cfg: Config, device: torch.device,
     """The loop's training step (train/step.py: loss, backward, global-norm clip, AdamW, the
     loss and norm read back) for a model whose logits come from `logits_of`; the returned
     function trains one step on [batch, seq + 1] tokens."""
-    opt = build_optimizer(model, cfg.optim, fused=True if device.type == "cuda" else None)
+    opt = build_optimizer(model, cfg.optim, fused=True if device.type == "cuda" else None,
+                          cfg=cfg)
     train_step = TrainStep(model, opt, cfg, device,
                            logits=lambda batch: logits_of(batch.tokens.to(device)))
 

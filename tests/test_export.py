@@ -104,6 +104,10 @@ def test_sharded_safetensors_round_trip(tmp_path):
     {"activation": "gelu"},  # gelu with rope
     {"norm": "layernorm", "position": "learned", "activation": "gelu", "bias": True,
      "n_kv_heads": 2},  # GPT-2 layout with GQA
+    # variants without parameters of their own: the weight mapping alone would export them
+    {"ln_scaling": "inv_sqrt_depth"},
+    {"value_residual": True},
+    {"logit_softcap": 30.0},
 ])
 def test_refused_layouts(model, tmp_path, capsys):
     run = tmp_path / "run"
@@ -119,9 +123,9 @@ def test_refused_layouts(model, tmp_path, capsys):
 def test_import_refuses_unsupported_config(tmp_path, capsys):
     src = tmp_path / "hf"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     assert cli("import-hf", str(src), "--out", str(tmp_path / "out")) == 2
-    assert "model_type llama" in capsys.readouterr().err
+    assert "model_type llama or mistral" in capsys.readouterr().err
 
 
 def test_training_continues_from_import(runs, tmp_path, capsys):

@@ -121,6 +121,12 @@ CONFIG_CASES = {
     "theta_inf": (edit_config(rope_parameters={"rope_type": "default", "rope_theta": float("inf")}),
                   "rope_theta=inf is not valid"),
     "rope_scaling_str": (edit_config(rope_scaling="linear"), "rope_scaling='linear' is not valid"),
+    "rope_type_unknown": (edit_config(rope_parameters={"rope_type": "longrope"}),
+                          "rope scaling 'longrope' is not supported"),
+    "rope_factor_huge": (edit_config(rope_parameters={"rope_type": "dynamic", "factor": 1e30}),
+                         "factor=1e+30 is not valid"),
+    "window_zero": (edit_config(model_type="mistral", sliding_window=0),
+                    "sliding_window=0 is not valid"),
     "heads_not_dividing": (edit_config(num_attention_heads=3, head_dim=None),
                            "n_heads=3 does not divide"),
 }

@@ -17,7 +17,8 @@ from llmtrain.config import ConfigError, config_from_dict
 from llmtrain.planner import comm, compute, memory
 from llmtrain.planner.cli import add_parser
 from llmtrain.planner.compute import A100_80GB, Hardware
-from llmtrain.planner.search import Layout, best_layout, check_layout, enumerate_layouts, estimate
+from llmtrain.planner.search import (Layout, best_layout, check_layout, enumerate_layouts, estimate,
+                                     plan)
 
 GB = 1e9
 
@@ -324,24 +325,66 @@ def test_zero_stage_and_ep_shrink_memory():
 
 
 def test_zero_buffers_by_hand():
-    """A block of 1M parameters sharded over 8 ranks: ZeRO 3 gathers two blocks (4 bytes fp32, 2
-    bf16 each) and reduce-scatters one block's gradients in fp32; ZeRO 2 only the latter;
-    without sharding there is no buffer."""
-    assert memory.zero_buffer_bytes(1e6, "fp32", 3, 8) == {"gathered": 8e6, "reduce_scatter": 4e6}
-    assert memory.zero_buffer_bytes(1e6, "bf16", 3, 8) == {"gathered": 4e6, "reduce_scatter": 4e6}
-    assert memory.zero_buffer_bytes(1e6, "bf16_pure", 2, 8) == {"gathered": 0.0,
-                                                                "reduce_scatter": 2e6}
-    assert memory.zero_buffer_bytes(1e6, "fp32", 3, 1) == {"gathered": 0.0, "reduce_scatter": 0.0}
+    """A block of 1M parameters sharded over 8 ranks: ZeRO 3 gathers two blocks and the root
+    unit (here 0.5M parameters) in the compute dtype (4 bytes fp32, 2 bf16), holds one block's
+    unsharded gradients in it and the reduce-scatter input in fp32; a pipeline stage gathers all
+    its blocks; ZeRO 2 only the gradient buffers; without sharding there is no buffer."""
+    assert memory.zero_buffer_bytes(1e6, "fp32", 3, 8, root_params=5e5) == {
+        "gathered": 10e6, "unsharded_grads": 4e6, "reduce_scatter": 4e6}
+    assert memory.zero_buffer_bytes(1e6, "bf16", 3, 8) == {
+        "gathered": 4e6, "unsharded_grads": 2e6, "reduce_scatter": 4e6}
+    assert memory.zero_buffer_bytes(1e6, "bf16", 3, 8, gathered_blocks=7)["gathered"] == 14e6
+    assert memory.zero_buffer_bytes(1e6, "bf16_pure", 2, 8) == {
+        "gathered": 0.0, "unsharded_grads": 2e6, "reduce_scatter": 2e6}
+    assert sum(memory.zero_buffer_bytes(1e6, "fp32", 3, 1).values()) == 0.0
 
 
 def test_zero3_transients_in_the_estimate_by_hand():
     """The estimate's activations at ZeRO 3 over 16 ranks exceed ZeRO 1's by three blocks of
-    this GPU's parameters at 2 + 2 + 4 bytes (bf16 gathers, fp32 reduce-scatter input)."""
+    this GPU's parameters in bf16 (two gathered, the unsharded gradients), the reduce-scatter
+    input in fp32 and the gathered root unit (embedding, final norm, output) in bf16; in a
+    2-stage pipeline the first stage gathers its 3 blocks and the embedding instead."""
     cfg = small_cfg()
     z1, z3 = (estimate(cfg, Layout(dp_shard=16, zero_stage=z, pp_microbatches=2), A100_80GB)
               .memory["activations"] for z in (1, 3))
     pc = memory.param_counts(cfg.model)
-    assert z3 - z1 == pytest.approx(pc.dense_layer * (2 + 2 + 4))
+    root = pc.embedding + pc.final_norm + pc.output
+    assert z3 - z1 == pytest.approx(pc.dense_layer * (2 + 2 + 2 + 4) + root * 2)
+    p1, p3 = (estimate(cfg, Layout(pp=2, dp_shard=8, zero_stage=z, pp_microbatches=4),
+                       A100_80GB).memory for z in (1, 3))
+    first = 3 * pc.dense_layer + pc.embedding  # the fuller stage here
+    assert p3["params"] == pytest.approx(first * 2 / 8)
+    assert p3["activations"] - p1["activations"] == pytest.approx(
+        pc.dense_layer * (3 * 2 + 2 + 4) + pc.embedding * 2)
+
+
+def test_optimizer_step_temporaries_by_formula():
+    """torch's foreach AdamW holds sqrt(v), one copy of the second moments, of the rank's
+    optimizer shard (fp32 unless bf16_pure), one parameter group at a time (decay, no-decay =
+    the embeddings, the experts apart); the fused kernel none. The estimate's total counts the
+    larger of it and the forward/backward transients, never both."""
+    assert memory.optimizer_step_bytes(1e6, "fp32", 3, 8, "foreach") == 4e6 / 8
+    assert memory.optimizer_step_bytes(1e6, "bf16", 1, 8, "foreach") == 4e6 / 8
+    assert memory.optimizer_step_bytes(1e6, "bf16_pure", 0, 8, "foreach") == 2e6
+    assert memory.optimizer_step_bytes(1e6, "bf16", 3, 8, "fused") == 0.0
+    cfg = small_cfg()
+    lay = Layout(dp_shard=2, zero_stage=3, pp_microbatches=16)
+    cpu, gpu = (estimate(cfg, lay, Hardware(adamw_kernel=k)).memory for k in ("foreach", "fused"))
+    states = cpu["params"] + cpu["grads"] + cpu["optimizer"] + cpu["overhead"]
+    pc = memory.param_counts(cfg.model)
+    decay = pc.total - pc.embedding  # the larger group; moments in fp32, sharded over 2
+    assert cpu["optimizer_step"] == pytest.approx(decay / 2 * 4)
+    moe = small_cfg(moe={"num_experts": 8, "top_k": 2})
+    pm = memory.param_counts(moe.model)
+    experts = pm.n_moe_layers * pm.moe_layer_experts / 2  # over ep 2, not sharded further
+    ep = estimate(moe, Layout(dp_shard=2, ep=2, zero_stage=3, pp_microbatches=16),
+                  Hardware(adamw_kernel="foreach")).memory
+    assert experts > (pm.total - pm.embedding - experts * 2) / 2
+    assert ep["optimizer_step"] == pytest.approx(experts * 4)
+    assert gpu["optimizer_step"] == 0.0
+    assert cpu["total"] == pytest.approx(states + max(cpu["activations"],
+                                                      cpu["optimizer_step"]))
+    assert gpu["total"] == pytest.approx(states + gpu["activations"])
 
 
 def test_best_layout_overrides_round_trip():
@@ -397,10 +440,10 @@ def test_cli_writes_json_with_the_promised_keys(tmp_path, capsys):
     for row in data["layouts"]:
         assert {"layout", "memory_gib", "step_time_s", "tokens_per_s", "mfu",
                 "tflops_per_gpu"} <= row.keys()
-        assert {"params", "grads", "optimizer", "activations", "overhead",
+        assert {"params", "grads", "optimizer", "activations", "optimizer_step", "overhead",
                 "total"} <= row["memory_gib"].keys()
         lay = row["layout"]
-        assert lay["tp"] * lay["pp"] * lay["dp_replicate"] * lay["dp_shard"] == 8
+        assert lay["tp"] * lay["pp"] * lay["dp_replicate"] * lay["dp_shard"] * lay["cp"] == 8
     first = data["layouts"][0]
     assert first["fits"]
     assert first["tokens_per_s"] == pytest.approx(32 * 512 / first["step_time_s"])
@@ -449,3 +492,99 @@ def test_cli_gpt3_175b_on_1024_a100(tmp_path, capsys):
     # may find a faster layout than Megatron's, but not an implausibly fast one
     assert 140 * 0.75 <= best["hw_tflops_per_gpu"] <= 312 * 0.8
     assert "best layout as overrides" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------
+# Context parallelism (all-to-all, DeepSpeed-Ulysses): a layout dimension of the planner
+
+def llama8b(seq_len, global_batch):
+    """Llama-3 8B's shape (Dubey et al. 2024, Table 3): 32 layers, d 4096, 32/8 heads, SwiGLU
+    14336, vocab 128256."""
+    return config_from_dict({"model": {
+        "n_layers": 32, "d_model": 4096, "n_heads": 32, "n_kv_heads": 8, "d_ff": 14336,
+        "vocab_size": 128256, "max_seq_len": seq_len, "norm": "rmsnorm", "position": "rope",
+        "activation": "swiglu", "tie_embeddings": False}, "train": {
+        "seq_len": seq_len, "global_batch_size": global_batch, "micro_batch_size": 1,
+        "precision": "bf16"}})
+
+
+def test_cp_divides_activations_and_shards_states_by_formula():
+    """Ulysses over cp ranks: a layer keeps (s/cp) b h (linear terms + 5 a s / h) bytes (the
+    score term at the full s: a/cp heads of s x s scores); the fp32 logits are of s/cp tokens;
+    ZeRO shards over dp_shard x cp, so cp2 x dp_shard 4 holds what dp_shard 8 holds."""
+    s, b, h, a = 4096, 2, 2048, 16
+    kw = dict(ffn=4 * h, dropout=True, layernorm=True)
+    for cp in (2, 4):
+        assert memory.layer_activation_bytes(s, b, h, a, 2, cp=cp, **kw) == pytest.approx(
+            s / cp * b * h * (10 + 24 / 2 + 5 * a * s / h / 2))
+        assert memory.layer_activation_bytes(s, b, h, a, cp=cp, flash=True, **kw) == \
+            pytest.approx(memory.layer_activation_bytes(s, b, h, a, flash=True, **kw) / cp)
+        assert memory.layer_activation_bytes(s, b, h, a, 2, sp=True, recompute="full",
+                                             cp=cp) == pytest.approx(2 * s / cp * b * h / 2)
+    cfg, hw = llama8b(8192, 16), Hardware()
+    one, two = (estimate(cfg, Layout(dp_shard=8 // cp, cp=cp, zero_stage=3,
+                                     pp_microbatches=16 * cp // 8), hw).memory for cp in (1, 2))
+    for key in ("params", "grads", "optimizer"):
+        assert two[key] == pytest.approx(one[key])
+    pc = memory.param_counts(cfg.model)
+    layers = memory.layer_activation_bytes(8192, 1, 4096, 32, kv_heads=8, ffn=14336, glu=True,
+                                           dropout=False, layernorm=False, flash=True)
+    logits = 4 * 8192 * 128256
+    root = pc.embedding + pc.final_norm + pc.output
+    buffers = sum(memory.zero_buffer_bytes(pc.dense_layer, "bf16", 3, 8, root_params=root)
+                  .values())
+    assert one["activations"] == pytest.approx(32 * layers + logits + buffers)
+    assert two["activations"] == pytest.approx((32 * layers + logits) / 2 + buffers)
+
+
+def test_cp_all_to_all_bytes_and_time_by_hand():
+    """Llama 8B, seq 8192, b 1, bf16, cp 4 x tp 2: a rank holds 16/8 q/kv heads of 2048 tokens
+    and sends 3/4 of them, 4 all-to-alls per layer and pass over the cp group (stride tp = 2,
+    inside one node); 32 layers x (forward + backward)."""
+    cfg, hw = llama8b(8192, 16), Hardware()
+    head = 1 * 8192 / 4 * 128 * 2  # one head's [b, s/cp, head_dim] in bf16
+    per_layer = 3 / 4 * head * (2 * 16 + 2 * 4)
+    assert comm.cp_all_to_all_bytes(1, 8192, 32, 8, 128, 4, 2, tp=2) == per_layer
+    link = comm.link_for(2, 4, hw)
+    assert not link.inter_node
+    assert comm.cp_attention_time(1, 8192, 32, 8, 128, 4, 2, link, tp=2) == pytest.approx(
+        4 * 3 * hw.alpha_intra_us * 1e-6 + per_layer / (hw.nvlink_gbps * 1e9 * 0.8))
+    lay = Layout(tp=2, cp=4, dp_shard=8, zero_stage=3, pp_microbatches=2)
+    est = estimate(cfg, lay, hw)
+    assert est.comm_bytes["cp"] == pytest.approx(2 * 32 * 2 * per_layer)  # 2 microbatches
+    assert est.time_s["cp_comm"] == pytest.approx(
+        2 * 32 * 2 * comm.cp_attention_time(1, 8192, 32, 8, 128, 4, 2, link, tp=2))
+    full = estimate(cfg, Layout(tp=2, cp=4, dp_shard=8, zero_stage=3, pp_microbatches=2,
+                                activation_checkpointing="full"), hw)
+    assert full.comm_bytes["cp"] == pytest.approx(1.5 * est.comm_bytes["cp"])  # + recompute
+    assert estimate(cfg, Layout(tp=2, dp_shard=32, zero_stage=3), hw).comm_bytes["cp"] == 0
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(tp=4, cp=4, dp_shard=4), "cp x tp among"),       # 16 does not divide 12 heads
+    (dict(cp=3, dp_shard=16, tp=1), "does not divide train.seq_len=128"),
+    (dict(cp=2, dp_shard=4), "does not match 16 GPUs"),
+])
+def test_cp_layout_rules(change, needle):
+    lay = Layout(**{"pp_microbatches": 2, **change})
+    errs = check_layout(small_cfg(), lay, 16)
+    assert any(needle in e for e in errs), errs
+    assert check_layout(small_cfg(), Layout(cp=2, tp=2, dp_shard=4, pp_microbatches=8), 16) == []
+
+
+def test_plan_proposes_cp_for_long_sequences_only():
+    """Llama 8B on 64 H100s: at seq 131072 the fastest fitting layout splits the sequence
+    (without cp, only tp 8 fits without recomputation, and every cp = 1 layout is slower); at
+    seq 8192, where cp 2 and 4 are among the candidates, it does not."""
+    hw = Hardware()
+    long = plan(llama8b(131072, 8), 64, hw)
+    best = long[0]
+    assert best.fits and best.layout.cp > 1
+    assert best.memory["total"] <= 80 * 1024 ** 3
+    no_cp = [e for e in long if e.fits and e.layout.cp == 1]
+    assert all(e.step_time_s > best.step_time_s for e in no_cp)
+    # without cp, nothing but tp 8 keeps every activation (no recomputation) within 80 GiB
+    assert all(e.layout.tp == 8 for e in no_cp if e.layout.activation_checkpointing == "none")
+    short = plan(llama8b(8192, 64), 64, hw)
+    assert {e.layout.cp for e in short} >= {1, 2, 4}
+    assert short[0].fits and short[0].layout.cp == 1

@@ -190,7 +190,7 @@ def test_mos_is_a_distribution_and_mixes():
 
 # ---- token mixers
 
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", [*MIXERS, "linear_attention"])
 def test_mixer_decoder_is_causal(mixer):
     model = make(mixer=mixer)
     with torch.no_grad():  # make gMLP's near-zero spatial weights matter
@@ -207,7 +207,7 @@ def test_mixer_decoder_is_causal(mixer):
         assert (a[:, t:] - b[:, t:]).abs().amax(-1).min() > 1e-5  # later positions see it
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", [*MIXERS, "linear_attention"])
 def test_mixer_doc_mask_and_shorter_sequences(mixer):
     model = make(mixer=mixer)
     with torch.no_grad():
@@ -243,6 +243,19 @@ def test_mixer_doc_mask_and_shorter_sequences(mixer):
     (["model.activation=relu", "model.moe.num_experts=4"], "model.activation=relu is not "
                                                            "implemented for MoE"),
     (["model.activation=tanh"], "model.activation='tanh' is not valid"),
+    # issue 25's variants
+    (["model.value_residual=true", "parallel.pp=2", "parallel.dp_shard=1",
+      "model.tie_embeddings=false"], "model.value_residual=True with parallel.pp=2"),
+    (["model.value_residual=true", "model.mixer=gmlp"], "model.value_residual=true mixes"),
+    (["model.qk_norm=true", "model.mixer=linear_attention"], "model.qk_norm=true normalises"),
+    (["model.qk_norm=true", "model.n_kv_heads=1", "parallel.tp=2", "parallel.dp_shard=1"],
+     "model.qk_norm=true with parallel.tp=2 needs the kv heads split"),
+    (["model.activation=polynorm", "model.moe.num_experts=4"], "model.activation=polynorm is "
+                                                               "not implemented for MoE"),
+    (["model.arch=encoder_decoder", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
+      "model.activation=polyrelu"], "model.activation=polyrelu is implemented for model.arch="
+                                    "decoder only"),
+    (["model.logit_softcap=-1"], "model.logit_softcap"),
 ])
 def test_bad_combinations_are_one_line_errors(sets, message, tmp_path):
     world = 2 if any("tp=2" in s or "pp=2" in s for s in sets) else 1
@@ -295,3 +308,212 @@ def test_variants_under_data_parallel_match_single_process(zero, tiny, tmp_path)
     multi = tmp_path / "multi"
     run_train(tiny(**variant, **{"logging.run_dir": multi, "parallel.zero_stage": zero}), nproc=2)
     assert read_losses(multi) == pytest.approx(read_losses(single), rel=1e-5)
+
+
+# ---- issue 25: QK-norm, value residual, PolyNorm/PolyReLU, linear attention, logit soft-cap
+
+def random_norm_weights(model, seed: int = 0) -> None:
+    """Non-trivial norm scales (all start at one), so a norm applied to the wrong tensor shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+
+
+def test_qk_norm_matches_transformers_qwen3():
+    """Qwen3 is Llama plus q_norm/k_norm (RMSNorm over head_dim per head, before rope): our
+    weights copied under the export's Llama names plus those two give the same logits."""
+    transformers = pytest.importorskip("transformers")
+    from llmtrain.train.export import hf_llama_name
+    c = cfg(n_layers=2, n_kv_heads=2, d_ff=48, max_seq_len=16, norm_eps=1e-6, qk_norm=True,
+            tie_embeddings=False)
+    ours = seeded_model(c)
+    random_norm_weights(ours)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
+        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads,
+        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, tie_word_embeddings=False, attention_bias=False,
+        hidden_act="silu", attn_implementation="eager")).eval()
+    state = {}
+    for name, value in ours.state_dict().items():
+        if ".q_norm." in name or ".k_norm." in name:  # Qwen3's self_attn.{q,k}_norm
+            name = "model." + name.replace("attention.", "self_attn.")
+        else:
+            name = hf_llama_name(name, c)
+        state[name] = value
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    x = tokens(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-5)
+        ours.layers["1"].attention.k_norm.weight.mul_(2)  # the norm is in the path
+        assert not torch.allclose(ours(x), hf(x).logits, atol=1e-3)
+
+
+def resformer_reference(model, x: torch.Tensor) -> torch.Tensor:
+    """Pre-LN decoder logits written out from the equations: softmax(q k^T / sqrt(d_h) + causal)
+    V'_n per head, V'_1 = V_1, V'_n = (V_n + V_1) / 2 for n > 1 (Zhou et al. 2024, lambda 1/2
+    each), SwiGLU FFN."""
+    from llmtrain.model.rope import apply_rope
+    T = x.shape[1]
+    h = model.tok_embeddings(x)
+    rope = (model.rope_cos[:T], model.rope_sin[:T])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    v1 = None
+    for block in model.blocks():
+        a, n = block.attention, block.attention_norm(h)
+        q, k, v = (w(n).unflatten(-1, (-1, a.head_dim)) for w in (a.wq, a.wk, a.wv))
+        q, k = apply_rope(q, *rope).transpose(1, 2), apply_rope(k, *rope).transpose(1, 2)
+        v1 = v if v1 is None else v1
+        vn = (0.5 * (v + v1)).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(a.head_dim)).masked_fill(~causal, -math.inf)
+        h = h + a.wo((scores.softmax(-1) @ vn).transpose(1, 2).flatten(2))
+        f = block.feed_forward
+        n = block.ffn_norm(h)
+        h = h + f.w2(F.silu(f.w1(n)) * f.w3(n))
+    return model.output(model.norm(h))
+
+
+def test_value_residual_matches_resformer_and_checkpointing():
+    model = make(value_residual=True)
+    x = tokens(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), resformer_reference(model, x))
+        # the first layer is unchanged and the later ones differ from a plain Transformer
+        plain = make()
+        plain.load_state_dict(model.state_dict())
+        h = model.tok_embeddings(x)
+        rope = (model.rope_cos[:12], model.rope_sin[:12])
+        torch.testing.assert_close(model.layers["0"](h, rope)[0], plain.layers["0"](h, rope))
+        assert not torch.allclose(model(x), plain(x), atol=1e-4)
+    # activation checkpointing (full) recomputes the blocks, V_1 included: same gradients
+    from llmtrain.parallel.checkpointing import apply_ac
+    model.train()
+    model(x).square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    apply_ac(model, load_config(None, ["parallel.activation_checkpointing=full"]))
+    model(x).square().mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+@pytest.mark.parametrize("kind", ["polyrelu", "polynorm"])
+def test_poly_activations_match_paper(kind):
+    """Zhuo et al. 2025 (section 3) at r = 3 with the authors' initial coefficients (1/3, 0)."""
+    from llmtrain.model.mlp import PolyActivation
+    act = PolyActivation(kind)
+    assert torch.equal(act.weight, torch.full((3,), 1 / 3)) and act.bias.item() == 0.0
+    with torch.no_grad():
+        act.weight.copy_(torch.tensor([0.5, -0.7, 0.2]))
+        act.bias.fill_(0.3)
+    x = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(0))
+    if kind == "polyrelu":
+        terms = [x.clamp(min=0) ** i for i in (1, 2, 3)]
+    else:  # x^i / ||x^i||_2 * sqrt(hidden): the RMS normalisation over the hidden units
+        terms = [x ** i / torch.sqrt((x ** i).pow(2).mean(-1, keepdim=True) + 1e-6)
+                 for i in (1, 2, 3)]
+    ref = 0.3 + 0.5 * terms[0] - 0.7 * terms[1] + 0.2 * terms[2]
+    torch.testing.assert_close(act(x), ref)
+    # in the MLP: w2(poly(w1 x)), a plain (non-GLU) 4 d width; the model counts it exactly
+    from llmtrain.planner import memory
+    ff = FeedForward(8, 16, kind)
+    y = torch.randn(3, 8)
+    torch.testing.assert_close(ff(y), ff.poly(y @ ff.w1.weight.T) @ ff.w2.weight.T)
+    c = cfg(activation=kind, qk_norm=True)
+    model = seeded_model(c)
+    assert c.ffn_dim == 4 * c.d_model and model.layers["0"].feed_forward.w3 is None
+    assert torch.equal(model.layers["2"].feed_forward.poly.weight,  # init_weights
+                       torch.full((3,), 1 / 3))
+    assert memory.param_counts(c).total == n_params(model)
+    assert model.flops_per_token(16) == (6 * (model.num_params() + c.d_model * c.vocab_size)
+                                         + 12 * c.n_layers * c.d_model * 16)
+
+
+def test_linear_attention_matches_quadratic_form():
+    """The O(T) prefix sums against Katharopoulos et al. (section 3.2) written out quadratically:
+    V'_i = sum_j m_ij phi(q_i).phi(k_j) v_j / sum_j m_ij phi(q_i).phi(k_j), m the causal mask,
+    or the block-diagonal causal one of packed documents."""
+    from llmtrain.model.mixers import (causal_linear_attention, document_starts,
+                                       elu_feature_map)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 10, 3, 4, generator=g) for _ in range(3))
+    fq, fk = elu_feature_map(q), elu_feature_map(k)
+    assert (fq > 0).all()
+
+    def quadratic(m):
+        a = torch.einsum("bihm,bjhm->bhij", fq, fk) * m
+        return torch.einsum("bhij,bjhd->bihd", a, v) / (a.sum(-1).transpose(1, 2)[..., None]
+                                                         + 1e-6)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    torch.testing.assert_close(causal_linear_attention(fq, fk, v), quadratic(causal))
+    doc_ids = torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [1] * 2 + [2]])
+    mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+    starts = document_starts(mask)
+    assert starts[1].tolist() == [0] * 7 + [7, 7, 9]
+    torch.testing.assert_close(causal_linear_attention(fq, fk, v, starts), quadratic(mask))
+    with pytest.raises(ValueError, match="block-diagonal"):
+        document_starts(mask & ~torch.eye(10, dtype=torch.bool))  # not a document mask
+    # FLOPs: 12 d head_dim per layer in place of attention's 12 d T
+    model = make(mixer="linear_attention")
+    c = model.cfg
+    assert model.flops_per_token(16) == (6 * (model.num_params() + c.d_model * c.vocab_size)
+                                         + 12 * c.n_layers * c.d_model * c.head_dim)
+
+
+def test_logit_softcap_plain_chunked_and_gemma2():
+    """c tanh(z / c) on the output logits (Gemma 2); the chunked loss (train/lean_loss.py) gives
+    the same loss and gradients as cross entropy of the capped logits; transformers' Gemma2
+    final_logit_softcapping is the same formula."""
+    transformers = pytest.importorskip("transformers")
+    from llmtrain.train.lean_loss import chunked_loss_head
+    c = 0.5  # small, so that the cap bends the logits of this tiny model
+    model, plain = make(logit_softcap=c), make()
+    x, labels = tokens(2, 8), tokens(2, 8, seed=3)
+    mask = torch.ones(2, 8)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        z = plain(x)
+        torch.testing.assert_close(model(x), c * torch.tanh(z / c))
+        assert (model(x) - z).abs().max() > 1e-3
+    grads = []
+    for head in (None, chunked_loss_head(labels, mask, chunk_tokens=5)):
+        model.zero_grad()
+        if head is None:
+            loss = (F.cross_entropy(model(x).flatten(0, 1), labels.flatten(), reduction="none")
+                    * mask.flatten()).sum()
+        else:
+            loss = model(x, head=head)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for a, b in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(a, b)
+    hf_cfg = transformers.Gemma2Config(vocab_size=61, hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1, head_dim=8,
+                                       final_logit_softcapping=c, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.Gemma2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        capped = hf(x).logits
+        hf.config.final_logit_softcapping = None
+        torch.testing.assert_close(capped, c * torch.tanh(hf(x).logits / c))
+
+
+
+@pytest.mark.parametrize("sets", [
+    ["model.qk_norm=true", "model.value_residual=true", "model.activation=polynorm",
+     "model.logit_softcap=30", "train.loss=chunked", "parallel.activation_checkpointing=full"],
+    ["model.mixer=linear_attention", "model.activation=polyrelu",
+     "data.reset_attention_at_eod=true"],
+], ids=["qk_vres_polynorm_cap_chunked_ac", "linear_attention_polyrelu_docs"])
+def test_issue25_variants_train_through_the_cli(sets, tiny):
+    sets = tiny(**{"train.steps": 3}) + sets
+    assert cli_train(sets) == 0
+    run = run_dir_of(sets)
+    losses = read_losses(run)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert math.isfinite(read_summary(run)["final_val_loss"])

@@ -15,11 +15,11 @@ from llmtrain.config.loading import (apply_override, config_from_dict, fit_micro
                                      save_config)
 from llmtrain.config.schema import (GLU_ACTIVATIONS, CheckpointConfig, Config, DataConfig,
                                     LoggingConfig, ModelConfig, MoEConfig, OptimConfig,
-                                    ParallelConfig, TrainConfig)
+                                    ParallelConfig, RopeScalingConfig, TrainConfig)
 from llmtrain.config.validate import validate
 
 __all__ = ["GLU_ACTIVATIONS", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
            "LoggingConfig", "ModelConfig", "MoEConfig", "OptimConfig", "ParallelConfig",
-           "ParallelDims", "TrainConfig", "apply_override", "config_from_dict", "fit_micro_batch",
-           "load_config", "parse_override", "parse_yaml", "read_yaml_file", "save_config",
-           "validate"]
+           "ParallelDims", "RopeScalingConfig", "TrainConfig", "apply_override",
+           "config_from_dict", "fit_micro_batch", "load_config", "parse_override", "parse_yaml",
+           "read_yaml_file", "save_config", "validate"]

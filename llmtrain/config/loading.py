@@ -88,8 +88,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
+            names = [f.name for f in dataclasses.fields(tp)]  # model has ~40: name a few
+            keys = ", ".join(names[:8]) + (f", ... ({len(names)} keys)" if len(names) > 8 else "")
             raise ConfigError(f"{path}={short(value)} has the wrong type; expected a mapping of "
-                              f"{', '.join(f.name for f in dataclasses.fields(tp))}")
+                              f"{keys}")
         return _build(tp, value, path)
     number = _number(value)
     if tp is bool:

@@ -55,6 +55,23 @@ class MoEConfig:
     bias_update_rate: float = _f(0.001, lo=0.0, doc="aux_free_bias step per update_bias()")
 
 
+@dataclass
+class RopeScalingConfig:
+    """Rope frequencies for context extension, as Hugging Face's `rope_parameters` (model/rope.py
+    has the formulas); type none = plain rope."""
+    type: Literal["none", "linear", "dynamic", "yarn", "llama3"] = "none"
+    factor: float = _f(1.0, lo=1.0, hi=_TOKENS, doc="context extension factor s")
+    original_max_position_embeddings: int = _f(0, lo=0, hi=_TOKENS,
+                                               doc="pretraining length L0 (dynamic, yarn, "
+                                                   "llama3); 0 = unset")
+    low_freq_factor: float = _f(1.0, lo=0.0, lo_open=True, doc="llama3")
+    high_freq_factor: float = _f(4.0, lo=0.0, lo_open=True, doc="llama3")
+    beta_fast: float = _f(32.0, lo=0.0, lo_open=True, doc="yarn: ramp end, in rotations")
+    beta_slow: float = _f(1.0, lo=0.0, lo_open=True, doc="yarn: ramp start, in rotations")
+    attention_factor: float | None = _f(None, lo=0.0, lo_open=True,
+                                        doc="yarn: cos/sin scale; None = 0.1 ln(factor) + 1")
+
+
 # Gated linear units (Shazeer 2020): activation(x W1) * (x W3). The one list of their names, which
 # the model, the planner and the validator read (a copy that missed one under-counted its MLPs).
 GLU_ACTIVATIONS = ("glu", "reglu", "geglu", "swiglu")
@@ -78,15 +95,22 @@ class ModelConfig:
     norm_position: Literal["pre", "post", "deepnorm", "b2t"] = "pre"
     position: Literal["rope", "learned", "sinusoidal", "t5_relative", "none"] = "rope"
     rope_theta: float = _f(10000.0, lo=0.0, lo_open=True)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    attention_window: int = _f(0, lo=0, hi=_TOKENS,
+                               doc="sliding window: token t attends to t-w+1..t; 0 = full")
+    attention_global_every: int = _f(0, lo=0, hi=_LAYERS,
+                                     doc="with a window, layers n-1, 2n-1, ... attend fully; "
+                                         "0 = none")
     activation: Literal["relu", "gelu", "silu", "elu", "selu", "glu", "reglu", "geglu",
-                        "swiglu"] = "swiglu"
+                        "swiglu", "polynorm", "polyrelu"] = "swiglu"
     bias: bool = False
     tie_embeddings: bool = True
     dropout: float = _f(0.0, lo=0.0, hi=1.0)
     init_std: float = _f(0.02, lo=0.0, lo_open=True)
     moe: MoEConfig = field(default_factory=MoEConfig)
     # architecture variants (model/transformer.py, mixers.py, output.py; decoder-only)
-    mixer: Literal["attention", "gmlp", "synthesizer_dense", "synthesizer_random"] = "attention"
+    mixer: Literal["attention", "gmlp", "synthesizer_dense", "synthesizer_random",
+                   "linear_attention"] = "attention"
     residual: Literal["standard", "rezero"] = "standard"
     init: Literal["default", "fixup"] = "default"
     ln_scaling: Literal["none", "inv_sqrt_depth"] = "none"
@@ -95,6 +119,16 @@ class ModelConfig:
     share_layers: bool = False
     output: Literal["softmax", "mos"] = "softmax"
     mos_k: int = _f(4, lo=1, hi=_COUNT, doc="softmaxes mixed by output=mos")
+    qk_norm: bool = _f(False, doc="RMSNorm on each head's queries and keys before rope (Qwen3)")
+    value_residual: bool = _f(False, doc="every layer's values averaged with the first layer's "
+                              "(ResFormer, Zhou et al. 2024)")
+    logit_softcap: float = _f(0.0, lo=0.0, doc="c > 0: output logits c * tanh(logits / c) "
+                              "(Gemma 2); 0 = off")
+    # Yang et al. 2022 (Tensor Programs V), model/mup.py: hyperparameters tuned at width
+    # base_d_model transfer to d_model
+    parametrization: Literal["standard", "mup"] = "standard"
+    base_d_model: int | None = _f(None, lo=1, hi=_WIDTH,
+                                  doc="mup: the width the hyperparameters were tuned at")
 
     @property
     def head_dim(self) -> int:
@@ -198,7 +232,8 @@ class DataConfig:
     num_workers: int = _f(0, lo=0, hi=_COUNT)
     text_field: str = "text"
     cache_dir: str | None = _f(None, doc="None = $LLMTRAIN_CACHE or ~/.cache/llmtrain")
-    reset_attention_at_eod: bool = False
+    reset_attention_at_eod: bool = _f(False, doc="attend within each packed document only, "
+                                      "positions restarting at each (reset_position_ids)")
     mask_eod_loss: bool = False
     source_field: str | None = None
     target_field: str | None = None

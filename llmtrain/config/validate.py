@@ -3,7 +3,8 @@
 `validate(cfg, world_size)` runs one rule per section or topic, in a fixed order (the first
 broken rule is the error a user sees): the model's shape, its architecture variants, training
 lengths and the optimizer, MoE, the parallel layout (`ParallelDims`, layout.py) and the batch
-split, expert parallelism, the pipeline, the DeepSpeed engine, tensor parallelism, offloading,
+split, expert parallelism, the pipeline, the DeepSpeed engine, tensor and context parallelism,
+offloading,
 activation checkpointing, switches this build does not run, the loss, data and checkpoint
 resumption. Each raises a one-line `ConfigError`.
 """
@@ -25,6 +26,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     p = cfg.parallel
     _model_shape(cfg)
     _variants(cfg)
+    _long_context(cfg)
+    _mup(cfg)
     _lengths_and_optim(cfg)
     _moe(cfg)
     dims = ParallelDims.from_config(cfg, world_size)
@@ -36,6 +39,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if p.engine == "deepspeed":
         _deepspeed(cfg)
     _tensor_parallel(cfg)
+    if p.cp > 1:
+        _context_parallel(cfg)
     _offload(cfg)
     _checkpointing(cfg)
     _unsupported(cfg)
@@ -83,8 +88,12 @@ def _variants(cfg: Config) -> None:
     variants = {"mixer": (m.mixer, "attention"), "residual": (m.residual, "standard"),
                 "init": (m.init, "default"), "ln_scaling": (m.ln_scaling, "none"),
                 "embedding_dim": (m.embedding_dim, None), "share_layers": (m.share_layers, False),
-                "output": (m.output, "softmax")}
+                "output": (m.output, "softmax"), "qk_norm": (m.qk_norm, False),
+                "value_residual": (m.value_residual, False),
+                "logit_softcap": (m.logit_softcap, 0.0)}
     changed = [f"model.{k}={v}" for k, (v, default) in variants.items() if v != default]
+    if m.activation in ("polynorm", "polyrelu"):  # their coefficients: decoder blocks only
+        changed.append(f"model.activation={m.activation}")
     if m.arch != "decoder" and changed:
         raise ConfigError(f"{changed[0]} is implemented for model.arch=decoder only; leave it at "
                           f"its default for model.arch={m.arch}")
@@ -106,22 +115,103 @@ def _variants(cfg: Config) -> None:
     if m.share_layers and (m.moe.num_experts or m.ln_scaling != "none"):
         raise ConfigError("model.share_layers=true cannot be combined with model.moe.num_experts "
                           "> 0 or model.ln_scaling (both differ per layer); use one of them")
-    if m.moe.num_experts and m.activation in ("relu", "silu", "elu", "selu"):
+    if m.moe.num_experts and m.activation in ("relu", "silu", "elu", "selu", "polynorm",
+                                              "polyrelu"):
         raise ConfigError(f"model.activation={m.activation} is not implemented for MoE experts; "
                           f"use gelu, glu, reglu, geglu or swiglu")
+    for key, what in (("qk_norm", "normalises attention queries and keys"),
+                      ("value_residual", "mixes attention values")):
+        if getattr(m, key) and m.mixer != "attention":
+            raise ConfigError(f"model.{key}=true {what}; it needs model.mixer=attention, got "
+                              f"{m.mixer}")
     if p.pp > 1:
         bad = [c for c in changed if c.split("=")[0] in
-               ("model.share_layers", "model.embedding_dim", "model.output")]
+               ("model.share_layers", "model.embedding_dim", "model.output",
+                "model.value_residual")]
         if bad:
             raise ConfigError(f"{bad[0]} with parallel.pp={p.pp} is not supported (pipeline "
-                              f"stages split layers and embeddings); use pp=1")
+                              f"stages split layers and embeddings, and the first layer's "
+                              f"values would have to travel with the activations); use pp=1")
     if p.tp > 1:
         bad = changed + (["model.norm=none"] if m.norm == "none" else [])
         bad = [c for c in bad if not c.startswith(("model.init=", "model.ln_scaling="))]
+        if m.qk_norm and m.kv_heads % p.tp:
+            raise ConfigError(f"model.qk_norm=true with parallel.tp={p.tp} needs the kv heads "
+                              f"split over tp (model.n_kv_heads={m.kv_heads} is kept whole on "
+                              f"every rank); use tp=1")
+        # QK-norm over this rank's heads: parallel/tensor.py (_replicate_over_heads)
+        bad = [c for c in bad if not c.startswith("model.qk_norm=")]
         if bad:
             raise ConfigError(f"{bad[0]} with parallel.tp={p.tp} is not supported (the tensor-"
                               f"parallel plan follows the Llama module names); use tp=1")
 
+
+def _mup(cfg: Config) -> None:
+    """model.parametrization=mup (model/mup.py): its base width, and the variants whose own
+    init, multipliers or optimizer groups it does not cover."""
+    m = cfg.model
+    if m.parametrization != "mup":
+        if m.base_d_model is not None:
+            raise ConfigError(f"model.base_d_model={m.base_d_model} is used by "
+                              f"model.parametrization=mup only (got {m.parametrization}); set "
+                              f"it to null or use parametrization=mup")
+        return
+    if m.base_d_model is None or m.base_d_model % m.n_heads:
+        raise ConfigError(f"model.parametrization=mup needs model.base_d_model, the width the "
+                          f"hyperparameters were tuned at, divisible by model.n_heads="
+                          f"{m.n_heads} (got {m.base_d_model})")
+    # (key, value, refused): sinusoidal positions multiply embeddings by sqrt(d_model), which
+    # grows with width; deepnorm and fixup have their own init; DeepSpeed builds its own groups
+    checks = [("model.moe.num_experts", m.moe.num_experts, m.moe.num_experts > 0),
+              ("model.mixer", m.mixer, m.mixer != "attention"),
+              ("model.output", m.output, m.output != "softmax"),
+              ("model.embedding_dim", m.embedding_dim, m.embedding_dim is not None),
+              ("model.init", m.init, m.init != "default"),
+              ("model.position", m.position, m.position == "sinusoidal"),
+              ("model.norm_position", m.norm_position, m.norm_position == "deepnorm"),
+              ("parallel.engine", cfg.parallel.engine, cfg.parallel.engine == "deepspeed")]
+    for key, value, refused in checks:
+        if refused:
+            raise ConfigError(f"{key}={value} with model.parametrization=mup is not supported "
+                              f"(muP's init, multipliers and lr groups are written for dense "
+                              f"attention models, model/mup.py); use parametrization=standard")
+
+
+def _long_context(cfg: Config) -> None:
+    """model.rope_scaling (model/rope.py) and the sliding window (model.attention_window,
+    attention_global_every; model/transformer.py), both decoder-only."""
+    m = cfg.model
+    s = m.rope_scaling
+    if s.type != "none":
+        if m.position != "rope":
+            raise ConfigError(f"model.rope_scaling.type={s.type} needs model.position=rope, got "
+                              f"{m.position}; use rope_scaling.type=none")
+        if s.type != "linear" and s.original_max_position_embeddings < 1:
+            raise ConfigError(f"model.rope_scaling.type={s.type} needs model.rope_scaling."
+                              f"original_max_position_embeddings (the pretraining length), got "
+                              f"{s.original_max_position_embeddings}; set it >= 1")
+        if s.type == "dynamic" and m.arch != "decoder":
+            raise ConfigError(f"model.rope_scaling.type=dynamic is implemented for "
+                              f"model.arch=decoder only, got {m.arch}; use linear, yarn or llama3")
+        if s.type == "llama3" and s.high_freq_factor <= s.low_freq_factor:
+            raise ConfigError(f"model.rope_scaling.high_freq_factor={s.high_freq_factor} must "
+                              f"exceed low_freq_factor={s.low_freq_factor} (type=llama3)")
+        if s.type == "yarn" and s.beta_fast < s.beta_slow:
+            raise ConfigError(f"model.rope_scaling.beta_fast={s.beta_fast} must be >= "
+                              f"beta_slow={s.beta_slow} (type=yarn)")
+    if m.attention_global_every and not m.attention_window:
+        raise ConfigError(f"model.attention_global_every={m.attention_global_every} needs "
+                          f"model.attention_window > 0 (the local layers' window), got 0")
+    if m.attention_window:
+        if m.arch != "decoder" or m.mixer != "attention":
+            what = f"arch={m.arch}" if m.arch != "decoder" else f"mixer={m.mixer}"
+            raise ConfigError(f"model.attention_window={m.attention_window} is implemented for "
+                              f"model.arch=decoder with mixer=attention, got model.{what}; "
+                              f"use 0")
+        if m.attention_global_every and m.share_layers:
+            raise ConfigError(f"model.attention_global_every={m.attention_global_every} with "
+                              f"model.share_layers=true is not supported (one shared block "
+                              f"cannot alternate windows); use 0 or share_layers=false")
 
 
 def _lengths_and_optim(cfg: Config) -> None:
@@ -271,6 +361,40 @@ def _tensor_parallel(cfg: Config) -> None:
     if p.sequence_parallel and p.tp > 1 and m.position == "learned" and m.max_seq_len % p.tp:
         raise ConfigError(f"parallel.sequence_parallel with position=learned needs "
                           f"model.max_seq_len={m.max_seq_len} divisible by parallel.tp={p.tp}")
+    if p.sequence_parallel and p.tp > 1 and m.position == "learned" and \
+            cfg.data.reset_attention_at_eod:
+        # positions restart per document: a [B, T] table lookup, which the sequence-parallel
+        # plan of the position table ([T, D] output split along T) does not shard
+        raise ConfigError("data.reset_attention_at_eod with position=learned and "
+                          "parallel.sequence_parallel is not supported; use position=rope or "
+                          "sequence_parallel=false")
+
+
+def _context_parallel(cfg: Config) -> None:
+    """parallel.cp splits every sequence over cp ranks and attention's heads by all-to-all
+    (parallel/context.py): what that needs of the model and the other switches."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    cp = f"parallel.cp={p.cp}"
+    why = {"model.arch=encoder_decoder": m.arch == "encoder_decoder",
+           f"model.mixer={m.mixer}": m.mixer != "attention",  # only attention is swapped
+           "model.position=t5_relative": m.position == "t5_relative",
+           # router losses and expert capacity are computed over the local tokens
+           f"model.moe.num_experts={m.moe.num_experts}": m.moe.num_experts > 0,
+           "parallel.engine=deepspeed": p.engine == "deepspeed",
+           "parallel.compile=true": p.compile}  # not tested with the all-to-all in the graph
+    bad = next((key for key, on in why.items() if on), None)
+    if bad:
+        raise ConfigError(f"{cp} with {bad} is not supported (context parallelism splits the "
+                          f"sequences of a decoder's self-attention); use parallel.cp=1")
+    sp = p.tp if p.sequence_parallel and p.tp > 1 else 1
+    if t.seq_len % (p.cp * sp):
+        by = f"parallel.cp={p.cp} x parallel.tp={p.tp} (sequence parallel)" if sp > 1 else cp
+        raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by {by}; use a multiple "
+                          f"of {p.cp * sp}")
+    if m.n_heads % (p.cp * p.tp):
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by {cp} x parallel.tp="
+                          f"{p.tp} = {p.cp * p.tp} (each cp rank attends with its share of a tp "
+                          f"rank's heads); use cp x tp in {_divisors(m.n_heads)}")
 
 
 def _offload(cfg: Config) -> None:
@@ -301,8 +425,6 @@ def _checkpointing(cfg: Config) -> None:
 def _unsupported(cfg: Config) -> None:
     """Switches this build does not run (yet)."""
     p = cfg.parallel
-    if p.cp > 1:
-        raise ConfigError(f"parallel.cp={p.cp} (context parallelism) is not built yet; use 1")
     if p.compile and p.engine == "deepspeed":
         # parallel/compile.py compiles the blocks inside parallelize()'s torch engine path;
         # deepspeed.initialize wraps the model in its own engine (which has its own compile)

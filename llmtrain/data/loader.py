@@ -37,6 +37,10 @@ class Batch:
     sample_ids: list[int]      # indices into the split, for logging/debugging
     src: torch.Tensor | None = None       # [B, S] encoder input (encoder-decoder models)
     src_mask: torch.Tensor | None = None  # [B, S] bool, True = real token
+    # [T] or [B, T] position of each token (rope / learned positions); None = 0..T-1. Set where
+    # positions restart per document (reset_attention_at_eod) or tokens are a context-parallel
+    # part of the sequence (`context_part`); doc_ids then still cover the whole sequence.
+    positions: torch.Tensor | None = None
 
 
 def _split_sizes(cfg: Config) -> list[int]:
@@ -97,6 +101,29 @@ def _doc_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return torch.cumsum(is_eod, dim=-1) - is_eod
 
 
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] position of every token inside its document: 0 at each document's first token
+    (Megatron-LM's reset_position_ids), so a packed document is placed as if it stood alone."""
+    T = doc_ids.shape[-1]
+    idx = torch.arange(T).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return idx - first
+
+
+def context_part(batch: Batch, cp_rank: int, cp_size: int) -> Batch:
+    """The part of `batch` a context-parallel rank keeps (parallel/context.py): the contiguous
+    tokens [r T/cp, (r+1) T/cp) of every sequence, their labels, loss mask and positions; the
+    document ids stay whole (the attention mask covers the whole sequence)."""
+    t = batch.tokens.shape[1] // cp_size
+    part = slice(cp_rank * t, (cp_rank + 1) * t)
+    positions = (torch.arange(part.start, part.stop) if batch.positions is None
+                 else batch.positions[:, part])
+    return Batch(batch.tokens[:, part], batch.labels[:, part], batch.loss_mask[:, part],
+                 batch.doc_ids, batch.sample_ids, positions=positions)
+
+
 class EpochOrder:
     """Global sample number -> dataset index: epoch 0 in the dataset's own (shuffled) order,
     epoch e > 0 through a permutation seeded by (seed, e)."""
@@ -116,9 +143,12 @@ class EpochOrder:
 
 
 class BatchReader:
-    """Micro-batches of one data-parallel rank, addressed by (step, micro-batch index)."""
+    """Micro-batches of one data-parallel rank, addressed by (step, micro-batch index); with
+    context parallelism, this cp rank's part of them (the cp ranks of a dp rank read the same
+    samples)."""
 
-    def __init__(self, dataset, cfg: Config, tok: Tokenizer, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, dataset, cfg: Config, tok: Tokenizer, dp_rank: int = 0, dp_size: int = 1,
+                 cp_rank: int = 0, cp_size: int = 1):
         t = cfg.train
         self.ds, self.tok = dataset, tok
         self.order = EpochOrder(len(dataset), t.seed)
@@ -127,6 +157,13 @@ class BatchReader:
         self.n_micro = micro_batches(self.G, self.mb, dp_size)
         self.offset = dp_rank * self.per_rank
         self.reset_at_eod = cfg.data.reset_attention_at_eod
+        self.cp_rank, self.cp_size = cp_rank, cp_size
+        # A cp rank's model sees T/cp tokens but must know the whole length S for the masks of a
+        # sliding window and for dynamic NTK's tables: it takes S from doc_ids, so they are passed
+        # (one document per row) where the data has none (Transformer.forward's contract).
+        m = cfg.model
+        self.whole_length_ids = cp_size > 1 and (m.attention_window > 0
+                                                 or m.rope_scaling.type == "dynamic")
 
     def sample_ids(self, step: int, micro: int) -> list[int]:
         start = step * self.G + self.offset + micro * self.mb
@@ -139,7 +176,11 @@ class BatchReader:
         labels = torch.stack([it["labels"] for it in items])
         mask = torch.stack([it["loss_mask"] for it in items]).float()
         doc_ids = _doc_ids(tokens, self.tok.eod) if self.reset_at_eod else None
-        return Batch(tokens, labels, mask, doc_ids, ids)
+        if doc_ids is None and self.whole_length_ids:
+            doc_ids = torch.zeros_like(tokens)
+        positions = None if doc_ids is None else document_positions(doc_ids)
+        batch = Batch(tokens, labels, mask, doc_ids, ids, positions=positions)
+        return context_part(batch, self.cp_rank, self.cp_size) if self.cp_size > 1 else batch
 
 
 def check_vocab(prefix: str, vocab_size: int, where: str | None = None) -> None:

@@ -28,6 +28,7 @@ from llmtrain.config import ModelConfig
 from llmtrain.model.attention import Attention
 from llmtrain.model.mlp import FeedForward
 from llmtrain.model.moe import MoE, aux_loss, moe_layers, moe_stats
+from llmtrain.model.mup import attention_scale, hidden_std, output_multiplier
 from llmtrain.model.norms import build_norm
 from llmtrain.model.positions import RelativePositionBias, sinusoidal_table
 from llmtrain.model.residual import (deepnorm_decoder_alpha, deepnorm_decoder_beta,
@@ -47,8 +48,8 @@ class CrossAttention(Attention):
         k = self.wk(memory).view(B, S, -1, self.head_dim).transpose(1, 2)
         v = self.wv(memory).view(B, S, -1, self.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=k.shape[1] != q.shape[1])
+            q, k, v, attn_mask=mask, dropout_p=self.core.dropout if self.training else 0.0,
+            enable_gqa=k.shape[1] != q.shape[1], scale=self.core.scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -60,9 +61,11 @@ class EncoderDecoderBlock(nn.Module):
         super().__init__()
         self.norm_position = cfg.norm_position
         self.alpha, self.beta = alpha, beta
-        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout)
+        scale = attention_scale(cfg)  # None: SDPA's 1/sqrt(head_dim); muP: model/mup.py
+        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias, cfg.dropout,
+                                   scale=scale)
         self.cross_attention = (CrossAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias,
-                                               cfg.dropout) if cross else None)
+                                               cfg.dropout, scale=scale) if cross else None)
         # MoE in every n-th layer of each stack, as transformer.py (Switch: every other)
         moe = cfg.moe.num_experts > 0 and (layer_id + 1) % cfg.moe.every_n_layers == 0
         self.feed_forward = (MoE(cfg) if moe else
@@ -176,6 +179,7 @@ class EncoderDecoder(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if tied:
             self.output.weight = self.tok_embeddings.weight
+        self.readout_scale = output_multiplier(cfg)  # muP's 1/m (model/mup.py); 1 standard
         register_rope_tables(self, cfg)
         if cfg.position == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model),
@@ -207,6 +211,8 @@ class EncoderDecoder(nn.Module):
         """Logits [B, T, vocab] given the encoder output `memory`."""
         h = self.decoder(self._embed(self.decoder, tgt_tokens), self._rope(tgt_tokens.shape[1]),
                          src_pad_mask, memory)
+        if self.readout_scale != 1.0:  # muP: (W h) / m as W (h / m), see transformer.py
+            h = h * self.readout_scale
         return self.output(h)
 
     def forward(self, src_tokens: torch.Tensor, tgt_tokens: torch.Tensor,
@@ -217,6 +223,7 @@ class EncoderDecoder(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter and buffer in place (works after to_empty)."""
         c, std = self.cfg, self.cfg.init_std
+        hidden = hidden_std(c, std)  # muP: hidden matrices' variance ~ 1/fan_in (model/mup.py)
         reset_rope_tables(self, c)
         if self.pos_table is not None:
             self.pos_table.copy_(sinusoidal_table(c.max_seq_len, c.d_model,
@@ -230,10 +237,10 @@ class EncoderDecoder(nn.Module):
             if stack.relative_bias is not None:
                 stack.relative_bias.reset_parameters(std)
             # GPT-2's 1/sqrt(number of residual adds) for pre-LN, per stack
-            out_std = (std / math.sqrt(sublayers * len(stack.layers))
-                       if c.norm_position == "pre" else std)
+            out_std = (hidden / math.sqrt(sublayers * len(stack.layers))
+                       if c.norm_position == "pre" else hidden)
             for layer in stack.layers.values():
-                layer.init_weights(std, out_std)
+                layer.init_weights(hidden, out_std)
             if stack.norm is not None:
                 stack.norm.reset_parameters()
         if not c.tie_embeddings:

@@ -15,6 +15,14 @@ sublayer of a TransformerBlock, whose feed-forward sublayer stays.
                       predicted from x_i alone, B_i = W2 relu(W1 x_i) in R^L, Y = softmax(B) G(x).
   synthesizer_random  Random Synthesizer (same paper, eq. 3-4): per head a learned [L, L] matrix
                       R, independent of the input, Y = softmax(R) G(x).
+  linear_attention    causal linear attention (Katharopoulos et al. 2020, "Transformers are RNNs",
+                      sections 3.2-3.3): per head, with phi(x) = elu(x) + 1,
+                      V'_i = phi(Q_i)^T S_i / (phi(Q_i)^T Z_i), S_i = sum_{j<=i} phi(K_j) V_j^T,
+                      Z_i = sum_{j<=i} phi(K_j): prefix sums over positions, O(T) time. Packed
+                      documents: S_i and Z_i start again at each document (the prefix sum up to
+                      the document's start is subtracted), which is the block-diagonal mask's
+                      function; other masks are refused. No positions (rope is not applied: the
+                      paper has none, and the causal sums already see order).
 L is `model.max_seq_len`: the spatial weights are sized for it and sliced to the first T rows
 and columns, so any train.seq_len <= max_seq_len works (a causal slice of a causal matrix is the
 same function on the shorter sequence). The synthesizers mask causally with -inf before the
@@ -127,11 +135,88 @@ class Synthesizer(nn.Module):
         return 6 * seq_len * self.wo.in_features  # softmax(B) [T, T] x V [T, d]
 
 
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020, section 3.2.1): positive, so the
+    normaliser is."""
+    return F.elu(x) + 1
+
+
+def document_starts(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] index of the first position token t may read, from a block-diagonal causal mask
+    [B, 1, T, T]; ValueError for any other mask (prefix sums can only restart)."""
+    rows = mask[:, 0]
+    starts = rows.int().argmax(-1)  # the first True of each row
+    T = rows.shape[-1]
+    j = torch.arange(T, device=mask.device)
+    block = (j >= starts[..., None]) & (j <= j[:, None])
+    if not torch.equal(block, rows):
+        raise ValueError("mixer=linear_attention honours block-diagonal causal (document) masks "
+                         "only")
+    return starts
+
+
+def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            starts: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """phi-mapped q, k [B, T, H, M] and v [B, T, H, Dv] -> [B, T, H, Dv] by the causal prefix
+    sums of section 3.3 (S_i = cumsum phi(K) V^T, Z_i = cumsum phi(K)); `starts` [B, T]: each
+    token's document start, whose preceding sums are subtracted. eps in the denominator as the
+    paper's code (fast-transformers) has it. Computed in fp32; S_i is held for every i (T d M
+    elements per sequence), the paper's memory-lean form needs a custom kernel."""
+    dtype = v.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    S = torch.einsum("bthm,bthd->bthmd", k, v).cumsum(1)
+    Z = k.cumsum(1)
+    if starts is not None:
+        b = torch.arange(q.shape[0], device=q.device)[:, None]
+        S = S - F.pad(S, (0, 0, 0, 0, 0, 0, 1, 0))[b, starts]  # padded[s] = sum over j < s
+        Z = Z - F.pad(Z, (0, 0, 0, 0, 1, 0))[b, starts]
+    num = torch.einsum("bthm,bthmd->bthd", q, S)
+    den = torch.einsum("bthm,bthm->bth", q, Z)
+    return (num / (den[..., None] + eps)).to(dtype)
+
+
+class LinearAttention(nn.Module):
+    """n_heads heads of causal linear attention with projections wq, wk, wv, wo (d x d)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.wq = nn.Linear(d, d, bias=cfg.bias)
+        self.wk = nn.Linear(d, d, bias=cfg.bias)
+        self.wv = nn.Linear(d, d, bias=cfg.bias)
+        self.wo = nn.Linear(d, d, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, rope=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (w(x).view(B, T, self.n_heads, -1) for w in (self.wq, self.wk, self.wv))
+        starts = None if mask is None else document_starts(mask)
+        y = causal_linear_attention(elu_feature_map(q), elu_feature_map(k), v, starts)
+        return self.wo(y.reshape(B, T, D))
+
+    def linears(self):
+        return (self.wq, self.wk), (self.wv,), (self.wo,)
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def mixing_params(self) -> int:
+        return 0
+
+    def mixing_flops_per_token(self, seq_len: int) -> int:
+        """Per token and head, phi(K) V^T into S (M Dv products + the prefix sum's M Dv adds)
+        and phi(Q)^T S (2 M Dv): 4 d head_dim forward, x3 with backward, whatever seq_len (the
+        normaliser's O(d) terms are left out, as attention's softmax is)."""
+        return 12 * self.wo.in_features * (self.wo.in_features // self.n_heads)
+
+
 def build_mixer(cfg: ModelConfig) -> nn.Module:
     """The token mixer named by `model.mixer` (not `attention`, which transformer.py builds)."""
     if cfg.mixer == "gmlp":
         return SpatialGatingMixer(cfg)
     if cfg.mixer in ("synthesizer_dense", "synthesizer_random"):
         return Synthesizer(cfg, random=cfg.mixer == "synthesizer_random")
+    if cfg.mixer == "linear_attention":
+        return LinearAttention(cfg)
     raise ValueError(f"model.mixer={cfg.mixer!r} is not valid; use attention, gmlp, "
-                     f"synthesizer_dense or synthesizer_random")
+                     f"synthesizer_dense, synthesizer_random or linear_attention")

@@ -28,6 +28,15 @@ Variants (config keys of ModelConfig; each default leaves modules, names and mat
                       hold it once; flops_per_token counts n_layers applications.
   output: mos         Mixture of Softmaxes over `mos_k` components (output.py, `mos`); forward then
                       returns log-probabilities, which cross entropy reads as logits.
+  qk_norm             RMSNorm on each head's queries and keys (attention.py, `q_norm`, `k_norm`).
+  value_residual      ResFormer (attention.py): the first block's values V_1 are handed to every
+                      later block (blocks then return (h, V_n); forward keeps the first).
+  logit_softcap: c    output logits c * tanh(logits / c) (Gemma Team 2024, "Gemma 2", logit
+                      soft-capping; transformers' final_logit_softcapping), also inside the
+                      chunked loss (train/lean_loss.py), which gets c from forward.
+  parametrization: mup  Yang et al. 2022 (Tensor Programs V, Table 8), model/mup.py: hidden
+                      matrices start at std / sqrt(m), attention scores ~ 1/head_dim, the readout's
+                      input times 1/m (m = d_model / base_d_model); at m = 1 the standard model.
 """
 
 from __future__ import annotations
@@ -42,10 +51,12 @@ from llmtrain.model.attention import Attention
 from llmtrain.model.mixers import build_mixer
 from llmtrain.model.mlp import FeedForward
 from llmtrain.model.moe import MoE, moe_layers, moe_stats, aux_loss as moe_aux_loss
+from llmtrain.model.mup import attention_scale, hidden_std, output_multiplier
 from llmtrain.model.norms import build_norm
 from llmtrain.model.output import MixtureOfSoftmaxes
 from llmtrain.model.residual import deepnorm_alpha, deepnorm_beta, residual_layer
-from llmtrain.model.rope import register_rope_tables, reset_rope_tables
+from llmtrain.model.rope import (dynamic_length, register_rope_tables, reset_rope_tables,
+                                 rope_cos_sin)
 
 
 def tfixup_scale(n_layers: int) -> float:
@@ -60,9 +71,17 @@ class TransformerBlock(nn.Module):
         self.n_layers = cfg.n_layers
         self.norm_position = cfg.norm_position
         self.init = cfg.init
+        # Sliding-window attention (Longformer, Beltagy et al. 2020; Mistral 7B): 0 = full. With
+        # attention_global_every = n, layers n-1, 2n-1, ... attend fully, as Gemma 2 alternates
+        # local and global layers (n = 2: layers 1, 3, ... global) -- the same counting as MoE's
+        # every_n_layers.
+        every = cfg.attention_global_every
+        self.attention_window = (0 if every and (layer_id + 1) % every == 0
+                                 else cfg.attention_window)
         if cfg.mixer == "attention":
             self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.bias,
-                                       cfg.dropout)
+                                       cfg.dropout, cfg.norm_eps if cfg.qk_norm else None,
+                                       cfg.value_residual, attention_scale(cfg))
             self.mixer = None
         else:
             self.attention = None
@@ -91,11 +110,22 @@ class TransformerBlock(nn.Module):
         return scaled, weighted
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, first_values: torch.Tensor | None = None):
+        """x -> x'; with value_residual (x, V_1 or None) -> (x', this block's values V_n)."""
         mixer = self.token_mixer
-        attn = self._sublayer(self.attention_norm, lambda h: self.dropout(mixer(h, rope, mask)))
+        value_residual = self.attention is not None and self.attention.value_residual
+        values = []  # value_residual: this block's V_n, caught on its way out of the attention
+
+        def mix(h):
+            if not value_residual:
+                return mixer(h, rope, mask)
+            out, v = mixer(h, rope, mask, first_values)
+            values.append(v)
+            return out
+        attn = self._sublayer(self.attention_norm, lambda h: self.dropout(mix(h)))
         ffn = self._sublayer(self.ffn_norm, lambda h: self.dropout(self.feed_forward(h)))
-        return residual_layer(self.norm_position, x, [attn, ffn], self.alpha)
+        out = residual_layer(self.norm_position, x, [attn, ffn], self.alpha)
+        return (out, values[0]) if value_residual else out
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
@@ -133,6 +163,10 @@ class TransformerBlock(nn.Module):
                 nn.init.zeros_(linear.bias)
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
+        if self.attention is not None:
+            self.attention.reset_parameters()  # QK-norm scales
+        if not moe and f.poly is not None:
+            f.poly.reset_parameters()  # PolyNorm / PolyReLU coefficients
         if self.mixer is not None:
             self.mixer.reset_parameters()
         if self.resweight is not None:
@@ -164,18 +198,24 @@ class Transformer(nn.Module):
         self.mos = MixtureOfSoftmaxes(cfg.d_model, cfg.mos_k) if cfg.output == "mos" else None
         if cfg.tie_embeddings:  # Press & Wolf 2017
             self.output.weight = self.tok_embeddings.weight
+        self.readout_scale = output_multiplier(cfg)  # muP's 1/m (model/mup.py); 1 standard
         register_rope_tables(self, cfg)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 head=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """`doc_ids` [B, S]: document index of every token of the sequences, for the block-diagonal
         mask; S = T, or the whole sequence where `tokens` hold a part of it (context parallelism
-        attends over all S). `positions` [T] or [B, T]: the position of each token for rope or
-        learned positions (default 0..T-1). `head(h, output)`, if given, stands in for the output
-        layer: it gets the final hidden states (after `output_proj`) and the output module, and
-        its result is returned (the chunked loss of train/lean_loss.py, which never holds the
-        [B, T, V] logits)."""
+        attends over all S). The sequence length S of the masks (document, sliding window) and of
+        dynamic NTK's rope is doc_ids.shape[1] when doc_ids is given, else T: a caller whose
+        `tokens` are a part of the sequence passes doc_ids when the model has an attention window
+        or dynamic NTK (zeros for a single document). `positions` [T] or [B, T]: the position of
+        each token for rope or learned positions (default 0..T-1). `head(h, output)`, if given,
+        stands in for the output layer: it gets the final hidden states (after `output_proj`) and
+        the output module, and its result is returned (the chunked loss of train/lean_loss.py,
+        which never holds the [B, T, V] logits), given `softcap` = model.logit_softcap to
+        apply to its logits too."""
         T = tokens.shape[1]
+        S = T if doc_ids is None else doc_ids.shape[1]
         if self.tok_embeddings is None:
             h = tokens
         else:
@@ -185,31 +225,63 @@ class Transformer(nn.Module):
             if self.pos_embeddings is not None:
                 h = h + self.pos_embeddings(torch.arange(T, device=h.device)
                                             if positions is None else positions)
-        rope = None
-        if self.rope_cos is not None:
-            rope = ((self.rope_cos[:T], self.rope_sin[:T]) if positions is None
-                    else (self.rope_cos[positions], self.rope_sin[positions]))
-        mask = None
-        if doc_ids is not None:  # block-diagonal causal: attend only within the same document
-            S = doc_ids.shape[1]
-            causal = torch.ones(S, S, dtype=torch.bool, device=h.device).tril()
-            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-            mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
+        rope = self._rope(T, S, positions, h.device)
+        masks = {w: self._mask(w, S, doc_ids, h.device)
+                 for w in {layer.attention_window for layer in self.blocks()}}
+        first_values = None  # value_residual: V_1, the first block's values
         for layer in self.blocks():
-            h = layer(h, rope, mask)
+            mask = masks[layer.attention_window]
+            if self.cfg.value_residual:
+                h, values = layer(h, rope, mask, first_values)
+                first_values = values if first_values is None else first_values
+            else:
+                h = layer(h, rope, mask)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
             return h
+        if self.readout_scale != 1.0:
+            # muP's logit multiplier 1/m on the readout's input: the readout is linear and
+            # bias-free, so this is (W h) / m for every path below (the chunked loss's head too)
+            h = h * self.readout_scale
         if head is not None:
-            return head(h if self.output_proj is None else self.output_proj(h), self.output)
+            return head(h if self.output_proj is None else self.output_proj(h), self.output,
+                        softcap=self.cfg.logit_softcap)
         if self.mos is not None:
             latents, log_prior = self.mos(h)
             return self.mos.mix(self._logits(latents), log_prior)
         return self._logits(h)
 
+    def _rope(self, T: int, S: int, positions: torch.Tensor | None, device):
+        """(cos, sin) of the T tokens, or None without rope. Dynamic NTK beyond its pretraining
+        length: the tables of an S-token sequence, computed here (its base depends on S)."""
+        if self.rope_cos is None:
+            return None
+        cos, sin = self.rope_cos, self.rope_sin
+        if dynamic_length(self.cfg, S):
+            c = self.cfg
+            cos, sin = rope_cos_sin(c.head_dim, S, c.rope_theta, device, c.rope_scaling)
+        return (cos[:T], sin[:T]) if positions is None else (cos[positions], sin[positions])
+
+    @staticmethod
+    def _mask(window: int, S: int, doc_ids: torch.Tensor | None, device) -> torch.Tensor | None:
+        """[B or 1, 1, S, S] bool, True = attend: causal, within the document (doc_ids) and, for
+        window w > 0, to the w latest positions t-w+1..t (Mistral's sliding window); None for the
+        plain causal mask (SDPA's is_causal path)."""
+        local = 0 < window < S
+        if doc_ids is None and not local:
+            return None
+        pos = torch.arange(S, device=device)
+        q, k = pos[:, None], pos[None, :]  # compared by broadcasting: no [S, S] integer tensor
+        mask = (k <= q) & (k > q - window) if local else k <= q
+        if doc_ids is not None:  # block-diagonal causal: attend only within the same document
+            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & mask
+        return mask[None, None] if mask.dim() == 2 else mask[:, None]
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(h if self.output_proj is None else self.output_proj(h))
+        logits = self.output(h if self.output_proj is None else self.output_proj(h))
+        c = self.cfg.logit_softcap
+        return logits if not c else c * torch.tanh(logits / c)
 
     def blocks(self) -> list[TransformerBlock]:
         """The blocks in the order forward applies them (share_layers: layers["0"] n_layers
@@ -230,7 +302,7 @@ class Transformer(nn.Module):
         if self.pos_embeddings is not None:
             nn.init.normal_(self.pos_embeddings.weight, 0.0, std)
         for layer in self.layers.values():
-            layer.init_weights(std)
+            layer.init_weights(hidden_std(self.cfg, std))  # muP: variance ~ 1/fan_in
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.output is not None and not self.cfg.tie_embeddings:

@@ -12,6 +12,7 @@ from llmtrain.config import Config
 from llmtrain.parallel import data as _data
 from llmtrain.parallel.checkpointing import apply_ac
 from llmtrain.parallel.compile import apply_compile
+from llmtrain.parallel.context import apply_cp
 from llmtrain.parallel.expert import apply_ep, build_ep_mesh
 from llmtrain.parallel.init import materialize_shards
 from llmtrain.parallel.parallelized import ParallelModel
@@ -25,8 +26,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
     `train.seed`, and no rank allocates more than it keeps.
 
     Order (docs/architecture.md): activation checkpointing, pipeline split, tensor parallel,
-    expert parallel, torch.compile per block, data parallel. The config validator refuses the
-    combinations not built yet.
+    context parallel, expert parallel, torch.compile per block, data parallel. The config
+    validator refuses the combinations not built yet.
     """
     if cfg.parallel.activation_checkpointing != "none":
         apply_ac(model, cfg)
@@ -50,6 +51,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config,
         return parallelize_pipeline(model, mesh, cfg, device)
     if mesh["tp"].size() > 1:
         apply_tp(model, mesh["tp"], cfg)
+    if mesh["cp"].size() > 1:
+        apply_cp(model, mesh["cp"])
     if cfg.parallel.ep > 1:
         apply_ep(model, build_ep_mesh(mesh, cfg.parallel.ep))
     apply_compile(model, cfg)

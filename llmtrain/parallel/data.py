@@ -44,8 +44,19 @@ from llmtrain.train.optim import (MuonAdamW, adamw_kernel, muon_options, newton_
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """All data-parallel ranks as one dimension (the gradient all-reduce group)."""
-    return mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    """All data-parallel and context-parallel ranks as one dimension: the gradient all-reduce
+    group. Context-parallel ranks hold different tokens of the same sequences, so their
+    gradients are averaged with the data-parallel ranks' (the step scales the loss by this
+    group's size: parallel/context.py, train/step.py)."""
+    return mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+
+
+def shard_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks ZeRO shards states over: dp_shard, times cp where context parallelism splits
+    the sequences (torchtitan's "dp_shard_cp": cp ranks hold the same parameters)."""
+    if mesh["cp"].size() == 1:
+        return mesh["dp_shard"]
+    return mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -60,7 +71,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
                device: torch.device) -> nn.Module:
     p = cfg.parallel
     hsdp = mesh["dp_replicate"].size() > 1
-    fsdp_mesh = mesh["dp_replicate", "dp_shard"] if hsdp else mesh["dp_shard"]
+    shard = shard_mesh(mesh)
+    fsdp_mesh = mesh["dp_replicate", shard.mesh_dim_names[0]] if hsdp else shard
     kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": p.zero_stage == 3}
     if cfg.train.precision == "bf16":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
@@ -373,7 +385,7 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
     tensor- or expert-parallel parameters). optim.name muon: the same with Muon on the hidden
     matrices (`ShardedMuonAdamW`, `PartitionedMuonAdamW`)."""
     o = cfg.optim
-    groups = split_by_kind(optimizer_groups(model, o))
+    groups = split_by_kind(optimizer_groups(model, o, cfg))
     params = [p for g in groups for p in g["params"]]
     kernel = adamw_kernel(params_device_type(groups), groups)
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel)
@@ -382,20 +394,21 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
         opt_class, partitioned = ShardedMuonAdamW, PartitionedMuonAdamW
         kw.update(muon_options(o))
     expert = expert_params(model)
-    if mesh is None or cfg.parallel.zero_stage != 1 or mesh["dp_shard"].size() == 1:
+    if mesh is None or cfg.parallel.zero_stage != 1 or shard_mesh(mesh).size() == 1:
         return opt_class(groups, **kw)
+    shard_group = shard_mesh(mesh).get_group()
     if expert:  # expert weights: partitioned over the ranks holding the same experts
         rest, ep_rep = _split_experts(model, params, expert)
-        return partitioned(groups, [(rest, mesh["dp_shard"].get_group()),
-                                    (expert, ep_rep)], **kw)
+        return partitioned(groups, [(rest, shard_group), (expert, ep_rep)], **kw)
     if any(isinstance(p, DTensor) for p in params):
-        return partitioned(groups, [(params, mesh["dp_shard"].get_group())], **kw)
-    # ZeroRedundancyOptimizer takes one group at construction (its options are the defaults);
-    # add the others after.
-    first = {k: v for k, v in groups[0].items() if k not in ("params", "name")}
+        return partitioned(groups, [(params, shard_group)], **kw)
+    # ZeroRedundancyOptimizer takes one group at construction; add the others after. Its keys
+    # (muP's lr_scale, Muon's flag) are set after construction: step() copies every key of its
+    # groups to the local optimizer's before stepping.
     zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=opt_class,
-                                   process_group=mesh["dp_shard"].get_group(), **{**kw, **first})
-    zero.param_groups[0]["name"] = groups[0]["name"]
+                                   process_group=shard_group,
+                                   weight_decay=groups[0]["weight_decay"], **kw)
+    zero.param_groups[0].update({k: v for k, v in groups[0].items() if k != "params"})
     for g in groups[1:]:
         zero.add_param_group(g)
     return zero

@@ -98,6 +98,14 @@ def dp_info(mesh: DeviceMesh | None) -> tuple[int, int]:
             rep.size() * shard.size())
 
 
+def cp_info(mesh: DeviceMesh | None) -> tuple[int, int]:
+    """(rank, size) of this process in its context-parallel group: the ranks that read the same
+    sequences and each keep a contiguous 1/cp of them (data/loader.py)."""
+    if mesh is None:
+        return 0, 1
+    return mesh["cp"].get_local_rank(), mesh["cp"].size()
+
+
 def describe_groups(mesh: DeviceMesh | None) -> list[str]:
     """One line per mesh dimension: which global ranks form each group."""
     if mesh is None:

@@ -44,6 +44,7 @@ from llmtrain.config.layout import micro_batches, rank_stages, stage_layer_ids
 from llmtrain.model.moe import moe_layers, moe_metrics
 from llmtrain.parallel import data as _data
 from llmtrain.parallel.compile import apply_compile, compiled_loss
+from llmtrain.parallel.context import apply_cp
 from llmtrain.parallel.expert import apply_ep, build_ep_mesh
 from llmtrain.parallel.init import materialize_shards
 from llmtrain.parallel.parallelized import ParallelModel
@@ -107,6 +108,8 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     if mesh["tp"].size() > 1:
         for part in parts:
             apply_tp(part, mesh["tp"], cfg)
+    if mesh["cp"].size() > 1:  # the stages' blocks are the rank model's
+        apply_cp(rank_model, mesh["cp"])
     if cfg.parallel.ep > 1:  # the experts of this rank's layers, over the ep ranks of its stage
         apply_ep(rank_model, build_ep_mesh(mesh, cfg.parallel.ep))
     apply_compile(rank_model, cfg)  # the stages' blocks are the rank model's
@@ -255,6 +258,9 @@ class Pipeline:
                               torch.cat([b.loss_mask for b in batches]).long()], -1)
         args = (tokens,) if self.has_first else ()
         kwargs = {"target": target.to(self.device)} if self.has_last else {}
+        if batches[0].positions is not None:  # context parallelism: every stage's rope reads them
+            kwargs["positions"] = torch.cat([b.positions.expand(len(b.tokens), -1)
+                                             for b in batches]).to(self.device)
         self.loss_fn.scale = scale
         losses: list[torch.Tensor] = []
         with ctx(), autocast(self.cfg, self.device):

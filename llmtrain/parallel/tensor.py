@@ -172,6 +172,19 @@ def _block_plan(block: nn.Module, shard_kv: bool, seq) -> dict[str, object]:
     return plan
 
 
+def _replicate_over_heads(norm: nn.Module, mesh: DeviceMesh) -> None:
+    """A per-head norm (QK-norm) whose input [B, T, heads, head_dim] holds this rank's heads:
+    its scale a Replicate DTensor and its input a Shard(2) one, so that the scale's gradient, a
+    sum over every head, is summed over the tp ranks (as a SequenceParallel norm's over tokens);
+    plain tensors out."""
+    distribute_module(
+        norm, mesh,
+        input_fn=lambda mod, inputs, mesh: tuple(DTensor.from_local(x, mesh, [Shard(2)],
+                                                                    run_check=False)
+                                                 for x in inputs),
+        output_fn=lambda mod, out, mesh: out.to_local())
+
+
 def _replicate_block_rest(block: nn.Module, tp_mesh: DeviceMesh, shard_kv: bool) -> None:
     """What the plan leaves whole: norms, and under MQA the single kv head's wk/wv (their
     gradients summed over tp, as each rank's query heads use only part of them); and an MoE
@@ -277,5 +290,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: Config) -> None:
         if not sp:
             _replicate(block.attention_norm, tp_mesh)
             _replicate(block.ffn_norm, tp_mesh)
+        if block.attention.q_norm is not None:  # QK-norm (the config requires sharded kv heads)
+            _replicate_over_heads(block.attention.q_norm, tp_mesh)
+            _replicate_over_heads(block.attention.k_norm, tp_mesh)
         if isinstance(block.feed_forward, MoE):
             apply_tp_moe(block.feed_forward, tp_mesh)

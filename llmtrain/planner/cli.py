@@ -15,9 +15,10 @@ from llmtrain.planner.search import Estimate, plan
 
 # validate() refuses everything but plain data parallel until the parallel code lands; the
 # planner validates the rest of the config with these reset, then reads the real values back.
-_NEUTRAL = ("parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.zero_stage=0",
-            "parallel.engine=torch", "parallel.dp_replicate=1", "parallel.dp_shard=-1",
-            "parallel.virtual_stages=1", "train.micro_batch_size=1", "model.moe.num_experts=0")
+_NEUTRAL = ("parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.cp=1",
+            "parallel.zero_stage=0", "parallel.engine=torch", "parallel.dp_replicate=1",
+            "parallel.dp_shard=-1", "parallel.virtual_stages=1", "train.micro_batch_size=1",
+            "model.moe.num_experts=0")
 
 
 def load_run(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-_COLUMNS = ("tp", "pp", "dp_r", "dp_s", "ep", "zero", "schedule", "m", "mbs", "ckpt", "sp",
+_COLUMNS = ("tp", "pp", "dp_r", "dp_s", "ep", "cp", "zero", "schedule", "m", "mbs", "ckpt", "sp",
             "mem_GiB", "step_s", "tok/s", "MFU", "TFLOP/s")
 
 
@@ -112,7 +113,7 @@ def format_table(ests: list[Estimate]) -> str:
         lay = e.layout
         sched = lay.pp_schedule + (f"/v{lay.virtual_stages}" if lay.virtual_stages > 1 else "")
         rows.append((str(lay.tp), str(lay.pp), str(lay.dp_replicate), str(lay.dp_shard),
-                     str(lay.ep), str(lay.zero_stage), sched if lay.pp > 1 else "-",
+                     str(lay.ep), str(lay.cp), str(lay.zero_stage), sched if lay.pp > 1 else "-",
                      str(lay.pp_microbatches), str(lay.micro_batch_size),
                      lay.activation_checkpointing, "y" if lay.sequence_parallel else "n",
                      f"{e.memory['total'] / GIB:.1f}", f"{e.step_time_s:.3g}",

@@ -6,8 +6,9 @@ full, gathered size) move (n-1)/n * B in n-1 steps; all-to-all the same. A group
 speed when it sits inside one node and at the per-GPU network share when it spans nodes.
 
 Ranks are laid out as the mesh of docs/architecture.md, tp innermost:
-rank = ((pp * dp_replicate + r) * dp_shard + s) * tp + t. A dimension's group therefore has a stride (the product of the dimensions inside
-it) and stays in one node when stride * size <= gpus_per_node.
+rank = (((pp * dp_replicate + r) * dp_shard + s) * cp + c) * tp + t. A dimension's group
+therefore has a stride (the product of the dimensions inside it: tp for cp, tp x cp for
+dp_shard) and stays in one node when stride * size <= gpus_per_node.
 """
 
 from __future__ import annotations
@@ -67,3 +68,16 @@ def cp_all_to_all_bytes(micro_batch: int, seq_len: int, n_heads: int, n_kv_heads
         kv_heads = cp
     local = micro_batch * seq_len / cp * head_dim * bytes_per_el  # one head's [B, T/cp, head_dim]
     return ring_bytes("all_to_all", cp, local * (2 * q_heads + 2 * kv_heads))
+
+
+def cp_attention_time(micro_batch: int, seq_len: int, n_heads: int, n_kv_heads: int,
+                      head_dim: int, cp: int, bytes_per_el: int, link: Link,
+                      tp: int = 1) -> float:
+    """Seconds of the four all-to-alls of one attention layer's forward under all-to-all
+    context parallelism (q, k, v in, the output back; `cp_all_to_all_bytes`), each n-1 steps
+    under the alpha-beta model as `collective_time` counts an all-to-all."""
+    if cp <= 1:
+        return 0.0
+    sent = cp_all_to_all_bytes(micro_batch, seq_len, n_heads, n_kv_heads, head_dim, cp,
+                               bytes_per_el, tp)
+    return 4 * (cp - 1) * link.alpha_s + sent / link.bytes_per_s

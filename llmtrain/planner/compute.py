@@ -35,6 +35,9 @@ class Hardware:
     alpha_inter_us: float = 10.0
     link_efficiency: float = 0.8
     overhead_gib: float = 2.0      # memory.FRAMEWORK_OVERHEAD_GIB, an assumption until measured
+    # AdamW's kernel as train/optim.py picks it: fused on CUDA, foreach elsewhere (the CPU),
+    # whose step holds a temporary copy of the second moments (memory.optimizer_step_bytes)
+    adamw_kernel: str = "fused"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,10 +98,12 @@ def hardware_flops_per_token(m: ModelConfig, seq_len: int, recompute: str) -> fl
 
 
 def layer_gemms(m: ModelConfig, tokens: int, b: int, s: int, tp: int, mlp_mult: float = 1.0,
-                mlp_split: int = 1) -> list[tuple[float, float]]:
-    """(flops, efficiency) of each forward GEMM of one layer on one GPU for `tokens` = b*s tokens,
-    with weights split `tp` ways (Megatron column/row parallel). A MoE layer runs `mlp_mult`
-    (top_k + shared) MLPs' worth of FLOPs as `mlp_split` smaller GEMMs (its local experts)."""
+                mlp_split: int = 1, cp: int = 1) -> list[tuple[float, float]]:
+    """(flops, efficiency) of each forward GEMM of one layer on one GPU for `tokens` tokens (b*s,
+    or b*s/cp under context parallelism), with weights split `tp` ways (Megatron column/row
+    parallel). A MoE layer runs `mlp_mult` (top_k + shared) MLPs' worth of FLOPs as `mlp_split`
+    smaller GEMMs (its local experts). All-to-all context parallelism over `cp` ranks runs the
+    attention over the whole sequence s for n_heads / (tp * cp) heads (DeepSpeed-Ulysses)."""
     h, d_attn, kv_dim = m.d_model, m.n_heads * m.head_dim, m.kv_heads * m.head_dim
     ffn_out = m.ffn_dim * (2 if m.activation in GLU_ACTIVATIONS else 1)
     weights = [h * (d_attn + 2 * kv_dim) / tp, d_attn * h / tp, h * ffn_out / tp,
@@ -108,7 +113,7 @@ def layer_gemms(m: ModelConfig, tokens: int, b: int, s: int, tp: int, mlp_mult: 
         f = 2 * tokens * w * mlp_mult
         out.append((f, gemm_efficiency(f / mlp_split)))
     _, _, attn_factor = gemm_table()
-    score = 2 * b * s * s * d_attn / tp  # QK^T and attention-over-V: same FLOPs each
+    score = 2 * b * s * s * d_attn / (tp * cp)  # QK^T and attention-over-V: same FLOPs each
     out += [(score, gemm_efficiency(score) * attn_factor)] * 2
     return out
 
@@ -118,15 +123,17 @@ def gemm_time(gemms: list[tuple[float, float]], peak_flops: float) -> float:
 
 
 def layer_time(m: ModelConfig, b: int, s: int, tp: int, sp: bool, recompute: str,
-               hw: Hardware, mlp_mult: float = 1.0, mlp_split: int = 1) -> float:
+               hw: Hardware, mlp_mult: float = 1.0, mlp_split: int = 1, cp: int = 1) -> float:
     """Seconds of forward + backward (+ recomputation) of one dense layer for one microbatch on
     one GPU: GEMMs at their shape's efficiency, backward = 2x forward (input and weight
     gradients), plus memory-bound elementwise work (norms, residuals, activation function,
-    softmax), estimated as ~16 passes over h-sized and ~4 over ffn-sized tensors at HBM speed."""
+    softmax), estimated as ~16 passes over h-sized and ~4 over ffn-sized tensors at HBM speed.
+    Context parallelism over `cp` ranks: this GPU's s/cp tokens."""
     peak = hw.peak_tflops * 1e12
-    gemms = layer_gemms(m, b * s, b, s, tp, mlp_mult, mlp_split)
+    gemms = layer_gemms(m, b * s // cp, b, s, tp, mlp_mult, mlp_split, cp)
     fwd = gemm_time(gemms, peak)
-    elem_bytes = 2 * b * s * (16 * m.d_model / (tp if sp else 1) + 4 * m.ffn_dim * mlp_mult / tp)
+    elem_bytes = 2 * b * s / cp * (16 * m.d_model / (tp if sp else 1)
+                                   + 4 * m.ffn_dim * mlp_mult / tp)
     fwd += elem_bytes / (hw.hbm_gbps * 1e9)
     total = 3 * fwd
     if recompute == "full":
@@ -136,9 +143,10 @@ def layer_time(m: ModelConfig, b: int, s: int, tp: int, sp: bool, recompute: str
     return total
 
 
-def logits_time(m: ModelConfig, b: int, s: int, tp: int, hw: Hardware) -> float:
-    """Forward + backward of the vocab-parallel output projection for one microbatch."""
-    f = 2 * b * s * m.vocab_size * m.d_model / tp
+def logits_time(m: ModelConfig, b: int, s: int, tp: int, hw: Hardware, cp: int = 1) -> float:
+    """Forward + backward of the vocab-parallel output projection for one microbatch (this GPU's
+    s/cp tokens under context parallelism)."""
+    f = 2 * b * s / cp * m.vocab_size * m.d_model / tp
     return 3 * f / (gemm_efficiency(f) * hw.peak_tflops * 1e12)
 
 

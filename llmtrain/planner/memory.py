@@ -71,12 +71,15 @@ def param_counts(m: ModelConfig) -> ParamCounts:
         attention += d_attn + 2 * kv_dim + h
         mlp += (2 if glu else 1) * m.ffn_dim + h
     norm = (2 * h if m.norm == "layernorm" else h)
+    if m.activation in ("polynorm", "polyrelu"):
+        mlp += 4  # the polynomial's coefficients a_0..a_3 (model/mlp.py, PolyActivation)
+    qk_norm = 2 * m.head_dim if m.qk_norm else 0  # q_norm and k_norm scales (attention.py)
     embedding = m.vocab_size * h + (m.max_seq_len * h if m.position == "learned" else 0)
     moe = m.moe
     n_moe = m.n_layers // moe.every_n_layers if moe.num_experts else 0
     return ParamCounts(
-        embedding=embedding, attention=attention, mlp=mlp, norms=2 * norm, n_layers=m.n_layers,
-        n_moe_layers=n_moe, experts_per_layer=moe.num_experts + moe.n_shared_experts,
+        embedding=embedding, attention=attention, mlp=mlp, norms=2 * norm + qk_norm,
+        n_layers=m.n_layers, n_moe_layers=n_moe, experts_per_layer=moe.num_experts + moe.n_shared_experts,
         router=h * moe.num_experts, final_norm=norm,
         output=0 if m.tie_embeddings else m.vocab_size * h, vocab_proj=m.vocab_size * h)
 
@@ -96,27 +99,60 @@ def model_state_bytes(n_params: float, precision: str, zero_stage: int,
 REDUCE_BYTES = {"bf16": 4, "fp32": 4, "bf16_pure": 2}
 
 
-def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int,
-                      dp_shard: int) -> dict[str, float]:
-    """Transient bytes of FSDP's full-size buffers on one GPU, for blocks of `layer_params` (this
-    GPU's tensor/expert share of one block), beyond the sharded model states:
-    - "gathered" (ZeRO 3): two blocks' parameters all-gathered, the one running and the next,
-      prefetched (FSDP2's implicit forward/backward prefetch);
-    - "reduce_scatter" (ZeRO 2, 3): one block's unsharded gradients, the reduce-scatter input
-      of the block just finished in the backward (measured: benchmarks/peak_memory.py).
-    Nothing without sharding (dp_shard = 1)."""
+def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_shard: int,
+                      gathered_blocks: float = 2, root_params: float = 0.0) -> dict[str, float]:
+    """Transient bytes of FSDP2's full-size buffers on one GPU, for blocks of `layer_params` (this
+    GPU's tensor/expert share of one block), beyond the sharded model states, at the peak of the
+    backward (measured per phase by benchmarks/peak_memory.py, docs/performance.md: 278M
+    parameters at dp8 ZeRO-3 on the CPU, the steady-state forward/backward exceeds the states by
+    4.7 blocks: activations 0.4, the root unit 0.1, the process's own growth 0.6 (measured on a
+    near-empty model), leaving 3.5 for the 4 blocks counted here):
+    - "gathered" (ZeRO 3): `gathered_blocks` blocks' parameters all-gathered (two: the block
+      running and the next, prefetched; in a pipeline, where FSDP keeps them from the forward to
+      the backward, all the stage's blocks) and the root unit's `root_params` (embeddings, final
+      norm, output), which is never resharded after the forward (parallel/data.py);
+    - "unsharded_grads" (ZeRO 2, 3): the running block's gradients as autograd produces them, in
+      the parameters' compute dtype, before FSDP copies them into
+    - "reduce_scatter" (ZeRO 2, 3): the reduce-scatter input, the block's gradients in the
+      reduction dtype (torch's `foreach_reduce` frees the former only after that copy).
+    Nothing without sharding (dp_shard = 1: FSDP2 skips the collectives)."""
     sharded = dp_shard > 1
-    return {"gathered": 2 * layer_params * STATE_BYTES[precision][0]
+    p = STATE_BYTES[precision][0]
+    return {"gathered": (gathered_blocks * layer_params + root_params) * p
             if zero_stage >= 3 and sharded else 0.0,
+            "unsharded_grads": layer_params * p if zero_stage >= 2 and sharded else 0.0,
             "reduce_scatter": layer_params * REDUCE_BYTES[precision]
             if zero_stage >= 2 and sharded else 0.0}
+
+
+# bytes per parameter of the one temporary torch's foreach AdamW makes (torch/optim/adamw.py,
+# `_multi_tensor_adamw`: `exp_avg_sq_sqrt = torch._foreach_sqrt(device_exp_avg_sqs)`, out of place,
+# a copy of the second moments, which are fp32 unless bf16_pure keeps them in bf16); its other
+# updates are in place. The fused kernel (`_fused_adamw_`, what train/optim.py picks on CUDA)
+# makes none. Measured on the CPU by benchmarks/peak_memory.py: the optimizer step's peak
+# exceeds the states by one fp32 copy of the rank's parameter shard and the process's own growth
+# (278M parameters at dp1: 1108 MiB over the states = 1061 MiB of parameters + 46 MiB measured on
+# a near-empty model; docs/performance.md). AdamW steps one parameter group at a time, so the
+# caller takes the largest group's (at 278M ep2 dp2, whose expert and shared groups are about
+# equal, the step exceeds the states by 416 MiB = 353 + 46 + 17, not the 706 of all parameters).
+FOREACH_TEMP_BYTES = {"bf16": 4, "fp32": 4, "bf16_pure": 2}
+
+
+def optimizer_step_bytes(n_params: float, precision: str, zero_stage: int, dp_shard: int,
+                         kernel: str = "fused") -> float:
+    """Transient bytes of AdamW's `step()` on one GPU holding `n_params` (its tensor/pipeline
+    share), the optimizer sharded over `dp_shard` ranks from ZeRO stage 1: the foreach kernel's
+    sqrt of the second moments (FOREACH_TEMP_BYTES), nothing for the fused kernel."""
+    if kernel == "fused":
+        return 0.0
+    return n_params * FOREACH_TEMP_BYTES[precision] / (dp_shard if zero_stage >= 1 else 1)
 
 
 def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, *, sp: bool = False,
                            recompute: str = "none", ffn: int | None = None, glu: bool = False,
                            kv_heads: int | None = None, dropout: bool = True,
                            layernorm: bool = True, flash: bool = False,
-                           elem_bytes: int = 2) -> float:
+                           elem_bytes: int = 2, cp: int = 1) -> float:
     """Bytes one transformer layer keeps for its backward pass on one GPU (Korthikanti Sec. 4).
 
     In units of s*b*h (2-byte elements): layer-norm inputs 2 + 2, QKV input 2, MLP input 2 and
@@ -126,10 +162,15 @@ def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, *, sp: bo
     output 2), split by t. Sequence parallelism splits the replicated part too. Selective
     recomputation drops the score term; full recomputation keeps only the layer input (2).
     `flash=True` models fused attention kernels that never store the s x s scores.
+    `cp`: all-to-all context parallelism (DeepSpeed-Ulysses, Jacobs et al. 2023) over cp ranks:
+    every tensor outside the attention core holds s/cp tokens; the core holds the whole sequence
+    for a/cp heads, the same bytes as s/cp tokens of all heads, and a/cp heads of s x s scores,
+    which is the score term at the full s over s/cp tokens. So everything is divided by cp.
     """
     scale = elem_bytes / 2
+    s_local = s / cp  # the tokens this rank holds; the score term keeps the full s below
     if recompute == "full":  # only the layer input is checkpointed (Table 2: sbh * 2)
-        return 2 * s * b * h / (t if sp else 1) * scale
+        return 2 * s_local * b * h / (t if sp else 1) * scale
     ffn = ffn or 4 * h
     kv_ratio = (kv_heads or a) / a
     drop = 1 if dropout else 0
@@ -138,7 +179,7 @@ def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, *, sp: bo
     split = 2 + 4 * kv_ratio + 2 + mlp_inner
     scores = 0.0 if (flash or recompute == "selective") else (2 + 3 * drop) * a * s / h
     per_sbh = replicated / (t if sp else 1) + split / t + scores / t
-    return s * b * h * per_sbh * scale
+    return s_local * b * h * per_sbh * scale
 
 
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,

@@ -6,7 +6,8 @@ parallelism with tp or ZeRO 2/3, for one), and the planner must reason about tho
 too; `trainable_overrides` (`llmtrain train --plan auto`) keeps to what the validator accepts.
 
 Overlap assumptions (stated once, used by `estimate`):
-- tensor-parallel and expert all-to-all collectives sit on the critical path (not overlapped);
+- tensor-parallel, expert and context-parallel all-to-all collectives sit on the critical path
+  (not overlapped);
 - pipeline point-to-point sends are on the critical path (one send forward and one backward per
   microbatch and model chunk);
 - data-parallel gradient reduction (ZeRO 0-2) overlaps with the backward pass of the last
@@ -30,6 +31,11 @@ from llmtrain.planner.memory import GIB
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 CHECKPOINTING = ("none", "selective", "full")
 DDP_BUCKET_BYTES = 25 * 1024 ** 2  # torch DDP's default bucket_cap_mb
+# Search pruning (an assumption, not a rule): context parallelism pays four all-to-alls per
+# attention layer and pass to cut activations by cp; below this many tokens per rank its GEMMs
+# shrink while those all-to-alls stay, so such layouts are not enumerated (`--layout fixed`
+# still estimates them).
+CP_MIN_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Layout:
     dp_replicate: int = 1
     dp_shard: int = 1
     ep: int = 1
+    cp: int = 1
     zero_stage: int = 0
     engine: str = "torch"
     pp_schedule: str = "1f1b"
@@ -55,11 +62,18 @@ class Layout:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def shard(self) -> int:
+        """Ranks ZeRO shards parameters, gradients and optimizer states over: dp_shard x cp
+        (context-parallel ranks hold different tokens of the same sequences and share the
+        shards, as torchtitan's dp_shard_cp mesh does)."""
+        return self.dp_shard * self.cp
+
+    @property
     def world(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
     def overrides(self) -> list[str]:
-        keys = ("tp", "pp", "dp_replicate", "dp_shard", "ep", "zero_stage", "engine",
+        keys = ("tp", "pp", "dp_replicate", "dp_shard", "ep", "cp", "zero_stage", "engine",
                 "pp_schedule", "pp_microbatches", "virtual_stages", "activation_checkpointing",
                 "sequence_parallel")
         out = [f"parallel.{k}={_yaml(getattr(self, k))}" for k in keys]
@@ -71,7 +85,7 @@ class Layout:
         the degrees fit: `check_layout` reports that among the other rules."""
         p, d = cfg.parallel, ParallelDims.from_config(cfg, gpus, strict=False)
         return cls(tp=d.tp, pp=d.pp, dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, ep=d.ep,
-                   zero_stage=p.zero_stage, engine=p.engine, pp_schedule=p.pp_schedule,
+                   cp=d.cp, zero_stage=p.zero_stage, engine=p.engine, pp_schedule=p.pp_schedule,
                    pp_microbatches=d.pp_microbatches, virtual_stages=p.virtual_stages,
                    activation_checkpointing=p.activation_checkpointing,
                    sequence_parallel=p.sequence_parallel,
@@ -92,10 +106,18 @@ def check_layout(cfg: Config, lay: Layout, gpus: int) -> list[str]:
     errs = []
     if lay.world != gpus:
         errs.append(f"parallel layout pp={lay.pp} x dp_replicate={lay.dp_replicate} x dp_shard="
-                    f"{lay.dp_shard} x tp={lay.tp} = {lay.world} does not match {gpus} GPUs")
+                    f"{lay.dp_shard} x cp={lay.cp} x tp={lay.tp} = {lay.world} does not match "
+                    f"{gpus} GPUs")
     if m.n_heads % lay.tp:
         errs.append(f"parallel.tp={lay.tp} does not divide model.n_heads={m.n_heads}; use one "
                     f"of {', '.join(map(str, _divisors(m.n_heads)))}")
+    if lay.cp > 1 and m.n_heads % (lay.cp * lay.tp):
+        # all-to-all context parallelism gives each of the cp x tp ranks whole heads
+        errs.append(f"parallel.cp={lay.cp} x parallel.tp={lay.tp} = {lay.cp * lay.tp} does not "
+                    f"divide model.n_heads={m.n_heads}; use cp x tp among "
+                    f"{', '.join(map(str, _divisors(m.n_heads)))}")
+    if t.seq_len % lay.cp:
+        errs.append(f"parallel.cp={lay.cp} does not divide train.seq_len={t.seq_len}")
     kv = m.kv_heads
     if kv % lay.tp and not (lay.tp > kv and lay.tp % kv == 0):
         errs.append(f"parallel.tp={lay.tp} neither divides model.n_kv_heads={kv} nor is a "
@@ -131,9 +153,9 @@ def check_layout(cfg: Config, lay: Layout, gpus: int) -> list[str]:
     if lay.dp_shard % lay.ep or (m.moe.num_experts and m.moe.num_experts % lay.ep):
         errs.append(f"parallel.ep={lay.ep} must divide parallel.dp_shard={lay.dp_shard} and "
                     f"model.moe.num_experts={m.moe.num_experts}")
-    if lay.sequence_parallel and (lay.tp == 1 or t.seq_len % lay.tp):
+    if lay.sequence_parallel and (lay.tp == 1 or t.seq_len % (lay.tp * lay.cp)):
         errs.append(f"parallel.sequence_parallel needs tp > 1 dividing train.seq_len="
-                    f"{t.seq_len}; got tp={lay.tp}")
+                    f"{t.seq_len} / cp; got tp={lay.tp}, cp={lay.cp}")
     if lay.zero_stage not in (0, 1, 2, 3):
         errs.append(f"parallel.zero_stage={lay.zero_stage} is not one of 0, 1, 2, 3")
     if lay.pp_schedule not in SCHEDULES:
@@ -141,9 +163,10 @@ def check_layout(cfg: Config, lay: Layout, gpus: int) -> list[str]:
     if lay.activation_checkpointing not in CHECKPOINTING:
         errs.append(f"parallel.activation_checkpointing={lay.activation_checkpointing} is not "
                     f"one of {', '.join(CHECKPOINTING)}")
-    if lay.engine == "deepspeed" and (lay.tp, lay.pp, lay.ep) != (1, 1, 1):
+    if lay.engine == "deepspeed" and (lay.tp, lay.pp, lay.ep, lay.cp) != (1, 1, 1, 1):
         # assumption: our DeepSpeed engine (engines/deepspeed.py) runs ZeRO data parallel only
-        errs.append("parallel.engine=deepspeed runs ZeRO data parallel only; use tp=pp=ep=1")
+        errs.append("parallel.engine=deepspeed runs ZeRO data parallel only; use "
+                    "tp=pp=ep=cp=1")
     return errs
 
 
@@ -196,8 +219,9 @@ def estimate(cfg: Config, lay: Layout, hw: Hardware, flash: bool = True) -> Esti
     compute_t = _compute_time(cfg, lay, hw, pc, per_stage, moe_frac)
     tp_t, tp_bytes = _tp_comm(cfg, lay, hw, per_stage)
     ep_t, ep_bytes = _ep_comm(cfg, lay, hw, per_stage, moe_frac)
+    cp_t, cp_bytes = _cp_comm(cfg, lay, hw, per_stage)
     pp_t, pp_bytes = _pp_comm(cfg, lay, hw)
-    stage_t = compute_t + tp_t + ep_t + pp_t
+    stage_t = compute_t + tp_t + ep_t + cp_t + pp_t
     mb = lay.pp_microbatches
     bubble = compute.bubble_slots(lay.pp_schedule, lay.pp, lay.virtual_stages) * stage_t
     pipeline_t = mb * stage_t + bubble
@@ -216,9 +240,10 @@ def estimate(cfg: Config, lay: Layout, hw: Hardware, flash: bool = True) -> Esti
     return Estimate(
         layout=lay, memory=mem, fits=mem["total"] <= hw.gpu_mem_gib * GIB, step_time_s=step,
         time_s={"compute": mb * compute_t, "tp_comm": mb * tp_t, "ep_comm": mb * ep_t,
-                "pp_comm": mb * pp_t, "bubble": bubble, "dp_exposed": dp_t,
-                "optimizer": optimizer_t},
-        comm_bytes={"tp": mb * tp_bytes, "pp": pp_bytes, "dp": dp_bytes, "ep": mb * ep_bytes},
+                "cp_comm": mb * cp_t, "pp_comm": mb * pp_t, "bubble": bubble,
+                "dp_exposed": dp_t, "optimizer": optimizer_t},
+        comm_bytes={"tp": mb * tp_bytes, "pp": pp_bytes, "dp": dp_bytes, "ep": mb * ep_bytes,
+                    "cp": mb * cp_bytes},
         tokens_per_s=tokens / step, mfu=model_flops / (step * gpus * hw.peak_tflops * 1e12),
         tflops_per_gpu=model_flops / step / gpus / 1e12,
         hw_tflops_per_gpu=hw_flops / step / gpus / 1e12)
@@ -232,6 +257,9 @@ class _GpuParams:
     layer_expert: float  # experts per layer, averaged over dense and MoE layers
     first: float         # all but experts on the first pipeline stage (holds the embedding)
     last: float          # all but experts on the last pipeline stage (holds the output layer)
+    root_first: float    # of `first`, the parameters outside the blocks (FSDP's root unit)
+    root_last: float     # of `last`, the same
+    embedding: float     # of `first`, the embeddings (AdamW's no-decay group, train/optim.py)
 
 
 def _gpu_params(cfg: Config, lay: Layout, pc: memory.ParamCounts, counts: list[int],
@@ -242,39 +270,58 @@ def _gpu_params(cfg: Config, lay: Layout, pc: memory.ParamCounts, counts: list[i
     moe_shared_gpu = pc.attention / t + pc.norms + pc.router
     layer_shared = (1 - moe_frac) * dense_gpu + moe_frac * moe_shared_gpu
     out_proj = (pc.output if (pc.output or p > 1) else 0) / t  # tied: last stage keeps a copy
-    first = counts[0] * layer_shared + pc.embedding / t + (pc.final_norm + out_proj if p == 1
-                                                           else 0)
-    last = counts[-1] * layer_shared + pc.final_norm + out_proj
-    return _GpuParams(dense_gpu, expert_gpu, moe_frac * expert_gpu, first, last)
+    root_first = pc.embedding / t + (pc.final_norm + out_proj if p == 1 else 0)
+    root_last = pc.final_norm + out_proj
+    return _GpuParams(dense_gpu, expert_gpu, moe_frac * expert_gpu,
+                      counts[0] * layer_shared + root_first,
+                      counts[-1] * layer_shared + root_last, root_first, root_last,
+                      pc.embedding / t)
 
 
 def _memory(cfg: Config, lay: Layout, hw: Hardware, params: _GpuParams, counts: list[int],
             moe_frac: float, flash: bool) -> dict[str, float]:
-    """Bytes on the fullest GPU: of the first or the last pipeline stage, the larger."""
+    """Bytes on the fullest GPU: of the first or the last pipeline stage, the larger. Two
+    transient peaks that never meet (measured per phase by benchmarks/peak_memory.py):
+    "activations" during forward and backward (with FSDP's full-size buffers), freed before the
+    optimizer step; "optimizer_step", the optimizer's own temporaries. The total counts the
+    larger of the two on top of the states and the overhead."""
     act_first, act_last = _activation_bytes(cfg, lay, counts, moe_frac, flash)
-    # FSDP's full-size buffers (gathered blocks, the reduce-scatter input), counted with the
-    # activations as transients
-    zero_buffers = sum(memory.zero_buffer_bytes(params.dense + params.expert * moe_frac,
-                                                cfg.train.precision, lay.zero_stage,
-                                                lay.dp_shard).values())
     overhead = hw.overhead_gib * GIB
     mems = []
-    for shared, act, n_layers in ((params.first, act_first, counts[0]),
-                                  (params.last, act_last, counts[-1])):
-        st = _state_bytes(cfg, lay, shared, n_layers * params.layer_expert)
-        mem = {**st, "activations": act + zero_buffers, "overhead": overhead}
-        mem["total"] = sum(mem.values())
+    for shared, root, emb, act, n_layers in (
+            (params.first, params.root_first, params.embedding, act_first, counts[0]),
+            (params.last, params.root_last, 0.0, act_last, counts[-1])):
+        # FSDP's full-size buffers (gathered blocks, unsharded gradients, the reduce-scatter
+        # input), counted with the activations as transients; a pipeline stage keeps its
+        # blocks gathered from forward to backward (parallel/pipeline.py)
+        zero_buffers = sum(memory.zero_buffer_bytes(
+            params.dense + params.expert * moe_frac, cfg.train.precision, lay.zero_stage,
+            lay.shard, gathered_blocks=n_layers if lay.pp > 1 else 2,
+            root_params=root).values())
+        experts = n_layers * params.layer_expert
+        st = _state_bytes(cfg, lay, shared, experts)
+        # AdamW steps one parameter group at a time: decay and no-decay (the embeddings), each
+        # split by device mesh (the experts apart: train/optim.py), so the largest group's
+        # temporary is the peak
+        opt_step = max(memory.optimizer_step_bytes(
+            n, cfg.train.precision, lay.zero_stage, group, hw.adamw_kernel)
+            for n, group in ((shared - emb, lay.shard), (emb, lay.shard),
+                             (experts, max(lay.shard // lay.ep, 1))))
+        mem = {**st, "activations": act + zero_buffers, "optimizer_step": opt_step,
+               "overhead": overhead}
+        mem["total"] = (st["params"] + st["grads"] + st["optimizer"] + overhead
+                        + max(mem["activations"], opt_step))
         mems.append(mem)
     return max(mems, key=lambda d: d["total"])
 
 
 def _state_bytes(cfg: Config, lay: Layout, shared: float, experts: float) -> dict[str, float]:
-    """Parameter, gradient and optimizer bytes: ZeRO shards shared parameters over dp_shard
-    ranks, experts over the dp_shard / ep ranks that hold the same experts."""
+    """Parameter, gradient and optimizer bytes: ZeRO shards shared parameters over the
+    dp_shard x cp ranks, experts over the dp_shard x cp / ep ranks that hold the same experts."""
     precision = cfg.train.precision
-    st = memory.model_state_bytes(shared, precision, lay.zero_stage, lay.dp_shard)
+    st = memory.model_state_bytes(shared, precision, lay.zero_stage, lay.shard)
     ex = memory.model_state_bytes(experts, precision, lay.zero_stage,
-                                  max(lay.dp_shard // lay.ep, 1))
+                                  max(lay.shard // lay.ep, 1))
     return {k: st[k] + ex[k] for k in st}
 
 
@@ -286,8 +333,8 @@ def _activation_bytes(cfg: Config, lay: Layout, counts: list[int], moe_frac: flo
                  + moe_frac * _layer_activations(cfg, lay, ac, flash, True))
     transient = (_layer_activations(cfg, lay, "none", flash) if ac == "full"
                  else 0.0)  # the layer being recomputed
-    # fp32 logits for the loss (Korthikanti Sec. 4.3)
-    logits = 4 * cfg.train.seq_len * lay.micro_batch_size * m.vocab_size / lay.tp
+    # fp32 logits for the loss (Korthikanti Sec. 4.3), of this rank's s/cp tokens
+    logits = 4 * cfg.train.seq_len / lay.cp * lay.micro_batch_size * m.vocab_size / lay.tp
     inflight = memory.inflight_layers(m.n_layers, p, lay.pp_schedule, lay.pp_microbatches,
                                       lay.virtual_stages)
     act_first = inflight * layer_act + transient + (logits if p == 1 else 0)
@@ -305,7 +352,7 @@ def _layer_activations(cfg: Config, lay: Layout, recompute: str, flash: bool,
         sp=lay.sequence_parallel, recompute=recompute, ffn=ffn,
         glu=m.activation in memory.GLU_ACTIVATIONS, kv_heads=m.kv_heads,
         dropout=m.dropout > 0, layernorm=m.norm == "layernorm", flash=flash,
-        elem_bytes=_act_bytes(cfg.train.precision))
+        elem_bytes=_act_bytes(cfg.train.precision), cp=lay.cp)
 
 
 def _compute_time(cfg: Config, lay: Layout, hw: Hardware, pc: memory.ParamCounts,
@@ -313,15 +360,15 @@ def _compute_time(cfg: Config, lay: Layout, hw: Hardware, pc: memory.ParamCounts
     """Compute seconds of one microbatch on the slowest stage: the most layers any stage holds,
     plus the output layer and loss as on the last stage (the worst case)."""
     m, moe = cfg.model, cfg.model.moe
-    b, s, t = lay.micro_batch_size, cfg.train.seq_len, lay.tp
+    b, s, t, cp = lay.micro_batch_size, cfg.train.seq_len, lay.tp, lay.cp
     sp, ac = lay.sequence_parallel, lay.activation_checkpointing
-    dense_t = compute.layer_time(m, b, s, t, sp, ac, hw)
+    dense_t = compute.layer_time(m, b, s, t, sp, ac, hw, cp=cp)
     moe_t = (compute.layer_time(m, b, s, t, sp, ac, hw,
                                 mlp_mult=moe.top_k + moe.n_shared_experts,
-                                mlp_split=max(moe.num_experts // lay.ep, 1))
+                                mlp_split=max(moe.num_experts // lay.ep, 1), cp=cp)
              if pc.n_moe_layers else 0.0)
     layers_t = per_stage * ((1 - moe_frac) * dense_t + moe_frac * moe_t)
-    return layers_t + compute.logits_time(m, b, s, t, hw)
+    return layers_t + compute.logits_time(m, b, s, t, hw, cp)
 
 
 def _passes(lay: Layout) -> int:
@@ -330,8 +377,9 @@ def _passes(lay: Layout) -> int:
 
 
 def _hidden_bytes(cfg: Config, lay: Layout) -> float:
-    """Bytes of one microbatch's hidden states (b x s x h): a tensor-parallel all-reduce."""
-    return (lay.micro_batch_size * cfg.train.seq_len * cfg.model.d_model
+    """Bytes of one microbatch's hidden states on this GPU (b x s/cp x h): a tensor-parallel
+    all-reduce."""
+    return (lay.micro_batch_size * cfg.train.seq_len / lay.cp * cfg.model.d_model
             * _act_bytes(cfg.train.precision))
 
 
@@ -351,8 +399,8 @@ def _ep_comm(cfg: Config, lay: Layout, hw: Hardware, per_stage: int,
     """(seconds, bytes one GPU sends) of one microbatch's expert all-to-alls: dispatch and
     combine in every pass over a MoE layer."""
     moe, t = cfg.model.moe, lay.tp
-    link = comm.link_for(t, lay.ep, hw)
-    msg = (lay.micro_batch_size * cfg.train.seq_len / (t if lay.sequence_parallel else 1)
+    link = comm.link_for(t * lay.cp, lay.ep, hw)  # ep groups lie in dp_shard: stride tp x cp
+    msg = (lay.micro_batch_size * cfg.train.seq_len / lay.cp / (t if lay.sequence_parallel else 1)
            * moe.top_k * cfg.model.d_model * _act_bytes(cfg.train.precision)
            * moe.capacity_factor)
     n_a2a = per_stage * moe_frac * 2 * _passes(lay)
@@ -360,12 +408,27 @@ def _ep_comm(cfg: Config, lay: Layout, hw: Hardware, per_stage: int,
             n_a2a * comm.ring_bytes("all_to_all", lay.ep, msg))
 
 
+def _cp_comm(cfg: Config, lay: Layout, hw: Hardware, per_stage: int) -> tuple[float, float]:
+    """(seconds, bytes one GPU sends) of one microbatch's context-parallel all-to-alls: four per
+    attention layer in every pass (forward, backward, recomputed forward), over the cp group
+    (stride tp: cp sits between dp_shard and tp in the mesh)."""
+    if lay.cp == 1:
+        return 0.0, 0.0
+    m = cfg.model
+    link = comm.link_for(lay.tp, lay.cp, hw)
+    args = (lay.micro_batch_size, cfg.train.seq_len, m.n_heads, m.kv_heads, m.head_dim, lay.cp,
+            _act_bytes(cfg.train.precision))
+    n = per_stage * _passes(lay)
+    return (n * comm.cp_attention_time(*args, link, tp=lay.tp),
+            n * comm.cp_all_to_all_bytes(*args, tp=lay.tp))
+
+
 def _pp_comm(cfg: Config, lay: Layout, hw: Hardware) -> tuple[float, float]:
     """(seconds per microbatch, bytes per step one GPU sends) of pipeline point-to-point
     traffic: one send forward and one backward per microbatch and model chunk."""
     if not lay.pp > 1:
         return 0.0, 0.0
-    link = comm.link_for(lay.tp * lay.dp, lay.pp, hw)
+    link = comm.link_for(lay.tp * lay.cp * lay.dp, lay.pp, hw)
     msg = _hidden_bytes(cfg, lay) / (lay.tp if lay.sequence_parallel else 1)
     v = lay.virtual_stages
     return (2 * v * comm.collective_time("p2p", 2, msg, link),
@@ -374,28 +437,30 @@ def _pp_comm(cfg: Config, lay: Layout, hw: Hardware) -> tuple[float, float]:
 
 def _dp_time(lay: Layout, grad_bytes: float, hw: Hardware, stage_compute: float,
              stage_layers: int) -> tuple[float, float]:
-    """(exposed seconds, bytes sent per GPU) of data-parallel traffic in one step."""
-    if lay.dp == 1:
+    """(exposed seconds, bytes sent per GPU) of data-parallel traffic in one step. The gradients
+    are summed over dp x cp (context-parallel ranks saw different tokens); ZeRO shards over
+    dp_shard x cp (`Layout.shard`), the ranks of stride tp inside dp_replicate."""
+    if lay.dp * lay.cp == 1:
         return 0.0, 0.0
-    t = lay.tp
-    shard_link = comm.link_for(t, lay.dp_shard, hw)
-    rep_link = comm.link_for(t * lay.dp_shard, lay.dp_replicate, hw)
+    t, shard = lay.tp, lay.shard
+    shard_link = comm.link_for(t, shard, hw)
+    rep_link = comm.link_for(t * shard, lay.dp_replicate, hw)
     backward_window = stage_compute * 2 / 3  # the last microbatch's backward
     if lay.zero_stage == 0:
-        link = comm.link_for(t, lay.dp, hw)
-        sync = comm.collective_time("all_reduce", lay.dp, grad_bytes, link)
-        tail = comm.collective_time("all_reduce", lay.dp, DDP_BUCKET_BYTES, link)
+        n = lay.dp * lay.cp
+        link = comm.link_for(t, n, hw)
+        sync = comm.collective_time("all_reduce", n, grad_bytes, link)
+        tail = comm.collective_time("all_reduce", n, DDP_BUCKET_BYTES, link)
         return max(0.0, sync - backward_window) + tail, comm.ring_bytes(
-            "all_reduce", lay.dp, grad_bytes)
-    # reduce-scatter over dp_shard, all-reduce the shard over dp_replicate (HSDP)
-    rs = comm.collective_time("reduce_scatter", lay.dp_shard, grad_bytes, shard_link)
-    rs += comm.collective_time("all_reduce", lay.dp_replicate, grad_bytes / lay.dp_shard,
-                               rep_link)
-    nbytes = (comm.ring_bytes("reduce_scatter", lay.dp_shard, grad_bytes)
-              + comm.ring_bytes("all_reduce", lay.dp_replicate, grad_bytes / lay.dp_shard))
-    ag = comm.collective_time("all_gather", lay.dp_shard, grad_bytes, shard_link)
-    ag_bytes = comm.ring_bytes("all_gather", lay.dp_shard, grad_bytes)
-    tail = comm.collective_time("reduce_scatter", lay.dp_shard, DDP_BUCKET_BYTES, shard_link)
+            "all_reduce", n, grad_bytes)
+    # reduce-scatter over dp_shard x cp, all-reduce the shard over dp_replicate (HSDP)
+    rs = comm.collective_time("reduce_scatter", shard, grad_bytes, shard_link)
+    rs += comm.collective_time("all_reduce", lay.dp_replicate, grad_bytes / shard, rep_link)
+    nbytes = (comm.ring_bytes("reduce_scatter", shard, grad_bytes)
+              + comm.ring_bytes("all_reduce", lay.dp_replicate, grad_bytes / shard))
+    ag = comm.collective_time("all_gather", shard, grad_bytes, shard_link)
+    ag_bytes = comm.ring_bytes("all_gather", shard, grad_bytes)
+    tail = comm.collective_time("reduce_scatter", shard, DDP_BUCKET_BYTES, shard_link)
     if lay.zero_stage < 3:
         return max(0.0, rs - backward_window) + tail + ag, nbytes + ag_bytes
     # ZeRO-3: every microbatch gathers parameters twice and reduce-scatters gradients
@@ -414,32 +479,45 @@ def _schedules(pp: int, n_layers: int, microbatches: int) -> list[tuple[str, int
     return out
 
 
+def _cp_degrees(cfg: Config, gpus: int, tp: int, engine: str) -> list[int]:
+    """Context-parallel degrees worth estimating with tensor parallelism `tp`: powers of two
+    with cp x tp dividing the heads and the GPUs, cp dividing the sequence, and each rank keeping
+    at least CP_MIN_TOKENS tokens (shorter shards only add all-to-alls)."""
+    m, s = cfg.model, cfg.train.seq_len
+    if engine == "deepspeed":
+        return [1]
+    return [1] + [c for c in (2, 4, 8, 16, 32) if m.n_heads % (c * tp) == 0
+                  and gpus % (c * tp) == 0 and s % c == 0 and s // c >= CP_MIN_TOKENS]
+
+
 def enumerate_layouts(cfg: Config, gpus: int, hw: Hardware,
                       engine: str = "torch") -> list[Layout]:
     """Every layout worth estimating for `cfg` on `gpus` GPUs that passes `check_layout`.
 
-    Pruned to what can win: tp is a power of two within one node; ZeRO 0 puts all data
-    parallelism in one plain DDP group (dp_replicate=1); ZeRO >= 1 shards over all of dp or
-    (HSDP) over one node's worth of ranks; micro batches are divisors of the per-replica batch
-    up to 32; the DeepSpeed engine is data parallel only.
+    Pruned to what can win: tp is a power of two within one node; cp a power of two leaving each
+    rank at least CP_MIN_TOKENS tokens; ZeRO 0 puts all data parallelism in one plain DDP group
+    (dp_replicate=1); ZeRO >= 1 shards over all of dp (x cp) or (HSDP) over one node's worth of
+    ranks; micro batches are divisors of the per-replica batch up to 32; the DeepSpeed engine
+    is data parallel only.
     """
     m, t = cfg.model, cfg.train
     out = []
     tps = [x for x in (1, 2, 4, 8, 16, 32) if x <= min(gpus, hw.gpus_per_node)]
     if engine == "deepspeed":
         tps = [1]
-    for tp in tps:
-        for pp in _divisors(gpus // tp) if gpus % tp == 0 else []:
+    for tp, cp in [(tp, cp) for tp in tps for cp in _cp_degrees(cfg, gpus, tp, engine)]:
+        inner = tp * cp  # the ranks of one data-parallel rank's pipeline stage
+        for pp in _divisors(gpus // inner) if gpus % inner == 0 else []:
             if pp > m.n_layers or (engine == "deepspeed" and pp > 1):
                 continue
-            dp = gpus // (tp * pp)
+            dp = gpus // (inner * pp)
             if t.global_batch_size % dp:
                 continue
             per_replica = t.global_batch_size // dp
-            for zero in ((0, 1, 2, 3) if dp > 1 else (0,)):
+            for zero in ((0, 1, 2, 3) if dp * cp > 1 else (0,)):
                 reps = {1}
-                if zero and tp < hw.gpus_per_node and dp * tp > hw.gpus_per_node:
-                    node_shard = hw.gpus_per_node // tp
+                if zero and inner < hw.gpus_per_node and dp * inner > hw.gpus_per_node:
+                    node_shard = hw.gpus_per_node // inner
                     if dp % node_shard == 0:
                         reps.add(dp // node_shard)
                 for rep in sorted(reps):
@@ -457,9 +535,10 @@ def enumerate_layouts(cfg: Config, gpus: int, hw: Hardware,
                                     mb = per_replica // b
                                     for sched, v in _schedules(pp, m.n_layers, mb):
                                         lay = Layout(tp=tp, pp=pp, dp_replicate=rep,
-                                                     dp_shard=shard, ep=ep, zero_stage=zero,
-                                                     engine=engine, pp_schedule=sched,
-                                                     pp_microbatches=mb, virtual_stages=v,
+                                                     dp_shard=shard, ep=ep, cp=cp,
+                                                     zero_stage=zero, engine=engine,
+                                                     pp_schedule=sched, pp_microbatches=mb,
+                                                     virtual_stages=v,
                                                      activation_checkpointing=ac,
                                                      sequence_parallel=sp, micro_batch_size=b)
                                         if not check_layout(cfg, lay, gpus):

@@ -83,7 +83,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # Keys added to the model/data sections after checkpoints were first written: at their default
 # they leave the identity (and so the hash) of a run as it was, so those checkpoints still resume.
-_ADDED_KEYS = {("data", "skip_bad_lines"): False}
+_ADDED_KEYS = {("data", "skip_bad_lines"): False, ("model", "parametrization"): "standard",
+               ("model", "base_d_model"): None}
 
 
 def run_identity(cfg: Config) -> dict:

@@ -1,9 +1,12 @@
 """Hugging Face interoperability: `llmtrain export` (checkpoint -> HF directory) and
-`llmtrain import-hf` (HF Llama directory -> run directory with a model-only checkpoint).
+`llmtrain import-hf` (HF Llama or Mistral directory -> run directory with a model-only checkpoint).
 
-Two HF architectures can express our decoder exactly:
+Three HF architectures can express our decoder exactly:
   llama  rmsnorm, pre-LN, rope, swiglu (or geglu: hidden_act=gelu), MHA/GQA/MQA -> LlamaForCausalLM.
          Our rope pairs (i, i + head_dim/2) as HF's rotate_half does, so q/k need no permutation.
+         model.rope_scaling is HF's `rope_parameters` (linear, dynamic, yarn, llama3).
+  mistral  the llama layout with model.attention_window = HF's sliding_window (every layer; no
+         biases) -> MistralForCausalLM, the same weight names.
   gpt2   layernorm, pre-LN, learned positions, gelu, biases, MHA                 -> GPT2LMHeadModel.
          GPT-2 stores projections as Conv1D ([in, out], the transpose of nn.Linear), fuses q, k, v
          into c_attn = [q; k; v], and defaults to the tanh GELU, so we write
@@ -67,10 +70,12 @@ _MAX_TOKENIZER_BYTES = 512 << 20
 _HF_INTS = {"num_hidden_layers": (1, 4096), "hidden_size": (1, 1 << 17),
             "intermediate_size": (1, 1 << 20), "num_attention_heads": (1, 1 << 14),
             "num_key_value_heads": (1, 1 << 14), "head_dim": (1, 1 << 17),
-            "vocab_size": (2, 1 << 24), "max_position_embeddings": (1, 1 << 24)}
+            "vocab_size": (2, 1 << 24), "max_position_embeddings": (1, 1 << 24),
+            "original_max_position_embeddings": (1, 1 << 24), "sliding_window": (1, 1 << 24)}
 # The model's rope cos/sin tables are [max_seq_len, head_dim] fp32 each, built with the model and
 # not in the shards: at most 1 GiB apiece (e.g. 2M positions at head_dim 128).
 _MAX_ROPE_ENTRIES = 1 << 28
+_MAX_FACTOR = float(1 << 24)  # rope scaling factor: model.rope_scaling.factor's bound
 
 # (our parameter, HF parameter) without the .weight/.bias suffix; {i} is the layer index.
 _LLAMA_NAMES = [
@@ -101,12 +106,18 @@ _GPT2_NAMES = [
 ]
 _GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
+# The variants neither Llama nor GPT-2 computes. Some have no parameters of their own (LayerNorm
+# Scaling, value residuals, the logit soft-cap), so the weight mapping would not notice them and an
+# export would silently be another function.
+_PLAIN = {"mixer": ("attention",), "residual": ("standard",), "ln_scaling": ("none",),
+          "share_layers": (False,), "embedding_dim": (None,), "output": ("softmax",),
+          "qk_norm": (False,), "value_residual": (False,), "logit_softcap": (0.0,)}
 # What each HF architecture needs of model.*: key -> allowed values.
 _NEEDS = {
     "llama": {"arch": ("decoder",), "norm": ("rmsnorm",), "norm_position": ("pre",),
-              "position": ("rope",), "activation": ("swiglu", "geglu")},
+              "position": ("rope",), "activation": ("swiglu", "geglu"), **_PLAIN},
     "gpt2": {"arch": ("decoder",), "norm": ("layernorm",), "norm_position": ("pre",),
-             "position": ("learned",), "activation": ("gelu",), "bias": (True,)},
+             "position": ("learned",), "activation": ("gelu",), "bias": (True,), **_PLAIN},
 }
 _LLAMA_ACT = {"swiglu": "silu", "geglu": "gelu"}  # HF ACT2FN["gelu"] is the exact GELU
 
@@ -122,21 +133,34 @@ def _rename(name: str, table: list[tuple[str, str]], to_hf: bool = True) -> str 
 
 
 def hf_architecture(m: ModelConfig) -> str:
-    """`llama` or `gpt2`, whichever expresses model config `m` exactly; else a ConfigError."""
+    """`llama`, `mistral` (llama with a sliding window) or `gpt2`, whichever expresses model
+    config `m` exactly; else a ConfigError."""
+    if m.attention_global_every:
+        raise ConfigError(f"model.attention_global_every={m.attention_global_every} cannot be "
+                          f"exported: Hugging Face Mistral slides its window in every layer; "
+                          f"export a model with attention_global_every=0")
+    if m.parametrization == "mup":  # refused rather than folded: see docs/mup.md
+        raise ConfigError("model.parametrization=mup cannot be exported to Hugging Face: Llama "
+                          "and GPT-2 have no readout multiplier 1/m or attention scale "
+                          "~1/head_dim; export a parametrization=standard model")
     why = {}
     for arch, needs in _NEEDS.items():
         bad = [f"{k}={getattr(m, k)}" for k, ok in needs.items() if getattr(m, k) not in ok]
         if arch == "gpt2" and m.kv_heads != m.n_heads:
             bad.append(f"n_kv_heads={m.kv_heads} (GPT-2 has no grouped-query attention)")
+        if arch == "gpt2" and m.attention_window:
+            bad.append(f"attention_window={m.attention_window}")
+        if arch == "llama" and m.attention_window and m.bias:
+            bad.append("bias=true with attention_window (HF Mistral has no biases)")
         if getattr(m, "moe", None) is not None and m.moe.num_experts:
             bad.append(f"moe.num_experts={m.moe.num_experts}")
         if not bad:
-            return arch
+            return "mistral" if arch == "llama" and m.attention_window else arch
         why[arch] = ", ".join(bad)
     raise ConfigError(
-        "this model cannot be exported to Hugging Face: Llama needs rmsnorm, pre-LN, rope and "
-        f"swiglu/geglu (model has {why['llama']}); GPT-2 needs layernorm, pre-LN, learned "
-        f"positions, gelu and bias=true (model has {why['gpt2']})")
+        "this model cannot be exported to Hugging Face: Llama needs rmsnorm, pre-LN, rope, "
+        f"swiglu/geglu and no variant keys (model has {why['llama']}); GPT-2 needs layernorm, "
+        f"pre-LN, learned positions, gelu and bias=true (model has {why['gpt2']})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +178,7 @@ def to_hf_state_dict(model: torch.nn.Module, arch: str) -> dict[str, torch.Tenso
             for p in ("weight", "bias"):
                 qkv = [sd.pop(f"layers.{i}.attention.{w}.{p}") for w in ("wq", "wk", "wv")]
                 out[f"transformer.h.{i}.attn.c_attn.{p}"] = torch.cat(qkv)
-    table = _LLAMA_NAMES if arch == "llama" else _GPT2_NAMES
+    table = _GPT2_NAMES if arch == "gpt2" else _LLAMA_NAMES  # mistral: the llama names
     for name, t in sd.items():
         hf = _rename(name, table)
         if hf is None:
@@ -197,17 +221,42 @@ def from_hf_llama_state_dict(sd: dict[str, torch.Tensor], m: ModelConfig) -> dic
 # HF config.json and tokenizer files
 
 
+def hf_rope_parameters(m: ModelConfig) -> dict:
+    """HF's `rope_parameters` for model config `m` (rope_theta and model.rope_scaling)."""
+    s = m.rope_scaling
+    params = {"rope_type": "default" if s.type == "none" else s.type, "rope_theta": m.rope_theta}
+    if s.type != "none":
+        params["factor"] = s.factor
+    if s.type in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = s.original_max_position_embeddings
+    if s.type == "yarn":
+        params.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
+        if s.attention_factor is not None:
+            params["attention_factor"] = s.attention_factor
+    if s.type == "llama3":
+        params.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    return params
+
+
 def _hf_config(m: ModelConfig, arch: str, dtype: str, special: dict) -> dict:
-    if arch == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    if arch in ("llama", "mistral"):
+        rope = hf_rope_parameters(m)
+        # HF's dynamic NTK reads the pretraining length from max_position_embeddings (and has no
+        # cap on positions); the tokenizer keeps max_seq_len
+        max_len = (m.rope_scaling.original_max_position_embeddings
+                   if m.rope_scaling.type == "dynamic" else m.max_seq_len)
+        biases = ({"sliding_window": m.attention_window} if arch == "mistral" else
+                  {"attention_bias": m.bias, "mlp_bias": m.bias})
+        return {"architectures": [f"{arch.capitalize()}ForCausalLM"], "model_type": arch,
                 "vocab_size": m.vocab_size, "hidden_size": m.d_model,
                 "intermediate_size": m.ffn_dim, "num_hidden_layers": m.n_layers,
                 "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads,
                 "head_dim": m.head_dim, "hidden_act": _LLAMA_ACT[m.activation],
-                "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
-                "rope_theta": m.rope_theta, "rope_scaling": None,
-                "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-                "attention_bias": m.bias, "mlp_bias": m.bias, "attention_dropout": m.dropout,
+                "max_position_embeddings": max_len, "rms_norm_eps": m.norm_eps,
+                "rope_theta": m.rope_theta, "rope_parameters": rope,
+                # transformers < 5 reads `rope_scaling` (5 prefers it when set: the same dict)
+                "rope_scaling": None if rope["rope_type"] == "default" else rope,
+                **biases, "attention_dropout": m.dropout,
                 "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
                 "torch_dtype": dtype, "use_cache": True, **special}
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -604,26 +653,73 @@ def _hf_bool(hf: dict, key: str, where: str) -> bool:
     return value
 
 
-def _rope_theta(hf: dict, where: str) -> float:
+def _rope(hf: dict, where: str, max_len: int) -> tuple[float, dict, int]:
+    """(rope_theta, model.rope_scaling, model.max_seq_len) of a HF config.json whose
+    max_position_embeddings is `max_len`, read as transformers 5 reads it: `rope_scaling`, when
+    set, in place of `rope_parameters`."""
     sections = {key: _hf_value(hf, key, where, {}) for key in ("rope_parameters", "rope_scaling")}
     for key, value in sections.items():
         if not isinstance(value, dict):
             raise _invalid(where, key, value, "an object or null")
-    params, scaling = sections.values()
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ConfigError(f"{where}: rope scaling {_short(kind)} is not supported; only plain "
-                          f"rope (rope_type default)")
-    theta = params.get("rope_theta", hf.get("rope_theta"))
-    return _hf_number({"rope_theta": theta}, "rope_theta", where, 10000.0, 0.0)
+    params = sections["rope_scaling"] or sections["rope_parameters"]
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ("default", "linear", "dynamic", "yarn", "llama3"):
+        raise ConfigError(f"{where}: rope scaling {_short(kind)} is not supported; use default, "
+                          f"linear, dynamic, yarn or llama3")
+    theta = _hf_number({"rope_theta": params.get("rope_theta", hf.get("rope_theta"))},
+                       "rope_theta", where, 10000.0, 0.0)
+    if _hf_number(params, "partial_rotary_factor", where, 1.0, 0.0, 1.0) != 1.0:
+        raise ConfigError(f"{where}: partial_rotary_factor={params['partial_rotary_factor']} is "
+                          f"not supported; llmtrain rotates the whole head")
+    if kind == "default":
+        return theta, {"type": "none"}, max_len
+    scaling = {"type": kind}
+    if kind == "dynamic":  # HF's pretraining length is max_position_embeddings, positions uncapped
+        scaling["factor"] = _hf_number(params, "factor", where, _REQUIRED, 1.0, _MAX_FACTOR,
+                                       lo_open=False)
+        scaling["original_max_position_embeddings"] = max_len
+        return theta, scaling, math.ceil(max_len * scaling["factor"])
+    # yarn and llama3 default the pretraining length to max_position_embeddings (a top-level
+    # original_max_position_embeddings first, as Phi-3 writes it); yarn its factor to their ratio
+    original = _hf_int({"original_max_position_embeddings": hf.get(
+        "original_max_position_embeddings", params.get("original_max_position_embeddings"))},
+        "original_max_position_embeddings", where, max_len)
+    default_factor = max_len / original if kind == "yarn" else _REQUIRED
+    scaling["factor"] = _hf_number(params, "factor", where, default_factor, 1.0, _MAX_FACTOR,
+                                   lo_open=False)
+    if kind != "linear":
+        scaling["original_max_position_embeddings"] = original
+    if kind == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            scaling[key] = _hf_number(params, key, where, _REQUIRED, 0.0)
+    if kind == "yarn":
+        if params.get("truncate", True) is not True:
+            raise ConfigError(f"{where}: yarn truncate={_short(params['truncate'])} is not "
+                              f"supported; llmtrain rounds the ramp outwards (truncate true)")
+        # transformers: `beta_fast or 32`, `beta_slow or 1`
+        for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+            scaling[key] = _hf_number(params, key, where, default, 0.0) if params.get(key) \
+                else default
+        factor = params.get("attention_factor")
+        if factor is None and params.get("mscale") and params.get("mscale_all_dim"):
+            # DeepSeek's form of YaRN's sqrt(1/t), as transformers computes it
+            log_s = math.log(scaling["factor"]) if scaling["factor"] > 1 else 0.0
+            m, m_all = (_hf_number(params, key, where, 1.0, 0.0)
+                        for key in ("mscale", "mscale_all_dim"))
+            factor = (0.1 * m * log_s + 1.0) / (0.1 * m_all * log_s + 1.0)
+        if factor is not None:
+            scaling["attention_factor"] = _hf_number({"attention_factor": factor},
+                                                     "attention_factor", where, 1.0, 0.0)
+    return theta, scaling, max_len
 
 
 def model_config_from_hf(hf: dict, where: str = "config.json") -> dict:
-    """model.* settings for a HF Llama config.json (`where`, for errors): a ConfigError for a
-    value of the wrong type or size, or anything llmtrain cannot express."""
-    if hf.get("model_type") != "llama":
-        raise ConfigError(f"import-hf reads Llama checkpoints (model_type llama); {where} has "
-                          f"model_type={_short(hf.get('model_type'))}")
+    """model.* settings for a HF Llama or Mistral config.json (`where`, for errors): a
+    ConfigError for a value of the wrong type or size, or anything llmtrain cannot express."""
+    kind = hf.get("model_type")
+    if kind not in ("llama", "mistral"):
+        raise ConfigError(f"import-hf reads Llama and Mistral checkpoints (model_type llama or "
+                          f"mistral); {where} has model_type={_short(kind)}")
     act = hf.get("hidden_act", "silu")
     if not isinstance(act, str) or act not in _LLAMA_ACT.values():
         raise _invalid(where, "hidden_act", act, "silu (swiglu) or gelu (geglu)")
@@ -631,13 +727,20 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> dict:
                                                 "intermediate_size", "num_attention_heads",
                                                 "vocab_size")}
     d, heads = size["hidden_size"], size["num_attention_heads"]
-    max_len = _hf_int(hf, "max_position_embeddings", where, 2048)
+    theta, scaling, max_len = _rope(hf, where, _hf_int(hf, "max_position_embeddings", where,
+                                                       2048))
     if hf.get("head_dim") is not None and _hf_int(hf, "head_dim", where) != d // heads:
         raise ConfigError(f"{where}: head_dim={hf['head_dim']} != hidden_size / "
                           f"num_attention_heads={d // heads} is not supported")
     if max_len * (d // heads) > _MAX_ROPE_ENTRIES:
-        raise ConfigError(f"{where}: max_position_embeddings={max_len} x head dim {d // heads} "
-                          f"is more than the {_MAX_ROPE_ENTRIES:,} rope table entries allowed")
+        raise ConfigError(f"{where}: {max_len} positions (max_position_embeddings, x factor for "
+                          f"dynamic rope) x head dim {d // heads} is more than the "
+                          f"{_MAX_ROPE_ENTRIES:,} rope table entries allowed")
+    window = 0  # Llama has none; HF Mistral's sliding_window is 4096 when absent, null = none
+    if kind == "mistral" and "sliding_window" not in hf:
+        window = 4096
+    elif kind == "mistral" and hf["sliding_window"] is not None:
+        window = _hf_int(hf, "sliding_window", where)
     bias = _hf_bool(hf, "attention_bias", where)
     if _hf_bool(hf, "mlp_bias", where) != bias:
         raise ConfigError(f"{where}: attention_bias={bias} with mlp_bias={not bias} is not "
@@ -647,7 +750,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> dict:
             "d_ff": size["intermediate_size"], "vocab_size": size["vocab_size"],
             "max_seq_len": max_len, "norm": "rmsnorm",
             "norm_eps": _hf_number(hf, "rms_norm_eps", where, 1e-6, 0.0, 1.0),
-            "norm_position": "pre", "position": "rope", "rope_theta": _rope_theta(hf, where),
+            "norm_position": "pre", "position": "rope", "rope_theta": theta,
+            "rope_scaling": scaling, "attention_window": window,
             "activation": {v: k for k, v in _LLAMA_ACT.items()}[act], "bias": bias,
             "tie_embeddings": _hf_bool(hf, "tie_word_embeddings", where),
             "dropout": _hf_number(hf, "attention_dropout", where, 0.0, 0.0, 1.0, lo_open=False),
@@ -705,7 +809,7 @@ def check_llama_weights(found: dict[str, tuple[Path, tuple[int, ...], str]], m: 
 
 
 def import_hf(src: str | Path, out: str | Path, overwrite: bool = False, log=print) -> Path:
-    """HF Llama directory `src` -> run directory `out`: config.yaml, tokenizer.json and a
+    """HF Llama or Mistral directory `src` -> run directory `out`: config.yaml, tokenizer.json and a
     model-only checkpoint `checkpoints/step_0`. `llmtrain train out/config.yaml` continues.
     Everything is checked before the model is built (on the meta device); the weights are read,
     converted and written one at a time; `out` is written only at the end."""
@@ -801,7 +905,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(
-        "import-hf", help="start a run from a Hugging Face Llama checkpoint",
+        "import-hf", help="start a run from a Hugging Face Llama or Mistral checkpoint",
         description="Write run directory OUT (config.yaml from DIR/config.json, tokenizer.json, "
                     "and a model-only DCP checkpoint checkpoints/step_0) so that "
                     "`llmtrain train OUT/config.yaml` continues training DIR's weights.")

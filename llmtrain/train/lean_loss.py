@@ -16,6 +16,10 @@ partial log-sum-exps and target logits once per forward (one all-gather of [2, N
 backward each rank's gradient of the hidden states is a partial sum over its vocabulary slice,
 summed over the tp ranks as the column-parallel output layer's backward would (Megatron's
 vocab-parallel cross entropy, applied chunk by chunk).
+
+`model.logit_softcap` c > 0 caps each chunk's logits z as the model's plain output does,
+c tanh(z / c) (Gemma 2), before the log-sum-exp; the backward multiplies the gradient of the
+capped logits by d/dz = 1 - tanh(z / c)^2.
 """
 
 from __future__ import annotations
@@ -31,22 +35,24 @@ from torch.distributed.tensor import DTensor, Shard
 class LinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of mask * CE(h W^T, labels), for hidden states h [N, D] and the output
     weight (or this rank's vocabulary slice of it, rows from `offset`) W [V, D]; saves h, W,
-    labels, mask and the per-token log-sum-exp, never [N, V]."""
+    labels, mask and the per-token log-sum-exp, never [N, V]. softcap > 0 caps the logits."""
 
     @staticmethod
-    def forward(ctx, h, weight, labels, mask, chunk: int, dtype: torch.dtype, group):
+    def forward(ctx, h, weight, labels, mask, chunk: int, dtype: torch.dtype, group,
+                softcap: float = 0.0):
         offset = vocab_offset(weight, group)
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)
             partial = torch.empty(2, h.shape[0], device=h.device)  # (log-sum-exp, target)
             for s in range(0, h.shape[0], chunk):
-                logits = (h[s:s + chunk].to(dtype) @ w.t()).float()
+                logits = capped(h[s:s + chunk].to(dtype) @ w.t(), softcap)[0]
                 partial[0, s:s + chunk] = torch.logsumexp(logits, dim=-1)
                 idx, owned = local_labels(labels[s:s + chunk], offset, w.shape[0])
                 partial[1, s:s + chunk] = logits.gather(1, idx[:, None])[:, 0] * owned
             lse, target = combine_vocab_shards(partial, group)
         ctx.save_for_backward(h, weight, labels, mask, lse)
         ctx.chunk, ctx.dtype, ctx.group, ctx.offset = chunk, dtype, group, offset
+        ctx.softcap = softcap
         return ((lse - target) * mask).sum()
 
     @staticmethod
@@ -60,14 +66,26 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             for s in range(0, h.shape[0], chunk):
                 h_c = h[s:s + chunk].to(dtype)
-                p = (h_c @ w.t()).float().sub_(lse[s:s + chunk, None]).exp_()
+                logits, slope = capped(h_c @ w.t(), ctx.softcap)
+                p = logits.sub_(lse[s:s + chunk, None]).exp_()
                 idx, owned = local_labels(labels[s:s + chunk], ctx.offset, w.shape[0])
                 p.scatter_add_(1, idx[:, None], -owned[:, None])
-                d_logits = p.mul_(scale[s:s + chunk, None]).to(dtype)
+                p.mul_(scale[s:s + chunk, None])
+                d_logits = (p if slope is None else p.mul_(slope)).to(dtype)
                 grad_h[s:s + chunk] = d_logits @ w
                 accumulate_matmul(grad_w, d_logits.t(), h_c)
             sum_over_vocab_shards(grad_h, ctx.group)
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None
+
+
+def capped(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fp32 logits z, or c tanh(z / c) for softcap c > 0; None, or the cap's derivative
+    1 - tanh(z / c)^2 for the backward)."""
+    z = logits.float()
+    if not softcap:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, 1 - t * t
 
 
 def local_labels(labels: torch.Tensor, offset: int,
@@ -113,25 +131,29 @@ def sum_over_vocab_shards(grad_h: torch.Tensor, group) -> None:
 
 
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             mask: torch.Tensor, chunk_tokens: int, group=None) -> torch.Tensor:
+                             mask: torch.Tensor, chunk_tokens: int, group=None,
+                             softcap: float = 0.0) -> torch.Tensor:
     """Sum of token cross entropies (fp32) of the logits h @ weight^T over positions where mask
     is 1, as loss.py's cross_entropy_sum computes them, `chunk_tokens` tokens at a time; h
     [N, D], weight [V, D] (or this rank's rows of it, `group` the tp ranks holding the others),
-    labels and mask [N]. The logits are computed in autocast's dtype where it is on."""
+    labels and mask [N]. The logits are computed in autocast's dtype where it is on; softcap
+    c > 0 takes the cross entropy of c tanh(logits / c)."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-    return LinearCrossEntropy.apply(h, weight, labels, mask.float(), chunk_tokens, dtype, group)
+    return LinearCrossEntropy.apply(h, weight, labels, mask.float(), chunk_tokens, dtype, group,
+                                    softcap)
 
 
 def chunked_loss_head(labels: torch.Tensor, mask: torch.Tensor, chunk_tokens: int,
                       sequence_parallel: bool = False) -> Callable[[torch.Tensor, nn.Module],
                                                                       torch.Tensor]:
     """The `head` Transformer.forward hands its final hidden states [B, T, D] and output layer:
-    the chunked CE sum over the batch's labels and mask [B, T]. A vocabulary-sharded output
+    the chunked CE sum over the batch's labels and mask [B, T] (of the logits capped at
+    `softcap`, model.logit_softcap, which forward passes). A vocabulary-sharded output
     weight (a DTensor under tp) gives the tp version; under sequence parallelism the hidden
     states arrive split along T and are gathered first, as the output layer's plan would."""
 
-    def head(h: torch.Tensor, output: nn.Module) -> torch.Tensor:
+    def head(h: torch.Tensor, output: nn.Module, softcap: float = 0.0) -> torch.Tensor:
         weight, group = output.weight, None
         if isinstance(weight, DTensor) and weight.placements[-1] == Shard(0):
             mesh = weight.device_mesh
@@ -139,5 +161,5 @@ def chunked_loss_head(labels: torch.Tensor, mask: torch.Tensor, chunk_tokens: in
                 h = DTensor.from_local(h, mesh, [Shard(1)], run_check=False).full_tensor()
             weight, group = weight.to_local(), mesh.get_group()
         return linear_cross_entropy_sum(h.flatten(0, 1), weight, labels.flatten(),
-                                        mask.flatten(), chunk_tokens, group)
+                                        mask.flatten(), chunk_tokens, group, softcap)
     return head

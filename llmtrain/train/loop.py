@@ -27,7 +27,7 @@ from llmtrain.engines import deepspeed as deepspeed_engine
 from llmtrain.model import build_model
 from llmtrain.parallel import build_optimizer, parallelize
 from llmtrain.parallel.data import dp_mesh
-from llmtrain.parallel.mesh import (DistEnv, describe_groups, dp_info, init_distributed,
+from llmtrain.parallel.mesh import (DistEnv, cp_info, describe_groups, dp_info, init_distributed,
                                     resolve_device)
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
@@ -107,8 +107,11 @@ class Trainer:
         self.say = log if self.is_main else (lambda *a, **k: None)
         dp_rank, dp_size = dp_info(self.mesh)
         self.dp_rank = dp_rank
+        self.cp_rank, cp = cp_info(self.mesh)
+        # gradients and token counts over dp x cp; the readers split the batch over dp, and
+        # each keeps its cp rank's part of the sequences
         self.dp = DataParallelGroup(dp_mesh(self.mesh).get_group() if self.mesh is not None
-                                    else None, dp_size)
+                                    else None, dp_size * cp, cp)
         self.tp = self.mesh["tp"].size() if self.mesh is not None else 1
         n_train, n_valid = self._build_data()
         self._build_model()
@@ -136,8 +139,9 @@ class Trainer:
         self.tokenizer = tok
         reader = (Seq2SeqReader if pairs else SpanCorruptionReader
                   if cfg.model.arch == "encoder_decoder" else BatchReader)
-        self.train_reader = reader(train_ds, cfg, tok, self.dp_rank, self.dp.size)
-        self.valid_reader = reader(valid_ds, cfg, tok, self.dp_rank, self.dp.size)
+        part = {"cp_rank": self.cp_rank, "cp_size": self.dp.cp} if self.dp.cp > 1 else {}
+        self.train_reader = reader(train_ds, cfg, tok, self.dp_rank, self.dp.readers, **part)
+        self.valid_reader = reader(valid_ds, cfg, tok, self.dp_rank, self.dp.readers, **part)
         return len(train_ds), len(valid_ds)
 
     def _build_model(self) -> None:
@@ -203,8 +207,8 @@ class Trainer:
             f"({cfg.model.kv_heads} kv), vocab {cfg.model.vocab_size}; this rank's parameters "
             f"initialised in {self.init_s:.2f} s")
         sp = " (sequence parallel)" if self.tp > 1 and cfg.parallel.sequence_parallel else ""
-        say(f"layout: world {self.env.world_size} on {self.device.type}, dp {self.dp.size}, tp "
-            f"{self.tp}{sp}, ZeRO stage {cfg.parallel.zero_stage}; "
+        say(f"layout: world {self.env.world_size} on {self.device.type}, dp {self.dp.readers}, "
+            f"cp {self.dp.cp}, tp {self.tp}{sp}, ZeRO stage {cfg.parallel.zero_stage}; "
             + "; ".join(describe_groups(self.mesh)))
         say(f"batch: {t.global_batch_size} sequences x {t.seq_len} tokens = "
             f"{self.tokens_per_step:,} tokens/step, micro-batch {t.micro_batch_size}, "

@@ -12,24 +12,42 @@ from torch import nn
 # torch.optim.Muon's own Newton-Schulz iteration and shape rule (torch >= 2.9): `MuonAdamW`
 # reuses them rather than copying their coefficients; what it adds is the step around them that
 # torch's Muon cannot take (3-D expert stacks, sharded matrices, AdamW groups in one optimizer)
-from torch.optim._muon import (DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr,
-                               _zeropower_via_newtonschulz)
+try:
+    from torch.optim._muon import (DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr,
+                                   _zeropower_via_newtonschulz)
+except ImportError:  # torch < 2.9 (the package allows >= 2.6): optim.name=muon is refused
+    _zeropower_via_newtonschulz = None
 
-from llmtrain.config import OptimConfig
+from llmtrain.config import Config, ConfigError, OptimConfig
+from llmtrain.model.mup import lr_multiplier
 
 
-def param_groups(model: nn.Module, weight_decay: float, skip: set[int] = frozenset()) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, cfg: Config | None = None,
+                 skip: set[int] = frozenset()) -> list[dict]:
     """Decay matrices only: no weight decay on norms, biases and embeddings (GPT-3, Llama).
+    With run config `cfg`, each group is split further by model/mup.py's `lr_multiplier` of
+    (name, shape, cfg): a group whose multiplier is not 1 (muP's hidden matrices: 1/m) holds it
+    as `lr_scale` (and starts at that lr), which train/step.py `set_lr` multiplies into every
+    step's lr. Under the standard parametrization the groups are the two above, as before.
     Parameters whose id is in `skip` (Muon's, `optimizer_groups`) are left out."""
-    decay, no_decay, seen = [], [], set(skip)
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    seen = set(skip)
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         is_embedding = "embeddings" in name and "output" not in name
-        (no_decay if p.ndim < 2 or is_embedding else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        decay = not (p.ndim < 2 or is_embedding)
+        scale = 1.0 if cfg is None else lr_multiplier(name, p.shape, cfg)[0]
+        groups.setdefault((decay, scale), []).append(p)
+    out = []
+    for (decay, scale), params in groups.items():
+        name = ("decay" if decay else "no_decay") + ("" if scale == 1.0 else f"_lr{scale:g}")
+        g = {"params": params, "weight_decay": weight_decay if decay else 0.0, "name": name}
+        if scale != 1.0:
+            g.update(lr_scale=scale, lr=cfg.optim.lr * scale)
+        out.append(g)
+    return out
 
 
 # A parameter inside a transformer block (`layers.<i>.`, also under `encoder.`/`decoder.` or a
@@ -59,12 +77,14 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 2
 
 
-def optimizer_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
-    """`param_groups`; with `optim.name: muon`, a first group "muon" of the `is_muon_param`
-    matrices (weight decay optim.muon_weight_decay, learning rate optim.muon_lr through its
-    `lr_scale`: the schedule sets every group's lr) ahead of the AdamW groups of the rest."""
+def optimizer_groups(model: nn.Module, o: OptimConfig, cfg: Config | None = None) -> list[dict]:
+    """`param_groups` (muP's lr multipliers with run config `cfg`); with `optim.name: muon`, a
+    first group "muon" of the `is_muon_param` matrices (weight decay optim.muon_weight_decay,
+    learning rate optim.muon_lr through its `lr_scale`: the schedule sets every group's lr) ahead
+    of the AdamW groups of the rest. muP leaves Muon's matrices at multiplier 1 (Muon's own
+    shape rule is muP's there, model/mup.py)."""
     if o.name != "muon":
-        return param_groups(model, o.weight_decay)
+        return param_groups(model, o.weight_decay, cfg)
     muon, seen = [], set()
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen and is_muon_param(name, p):
@@ -74,8 +94,8 @@ def optimizer_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
     lr_scale = 1.0 if o.muon_lr is None else o.muon_lr / o.lr
     # every group says which it is: ZeroRedundancyOptimizer fills a key a group lacks from its
     # first group's
-    adamw = [{**g, "muon": False, "lr_scale": 1.0}
-             for g in param_groups(model, o.weight_decay, {id(p) for p in muon})]
+    adamw = [{**g, "muon": False, "lr_scale": g.get("lr_scale", 1.0)}
+             for g in param_groups(model, o.weight_decay, cfg, {id(p) for p in muon})]
     return [{"params": muon, "muon": True, "weight_decay": wd, "lr_scale": lr_scale,
              "name": "muon"}, *adamw]
 
@@ -126,6 +146,9 @@ class MuonAdamW(torch.optim.AdamW):
 
     def __init__(self, params, *, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, muon: bool = False, lr_scale: float = 1.0, **adamw):
+        if _zeropower_via_newtonschulz is None:
+            raise ConfigError(f"optim.name=muon needs torch >= 2.9 (torch.optim.Muon), this is "
+                              f"torch {torch.__version__}; use optim.name=adamw")
         super().__init__(params, **adamw)
         extra = {"muon": muon, "lr_scale": lr_scale, "momentum": momentum,
                  "nesterov": nesterov, "ns_steps": ns_steps}
@@ -227,12 +250,12 @@ def split_by_kind(groups: list[dict]) -> list[dict]:
     return out
 
 
-def build_optimizer(model: nn.Module, o: OptimConfig,
-                    fused: bool | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, o: OptimConfig, fused: bool | None = None,
+                    cfg: Config | None = None) -> torch.optim.Optimizer:
     """AdamW over `param_groups` of a model on one process (bench), or `MuonAdamW` over
-    `optimizer_groups` with optim.name muon; `fused` None: the kernel `adamw_kernel` picks for
-    the parameters' device."""
-    groups = optimizer_groups(model, o)
+    `optimizer_groups` with optim.name muon (`cfg`: the run config, for muP's lr multipliers);
+    `fused` None: the kernel `adamw_kernel` picks for the parameters' device."""
+    groups = optimizer_groups(model, o, cfg)
     if fused is None:
         kernel = adamw_kernel(params_device_type(groups), groups)
     else:

@@ -10,7 +10,9 @@ DeepSpeed accumulate, clip and step. The loop (train/loop.py) and `llmtrain benc
 Loss normalisation: the loss of a step is the mean next-token cross entropy over every unmasked
 token of the *global* batch. Each micro-batch contributes sum(CE) / N_global, so gradient
 accumulation and data parallelism give the same gradients as one process with the whole batch
-(DDP/FSDP average over dp ranks, hence the factor dp).
+(DDP/FSDP average over dp ranks, hence the factor dp). With context parallelism each rank's
+micro-batch holds its 1/cp of the tokens, N_global counts every token once over dp x cp ranks,
+and the gradients are averaged over dp x cp (hence the factor dp x cp): each token counted once.
 
 Host syncs: a training step copies from the device to the host once, `HOST_SYNCS_PER_STEP`
 (`TrainStep.__call__`); everything else it computes (token count, loss, clip coefficient,
@@ -69,10 +71,19 @@ class StepResult:
 
 @dataclasses.dataclass
 class DataParallelGroup:
-    """The ranks that read different data: the global token count and the reported losses are
-    summed over `group` (None on one process) of `size` ranks."""
+    """The ranks whose tokens make up the global batch: the global token count and the reported
+    losses are summed over `group` (None on one process) of `size` ranks, and the gradients are
+    averaged over it. With context parallelism these are dp x cp ranks, of which `size // cp`
+    read different sequences (the cp ranks of one dp rank hold different tokens of the same
+    sequences)."""
     group: object | None = None
     size: int = 1
+    cp: int = 1
+
+    @property
+    def readers(self) -> int:
+        """The data-parallel ranks: those that read different sequences."""
+        return self.size // self.cp
 
 
 def model_logits(model: nn.Module, batch: Batch, device: torch.device,
@@ -84,14 +95,18 @@ def model_logits(model: nn.Module, batch: Batch, device: torch.device,
     if batch.src is not None:
         return model(batch.src.to(device), tokens, batch.src_mask.to(device))
     kwargs = {} if head is None else {"head": head}
+    if batch.positions is not None:
+        kwargs["positions"] = batch.positions.to(device)
     if batch.doc_ids is not None:
         return model(tokens, doc_ids=batch.doc_ids.to(device), **kwargs)
     return model(tokens, **kwargs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr: `lr` times the group's `lr_scale` (muP's multipliers, train/optim.py
+    `param_groups`; 1 where absent)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def global_token_count(batches: list[Batch], device: torch.device,
@@ -245,7 +260,7 @@ class PipelineStep(TrainStep):
         super().__init__(model, optimizer, cfg, device, dp, parallel=parallel, tp=tp)
         # imported here: torch.distributed.pipelining imports torch._dynamo (~1 s)
         from llmtrain.parallel.pipeline import build_pipeline
-        self.pipeline = build_pipeline(parallel, cfg, device, self.dp.size)
+        self.pipeline = build_pipeline(parallel, cfg, device, self.dp.readers)
 
     def forward_backward(self, batches: list[Batch],
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
