@@ -402,13 +402,16 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
         return partitioned(groups, [(rest, shard_group), (expert, ep_rep)], **kw)
     if any(isinstance(p, DTensor) for p in params):
         return partitioned(groups, [(params, shard_group)], **kw)
-    # ZeroRedundancyOptimizer takes one group at construction; add the others after. Its keys
-    # (muP's lr_scale, Muon's flag) are set after construction: step() copies every key of its
-    # groups to the local optimizer's before stepping.
+    # ZeroRedundancyOptimizer takes one group at construction, its options as the local
+    # optimizer's defaults (MuonAdamW needs the group's Muon flag there: a resume initialises the
+    # states before any step syncs the groups); add the others after. torch's AdamW takes no
+    # lr_scale (muP's): that key is only set on the group.
+    first = {k: v for k, v in groups[0].items() if k != "params"}
+    ctor = {k: v for k, v in first.items()
+            if k != "name" and (k != "lr_scale" or opt_class is not torch.optim.AdamW)}
     zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=opt_class,
-                                   process_group=shard_group,
-                                   weight_decay=groups[0]["weight_decay"], **kw)
-    zero.param_groups[0].update({k: v for k, v in groups[0].items() if k != "params"})
+                                   process_group=shard_group, **{**kw, **ctor})
+    zero.param_groups[0].update(first)
     for g in groups[1:]:
         zero.add_param_group(g)
     return zero
