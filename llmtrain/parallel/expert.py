@@ -1,7 +1,9 @@
 """Expert parallelism (`parallel.ep`): each MoE layer's E experts split over ep ranks.
 
 The ep ranks are data-parallel ranks (ep divides dp_shard): every rank routes its own tokens as
-before, with the same per-rank capacity, so the result is the data-parallel run's. Then, per MoE
+before, with the same per-rank capacity, so the result is the data-parallel run's. Under context
+parallelism the ep groups are formed at each cp index (the ranks with the same part of the
+sequences), and a rank's tokens are its T/cp of each sequence (docs/long_context.md). Then, per MoE
 layer (GShard, Lepikhin et al. 2020; the layout of DeepSpeed-MoE and torchtitan):
 
   1. the routed assignments, already sorted by global expert, are sent to the rank owning each
@@ -45,12 +47,16 @@ from llmtrain.parallel.tensor import TensorParallelExperts, local_weights
 
 
 def build_ep_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
-    """The (ep_pp, ep_replicate, ep, tp) mesh: within each pipeline stage and tp index, each
-    dp_shard group split into contiguous chunks of ep ranks (the expert groups); ranks of the
-    stage and tp index holding the same experts form the ep_replicate groups. Collective: every
-    rank builds every group; index it by name for this rank's ("ep", "ep_replicate", ...)."""
-    pp, tp = mesh["pp"].size(), mesh["tp"].size()
-    ranks = mesh.mesh.reshape(pp, -1, ep, tp)  # (pp, dp_replicate, dp_shard, tp) in rank order
+    """The (ep_pp, ep_replicate, ep, tp) mesh: within each pipeline stage, cp index and tp
+    index, each dp_shard group split into contiguous chunks of ep ranks (the expert groups);
+    ranks of the stage and tp index holding the same experts form the ep_replicate groups, which
+    span dp_replicate, the dp_shard chunks and cp (context-parallel ranks hold different tokens
+    of the same sequences: their expert gradients are summed like a data-parallel rank's).
+    Collective: every rank builds every group; index it by name for this rank's ("ep",
+    "ep_replicate", ...)."""
+    pp, cp, tp = mesh["pp"].size(), mesh["cp"].size(), mesh["tp"].size()
+    # (pp, dp_replicate x dp_shard / ep, ep, cp, tp) in rank order; cp joins the replicas
+    ranks = mesh.mesh.reshape(pp, -1, ep, cp, tp).transpose(2, 3).reshape(pp, -1, ep, tp)
     return DeviceMesh(mesh.device_type, ranks,
                       mesh_dim_names=("ep_pp", "ep_replicate", "ep", "tp"))
 
