@@ -17,6 +17,7 @@ from helpers import (PARALLEL_STEPS, assert_weights_close, cli_train, cut_back, 
                      tiny_model_config, tokens)
 from llmtrain.config import ConfigError, load_config
 from llmtrain.data.loader import Batch, context_part, document_positions
+from llmtrain.parallel.expert import expert_mesh_ranks
 
 STEPS = PARALLEL_STEPS
 # GQA (4 query heads, 2 kv heads): at cp=4, and at cp=2 x tp=2 (one kv head per tp rank), the
@@ -78,10 +79,23 @@ def test_cp_layout_matches_single_process(name, tmp_path, references):
 # token's output is then the same whatever tokens share its rank. The z-loss (ST-MoE eq. 5) is
 # on: a mean over tokens, so each rank's mean over its T/cp tokens, averaged over dp x cp as the
 # gradients are, is the single process's; a router-loss term counted once per cp rank would move
-# the router weights and double the logged term.
+# the router weights and double the logged term. The aux-free bias (DeepSeek-V3) moves by the
+# load summed over dp x cp, the single process's load: a fast rate makes it change routing
+# within the 5 steps, so cp ranks that disagreed on it would route differently.
 MOE = {"model.moe.num_experts": 4, "model.moe.router": "topk", "model.moe.top_k": 2,
        "model.moe.capacity_factor": 4.0, "model.moe.every_n_layers": 1,
-       "model.activation": "swiglu", "model.moe.aux_loss_coef": 0.0, "model.moe.z_loss_coef": 0.1}
+       "model.activation": "swiglu", "model.moe.aux_loss_coef": 0.0, "model.moe.z_loss_coef": 0.1,
+       "model.moe.aux_free_bias": True, "model.moe.bias_update_rate": 0.05}
+
+
+def test_expert_groups_lie_at_one_cp_index():
+    """Mesh (dp_shard 4, cp 2), ranks 2 s + c: the ep=2 groups pair dp_shard neighbours at the
+    same cp index (ep divides dp_shard, as the planner's link model assumes); the ranks holding
+    the same experts are the other dp_shard chunk's and the cp ranks'."""
+    ranks = torch.arange(8).reshape(1, 1, 4, 2, 1)
+    groups = expert_mesh_ranks(ranks, 2)[0, ..., 0]  # (ep_replicate, ep)
+    assert groups.tolist() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert sorted(groups[:, 0].tolist()) == [0, 1, 4, 5]  # the replicas of ep rank 0's experts
 
 
 def test_cp2xep2_moe_matches_single_process(tmp_path, references):
@@ -203,6 +217,11 @@ def test_cp2_with_documents_crossing_the_split(tmp_path, short_docs):
      "parallel.cp=2 with model.arch=encoder_decoder is not supported"),
     ({"parallel.cp": 2, "model.mixer": "gmlp"}, 2, "parallel.cp=2 with model.mixer=gmlp"),
     ({"parallel.cp": 2, "parallel.compile": True}, 2, "parallel.compile=true"),
+    # ZeRO-1 gives each expert tensor one owner among the dp x cp / ep = 4 ranks holding the same
+    # experts: one GeLU MoE layer has only 2
+    ({"parallel.cp": 2, "parallel.ep": 2, "parallel.zero_stage": 1, "model.moe.num_experts": 4,
+      "model.activation": "gelu", "model.moe.every_n_layers": 2}, 8,
+     r"splits the expert weights (2 tensors) over the 4 ranks holding the same experts"),
     ({"parallel.cp": 2, "parallel.engine": "deepspeed"}, 2, "parallel.engine=deepspeed"),
     ({"parallel.cp": 4, "train.seq_len": 30}, 4,
      "train.seq_len=30 is not divisible by parallel.cp=4; use a multiple of 4"),
