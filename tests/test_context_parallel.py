@@ -75,13 +75,14 @@ def test_cp_layout_matches_single_process(name, tmp_path, references):
 
 
 # MoE (top-2 of 4 experts in every layer) with capacity 4 x the fair share, so nothing drops (an
-# expert takes at most all k x n assignments of a rank's n tokens), and no balance loss: each
-# token's output is then the same whatever tokens share its rank. The z-loss (ST-MoE eq. 5) is
-# on: a mean over tokens, so each rank's mean over its T/cp tokens, averaged over dp x cp as the
-# gradients are, is the single process's; a router-loss term counted once per cp rank would move
-# the router weights and double the logged term. The aux-free bias (DeepSeek-V3) moves by the
-# load summed over dp x cp, the single process's load: a fast rate makes it change routing
-# within the 5 steps, so cp ranks that disagreed on it would route differently.
+# expert takes at most one of each token's k assignments, n of a rank's n tokens, and its
+# capacity is 4 x 2 n / 4 = 2 n), and no balance loss: each token's output is then the same
+# whatever tokens share its rank. The z-loss (ST-MoE eq. 5) is on: a mean over tokens, so each
+# rank's mean over its T/cp tokens, averaged over dp x cp as the gradients are, is the single
+# process's; a router-loss term counted once per cp rank would move the router weights and
+# double the logged term. The aux-free bias (DeepSeek-V3) moves by the load summed over dp x cp,
+# the single process's load: a fast rate makes it change routing within the 5 steps, so cp
+# ranks that disagreed on it would route differently.
 MOE = {"model.moe.num_experts": 4, "model.moe.router": "topk", "model.moe.top_k": 2,
        "model.moe.capacity_factor": 4.0, "model.moe.every_n_layers": 1,
        "model.activation": "swiglu", "model.moe.aux_loss_coef": 0.0, "model.moe.z_loss_coef": 0.1,
