@@ -17,6 +17,7 @@ from helpers import (PARALLEL_STEPS, assert_weights_close, cli_train, cut_back, 
                      tiny_model_config, tokens)
 from llmtrain.config import ConfigError, load_config
 from llmtrain.data.loader import Batch, context_part, document_positions
+from llmtrain.parallel.expert import expert_mesh_ranks
 
 STEPS = PARALLEL_STEPS
 # GQA (4 query heads, 2 kv heads): at cp=4, and at cp=2 x tp=2 (one kv head per tp rank), the
@@ -28,7 +29,7 @@ MODEL = {"model.n_kv_heads": 2, "model.tie_embeddings": False}
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """The single-process run of MODEL plus `extra` model settings that a layout is compared with
-    (losses, final weights, gradient norms), run once per settings."""
+    (losses, final weights, gradient norms, its run directory), run once per settings."""
     runs = {}
 
     def reference(**extra):
@@ -36,7 +37,8 @@ def references(tmp_path_factory):
         if key not in runs:
             run = tmp_path_factory.mktemp("cp_reference") / "ref"
             assert cli_train(parallel_overrides(run, **MODEL, **extra)) == 0
-            runs[key] = read_losses(run), final_weights(run, STEPS), read_metric(run, "grad_norm")
+            runs[key] = (read_losses(run), final_weights(run, STEPS), read_metric(run, "grad_norm"),
+                         run)
         return runs[key]
     return reference
 
@@ -62,7 +64,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_cp_layout_matches_single_process(name, tmp_path, references):
     nproc, par, model = LAYOUTS[name]
-    ref_losses, ref_weights, ref_norms = references(**model)
+    ref_losses, ref_weights, ref_norms, _ = references(**model)
     run = tmp_path / name
     r = run_train(parallel_overrides(run, **MODEL, **model, **par), nproc=nproc)
     assert f"cp {par['parallel.cp']}," in r.stdout
@@ -72,11 +74,51 @@ def test_cp_layout_matches_single_process(name, tmp_path, references):
     assert_weights_close(final_weights(run, STEPS), ref_weights)
 
 
+# MoE (top-2 of 4 experts in every layer) with capacity 4 x the fair share, so nothing drops (an
+# expert takes at most one of each token's k assignments, n of a rank's n tokens, and its
+# capacity is 4 x 2 n / 4 = 2 n), and no balance loss: each token's output is then the same
+# whatever tokens share its rank. The z-loss (ST-MoE eq. 5) is on: a mean over tokens, so each
+# rank's mean over its T/cp tokens, averaged over dp x cp as the gradients are, is the single
+# process's; a router-loss term counted once per cp rank would move the router weights and
+# double the logged term. The aux-free bias (DeepSeek-V3) moves by the load summed over dp x cp,
+# the single process's load: a fast rate makes it change routing within the 5 steps, so cp
+# ranks that disagreed on it would route differently.
+MOE = {"model.moe.num_experts": 4, "model.moe.router": "topk", "model.moe.top_k": 2,
+       "model.moe.capacity_factor": 4.0, "model.moe.every_n_layers": 1,
+       "model.activation": "swiglu", "model.moe.aux_loss_coef": 0.0, "model.moe.z_loss_coef": 0.1,
+       "model.moe.aux_free_bias": True, "model.moe.bias_update_rate": 0.05}
+
+
+def test_expert_groups_lie_at_one_cp_index():
+    """Mesh (dp_shard 4, cp 2), ranks 2 s + c: the ep=2 groups pair dp_shard neighbours at the
+    same cp index (ep divides dp_shard, as the planner's link model assumes); the ranks holding
+    the same experts are the other dp_shard chunk's and the cp ranks'."""
+    ranks = torch.arange(8).reshape(1, 1, 4, 2, 1)
+    groups = expert_mesh_ranks(ranks, 2)[0, ..., 0]  # (ep_replicate, ep)
+    assert groups.tolist() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert sorted(groups[:, 0].tolist()) == [0, 1, 4, 5]  # the replicas of ep rank 0's experts
+
+
+def test_cp2xep2_moe_matches_single_process(tmp_path, references):
+    """cp=2 x ep=2 at ZeRO-3 (experts an FSDP unit over the ranks holding the same experts, cp
+    ranks among them) equals the single-process MoE run, router z-loss included."""
+    ref_losses, ref_weights, ref_norms, ref_run = references(**MOE)
+    run = tmp_path / "cp2xep2"
+    r = run_train(parallel_overrides(run, **MODEL, **MOE, **{
+        "parallel.cp": 2, "parallel.ep": 2, "parallel.zero_stage": 3}), nproc=4)
+    assert "dp 2, cp 2," in r.stdout
+    assert read_losses(run) == pytest.approx(ref_losses, rel=1e-5)
+    aux = read_metric(run, "moe_aux_loss")
+    assert min(aux) > 0 and aux == pytest.approx(read_metric(ref_run, "moe_aux_loss"), rel=1e-5)
+    assert read_metric(run, "grad_norm") == pytest.approx(ref_norms, rel=1e-4)
+    assert_weights_close(final_weights(run, STEPS), ref_weights)
+
+
 def test_cp2xdp2_zero3_checkpoint_resumes_on_one_process(tmp_path, reference):
     """cp=2 x dp=2 ZeRO-3 (FSDP over dp_shard x cp) equals the single-process run; its step-3
     checkpoint, resumed on one process, finishes steps 4-5 as the uninterrupted run did (one
     run checks the layout and the reshard to a non-cp layout)."""
-    ref_losses, ref_weights, ref_norms = reference
+    ref_losses, ref_weights, ref_norms, _ = reference
     run = tmp_path / "cp2xdp2"
     args = parallel_overrides(run, **MODEL, **{"checkpoint.every": 3})
     r = run_train(args + ["parallel.cp=2", "parallel.zero_stage=3"], nproc=4)
@@ -175,8 +217,12 @@ def test_cp2_with_documents_crossing_the_split(tmp_path, short_docs):
       "model.n_decoder_layers": 1}, 2,
      "parallel.cp=2 with model.arch=encoder_decoder is not supported"),
     ({"parallel.cp": 2, "model.mixer": "gmlp"}, 2, "parallel.cp=2 with model.mixer=gmlp"),
-    ({"parallel.cp": 2, "model.moe.num_experts": 4}, 2, "model.moe.num_experts=4"),
     ({"parallel.cp": 2, "parallel.compile": True}, 2, "parallel.compile=true"),
+    # ZeRO-1 gives each expert tensor one owner among the dp x cp / ep = 4 ranks holding the same
+    # experts: one GeLU MoE layer has only 2
+    ({"parallel.cp": 2, "parallel.ep": 2, "parallel.zero_stage": 1, "model.moe.num_experts": 4,
+      "model.activation": "gelu", "model.moe.every_n_layers": 2}, 8,
+     r"splits the expert weights (2 tensors) over the 4 ranks holding the same experts"),
     ({"parallel.cp": 2, "parallel.engine": "deepspeed"}, 2, "parallel.engine=deepspeed"),
     ({"parallel.cp": 4, "train.seq_len": 30}, 4,
      "train.seq_len=30 is not divisible by parallel.cp=4; use a multiple of 4"),

@@ -281,7 +281,7 @@ def _expert_zero1(cfg: Config, dims: ParallelDims) -> None:
         stacks = ((m.n_encoder_layers, m.n_decoder_layers) if m.arch == "encoder_decoder"
                   else (m.n_layers,))
         tensors = sum(tensors_in(range(n)) for n in stacks)
-    replicas = dims.dp // p.ep
+    replicas = dims.dp * dims.cp // p.ep  # parallel/expert.py build_ep_mesh: cp ranks too
     if 0 < tensors < replicas:
         where = " in the pipeline stage with the fewest" if p.pp > 1 else ""
         raise ConfigError(f"parallel.ep={p.ep} with zero_stage=1 splits the expert weights "
@@ -378,8 +378,6 @@ def _context_parallel(cfg: Config) -> None:
     why = {"model.arch=encoder_decoder": m.arch == "encoder_decoder",
            f"model.mixer={m.mixer}": m.mixer != "attention",  # only attention is swapped
            "model.position=t5_relative": m.position == "t5_relative",
-           # router losses and expert capacity are computed over the local tokens
-           f"model.moe.num_experts={m.moe.num_experts}": m.moe.num_experts > 0,
            "parallel.engine=deepspeed": p.engine == "deepspeed",
            "parallel.compile=true": p.compile}  # not tested with the all-to-all in the graph
     bad = next((key for key, on in why.items() if on), None)

@@ -79,7 +79,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
                                                    reduce_dtype=torch.float32)
     if p.offload == "cpu" and device.type != "cpu":  # on a CPU run the states are there already
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    dp_size = mesh["dp_replicate"].size() * mesh["dp_shard"].size()
+    # the dense gradients' divisor: FSDP averages them over dp_replicate x dp_shard x cp
+    dp_size = mesh["dp_replicate"].size() * shard.size()
     for block in transformer_blocks(model):
         for moe in moe_layers(block).values():
             if isinstance(moe.experts, ExpertParallelExperts):  # DTensors over ep: FSDP

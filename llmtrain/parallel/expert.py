@@ -1,7 +1,9 @@
 """Expert parallelism (`parallel.ep`): each MoE layer's E experts split over ep ranks.
 
 The ep ranks are data-parallel ranks (ep divides dp_shard): every rank routes its own tokens as
-before, with the same per-rank capacity, so the result is the data-parallel run's. Then, per MoE
+before, with the same per-rank capacity, so the result is the data-parallel run's. Under context
+parallelism the ep groups are formed at each cp index (the ranks with the same part of the
+sequences), and a rank's tokens are its T/cp of each sequence (docs/long_context.md). Then, per MoE
 layer (GShard, Lepikhin et al. 2020; the layout of DeepSpeed-MoE and torchtitan):
 
   1. the routed assignments, already sorted by global expert, are sent to the rank owning each
@@ -44,14 +46,22 @@ from llmtrain.model.moe import GroupedExperts, moe_layers
 from llmtrain.parallel.tensor import TensorParallelExperts, local_weights
 
 
+def expert_mesh_ranks(ranks: torch.Tensor, ep: int) -> torch.Tensor:
+    """The global ranks of the mesh `ranks` (pp, dp_replicate, dp_shard, cp, tp) laid out as
+    (pp, ep_replicate, ep, tp): within each pipeline stage, cp index and tp index, each dp_shard
+    group split into contiguous chunks of ep ranks (the expert groups); the ranks of a stage and
+    tp index holding the same experts form the ep_replicate groups, which span dp_replicate, the
+    dp_shard chunks and cp (context-parallel ranks hold different tokens of the same sequences:
+    their expert gradients are summed like a data-parallel rank's)."""
+    pp, cp, tp = ranks.shape[0], ranks.shape[3], ranks.shape[4]
+    # (pp, dp_replicate x dp_shard / ep, ep, cp, tp), then cp moved among the replicas
+    return ranks.reshape(pp, -1, ep, cp, tp).transpose(2, 3).reshape(pp, -1, ep, tp)
+
+
 def build_ep_mesh(mesh: DeviceMesh, ep: int) -> DeviceMesh:
-    """The (ep_pp, ep_replicate, ep, tp) mesh: within each pipeline stage and tp index, each
-    dp_shard group split into contiguous chunks of ep ranks (the expert groups); ranks of the
-    stage and tp index holding the same experts form the ep_replicate groups. Collective: every
-    rank builds every group; index it by name for this rank's ("ep", "ep_replicate", ...)."""
-    pp, tp = mesh["pp"].size(), mesh["tp"].size()
-    ranks = mesh.mesh.reshape(pp, -1, ep, tp)  # (pp, dp_replicate, dp_shard, tp) in rank order
-    return DeviceMesh(mesh.device_type, ranks,
+    """The (ep_pp, ep_replicate, ep, tp) mesh of `expert_mesh_ranks`. Collective: every rank
+    builds every group; index it by name for this rank's ("ep", "ep_replicate", ...)."""
+    return DeviceMesh(mesh.device_type, expert_mesh_ranks(mesh.mesh, ep),
                       mesh_dim_names=("ep_pp", "ep_replicate", "ep", "tp"))
 
 

@@ -13,6 +13,8 @@ accumulation and data parallelism give the same gradients as one process with th
 (DDP/FSDP average over dp ranks, hence the factor dp). With context parallelism each rank's
 micro-batch holds its 1/cp of the tokens, N_global counts every token once over dp x cp ranks,
 and the gradients are averaged over dp x cp (hence the factor dp x cp): each token counted once.
+MoE router losses are each rank's over its own tokens, added once (over n_micro) to its loss:
+the average over dp x cp counts them once, not once per cp rank (docs/long_context.md).
 
 Host syncs: a training step copies from the device to the host once, `HOST_SYNCS_PER_STEP`
 (`TrainStep.__call__`); everything else it computes (token count, loss, clip coefficient,
