@@ -324,6 +324,13 @@ def test_config_hash_of_a_default_run_is_unchanged_by_keys_added_since():
     run's hash as llmtrain 022d74e computed it."""
     from llmtrain.config import Config
     assert ckpt.config_hash(Config()) == "3c39c47f4d2c3e05"
+    # model-only checkpoints (init_from, import-hf's step_0) match on the architecture alone
+    assert ckpt.arch_hash(Config()) == "bcdae7eaba5d58f5"  # as llmtrain 9b364ca computed it
+    for key, value in (("attention_window", 8), ("qk_norm", True), ("logit_softcap", 30.0)):
+        cfg = Config()
+        setattr(cfg.model, key, value)
+        assert ckpt.config_hash(cfg) != "3c39c47f4d2c3e05" and \
+            ckpt.arch_hash(cfg) != "bcdae7eaba5d58f5", key
     cfg = Config()
     cfg.data.skip_bad_lines = True  # a different corpus: a different run
     assert ckpt.config_hash(cfg) != "3c39c47f4d2c3e05"

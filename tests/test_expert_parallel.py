@@ -196,7 +196,7 @@ def _layer_worker(rank: int, world: int, tp: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         layer = _seeded_layer()
-        mesh = init_device_mesh("cpu", (1, 1, world // tp, tp), mesh_dim_names=MESH_DIMS)
+        mesh = init_device_mesh("cpu", (1, 1, world // tp, 1, tp), mesh_dim_names=MESH_DIMS)
         if tp > 1:
             apply_tp_moe(layer, mesh["tp"])
         apply_ep(layer, build_ep_mesh(mesh, world // tp))
@@ -288,7 +288,7 @@ def _skewed_worker(rank: int, port: int, out: str) -> None:
     try:
         layer = _skewed_layer()
         x = torch.rand(8, 16, generator=torch.Generator().manual_seed(rank)) + 0.1 + rank
-        apply_ep(layer, build_ep_mesh(init_device_mesh("cpu", (1, 1, 2, 1),
+        apply_ep(layer, build_ep_mesh(init_device_mesh("cpu", (1, 1, 2, 1, 1),
                                                        mesh_dim_names=MESH_DIMS), 2))
         y = layer(x)
         y.square().sum().backward()  # hung here before: rank 1 skipped its backward all-to-alls

@@ -21,6 +21,7 @@ from helpers import (ATOL, PARALLEL_STEPS, as_overrides, assert_weights_close, c
 from llmtrain.config import ConfigError, MoEConfig, OptimConfig, load_config
 from llmtrain.model.build import build_model
 from llmtrain.train.optim import build_optimizer, is_muon_param, optimizer_groups
+from llmtrain.train.step import set_lr
 
 STEPS = PARALLEL_STEPS
 # top-2 of 4 SwiGLU experts in every layer (tests/test_expert_parallel.py's model), with Muon
@@ -84,6 +85,7 @@ def test_muon_step_is_torch_muon_plus_adamw():
             for e, g in zip(es, p.grad.unbind(0)):
                 e.grad = g.clone()
             p.grad = None  # in no optimizer: zero_grad below would not clear it
+        set_lr(opt, o.lr)  # as every training step does: lr x the group's lr_scale
         opt.step()
         muon.step()
         adamw.step()

@@ -116,9 +116,6 @@ def test_rules_and_lr_multipliers():
     assert {lrs[id(p)] for n, p in model.named_parameters()
             if n.split(".")[-2] in hidden} == {3e-3 / 4}
     assert lrs[id(model.output.weight)] == lrs[id(model.norm.weight)] == 3e-3
-    cfg.optim.name = "muon"  # Muon's own shape scaling replaces lr / m where it owns a matrix
-    mult, why = lr_multiplier("layers.0.attention.wq.weight", (128, 128), cfg)
-    assert mult == 1.0 and "muon" in why
     # standard: the two groups as before, no multiplier
     std_cfg = run_config(128, "standard")
     groups = param_groups(build_model(std_cfg.model, device="meta"), 0.1, std_cfg)
@@ -153,11 +150,14 @@ def test_base_width_is_standard(arch):
      r"model.mixer=gmlp with model.parametrization=mup is not supported"),
     ({"parametrization": "mup", "base_d_model": 64, "engine": "deepspeed"},
      r"parallel.engine=deepspeed with model.parametrization=mup"),
+    ({"parametrization": "mup", "base_d_model": 64, "name": "muon"},
+     r"optim.name=muon with model.parametrization=mup"),
 ])
 def test_config_errors(sets, message):
     cfg = Config()
     for k, v in sets.items():
-        setattr(cfg.parallel if k == "engine" else cfg.model, k, v)
+        section = {"engine": cfg.parallel, "name": cfg.optim}.get(k, cfg.model)
+        setattr(section, k, v)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
 

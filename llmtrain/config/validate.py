@@ -169,7 +169,9 @@ def _mup(cfg: Config) -> None:
               ("model.init", m.init, m.init != "default"),
               ("model.position", m.position, m.position == "sinusoidal"),
               ("model.norm_position", m.norm_position, m.norm_position == "deepnorm"),
-              ("parallel.engine", cfg.parallel.engine, cfg.parallel.engine == "deepspeed")]
+              ("parallel.engine", cfg.parallel.engine, cfg.parallel.engine == "deepspeed"),
+              # Muon's lr rule grows its update with width (model/mup.py)
+              ("optim.name", cfg.optim.name, cfg.optim.name == "muon")]
     for key, value, refused in checks:
         if refused:
             raise ConfigError(f"{key}={value} with model.parametrization=mup is not supported "
@@ -379,7 +381,13 @@ def _context_parallel(cfg: Config) -> None:
            f"model.mixer={m.mixer}": m.mixer != "attention",  # only attention is swapped
            "model.position=t5_relative": m.position == "t5_relative",
            "parallel.engine=deepspeed": p.engine == "deepspeed",
-           "parallel.compile=true": p.compile}  # not tested with the all-to-all in the graph
+           "parallel.compile=true": p.compile,  # not tested with the all-to-all in the graph
+           # a cp rank learns the whole length from doc ids (data/loader.py), which pipeline
+           # stages are not handed; dynamic NTK (an inference-time extension) would need a
+           # dense mask for that alone
+           f"parallel.pp={p.pp} and model.attention_window={m.attention_window}":
+               p.pp > 1 and m.attention_window > 0,
+           "model.rope_scaling.type=dynamic": m.rope_scaling.type == "dynamic"}
     bad = next((key for key, on in why.items() if on), None)
     if bad:
         raise ConfigError(f"{cp} with {bad} is not supported (context parallelism splits the "

@@ -158,12 +158,10 @@ class BatchReader:
         self.offset = dp_rank * self.per_rank
         self.reset_at_eod = cfg.data.reset_attention_at_eod
         self.cp_rank, self.cp_size = cp_rank, cp_size
-        # A cp rank's model sees T/cp tokens but must know the whole length S for the masks of a
-        # sliding window and for dynamic NTK's tables: it takes S from doc_ids, so they are passed
-        # (one document per row) where the data has none (Transformer.forward's contract).
-        m = cfg.model
-        self.whole_length_ids = cp_size > 1 and (m.attention_window > 0
-                                                 or m.rope_scaling.type == "dynamic")
+        # A cp rank's model sees T/cp tokens but must know the whole length S for the mask of a
+        # sliding window: it takes S from doc_ids, so they are passed (one document per row)
+        # where the data has none (Transformer.forward's contract). Such a mask is dense anyway.
+        self.whole_length_ids = cp_size > 1 and cfg.model.attention_window > 0
 
     def sample_ids(self, step: int, micro: int) -> list[int]:
         start = step * self.G + self.offset + micro * self.mb

@@ -25,12 +25,12 @@ trained, q and k are correlated, so their dot product grows like d_head, not sqr
 sqrt(base_head_dim) so that the base width keeps 1/sqrt(d_head); base_head_dim =
 base_d_model / n_heads, i.e. the head count stays fixed and head_dim grows with the width.
 
-Where Muon (optim.name: muon) owns a hidden matrix, its lr is not divided by m: Muon's update is
-orthogonalised (every singular value 1) and scaled by its own shape factor sqrt(max(1, fan_out /
-fan_in)), which gives the update spectral norm Theta(sqrt(fan_out / fan_in)), the spectral
-condition for feature learning that is muP's hidden-weight rule (Yang, Simon & Bernstein 2023, "A
-Spectral Condition for Feature Learning", condition 1 and section 3; Jordan et al. 2024, Muon).
-Embeddings, readout and vectors stay on AdamW with the rules above.
+muP with Muon (optim.name: muon) is refused (config/validate.py): Muon's update is orthogonalised
+(every singular value 1) and train/optim.py scales it by 0.2 sqrt(max(fan_out, fan_in))
+("match_rms_adamw"), so at a fixed lr its spectral norm grows like sqrt(m), where the spectral
+condition for feature learning (Yang, Simon & Bernstein 2023, condition 1) wants
+Theta(sqrt(fan_out / fan_in)) = Theta(1) for a hidden matrix: a 1/sqrt(m) multiplier on Muon's
+group would restore it; not built yet.
 
 Every rule is a function of the parameter's name and the config (never of a local shard's shape),
 so every layout gives each parameter the same multiplier.
@@ -73,15 +73,13 @@ def role(name: str, ndim: int) -> str:
 
 def lr_multiplier(name: str, shape, cfg) -> tuple[float, str]:
     """(multiplier of optim.lr, why) for parameter `name` of full shape `shape` under run config
-    `cfg` (TP V Table 3/8, Adam column): hidden matrices 1/m, unless Muon owns them (Muon's own
-    shape scaling, module docstring); input and output weights and vectors 1. Standard: 1."""
+    `cfg` (TP V Table 3/8, Adam column): hidden matrices 1/m; input and output weights and
+    vectors 1. Standard: 1."""
     if not is_mup(cfg.model):
         return 1.0, "standard"
     r = role(name, len(shape))
     if r != "hidden":
         return 1.0, f"mup {r}: lr"
-    if getattr(cfg.optim, "name", "adamw") == "muon":
-        return 1.0, "mup hidden, muon: its shape scaling sqrt(max(1, fan_out/fan_in))"
     m = width_multiplier(cfg.model)
     return 1.0 / m, f"mup hidden: lr / m, m={m:g}"
 

@@ -13,6 +13,7 @@ dp_shard) and stays in one node when stride * size <= gpus_per_node.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llmtrain.planner.compute import Hardware
@@ -58,14 +59,15 @@ def cp_all_to_all_bytes(micro_batch: int, seq_len: int, n_heads: int, n_kv_heads
     """Bytes one rank sends in the forward pass of one attention layer under all-to-all context
     parallelism (DeepSpeed-Ulysses, Jacobs et al. 2023): q, k and v go from sequence-sharded to
     head-sharded and the output back, four all-to-alls over the cp ranks. Each rank holds
-    [B, T/cp, h, head_dim] of each (h: the heads of its tp rank; key/value heads fewer than cp,
-    or not divisible by it, are repeated up to cp first) and keeps 1/cp of it. The backward sends
+    [B, T/cp, h, head_dim] of each (h: the heads of its tp rank; key/value heads that cp does
+    not divide are repeated up to lcm(kv heads, cp) first) and keeps 1/cp of it. The backward sends
     the same again (the gradients take the reverse path)."""
     if cp <= 1:
         return 0.0
-    q_heads, kv_heads = n_heads // tp, n_kv_heads // tp
-    if kv_heads % cp:
-        kv_heads = cp
+    # a tp rank keeps at least one kv head (MQA's is replicated); ContextParallelCore repeats
+    # kv heads that cp does not divide up to lcm(kv heads, cp)
+    q_heads, kv_heads = n_heads // tp, max(n_kv_heads // tp, 1)
+    kv_heads = math.lcm(kv_heads, cp)
     local = micro_batch * seq_len / cp * head_dim * bytes_per_el  # one head's [B, T/cp, head_dim]
     return ring_bytes("all_to_all", cp, local * (2 * q_heads + 2 * kv_heads))
 

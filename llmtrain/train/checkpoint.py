@@ -21,6 +21,7 @@ admits only DCP's own metadata classes, and byte entries by `torch.load(weights_
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -42,7 +43,7 @@ from torch.distributed.checkpoint import (DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from llmtrain.config import Config, ConfigError
+from llmtrain.config import Config, ConfigError, RopeScalingConfig
 from llmtrain.parallel import get_train_state, set_train_state
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -84,7 +85,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 # Keys added to the model/data sections after checkpoints were first written: at their default
 # they leave the identity (and so the hash) of a run as it was, so those checkpoints still resume.
 _ADDED_KEYS = {("data", "skip_bad_lines"): False, ("model", "parametrization"): "standard",
-               ("model", "base_d_model"): None}
+               ("model", "base_d_model"): None,
+               ("model", "rope_scaling"): dataclasses.asdict(RopeScalingConfig()),
+               ("model", "attention_window"): 0, ("model", "attention_global_every"): 0,
+               ("model", "qk_norm"): False, ("model", "value_residual"): False,
+               ("model", "logit_softcap"): 0.0}
 
 
 def run_identity(cfg: Config) -> dict:
@@ -118,9 +123,13 @@ def check_same_run(meta: dict, cfg: Config, path: Path) -> None:
                       f"settings ({what}); use checkpoint.resume=none to start afresh")
 
 
+_UNSET = object()
+
+
 def arch_hash(cfg: Config) -> str:
     """Hash of the model architecture alone: what a model-only checkpoint must match."""
-    m = {k: v for k, v in cfg.to_dict()["model"].items() if k not in _NOT_ARCH}
+    m = {k: v for k, v in cfg.to_dict()["model"].items() if k not in _NOT_ARCH
+         and _ADDED_KEYS.get(("model", k), _UNSET) != v}  # an added key at its default: as before
     m.update(d_ff=cfg.model.ffn_dim, n_kv_heads=cfg.model.kv_heads)  # defaults resolved
     return _hash(m)
 

@@ -97,6 +97,7 @@ def optimizer_groups(model: nn.Module, o: OptimConfig, cfg: Config | None = None
     adamw = [{**g, "muon": False, "lr_scale": g.get("lr_scale", 1.0)}
              for g in param_groups(model, o.weight_decay, cfg, {id(p) for p in muon})]
     return [{"params": muon, "muon": True, "weight_decay": wd, "lr_scale": lr_scale,
+             "lr": o.lr * lr_scale,  # what set_lr sets every step (until the first)
              "name": "muon"}, *adamw]
 
 
@@ -179,7 +180,7 @@ class MuonAdamW(torch.optim.AdamW):
         return loss
 
     def _muon_step(self, group: dict) -> None:
-        lr = group["lr"] * group["lr_scale"]
+        lr = group["lr"]  # train/step.py set_lr has multiplied in the group's lr_scale
         mu, wd = group["momentum"], group["weight_decay"]
         for p in group["params"]:
             if p.grad is None:
