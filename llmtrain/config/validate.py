@@ -176,7 +176,8 @@ def _mup(cfg: Config) -> None:
         if refused:
             raise ConfigError(f"{key}={value} with model.parametrization=mup is not supported "
                               f"(muP's init, multipliers and lr groups are written for dense "
-                              f"attention models, model/mup.py); use parametrization=standard")
+                              f"attention models trained with AdamW, model/mup.py); use "
+                              f"parametrization=standard")
 
 
 def _long_context(cfg: Config) -> None:
