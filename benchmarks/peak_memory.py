@@ -128,7 +128,8 @@ def planned(row: str, device: str, overhead: float = 0.0) -> dict[str, float]:
     from llmtrain.planner.search import Layout
     cfg = config(row, device)
     hw = dataclasses.replace(H100_SXM, overhead_gib=overhead / GIB,
-                             adamw_kernel="fused" if device == "cuda" else "foreach")
+                             adamw_kernel="fused" if device == "cuda" else "foreach",
+                             fsdp_overlap=device == "cuda")
     return estimate(cfg, Layout.from_config(cfg, ROWS[row][0]), hw).memory
 
 

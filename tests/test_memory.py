@@ -12,10 +12,12 @@ holds all of the parameters in the init phase, and more (the shards are copied o
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from helpers import run_train, subprocess_env, tiny_overrides
+from helpers import run_command, run_train, subprocess_env, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -46,3 +48,79 @@ def test_zero3_on_two_ranks_holds_about_half_of_one_process(tmp_path):
     # the step: half the states + two gathered blocks (2 x 12.6 MB) ~ 0.6 of one process
     assert two["step"] < 0.75 * one["step"], (one, two)
     assert two["run"] < 0.75 * one["run"], (one, two)
+
+
+FORK_RANKS = Path(__file__).with_name("fork_ranks.py")
+
+
+def test_zero3_backward_on_the_cpu_keeps_no_overlap_buffers(tmp_path):
+    """On the CPU FSDP2's collectives are synchronous, so parallel/data.py turns off the two
+    buffers that only serve overlap (`without_overlap_buffers`): the backward's prefetch of the
+    next block (FSDP2's "backward_prefetch" profiler marks) and the reduce-scatter input it keeps
+    until the next block's reduction. A 4-block model at ZeRO-3 on 2 ranks, against the same
+    model under FSDP2's defaults (what a GPU run keeps). What each held is measured by
+    benchmarks/peak_memory.py: one block each (278M parameters, dp8)."""
+    run_command([sys.executable, str(FORK_RANKS), "2", "--call", __file__, str(tmp_path)],
+                timeout=120)
+    for r in range(2):
+        rank = json.loads((tmp_path / f"rank{r}.json").read_text())
+        # blocks 2, 1, 0 are prefetched by the block after them (block 3 by the root unit,
+        # which keeps FSDP2's defaults; it is never resharded after the forward)
+        assert rank["defaults"]["prefetched"] == ["layers.2", "layers.1", "layers.0"], rank
+        assert rank["lean"]["prefetched"] == [], rank
+        # in each block's backward, the reduce-scatter inputs still kept (block 3 runs first)
+        assert rank["defaults"]["kept"] == [0, 1, 1, 1], rank
+        assert rank["lean"]["kept"] == [0, 0, 0, 0], rank
+
+
+def _rank(out: str) -> None:
+    """One rank: a 4-block decoder at ZeRO-3 on 2 ranks built by `apply_fsdp` (on the CPU:
+    without the overlap buffers) and again under FSDP2's defaults; for each, the backward
+    prefetches the profiler marks and the reduce-scatter inputs FSDP2 holds in each block's
+    backward."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.profiler import ProfilerActivity, profile
+
+    import llmtrain.parallel.data as data
+    from llmtrain.config import load_config
+    from llmtrain.model import build_model
+    from llmtrain.parallel.mesh import MESH_DIMS
+
+    dist.init_process_group("gloo")
+    cfg = load_config(None, ["model.n_layers=4", "model.d_model=64", "model.n_heads=4",
+                             "model.vocab_size=97", "model.max_seq_len=16", "train.seq_len=16",
+                             "parallel.zero_stage=3"])
+    mesh = init_device_mesh("cpu", (1, 1, 2, 1, 1), mesh_dim_names=MESH_DIMS)
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(dist.get_rank()))
+
+    def backward(lean: bool) -> dict:
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        keep = data.without_overlap_buffers
+        if not lean:  # FSDP2's defaults: what apply_fsdp builds on a GPU
+            data.without_overlap_buffers = lambda module: None
+        try:
+            data.apply_fsdp(model, mesh, cfg, torch.device("cpu"))
+        finally:
+            data.without_overlap_buffers = keep
+        kept = []
+        for block in model.layers.values():
+            block.feed_forward.register_full_backward_pre_hook(lambda *_: kept.append(len(
+                model._get_fsdp_state()._comm_ctx.reduce_scatter_states)))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(tokens).float().square().mean().backward()
+        mark = "FSDP::backward_prefetch for "
+        return {"kept": kept, "prefetched": [
+            e.name()[len(mark):] for e in sorted(prof.profiler.kineto_results.events(),
+                                                 key=lambda e: e.start_ns())
+            if e.name().startswith(mark) and e.name() != mark + "layers.3"]}
+
+    result = {"lean": backward(True), "defaults": backward(False)}
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _rank(sys.argv[1])

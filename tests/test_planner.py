@@ -328,7 +328,8 @@ def test_zero_buffers_by_hand():
     """A block of 1M parameters sharded over 8 ranks: ZeRO 3 gathers two blocks and the root
     unit (here 0.5M parameters) in the compute dtype (4 bytes fp32, 2 bf16), holds one block's
     unsharded gradients in it and the reduce-scatter input in fp32; a pipeline stage gathers all
-    its blocks; ZeRO 2 only the gradient buffers; without sharding there is no buffer."""
+    its blocks; ZeRO 2 only the gradient buffers; without sharding there is no buffer. On the
+    CPU, without the overlap buffers, one block is gathered and no reduce-scatter input kept."""
     assert memory.zero_buffer_bytes(1e6, "fp32", 3, 8, root_params=5e5) == {
         "gathered": 10e6, "unsharded_grads": 4e6, "reduce_scatter": 4e6}
     assert memory.zero_buffer_bytes(1e6, "bf16", 3, 8) == {
@@ -337,6 +338,12 @@ def test_zero_buffers_by_hand():
     assert memory.zero_buffer_bytes(1e6, "bf16_pure", 2, 8) == {
         "gathered": 0.0, "unsharded_grads": 2e6, "reduce_scatter": 2e6}
     assert sum(memory.zero_buffer_bytes(1e6, "fp32", 3, 1).values()) == 0.0
+    # on the CPU (overlap off: parallel/data.py `without_overlap_buffers`): one gathered block,
+    # no kept reduce-scatter input; a pipeline stage still gathers all its blocks
+    assert memory.zero_buffer_bytes(1e6, "fp32", 3, 8, root_params=5e5, overlap=False) == {
+        "gathered": 6e6, "unsharded_grads": 4e6, "reduce_scatter": 0.0}
+    assert memory.zero_buffer_bytes(1e6, "fp32", 3, 8, gathered_blocks=7,
+                                    overlap=False)["gathered"] == 28e6
 
 
 def test_zero3_transients_in_the_estimate_by_hand():

@@ -38,6 +38,9 @@ class Hardware:
     # AdamW's kernel as train/optim.py picks it: fused on CUDA, foreach elsewhere (the CPU),
     # whose step holds a temporary copy of the second moments (memory.optimizer_step_bytes)
     adamw_kernel: str = "fused"
+    # FSDP2's overlap buffers (the backward's prefetch of the next block, the kept reduce-scatter
+    # input): on a GPU; off on the CPU (parallel/data.py `without_overlap_buffers`)
+    fsdp_overlap: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -100,7 +100,8 @@ REDUCE_BYTES = {"bf16": 4, "fp32": 4, "bf16_pure": 2}
 
 
 def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_shard: int,
-                      gathered_blocks: float = 2, root_params: float = 0.0) -> dict[str, float]:
+                      gathered_blocks: float = 2, root_params: float = 0.0,
+                      overlap: bool = True) -> dict[str, float]:
     """Transient bytes of FSDP2's full-size buffers on one GPU, for blocks of `layer_params` (this
     GPU's tensor/expert share of one block), beyond the sharded model states, at the peak of the
     backward (measured per phase by benchmarks/peak_memory.py, docs/performance.md: 278M
@@ -115,14 +116,21 @@ def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_s
       the parameters' compute dtype, before FSDP copies them into
     - "reduce_scatter" (ZeRO 2, 3): the reduce-scatter input, the block's gradients in the
       reduction dtype (torch's `foreach_reduce` frees the former only after that copy).
-    Nothing without sharding (dp_shard = 1: FSDP2 skips the collectives)."""
+    Nothing without sharding (dp_shard = 1: FSDP2 skips the collectives).
+    `overlap=False` (the CPU, where parallel/data.py `without_overlap_buffers` turns off what only
+    serves overlap): the backward gathers one block, not two (no prefetch, `gathered_blocks` 2
+    becomes 1), and the reduce-scatter input is freed with its reduction, so it meets the block's
+    unsharded gradients only during the copy, when the block's parameters are already resharded:
+    that term drops (measured at 278M dp8: the forward/backward's peak falls by 1.85 blocks)."""
     sharded = dp_shard > 1
     p = STATE_BYTES[precision][0]
+    if not overlap and gathered_blocks == 2:
+        gathered_blocks = 1
     return {"gathered": (gathered_blocks * layer_params + root_params) * p
             if zero_stage >= 3 and sharded else 0.0,
             "unsharded_grads": layer_params * p if zero_stage >= 2 and sharded else 0.0,
             "reduce_scatter": layer_params * REDUCE_BYTES[precision]
-            if zero_stage >= 2 and sharded else 0.0}
+            if zero_stage >= 2 and sharded and overlap else 0.0}
 
 
 # bytes per parameter of the one temporary torch's foreach AdamW makes (torch/optim/adamw.py,

@@ -297,7 +297,7 @@ def _memory(cfg: Config, lay: Layout, hw: Hardware, params: _GpuParams, counts: 
         zero_buffers = sum(memory.zero_buffer_bytes(
             params.dense + params.expert * moe_frac, cfg.train.precision, lay.zero_stage,
             lay.shard, gathered_blocks=n_layers if lay.pp > 1 else 2,
-            root_params=root).values())
+            root_params=root, overlap=hw.fsdp_overlap).values())
         experts = n_layers * params.layer_expert
         st = _state_bytes(cfg, lay, shared, experts)
         # AdamW steps one parameter group at a time: decay and no-decay (the embeddings), each
