@@ -78,27 +78,31 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
 
 
 def optimizer_groups(model: nn.Module, o: OptimConfig, cfg: Config | None = None) -> list[dict]:
-    """`param_groups` (muP's lr multipliers with run config `cfg`); with `optim.name: muon`, a
-    first group "muon" of the `is_muon_param` matrices (weight decay optim.muon_weight_decay,
-    learning rate optim.muon_lr through its `lr_scale`: the schedule sets every group's lr) ahead
-    of the AdamW groups of the rest. muP leaves Muon's matrices at multiplier 1 (Muon's own
-    shape rule is muP's there, model/mup.py)."""
+    """`param_groups` (muP's lr multipliers with run config `cfg`); with `optim.name: muon`, first
+    the group "muon" of the `is_muon_param` matrices (weight decay optim.muon_weight_decay,
+    learning rate optim.muon_lr through its `lr_scale`: the schedule sets every group's lr),
+    split like `param_groups` by model/mup.py's `lr_multiplier` for Muon (muP: 1/sqrt(m),
+    group "muon_lr<x>"), then the AdamW groups of the rest."""
     if o.name != "muon":
         return param_groups(model, o.weight_decay, cfg)
-    muon, seen = [], set()
+    muon: dict[float, list] = {}
+    seen = set()
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen and is_muon_param(name, p):
-            muon.append(p)
+            scale = 1.0 if cfg is None else lr_multiplier(name, p.shape, cfg, muon=True)[0]
+            muon.setdefault(scale, []).append(p)
         seen.add(id(p))
     wd = o.weight_decay if o.muon_weight_decay is None else o.muon_weight_decay
-    lr_scale = 1.0 if o.muon_lr is None else o.muon_lr / o.lr
+    base = 1.0 if o.muon_lr is None else o.muon_lr / o.lr
     # every group says which it is: ZeroRedundancyOptimizer fills a key a group lacks from its
     # first group's
     adamw = [{**g, "muon": False, "lr_scale": g.get("lr_scale", 1.0)}
-             for g in param_groups(model, o.weight_decay, cfg, {id(p) for p in muon})]
-    return [{"params": muon, "muon": True, "weight_decay": wd, "lr_scale": lr_scale,
-             "lr": o.lr * lr_scale,  # what set_lr sets every step (until the first)
-             "name": "muon"}, *adamw]
+             for g in param_groups(model, o.weight_decay, cfg,
+                                   {id(p) for ps in muon.values() for p in ps})]
+    return [{"params": params, "muon": True, "weight_decay": wd, "lr_scale": base * scale,
+             "lr": o.lr * base * scale,  # what set_lr sets every step (until the first)
+             "name": "muon" + ("" if scale == 1.0 else f"_lr{scale:g}")}
+            for scale, params in (muon or {1.0: []}).items()] + adamw
 
 
 def muon_options(o: OptimConfig) -> dict:
