@@ -285,9 +285,8 @@ class ShardedMuonAdamW(MuonAdamW):
     gather (the first thing Newton-Schulz does), so from the same gradient the result is bit for
     bit the single-process one, and the all-gather moves b = 2 bytes per element (bf16; 4 in
     fp32): per step every rank receives b x (1 - 1/n) x (elements of each n-way split matrix)
-    bytes, and computes
-    Newton-Schulz on the whole matrix (n times the work of one process's share;
-    docs/performance.md, "Muon").
+    bytes, and computes Newton-Schulz on the whole matrix (n times the work of one process's
+    share; docs/performance.md, "Muon").
     Parameters that are not DTensors (one process, DDP, ZeroRedundancyOptimizer's whole
     partitions) take MuonAdamW's path."""
 

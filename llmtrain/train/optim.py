@@ -162,7 +162,8 @@ class MuonAdamW(torch.optim.AdamW):
     The Muon step is torch.optim.Muon's (`_single_tensor_muon`): momentum buffer
     B <- mu B + (1 - mu) g (a lerp), the Nesterov update g + mu (B - g) (a lerp again), its
     Newton-Schulz orthogonalisation O, decoupled weight decay theta <- theta (1 - lr wd), then
-    theta <- theta - lr' O, bit for bit (tests/test_muon.py). Written out because torch's Muon
+    theta <- theta - lr' O, bit for bit (tests/test_muon.py) with optim.muon_ns_dtype bfloat16
+    (float32: the same iteration in fp32, `newton_schulz`). Written out because torch's Muon
     takes 2-D parameters only and orthogonalises what it is given: an expert stack is E
     matrices, and a sharded matrix (FSDP, tensor parallelism) must be orthogonalised whole:
     `orthogonalize` is the seam parallel/data.py's subclass gathers in.
