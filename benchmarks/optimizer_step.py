@@ -6,13 +6,13 @@ proportions, the embedding and output layer left out so that only the block's st
         [--layer-scale 4]
 
 Gradients are random and fixed; each timed step is one `optimizer.step()` after WARMUP
-untimed ones, the two optimizers alternating round by round so that
-background load hits both alike; the table shows medians. Muon's Newton-Schulz runs in bf16
-(torch.optim.Muon's choice, for GPU tensor cores); a CPU without bf16 matrix units runs those
-matmuls far slower than fp32, so the script also times one bf16 and one fp32 GEMM to show the
-rate. `--layer-scale K` times the 1B-like block's Muon step on a block K times narrower in
-every dimension and scales the Newton-Schulz part by its FLOPs (K^3, printed as an estimate);
-`--layer-scale 1` times the real shape (hours on a CPU without bf16 GEMMs). The load average
+untimed ones, the optimizers alternating round by round so that background load hits all alike;
+the table shows medians. Muon is timed with Newton-Schulz in bf16 (torch.optim.Muon's choice,
+for GPU tensor cores) and in fp32 (optim.muon_ns_dtype); a CPU without bf16 matrix units runs
+bf16 matmuls far slower than fp32, so the script also times one bf16 and one fp32 GEMM to show
+the rate. `--layer-scale K` times the 1B-like block's Newton-Schulz on a block K times narrower
+in every dimension and scales it by its FLOPs (K^3, printed as an estimate); `--layer-scale 1`
+times the real shape (hours on a CPU without bf16 GEMMs). The load average
 (1, 5, 15 min) is printed before and after: the machine may be shared.
 """
 
@@ -43,11 +43,17 @@ def load() -> str:
 WARMUP = 4
 
 
-def timed_steps(model: nn.Module, cfg, name: str, steps: int) -> list[float]:
-    """`steps` timed optimizer steps of optimizer `name` on `model` (gradients set), after
-    WARMUP untimed ones."""
+# (optim.name, optim.muon_ns_dtype) of each timed column
+OPTIMIZERS = {"AdamW": ("adamw", "bfloat16"), "Muon, bf16 NS": ("muon", "bfloat16"),
+              "Muon, fp32 NS": ("muon", "float32")}
+
+
+def timed_steps(model: nn.Module, cfg, name: str, steps: int,
+                ns_dtype: str = "bfloat16") -> list[float]:
+    """`steps` timed optimizer steps of optimizer `name` (Newton-Schulz in `ns_dtype`) on
+    `model` (gradients set), after WARMUP untimed ones."""
     o = cfg.optim
-    o.name = name
+    o.name, o.muon_ns_dtype = name, ns_dtype
     opt = build_optimizer(model, o)
     for _ in range(WARMUP):
         opt.step()
@@ -104,43 +110,52 @@ def main() -> None:
 
     cfg = load_config(None, ["train.device=cpu"])
     tiny = with_grads(build_model(cfg.model, "cpu"))
-    times: dict[str, list[float]] = {"adamw": [], "muon": []}
+    times: dict[str, list[float]] = {col: [] for col in OPTIMIZERS}
     for _ in range(args.rounds):
-        for name in times:
-            times[name] += timed_steps(tiny, cfg, name, args.steps)
+        for col, (name, ns_dtype) in OPTIMIZERS.items():
+            times[col] += timed_steps(tiny, cfg, name, args.steps, ns_dtype)
     n_muon = sum(p.numel() for n, p in tiny.named_parameters() if is_muon_param(n, p))
     rows.append((f"tiny ({sum(p.numel() for p in tiny.parameters()) / 1e6:.2f}M params, "
                  f"{n_muon / 1e6:.2f}M in Muon)",
-                 statistics.median(times["adamw"]), statistics.median(times["muon"]), ""))
+                 {col: statistics.median(t) for col, t in times.items()}, ""))
 
     cfg = load_config(None, ["train.device=cpu", *(f"{k}={v}" for k, v in LAYER.items())])
     block = with_grads(block_only(build_model(cfg.model, "cpu")))
-    adamw = statistics.median(timed_steps(block, cfg, "adamw", args.layer_steps))
+    step = {"AdamW": statistics.median(timed_steps(block, cfg, "adamw", args.layer_steps))}
     shapes = [tuple(p.shape) for n, p in block.named_parameters() if is_muon_param(n, p)]
     k = args.layer_scale
-    if k == 1:
-        muon, note = statistics.median(timed_steps(block, cfg, "muon", args.layer_steps)), ""
-    else:
-        # everything but Newton-Schulz (momentum, decay, update: elementwise, the real size)
-        # plus Newton-Schulz on the K-times narrower matrices, scaled by the FLOP ratio K^3
+    notes = []
+    if k > 1:  # everything but Newton-Schulz (momentum, decay, update: elementwise) at full size
+        rest = statistics.median(timed_steps_without_ns(block, cfg, args.layer_steps))
+        notes.append(f"rest of the step at full size {rest * 1e3:.0f} ms")
+    for col, (name, ns_dtype) in list(OPTIMIZERS.items())[1:]:
+        if k == 1:
+            step[col] = statistics.median(timed_steps(block, cfg, name, args.layer_steps,
+                                                      ns_dtype))
+            continue
+        # Newton-Schulz on the K-times narrower matrices, scaled by the FLOP ratio K^3
         small = [tuple(s // k for s in shape) for shape in shapes]
         g = torch.Generator().manual_seed(0)
         t = time.perf_counter()
         for s in small:
-            newton_schulz(torch.randn(s, generator=g), cfg.optim.muon_ns_steps)
+            newton_schulz(torch.randn(s, generator=g), cfg.optim.muon_ns_steps, ns_dtype)
         ns_small = time.perf_counter() - t
-        rest = statistics.median(timed_steps_without_ns(block, cfg, args.layer_steps))
-        muon = rest + ns_small * k ** 3
-        note = (f"estimate: NS timed at 1/{k} width ({ns_small:.2f} s) x {k}^3, "
-                f"+ the rest of the step at full size ({rest * 1e3:.0f} ms)")
+        step[col] = rest + ns_small * k ** 3
+        notes.append(f"{ns_dtype} NS at 1/{k} width {ns_small:.2f} s")
+    note = f"estimate: NS x {k}^3 + the rest ({'; '.join(notes)})" if k > 1 else ""
     flops = sum(ns_flops(s, cfg.optim.muon_ns_steps) for s in shapes)
     rows.append((f"1B-like block (d_model 2048, d_ff 5504, {len(shapes)} matrices, "
                  f"{sum(a * b for a, b in shapes) / 1e6:.1f}M params; NS {flops / 1e12:.2f} TFLOP)",
-                 adamw, muon, note))
+                 step, note))
 
-    print(f"\n| model | AdamW step | Muon step | Muon / AdamW | note |\n| --- | ---: | ---: | ---: | --- |")
-    for name, a, m, note in rows:
-        print(f"| {name} | {a * 1e3:,.1f} ms | {m * 1e3:,.1f} ms | {m / a:,.1f}x | {note} |")
+    muon_cols = list(OPTIMIZERS)[1:]
+    print("\n| model | " + " | ".join(f"{c} step" for c in OPTIMIZERS) + " | "
+          + " | ".join(f"{c} / AdamW" for c in muon_cols) + " | note |")
+    print("| --- |" + " ---: |" * (len(OPTIMIZERS) + len(muon_cols)) + " --- |")
+    for name, step, note in rows:
+        print(f"| {name} | " + " | ".join(f"{step[c] * 1e3:,.1f} ms" for c in OPTIMIZERS) + " | "
+              + " | ".join(f"{step[c] / step['AdamW']:,.1f}x" for c in muon_cols)
+              + f" | {note} |")
     print(f"\nGEMM 1024^2 on this CPU: bf16 {gemm_rate(1024, torch.bfloat16):.2f} GFLOP/s, "
           f"fp32 {gemm_rate(1024, torch.float32):.2f} GFLOP/s")
     print(f"load average after: {load()}")
@@ -148,7 +163,8 @@ def main() -> None:
 
 def timed_steps_without_ns(model: nn.Module, cfg, steps: int) -> list[float]:
     """Muon steps of `model` with Newton-Schulz replaced by a bf16 copy (its input cast): the
-    elementwise part of the Muon step and AdamW's part, at full size."""
+    elementwise part of the Muon step and AdamW's part, at full size (the same for both NS
+    dtypes, up to the update's dtype)."""
     import llmtrain.train.optim as optim
     real = optim.MuonAdamW.orthogonalize
     optim.MuonAdamW.orthogonalize = lambda self, update, p, ns_steps: update.bfloat16()

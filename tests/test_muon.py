@@ -20,7 +20,7 @@ from helpers import (ATOL, PARALLEL_STEPS, as_overrides, assert_weights_close, c
                      tiny_model_config)
 from llmtrain.config import ConfigError, MoEConfig, OptimConfig, load_config
 from llmtrain.model.build import build_model
-from llmtrain.train.optim import build_optimizer, is_muon_param, optimizer_groups
+from llmtrain.train.optim import build_optimizer, is_muon_param, newton_schulz, optimizer_groups
 from llmtrain.train.step import set_lr
 
 STEPS = PARALLEL_STEPS
@@ -98,9 +98,29 @@ def test_muon_step_is_torch_muon_plus_adamw():
         assert torch.equal(a, b), name
 
 
+def test_newton_schulz_fp32_is_the_bf16_iteration_more_exactly():
+    """optim.muon_ns_dtype=float32 runs torch's iteration in fp32: it agrees with torch's bf16
+    function to bf16 precision, and its polar factor (singular vectors; the quintic leaves the
+    singular values in ~[0.7, 1.2] in either dtype) is that of the exact SVD, U V^T, where bf16
+    rounding moves it by ~5e-3. A tall matrix (transposed inside) and an expert stack."""
+    g = torch.randn(3, 96, 48, generator=torch.Generator().manual_seed(0))
+    fp32, bf16 = newton_schulz(g, 5, "float32"), newton_schulz(g, 5, "bfloat16")
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert torch.equal(bf16[1], newton_schulz(g[1], 5))  # the default: torch's step
+    torch.testing.assert_close(fp32, bf16.float(), rtol=0, atol=2 ** -6)
+
+    def polar(x):
+        u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u @ vh
+    exact = polar(g)
+    err32, err16 = ((polar(x) - exact).norm() / exact.norm() for x in (fp32, bf16))
+    assert err32 < 1e-5 < 1e-3 < err16
+
+
 @pytest.mark.parametrize("sets, message", [
     ({"optim.muon_momentum": 1.0}, "optim.muon_momentum=1.0 must be below 1"),
     ({"optim.name": "sgd"}, "optim.name"),
+    ({"optim.muon_ns_dtype": "float16"}, "optim.muon_ns_dtype='float16' is not valid"),
     ({"parallel.engine": "deepspeed"}, "optim.name=muon with parallel.engine=deepspeed"),
 ])
 def test_muon_config_errors(sets, message):

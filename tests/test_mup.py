@@ -1,6 +1,7 @@
 """muP (model.parametrization: mup, model/mup.py; Yang et al. 2022, Tensor Programs V): the
-coordinate check, the rules against their table, the lr multipliers the optimizer groups carry,
-the refusals, and the ablate report's best lr per width."""
+coordinate check (AdamW, and Muon with its 1/sqrt(m)), the rules against their table, the lr
+multipliers the optimizer groups carry, the refusals, and the ablate report's best lr per
+width."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import torch.nn.functional as F
 
 from helpers import one_thread, tiny_model_config, tokens
 from llmtrain.ablate import Size, lr_sweep_lines, lr_sweep
-from llmtrain.config import Config, ConfigError
+from llmtrain.config import Config, ConfigError, OptimConfig
 from llmtrain.config.validate import validate
 from llmtrain.model import build_model
 from llmtrain.model.mup import lr_multiplier
-from llmtrain.train.optim import param_groups
+from llmtrain.train.optim import build_optimizer, optimizer_groups, param_groups
 from llmtrain.train.step import set_lr
 
 
@@ -37,12 +38,16 @@ def run_config(d_model: int, param: str = "mup", base: int = 32, **model) -> Con
     return cfg
 
 
-def coordinates(param: str, width: int, steps: int = 3, lr: float = 1e-2) -> list[float]:
-    """Mean |x| of each block's output and of the logits after `steps` AdamW steps on fixed
-    random tokens (the muP paper's coordinate check, Figure 5), base width 32."""
+def coordinates(param: str, width: int, steps: int = 3, lr: float = 1e-2, optim: str = "adamw",
+                branches: bool = False) -> list[float]:
+    """Mean |x| of each block's output (`branches`: of its residual branches, output minus
+    input) and of the logits after `steps` steps of optimizer `optim` (adamw, or muon with
+    Newton-Schulz in fp32) on fixed random tokens (the muP paper's coordinate check, Figure 5),
+    base width 32."""
     cfg = run_config(width, param)
+    cfg.optim = OptimConfig(name=optim, lr=lr, weight_decay=0.0, muon_ns_dtype="float32")
     model = build_model(cfg.model, seed=0)
-    opt = torch.optim.AdamW(param_groups(model, 0.0, cfg), lr=lr, betas=(0.9, 0.95))
+    opt = build_optimizer(model, cfg.optim, cfg=cfg)
     data = torch.randint(0, 256, (steps, 4, 17), generator=torch.Generator().manual_seed(0))
     for t in range(steps):
         set_lr(opt, lr)  # as the training loop does: lr x each group's muP multiplier
@@ -52,8 +57,9 @@ def coordinates(param: str, width: int, steps: int = 3, lr: float = 1e-2) -> lis
         loss.backward()
         opt.step()
     out: list[float] = []
-    hooks = [b.register_forward_hook(lambda m, i, o: out.append(o.abs().mean().item()))
-             for b in model.layers.values()]
+    hooks = [b.register_forward_hook(
+        lambda m, i, o: out.append((o - i[0] if branches else o).abs().mean().item()))
+        for b in model.layers.values()]
     with torch.no_grad():
         out.append(model(data[0, :, :-1]).abs().mean().item())
     for h in hooks:
@@ -75,10 +81,28 @@ def test_coordinate_check_flat_under_mup_growing_under_standard():
         assert 1 < r64 < r128 and r128 > 2.5, sp
 
 
+def test_coordinate_check_with_muon():
+    """The same check with Muon on the hidden matrices (model/mup.py: Muon's lr x 1/sqrt(m)),
+    on the blocks' residual branches (what the hidden matrices compute; the block outputs are
+    dominated by the embeddings, AdamW's under both): under muP every branch stays within 1.25x
+    of width 32's (measured 1.02-1.05; without the 1/sqrt(m), 1.5x at width 128), the logits
+    within 1.6x; under the standard parametrization they grow, over 2.5x at width 128
+    (measured 5-6x). At m = 1 muP is the standard Muon run exactly."""
+    c = {(param, w): coordinates(param, w, optim="muon", branches=True)
+         for param in ("standard", "mup") for w in (32, 64, 128)}
+    assert c["mup", 32] == c["standard", 32]
+    mup, sp = ({w: [b / a for a, b in zip(c[param, 32], c[param, w])] for w in (64, 128)}
+               for param in ("mup", "standard"))
+    assert all(1 / 1.25 < r < 1.25 for w in (64, 128) for r in mup[w][:-1]), mup
+    assert all(1 / 1.6 < mup[w][-1] < 1.6 for w in (64, 128)), mup
+    for r64, r128 in zip(sp[64], sp[128]):
+        assert 1 < r64 < r128 and r128 > 2.5, sp
+
+
 def test_rules_and_lr_multipliers():
     """Tensor Programs V Table 8 (Adam): hidden matrices lr / m and std / sqrt(m); input,
     output and vectors lr; readout input x 1/m; attention ~1/head_dim. The same multiplier under
-    parallelize()'s wrapper names; 1 where Muon owns a matrix; at m = 1 the standard model."""
+    parallelize()'s wrapper names; 1/sqrt(m) where Muon owns a hidden matrix, in its group."""
     torch.manual_seed(0)
     cfg = run_config(128, tie_embeddings=False, position="learned")  # m = 4
     model = build_model(cfg.model, seed=0)
@@ -87,6 +111,7 @@ def test_rules_and_lr_multipliers():
         mult, why = lr_multiplier(name, p.shape, cfg)
         is_hidden = name.split(".")[-2] in hidden
         assert mult == (0.25 if is_hidden else 1.0), (name, why)
+        assert lr_multiplier(name, p.shape, cfg, muon=True)[0] == (0.5 if is_hidden else 1.0)
         for wrapped in (f"module.{name}", f"_orig_mod.{name}",
                         name.replace("layers.0.", "layers.0._checkpoint_wrapped_module.")):
             assert lr_multiplier(wrapped, p.shape, cfg)[0] == mult, wrapped
@@ -116,6 +141,13 @@ def test_rules_and_lr_multipliers():
     assert {lrs[id(p)] for n, p in model.named_parameters()
             if n.split(".")[-2] in hidden} == {3e-3 / 4}
     assert lrs[id(model.output.weight)] == lrs[id(model.norm.weight)] == 3e-3
+    o = OptimConfig(name="muon", lr=3e-3, muon_lr=6e-3)
+    cfg.optim, cfg.train.seq_len = o, 32
+    validate(cfg)  # muP with Muon is allowed
+    muon = optimizer_groups(model, o, cfg)[0]
+    assert muon["name"] == "muon_lr0.5" and muon["lr_scale"] == 2 * 0.5
+    assert {id(p) for p in muon["params"]} == {id(p) for n, p in model.named_parameters()
+                                               if n.split(".")[-2] in hidden}
     # standard: the two groups as before, no multiplier
     std_cfg = run_config(128, "standard")
     groups = param_groups(build_model(std_cfg.model, device="meta"), 0.1, std_cfg)
@@ -150,13 +182,11 @@ def test_base_width_is_standard(arch):
      r"model.mixer=gmlp with model.parametrization=mup is not supported"),
     ({"parametrization": "mup", "base_d_model": 64, "engine": "deepspeed"},
      r"parallel.engine=deepspeed with model.parametrization=mup"),
-    ({"parametrization": "mup", "base_d_model": 64, "name": "muon"},
-     r"optim.name=muon with model.parametrization=mup"),
 ])
 def test_config_errors(sets, message):
     cfg = Config()
     for k, v in sets.items():
-        section = {"engine": cfg.parallel, "name": cfg.optim}.get(k, cfg.model)
+        section = cfg.parallel if k == "engine" else cfg.model
         setattr(section, k, v)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)

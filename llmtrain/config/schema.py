@@ -220,6 +220,9 @@ class OptimConfig:
     muon_weight_decay: float | None = _f(None, lo=0.0, doc="None = optim.weight_decay")
     muon_nesterov: bool = True
     muon_ns_steps: int = _f(5, lo=1, hi=99, doc="Newton-Schulz iterations (torch's limit: 99)")
+    muon_ns_dtype: Literal["bfloat16", "float32"] = _f(
+        "bfloat16", doc="Newton-Schulz's dtype: bfloat16 = torch.optim.Muon's; float32 on CPUs "
+                        "without bf16 matrix units (~50x faster there)")
 
 
 @dataclass

@@ -169,14 +169,12 @@ def _mup(cfg: Config) -> None:
               ("model.init", m.init, m.init != "default"),
               ("model.position", m.position, m.position == "sinusoidal"),
               ("model.norm_position", m.norm_position, m.norm_position == "deepnorm"),
-              ("parallel.engine", cfg.parallel.engine, cfg.parallel.engine == "deepspeed"),
-              # Muon's lr rule grows its update with width (model/mup.py)
-              ("optim.name", cfg.optim.name, cfg.optim.name == "muon")]
+              ("parallel.engine", cfg.parallel.engine, cfg.parallel.engine == "deepspeed")]
     for key, value, refused in checks:
         if refused:
             raise ConfigError(f"{key}={value} with model.parametrization=mup is not supported "
                               f"(muP's init, multipliers and lr groups are written for dense "
-                              f"attention models trained with AdamW, model/mup.py); use "
+                              f"attention models, model/mup.py); use "
                               f"parametrization=standard")
 
 

@@ -25,12 +25,13 @@ trained, q and k are correlated, so their dot product grows like d_head, not sqr
 sqrt(base_head_dim) so that the base width keeps 1/sqrt(d_head); base_head_dim =
 base_d_model / n_heads, i.e. the head count stays fixed and head_dim grows with the width.
 
-muP with Muon (optim.name: muon) is refused (config/validate.py): Muon's update is orthogonalised
-(every singular value 1) and train/optim.py scales it by 0.2 sqrt(max(fan_out, fan_in))
-("match_rms_adamw"), so at a fixed lr its spectral norm grows like sqrt(m), where the spectral
-condition for feature learning (Yang, Simon & Bernstein 2023, condition 1) wants
-Theta(sqrt(fan_out / fan_in)) = Theta(1) for a hidden matrix: a 1/sqrt(m) multiplier on Muon's
-group would restore it; not built yet.
+Muon (optim.name: muon) on a hidden matrix: the update is orthogonalised (singular values ~1)
+and train/optim.py scales it by 0.2 sqrt(max(fan_out, fan_in)) ("match_rms_adamw", Liu et al.
+2025), so at a fixed lr its spectral norm grows like sqrt(m). The spectral condition for feature
+learning (Yang, Simon & Bernstein 2023, "A Spectral Condition for Feature Learning", condition 1)
+wants ||Delta W||_* = Theta(sqrt(fan_out / fan_in)), Theta(1) for a hidden matrix whose two
+dimensions both grow with m: hence Muon's lr x 1/sqrt(m) there (1 at m = 1: the standard Muon
+run). The input, output and vector parameters stay on AdamW with the table's rules.
 
 Every rule is a function of the parameter's name and the config (never of a local shard's shape),
 so every layout gives each parameter the same multiplier.
@@ -71,16 +72,19 @@ def role(name: str, ndim: int) -> str:
     return "hidden"
 
 
-def lr_multiplier(name: str, shape, cfg) -> tuple[float, str]:
-    """(multiplier of optim.lr, why) for parameter `name` of full shape `shape` under run config
-    `cfg` (TP V Table 3/8, Adam column): hidden matrices 1/m; input and output weights and
-    vectors 1. Standard: 1."""
+def lr_multiplier(name: str, shape, cfg, muon: bool = False) -> tuple[float, str]:
+    """(multiplier of the lr, why) for parameter `name` of full shape `shape` under run config
+    `cfg`. `muon`: Muon steps it (train/optim.py `is_muon_param`; the multiplier is then of
+    Muon's lr). AdamW (TP V Table 3/8, Adam column): hidden matrices 1/m; input and output
+    weights and vectors 1. Muon on a hidden matrix: 1/sqrt(m) (module docstring). Standard: 1."""
     if not is_mup(cfg.model):
         return 1.0, "standard"
     r = role(name, len(shape))
     if r != "hidden":
         return 1.0, f"mup {r}: lr"
     m = width_multiplier(cfg.model)
+    if muon:
+        return 1.0 / math.sqrt(m), f"mup hidden, muon: lr / sqrt(m), m={m:g}"
     return 1.0 / m, f"mup hidden: lr / m, m={m:g}"
 
 

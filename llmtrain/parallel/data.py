@@ -41,8 +41,9 @@ from llmtrain.model.moe import moe_layers
 from llmtrain.parallel.expert import ExpertParallelExperts
 from llmtrain.parallel.parallelized import GradSync
 from llmtrain.parallel.tensor import local_tensor
-from llmtrain.train.optim import (MuonAdamW, adamw_kernel, muon_options, newton_schulz,
-                                  optimizer_groups, params_device_type, split_by_kind)
+from llmtrain.train.optim import (NS_DTYPES, MuonAdamW, adamw_kernel, muon_options,
+                                  newton_schulz, optimizer_groups, params_device_type,
+                                  split_by_kind)
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -319,27 +320,28 @@ class ShardedMuonAdamW(MuonAdamW):
     (ZeRO 2/3), tensor parallelism's Shard(0)/Shard(1) (column/row-parallel). An expert stack
     [E, in, out] split along E (expert parallelism, and FSDP over ep_replicate, which shard
     dim 0 too) holds whole expert matrices: those placements stay, and each rank orthogonalises
-    its own experts without communication. The update is cast to bf16 before the gather (the
-    first thing Newton-Schulz does), so from the same gradient the result is bit for bit the
-    single-process one, and the all-gather moves 2 bytes per element: per step every rank
-    receives 2 x (1 - 1/n) x (elements of each n-way split matrix) bytes, and computes
-    Newton-Schulz on the whole matrix (n times the work of one process's share;
-    docs/performance.md, "Muon").
+    its own experts without communication. The update is cast to optim.muon_ns_dtype before the
+    gather (the first thing Newton-Schulz does), so from the same gradient the result is bit for
+    bit the single-process one, and the all-gather moves b = 2 bytes per element (bf16; 4 in
+    fp32): per step every rank receives b x (1 - 1/n) x (elements of each n-way split matrix)
+    bytes, and computes Newton-Schulz on the whole matrix (n times the work of one process's
+    share; docs/performance.md, "Muon").
     Parameters that are not DTensors (one process, DDP, ZeroRedundancyOptimizer's whole
     partitions) take MuonAdamW's path."""
 
     def orthogonalize(self, update: torch.Tensor, p: torch.Tensor, ns_steps: int) -> torch.Tensor:
         if not isinstance(p, DTensor):
-            return newton_schulz(update, ns_steps)
+            return newton_schulz(update, ns_steps, self.ns_dtype)
         mesh, placements = p.device_mesh, p.placements
         # an expert stack keeps dim-0 placements (whole experts); everything else is gathered
         whole = [pl if p.ndim == 3 and isinstance(pl, Shard) and pl.dim == 0 else Replicate()
                  for pl in placements]
         if list(placements) == whole:
-            return newton_schulz(update, ns_steps)
-        full = DTensor.from_local(update.bfloat16(), mesh, placements, run_check=False,
-                                  shape=p.shape, stride=p.stride())
-        ortho = newton_schulz(full.redistribute(mesh, whole).to_local(), ns_steps)
+            return newton_schulz(update, ns_steps, self.ns_dtype)
+        full = DTensor.from_local(update.to(NS_DTYPES[self.ns_dtype]), mesh, placements,
+                                  run_check=False, shape=p.shape, stride=p.stride())
+        ortho = newton_schulz(full.redistribute(mesh, whole).to_local(), ns_steps,
+                              self.ns_dtype)
         # back to this rank's shard: Replicate -> Shard is a local slice, no communication
         return DTensor.from_local(ortho, mesh, whole, run_check=False, shape=p.shape,
                                   stride=p.stride()).redistribute(mesh, placements).to_local()
@@ -452,6 +454,9 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
     zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=opt_class,
                                    process_group=shard_group, **{**kw, **ctor})
     zero.param_groups[0].update(first)
+    # ns_dtype is the local MuonAdamW's own (kept off the groups, whose options checkpoints save)
+    for d in (zero.defaults, zero.param_groups[0]):
+        d.pop("ns_dtype", None)
     for g in groups[1:]:
         zero.add_param_group(g)
     return zero

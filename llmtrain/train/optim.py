@@ -78,33 +78,38 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
 
 
 def optimizer_groups(model: nn.Module, o: OptimConfig, cfg: Config | None = None) -> list[dict]:
-    """`param_groups` (muP's lr multipliers with run config `cfg`); with `optim.name: muon`, a
-    first group "muon" of the `is_muon_param` matrices (weight decay optim.muon_weight_decay,
-    learning rate optim.muon_lr through its `lr_scale`: the schedule sets every group's lr) ahead
-    of the AdamW groups of the rest. muP leaves Muon's matrices at multiplier 1 (Muon's own
-    shape rule is muP's there, model/mup.py)."""
+    """`param_groups` (muP's lr multipliers with run config `cfg`); with `optim.name: muon`, first
+    the group "muon" of the `is_muon_param` matrices (weight decay optim.muon_weight_decay,
+    learning rate optim.muon_lr through its `lr_scale`: the schedule sets every group's lr),
+    split like `param_groups` by model/mup.py's `lr_multiplier` for Muon (muP: 1/sqrt(m),
+    group "muon_lr<x>"), then the AdamW groups of the rest."""
     if o.name != "muon":
         return param_groups(model, o.weight_decay, cfg)
-    muon, seen = [], set()
+    muon: dict[float, list] = {}
+    seen = set()
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen and is_muon_param(name, p):
-            muon.append(p)
+            scale = 1.0 if cfg is None else lr_multiplier(name, p.shape, cfg, muon=True)[0]
+            muon.setdefault(scale, []).append(p)
         seen.add(id(p))
     wd = o.weight_decay if o.muon_weight_decay is None else o.muon_weight_decay
-    lr_scale = 1.0 if o.muon_lr is None else o.muon_lr / o.lr
+    base = 1.0 if o.muon_lr is None else o.muon_lr / o.lr
     # every group says which it is: ZeroRedundancyOptimizer fills a key a group lacks from its
     # first group's
     adamw = [{**g, "muon": False, "lr_scale": g.get("lr_scale", 1.0)}
-             for g in param_groups(model, o.weight_decay, cfg, {id(p) for p in muon})]
-    return [{"params": muon, "muon": True, "weight_decay": wd, "lr_scale": lr_scale,
-             "lr": o.lr * lr_scale,  # what set_lr sets every step (until the first)
-             "name": "muon"}, *adamw]
+             for g in param_groups(model, o.weight_decay, cfg,
+                                   {id(p) for ps in muon.values() for p in ps})]
+    return [{"params": params, "muon": True, "weight_decay": wd, "lr_scale": base * scale,
+             "lr": o.lr * base * scale,  # what set_lr sets every step (until the first)
+             "name": "muon" + ("" if scale == 1.0 else f"_lr{scale:g}")}
+            for scale, params in (muon or {1.0: []}).items()] + adamw
 
 
 def muon_options(o: OptimConfig) -> dict:
     """`MuonAdamW`'s keywords from the config (the group defaults; the Muon group overrides
-    weight decay and lr_scale)."""
-    return {"momentum": o.muon_momentum, "nesterov": o.muon_nesterov, "ns_steps": o.muon_ns_steps}
+    weight decay and lr_scale; ns_dtype is the optimizer's, not a group's)."""
+    return {"momentum": o.muon_momentum, "nesterov": o.muon_nesterov, "ns_steps": o.muon_ns_steps,
+            "ns_dtype": o.muon_ns_dtype}
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
@@ -112,16 +117,41 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def newton_schulz(update: torch.Tensor, ns_steps: int) -> torch.Tensor:
-    """torch.optim.Muon's orthogonalisation (quintic Newton-Schulz, in bf16) of a matrix, or of
-    each matrix of a stack [E, a, b] (the experts of an MoE layer, one at a time)."""
-    abc = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+# optim.muon_ns_dtype: what Newton-Schulz computes in
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def newton_schulz(update: torch.Tensor, ns_steps: int, dtype: str = "bfloat16") -> torch.Tensor:
+    """torch.optim.Muon's orthogonalisation (quintic Newton-Schulz) of a matrix, or of each
+    matrix of a stack [E, a, b] (the experts of an MoE layer, one at a time), computed in `dtype`
+    (optim.muon_ns_dtype): "bfloat16" is torch's function itself, "float32" the same iteration
+    in fp32 (`_newton_schulz_fp32`)."""
     if update.ndim == 3:
         if update.shape[0] == 0:  # a rank whose FSDP shard of a few experts is empty
-            return update.bfloat16()
-        return torch.stack([_zeropower_via_newtonschulz(u, abc, ns_steps, EPS)
-                            for u in update.unbind(0)])
-    return _zeropower_via_newtonschulz(update, abc, ns_steps, EPS)
+            return update.to(NS_DTYPES[dtype])
+        return torch.stack([newton_schulz(u, ns_steps, dtype) for u in update.unbind(0)])
+    if dtype == "bfloat16":
+        return _zeropower_via_newtonschulz(update, (DEFAULT_A, DEFAULT_B, DEFAULT_C), ns_steps,
+                                           EPS)
+    return _newton_schulz_fp32(update, ns_steps)
+
+
+def _newton_schulz_fp32(update: torch.Tensor, ns_steps: int) -> torch.Tensor:
+    """torch's `_zeropower_via_newtonschulz` (same coefficients, transpose, normalisation and
+    quintic X <- a X + (b G + c G^2) X, G = X X^T) in fp32. Written out because torch's function
+    casts its input to bf16 unconditionally (it targets GPU tensor cores) and takes no dtype; on
+    a CPU without bf16 matrix units bf16 GEMMs run ~50x slower than fp32 ones
+    (docs/performance.md, "Muon"), and fp32 is also nearer the exact iteration."""
+    x = update.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=EPS)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=DEFAULT_B, alpha=DEFAULT_C), x,
+                        beta=DEFAULT_A)
+    return x.T if tall else x
 
 
 class MuonAdamW(torch.optim.AdamW):
@@ -132,7 +162,8 @@ class MuonAdamW(torch.optim.AdamW):
     The Muon step is torch.optim.Muon's (`_single_tensor_muon`): momentum buffer
     B <- mu B + (1 - mu) g (a lerp), the Nesterov update g + mu (B - g) (a lerp again), its
     Newton-Schulz orthogonalisation O, decoupled weight decay theta <- theta (1 - lr wd), then
-    theta <- theta - lr' O, bit for bit (tests/test_muon.py). Written out because torch's Muon
+    theta <- theta - lr' O, bit for bit (tests/test_muon.py) with optim.muon_ns_dtype bfloat16
+    (float32: the same iteration in fp32, `newton_schulz`). Written out because torch's Muon
     takes 2-D parameters only and orthogonalises what it is given: an expert stack is E
     matrices, and a sharded matrix (FSDP, tensor parallelism) must be orthogonalised whole:
     `orthogonalize` is the seam parallel/data.py's subclass gathers in.
@@ -146,11 +177,15 @@ class MuonAdamW(torch.optim.AdamW):
     rule must not depend on which way a matrix is stored."""
 
     def __init__(self, params, *, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, muon: bool = False, lr_scale: float = 1.0, **adamw):
+                 ns_steps: int = 5, ns_dtype: str = "bfloat16", muon: bool = False,
+                 lr_scale: float = 1.0, **adamw):
         if _zeropower_via_newtonschulz is None:
             raise ConfigError(f"optim.name=muon needs torch >= 2.9 (torch.optim.Muon), this is "
                               f"torch {torch.__version__}; use optim.name=adamw")
         super().__init__(params, **adamw)
+        # the optimizer's, not a group option: group options are saved in checkpoints (and
+        # restored over the config's), and how NS computes is no state of the run
+        self.ns_dtype = ns_dtype
         extra = {"muon": muon, "lr_scale": lr_scale, "momentum": momentum,
                  "nesterov": nesterov, "ns_steps": ns_steps}
         self.defaults.update(extra)
@@ -192,8 +227,8 @@ class MuonAdamW(torch.optim.AdamW):
             state["step"] += 1
             g, buf = local_shard(p.grad), local_shard(state["momentum_buffer"])
             buf.lerp_(g, 1 - mu)
-            # (a copy without Nesterov: Newton-Schulz divides its bf16 input in place, which
-            # for a bf16 parameter would be the buffer itself)
+            # (a copy without Nesterov: torch's Newton-Schulz divides its bf16 input in place,
+            # which for a bf16 parameter would be the buffer itself)
             update = g.lerp(buf, mu) if group["nesterov"] else buf.clone()
             update = self.orthogonalize(update, p, group["ns_steps"])
             w = local_shard(p)
@@ -202,7 +237,7 @@ class MuonAdamW(torch.optim.AdamW):
 
     def orthogonalize(self, update: torch.Tensor, p: torch.Tensor, ns_steps: int) -> torch.Tensor:
         """NS(update) of parameter `p` (whole here: one process, or whole-tensor ZeRO-1)."""
-        return newton_schulz(update, ns_steps)
+        return newton_schulz(update, ns_steps, self.ns_dtype)
 
     def state_keys(self, group: dict) -> tuple[str, ...]:
         """The state tensors a parameter of `group` has once stepped."""
