@@ -1,12 +1,13 @@
 """`parallel.compile: true` (parallel/compile.py): per-block torch.compile trains like the eager
 model, per-step losses within 1e-5 relative (fp32) of the single-process eager run, on one process
-and at dp2 ZeRO-3, dp2 ZeRO-1 with selective activation checkpointing and pp2 (tp > 1 is refused
-by the config: config/validate.py says why). Each run prints its compile time once, and no
+and at dp2 ZeRO-3, dp2 ZeRO-1 with selective activation checkpointing, pp2 and tp2 with sequence
+parallelism (the first block's input is then an AsyncCollectiveTensor, which the compiled block
+must hand its gradient: parallel/compile.py). Each run prints its compile time once, and no
 training step after the second compiles a graph (the recompilation guard: CompileClock's
 warning, read from the run's output).
 
 Inductor compiles C++ here (tens of seconds per process on a cold cache): one eager reference,
-four compiled runs, the smallest model the other layout tests use."""
+five compiled runs, the smallest model the other layout tests use."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ LAYOUTS = {
     "dp2-zero1-selective-ac": {"parallel.zero_stage": 1,
                                "parallel.activation_checkpointing": "selective"},
     "pp2": {"parallel.pp": 2},
+    "tp2-sp": {"parallel.tp": 2, "parallel.sequence_parallel": True},
 }
 
 
@@ -54,3 +56,16 @@ def test_compiled_layout_matches_single_process_eager(name, tmp_path, eager):
     run = tmp_path / name
     r = run_train(parallel_overrides(run, **COMPILE, **LAYOUTS[name]), nproc=2, timeout=400)
     check_compiled_run(run, r.stdout, eager)
+
+
+def test_tensor_parallel_compile_accepted_moe_refused():
+    """tp (+SP) compiles dense blocks (tp2-sp above); an MoE model under tp is refused in one line
+    (config/validate.py: its blocks recompile every step)."""
+    from llmtrain.config import ConfigError, load_config
+    tp2 = ["parallel.compile=true", "parallel.tp=2", "model.n_heads=4"]
+    load_config(None, [*tp2, "parallel.sequence_parallel=true"], world_size=2)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*tp2, "model.moe.num_experts=4"], world_size=2)
+    assert str(e.value).startswith("parallel.compile=true with parallel.tp=2 and "
+                                   "model.moe.num_experts=4 is not supported")
+    assert "\n" not in str(e.value)

@@ -29,9 +29,16 @@ router, the gate weighting, the combine and the rest of the block between them:
 The loss (`train/loss.py` `cross_entropy_sum`) is compiled where the step that computes it asks
 for it (`compiled_loss`: the pipeline's last stage).
 
+Tensor parallelism: the DTensor plans of parallel/tensor.py are applied first, so dynamo traces
+each block with its plan's hooks (the DTensor redistributions inside the block are in its graph);
+the embedding, final norm and output layer stay eager, and the loss-parallel cross entropy is
+compiled on its own (`compiled_loss`, with the vocab-sharded DTensor logits as its input).
+A block's input can be an AsyncCollectiveTensor (the embedding's async all-reduce, or under
+sequence parallelism reduce-scatter): `run` waits on it first (the comment there says why).
+
 Not supported (the config validator refuses them): the deepspeed engine (it wraps the model in
-its own engine, outside parallelize's torch path) and tensor parallelism (on torch 2.13 the
-vocab-parallel loss's backward fails once the DTensor blocks are compiled; see validate.py).
+its own engine, outside parallelize's torch path) and MoE blocks under tensor parallelism (not
+run compiled; see validate.py).
 
 torch.compile is lazy: the graphs are built in the first forward and backward. `CompileClock`
 prints how much longer the first optimizer step took than the second (the compile time) and
@@ -47,7 +54,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor, wait_tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils._pytree import tree_map_only
 
 from llmtrain.config import Config
 from llmtrain.model.moe import moe_layers
@@ -81,6 +90,15 @@ def _compiled(forward, fullgraph: bool):
     @functools.wraps(forward)
     def run(*args, **kwargs):
         CompileClock.forward_ran()
+        # Tensor parallelism: the block's input can be an AsyncCollectiveTensor (the embedding's
+        # RowwiseParallel all-reduces, or under SP reduce-scatters, with async_op=True). AOT
+        # autograd on torch 2.13 replaces such an input by its waited inner tensor, which does
+        # not require grad, so the compiled backward returns no gradient for it: the embedding
+        # then gets none (the eager redistribute's backward fails on the zeros autograd puts in
+        # its place, "'Tensor' object has no attribute '_local_tensor'"). Waiting here, with
+        # funcol's differentiable wait_tensor (identity backward), hands the graph a plain tensor
+        # that keeps its autograd history.
+        args, kwargs = tree_map_only(AsyncCollectiveTensor, wait_tensor, (args, kwargs))
         return compiled(*args, **kwargs)
     return run
 
