@@ -82,14 +82,6 @@ def test_config_errors_are_one_line(overrides, expected, capsys, tmp_path):
     assert not (tmp_path / "run").exists(), "a rejected config must write nothing"
 
 
-def test_compile_with_tensor_parallelism_is_refused():
-    with pytest.raises(ConfigError) as e:
-        load_config(None, ["parallel.compile=true", "parallel.tp=2"], world_size=2)
-    assert str(e.value).startswith("parallel.compile=true with parallel.tp=2 is not supported")
-    assert "\n" not in str(e.value)
-    load_config(None, ["parallel.compile=true", "parallel.dp_shard=2"], world_size=2)
-
-
 def test_global_batch_checks_data_parallel_size():
     with pytest.raises(ConfigError, match="micro_batch_size=4 x data-parallel size 2"):
         load_config(None, ["train.global_batch_size=12", "train.micro_batch_size=4"],
