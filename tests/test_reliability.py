@@ -322,7 +322,9 @@ def test_full_disk_under_the_run_dir_stops_in_one_line_then_resumes(tmp_path, ti
     each save) and the checkpoint to resume from, exit 1; once there is room the rerun resumes
     and every step is logged once."""
     run, ckpts = small_tmpfs / "run", tmp_path / "ckpts"
-    args = tiny(**{"logging.run_dir": run, "checkpoint.dir": ckpts, "train.steps": 200,
+    # 60 steps: the disk fills at step 12 (the watcher thread polls every 5 ms), 48 steps
+    # before the run would end; the rerun trains the rest
+    args = tiny(**{"logging.run_dir": run, "checkpoint.dir": ckpts, "train.steps": 60,
                    "checkpoint.every": 5})
     import threading
     filled = []
@@ -341,7 +343,7 @@ def test_full_disk_under_the_run_dir_stops_in_one_line_then_resumes(tmp_path, ti
     assert str(good) in last
     filled[0].unlink()
     assert cli_train(args) == 0
-    assert read_metric(run, "step") == list(range(1, 201))
+    assert read_metric(run, "step") == list(range(1, 61))
 
 
 def test_a_second_job_on_a_run_dir_is_refused_until_the_first_dies(tmp_path, tiny, capsys):
