@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import FORK_RANKS, subprocess_env, tiny_overrides
 
@@ -19,9 +20,13 @@ _SERVER: dict = {}
 
 
 def pytest_configure(config):
-    """Start the fork server, in the environment the tests' subprocesses get; the commands of
+    """Torch on one intra-op thread in this process, as in the subprocesses (subprocess_env):
+    the in-process runs are tiny and only wait on a second thread (the seq2seq run's 100 steps
+    took 15-45 s on one thread, 165 s and more on two, on the shared 2-core machine). Then start
+    the fork server, in the environment the tests' subprocesses get; the commands of
     fork_ranks.py find it through LLMTRAIN_FORK_SERVER (until it is ready, and without it, they
     import llmtrain themselves)."""
+    torch.set_num_threads(1)
     if os.environ.get("LLMTRAIN_FORK_SERVER") or not hasattr(os, "fork"):
         return
     folder = Path(tempfile.mkdtemp(prefix="llmtrain-fork-"))

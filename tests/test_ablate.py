@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import FORK_RANKS, read_evals, read_metrics, read_summary, tiny_overrides
+from helpers import (FORK_RANKS, read_evals, read_metrics, read_summary, subprocess_env,
+                     tiny_overrides)
 from llmtrain import ablate
 from llmtrain.ablate import load_spec
 from llmtrain.cli import main
@@ -23,8 +24,12 @@ from llmtrain.config import ConfigError
 @pytest.fixture(autouse=True)
 def forked_runs(monkeypatch):
     """Each run forked from the test session's fork server (tests/fork_ranks.py: the same
-    `llmtrain.cli.main` as `python -m llmtrain`, without importing torch again per run)."""
+    `llmtrain.cli.main` as `python -m llmtrain`, without importing torch again per run). The
+    runs' OMP_NUM_THREADS is the server's (subprocess_env): ablate passes this process's
+    environment on, and the server refuses a job whose OMP_* differs (fork_ranks.STARTUP_ENV),
+    which then imported torch and llmtrain itself."""
     monkeypatch.setattr(ablate, "LLMTRAIN", [sys.executable, str(FORK_RANKS), "0"])
+    monkeypatch.setenv("OMP_NUM_THREADS", subprocess_env()["OMP_NUM_THREADS"])
 
 
 def write_spec(path: Path, **kw) -> Path:

@@ -41,9 +41,23 @@ def test_span_corruption_batches_reconstruct_the_samples(tmp_path):
     assert (again.src == batch.src).all(), "noise is seeded by the sample id"
 
 
-def test_dp2_zero3_equals_single_process_and_generates(tmp_path, capsys):
-    ref, par = tmp_path / "ref", tmp_path / "dp2"
-    assert cli_train(run_overrides(ref)) == 0
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The single-process run of `run_overrides(**extra)`: its run dir, trained once per extra
+    (the dp2 ZeRO-3 test and tp2-t5-tied compare with the same one)."""
+    root, runs = tmp_path_factory.mktemp("single_process"), {}
+
+    def get(**extra) -> Path:
+        key = tuple(sorted(extra.items()))
+        if key not in runs:
+            runs[key] = root / f"ref{len(runs)}"
+            assert cli_train(run_overrides(runs[key], **extra)) == 0
+        return runs[key]
+    return get
+
+
+def test_dp2_zero3_equals_single_process_and_generates(tmp_path, capsys, single_process):
+    ref, par = single_process(), tmp_path / "dp2"
     run_train(run_overrides(par, **{"parallel.zero_stage": 3}), nproc=2)
     a, b = read_losses(ref), read_losses(par)
     assert len(a) == 5 and b == pytest.approx(a, rel=1e-5)
@@ -66,12 +80,11 @@ def test_dp2_zero3_equals_single_process_and_generates(tmp_path, capsys):
                  "model.moe.capacity_factor": 1.0, "model.moe.n_shared_experts": 1,
                  "model.dropout": 0.0}),
 ])
-def test_tensor_parallel_equals_single_process(tmp_path, name, extra):
+def test_tensor_parallel_equals_single_process(tmp_path, name, extra, single_process):
     """tp=2 for encoder-decoder models (self- and cross-attention column/row parallel over
     heads; MoE experts over hidden units): losses and final weights equal the single-process
     run."""
-    ref, par = tmp_path / "ref", tmp_path / name
-    assert cli_train(run_overrides(ref, **extra)) == 0
+    ref, par = single_process(**extra), tmp_path / name
     run_train(run_overrides(par, **{"parallel.tp": 2, **extra}), nproc=2)
     assert read_losses(par) == pytest.approx(read_losses(ref), rel=1e-5)
     wa, wb = final_weights(ref, 5), final_weights(par, 5)

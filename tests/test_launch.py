@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (LAUNCH, free_port, launch_script, parallel_overrides, read_losses,
-                     set_args, subprocess_env)
+                     run_train, set_args, subprocess_env)
 
 # 2 data-parallel ranks x micro-batch 2 = global batch 8 in two micro-batches each (the
 # accumulation crosses the nodes' all-reduce too)
@@ -26,10 +26,11 @@ def _errors(out: str) -> str:
 
 
 def test_two_nodes_train_like_one_two_process_node(tmp_path):
+    # the one-node reference: 2 ranks forked with torchrun's environment (helpers.train_command;
+    # torchrun.sh's single-node command is the dry run's below, and torchrun --standalone runs
+    # for real in test_reliability.py), not a third torchrun launch
     one = tmp_path / "one_node"
-    r = launch_script("torchrun.sh", "configs/tiny.yaml",
-                      *set_args(parallel_overrides(one, **SETS)), timeout=300, NPROC_PER_NODE="2")
-    assert r.returncode == 0, _errors(r.stdout + r.stderr)
+    run_train(parallel_overrides(one, **SETS), "configs/tiny.yaml", nproc=2)
 
     two = tmp_path / "two_nodes"
     env = subprocess_env(PYTHON=sys.executable, NNODES="2", NPROC_PER_NODE="1",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (cli_train, cut_back, final_weights, read_losses, read_metric, read_metrics,
-                     read_summary, run_train)
+from helpers import (ROOT, cli_train, cut_back, final_weights, read_losses, read_metric,
+                     read_metrics, read_summary, run_train)
 
 
 def test_resume_reproduces_losses_and_weights(tmp_path, tiny):
@@ -71,11 +71,19 @@ def test_resume_from_another_run_names_the_keys_that_differ(tmp_path, tiny, caps
 
 def test_a_run_that_failed_before_its_first_step_does_not_block_the_fix(tmp_path, tiny, capsys):
     """A config error found after config.yaml was written (the tokenizer does not fit the
-    vocabulary) must not make the corrected rerun look like a different run."""
+    vocabulary) must not make the corrected rerun look like a different run. The corpus is the
+    docs folder's paragraphs (data.source=files): a run naming its own data.tokenizer tokenizes
+    its corpus afresh, which for the session's stdlib corpus took ~20 s."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": para}) + "\n"
+                            for p in sorted((ROOT / "docs").glob("*.md"))
+                            for para in p.read_text().split("\n\n") if para.strip()))
+    files = {"data.source": "files", "data.paths": f"[{docs}]",
+             "data.cache_dir": str(tmp_path / "cache")}
     ok = tmp_path / "ok"
-    assert cli_train(tiny(**{"logging.run_dir": ok, "train.steps": 1})) == 0
+    assert cli_train(tiny(**files, **{"logging.run_dir": ok, "train.steps": 1})) == 0
     run = tmp_path / "run"
-    bad = {"logging.run_dir": run, "data.tokenizer": ok / "tokenizer.json",
+    bad = {**files, "logging.run_dir": run, "data.tokenizer": ok / "tokenizer.json",
            "model.vocab_size": 256, "train.steps": 2}
     assert cli_train(tiny(**bad)) == 2
     assert "model.vocab_size=256" in capsys.readouterr().err
