@@ -104,24 +104,26 @@ def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_s
                       overlap: bool = True) -> dict[str, float]:
     """Transient bytes of FSDP2's full-size buffers on one GPU, for blocks of `layer_params` (this
     GPU's tensor/expert share of one block), beyond the sharded model states, at the peak of the
-    backward (measured per phase by benchmarks/peak_memory.py, docs/performance.md: 278M
-    parameters at dp8 ZeRO-3 on the CPU, the steady-state forward/backward exceeds the states by
-    4.7 blocks: activations 0.4, the root unit 0.1, the process's own growth 0.6 (measured on a
-    near-empty model), leaving 3.5 for the 4 blocks counted here):
+    backward, while a block's backward runs:
     - "gathered" (ZeRO 3): `gathered_blocks` blocks' parameters all-gathered (two: the block
       running and the next, prefetched; in a pipeline, where FSDP keeps them from the forward to
       the backward, all the stage's blocks) and the root unit's `root_params` (embeddings, final
       norm, output), which is never resharded after the forward (parallel/data.py);
     - "unsharded_grads" (ZeRO 2, 3): the running block's gradients as autograd produces them, in
-      the parameters' compute dtype, before FSDP copies them into
-    - "reduce_scatter" (ZeRO 2, 3): the reduce-scatter input, the block's gradients in the
-      reduction dtype (torch's `foreach_reduce` frees the former only after that copy).
+      the parameters' compute dtype;
+    - "reduce_scatter" (ZeRO 2, 3): the previous block's reduce-scatter input, its gradients in
+      the reduction dtype, which FSDP2 keeps until the next reduction for its communication
+      stream (`reduce_scatter_states`).
     Nothing without sharding (dp_shard = 1: FSDP2 skips the collectives).
-    `overlap=False` (the CPU, where parallel/data.py `without_overlap_buffers` turns off what only
-    serves overlap): the backward gathers one block, not two (no prefetch, `gathered_blocks` 2
-    becomes 1), and the reduce-scatter input is freed with its reduction, so it meets the block's
-    unsharded gradients only during the copy, when the block's parameters are already resharded:
-    that term drops (measured at 278M dp8: the forward/backward's peak falls by 1.85 blocks)."""
+    `overlap=False` (the CPU, where parallel/data.py `without_overlap_buffers` turns off the
+    prefetch and the kept input, which only serve overlap): one gathered block, not two
+    (`gathered_blocks` 2 becomes 1), and no kept input (a block's own reduce-scatter input
+    meets its gradients only during the copy, after its parameters are resharded).
+    Measured by benchmarks/peak_memory.py (docs/performance.md), 278M parameters at dp8 ZeRO-3
+    on the CPU: with FSDP2's defaults the steady-state forward/backward exceeded the states by
+    4.7 blocks (activations 0.4, root unit 0.1, the process's own growth 0.6, leaving 3.5 for
+    the 4 counted here); without the prefetch 3.8, without the kept input 3.8, without both 2.9
+    (the 2 counted here)."""
     sharded = dp_shard > 1
     p = STATE_BYTES[precision][0]
     if not overlap and gathered_blocks == 2:
