@@ -46,14 +46,17 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device,
-              logits_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], None]:
+              logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> Callable[[torch.Tensor], None]:
     """The loop's training step (train/step.py: loss, backward, global-norm clip, AdamW, the
-    loss and norm read back) for a model whose logits come from `logits_of`; the returned
-    function trains one step on [batch, seq + 1] tokens."""
+    loss and norm read back); the returned function trains one step on [batch, seq + 1] tokens.
+    For llmtrain's model (`logits_of` None) exactly the training loop's: `train.loss` (chunked
+    fuses the output layer) and, with `parallel.compile`, the compiled loss. Another model's
+    logits come from `logits_of`, with the plain loss."""
     opt = build_optimizer(model, cfg.optim, fused=True if device.type == "cuda" else None,
                           cfg=cfg)
-    train_step = TrainStep(model, opt, cfg, device,
-                           logits=lambda batch: logits_of(batch.tokens.to(device)))
+    train_step = TrainStep(model, opt, cfg, device, logits=None if logits_of is None else
+                           lambda batch: logits_of(batch.tokens.to(device)))
 
     def step(tokens: torch.Tensor) -> None:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -121,12 +124,14 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = Non
     peak = device_peak_flops(device)
     rows = {}
 
+    def run_cfg(compile_blocks: bool) -> Config:
+        return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel,
+                                                                     compile=compile_blocks))
+
     def ours(compile_blocks: bool) -> torch.nn.Module:
         model = build_model(cfg.model, device, seed=cfg.train.seed)
         if compile_blocks:
-            on = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel,
-                                                                       compile=True))
-            apply_compile(model, on, log=None)  # measure() times the compile
+            apply_compile(model, run_cfg(True), log=None)  # measure() times the compile
         return model.to(torch.bfloat16) if cfg.train.precision == "bf16_pure" else model
 
     def record(name: str, step: Callable[[torch.Tensor], None], compiled_row: bool) -> None:
@@ -154,7 +159,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = Non
     for compile_blocks in modes:
         model = model if not compile_blocks else ours(True)
         record(f"llmtrain {'compiled' if compile_blocks else 'eager'}",
-               make_step(model, cfg, device, model), compile_blocks)
+               make_step(model, run_cfg(compile_blocks), device), compile_blocks)
     del model
     if compare_hf:
         hf = hf_llama(cfg).to(device)

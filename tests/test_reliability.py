@@ -142,14 +142,19 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path, tiny):
         proc.wait(timeout=60)
     finally:
         proc.kill()
-    assert any(p.name.endswith(".tmp") for p in root.iterdir()), "killed mid-save"
+    half = [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    assert half, "killed mid-save"
     good = ckpt.list_checkpoints(root)
     newest = good[-1]
     ckpt.verify(newest)  # complete and intact
-    # the rerun saves only its last step: the 40 per-step saves of the first run were for the
-    # kill to land in one, and checkpoint.every is not part of the run's identity
-    r = run_train(tiny(**sets, **{"checkpoint.every": 0}), timeout=600, env=ENV)
+    # the rerun saves every k steps, k the half-written save's step: it saves step k again over
+    # the leftover .step_k.tmp, and not the 40 per-step saves of the first run (they were for
+    # the kill to land in one; checkpoint.every is not part of the run's identity)
+    k = int(half[0].name[len(".step_"):-len(".tmp")])
+    r = run_train(tiny(**sets, **{"checkpoint.every": k}), timeout=600, env=ENV)
     assert f"resumed from {newest}" in r.stdout
+    assert not any(p.name.endswith(".tmp") for p in root.iterdir())
+    ckpt.verify(root / f"step_{k}")
 
 
 def test_hung_collective_dumps_stacks_and_exits_nonzero(tmp_path, tiny):

@@ -95,12 +95,25 @@ def _compiled(forward, fullgraph: bool):
         # autograd on torch 2.13 replaces such an input by its waited inner tensor, which does
         # not require grad, so the compiled backward returns no gradient for it: the embedding
         # then gets none (the eager redistribute's backward fails on the zeros autograd puts in
-        # its place, "'Tensor' object has no attribute '_local_tensor'"). Waiting here, with
-        # funcol's differentiable wait_tensor (identity backward), hands the graph a plain tensor
-        # that keeps its autograd history.
-        args, kwargs = tree_map_only(AsyncCollectiveTensor, wait_tensor, (args, kwargs))
+        # its place, "'Tensor' object has no attribute '_local_tensor'"). Waiting here hands the
+        # graph a plain tensor that keeps its autograd history (`_Waited`: funcol's wait_tensor
+        # has an identity backward only on recent torch; on older ones it cuts the gradient).
+        args, kwargs = tree_map_only(AsyncCollectiveTensor, _Waited.apply, (args, kwargs))
         return compiled(*args, **kwargs)
     return run
+
+
+class _Waited(torch.autograd.Function):
+    """An AsyncCollectiveTensor waited on: the collective's result as a plain tensor, with the
+    gradient passed through unchanged (waiting does not change the values)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return wait_tensor(t).clone()  # a tensor of its own, not an alias of the input
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 def compiled_loss(cfg: Config, loss_fn):

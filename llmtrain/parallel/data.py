@@ -89,6 +89,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config,
             if isinstance(moe.experts, ExpertParallelExperts):  # DTensors over ep: FSDP
                 # shards them over the ranks holding the same experts, as a unit of its own
                 _shard_experts(moe.experts, moe.experts.replicate_mesh, dp_size, kwargs)
+                if device.type == "cpu":
+                    without_overlap_buffers(moe.experts)
         fully_shard(block, **kwargs)
         if device.type == "cpu":
             without_overlap_buffers(block)
@@ -118,6 +120,8 @@ def without_overlap_buffers(module: nn.Module) -> None:
 
 
 def _no_prefetch() -> None:
+    """(FSDP2's own prefetch also pops the group's post-forward index, which only the prefetch
+    reads; the indices left are cleared when the backward finishes.)"""
     return None
 
 
@@ -126,9 +130,12 @@ def _releasing(group, post_backward):
     comm stream (the reduction itself has completed: gloo's collective is synchronous)."""
     def run(*args, **kwargs):
         out = post_backward(*args, **kwargs)
-        kept = getattr(group.comm_ctx, "reduce_scatter_states", None)  # (set at lazy init)
+        ctx = group.comm_ctx  # (set at FSDP's lazy init)
+        kept = getattr(ctx, "reduce_scatter_states", None)
         if isinstance(kept, list):
             kept.clear()
+        elif hasattr(ctx, "reduce_scatter_state"):  # torch before the list: one kept input
+            ctx.reduce_scatter_state = None
         return out
     return run
 
@@ -455,7 +462,9 @@ def build_optimizer(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> t
                                    process_group=shard_group, **{**kw, **ctor})
     zero.param_groups[0].update(first)
     # ns_dtype is the local MuonAdamW's own (kept off the groups, whose options checkpoints save)
-    for d in (zero.defaults, zero.param_groups[0]):
+    # (ZeRO's local optimizer copied group 0 before this, and its step syncs local group keys
+    # back to these groups: the local one loses it too)
+    for d in (zero.defaults, zero.param_groups[0], zero.optim.param_groups[0]):
         d.pop("ns_dtype", None)
     for g in groups[1:]:
         zero.add_param_group(g)

@@ -117,8 +117,9 @@ def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_s
     Nothing without sharding (dp_shard = 1: FSDP2 skips the collectives).
     `overlap=False` (the CPU, where parallel/data.py `without_overlap_buffers` turns off the
     prefetch and the kept input, which only serve overlap): one gathered block, not two
-    (`gathered_blocks` 2 becomes 1), and no kept input (a block's own reduce-scatter input
-    meets its gradients only during the copy, after its parameters are resharded).
+    (`gathered_blocks` 2 becomes 1), and no kept input: a block's own reduce-scatter input meets
+    its gradients only during the copy, after its parameters are resharded, so it counts only
+    where it exceeds that gathered block (bf16 parameters, fp32 reduction; all of it at ZeRO 2).
     Measured by benchmarks/peak_memory.py (docs/performance.md), 278M parameters at dp8 ZeRO-3
     on the CPU: with FSDP2's defaults the steady-state forward/backward exceeded the states by
     4.7 blocks (activations 0.4, root unit 0.1, the process's own growth 0.6, leaving 3.5 for
@@ -128,11 +129,13 @@ def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_s
     p = STATE_BYTES[precision][0]
     if not overlap and gathered_blocks == 2:
         gathered_blocks = 1
+    reduce_scatter = layer_params * REDUCE_BYTES[precision]
+    if not overlap and zero_stage >= 3:  # meets the gradients when the block's one gathered
+        reduce_scatter = max(0.0, reduce_scatter - layer_params * p)  # copy is already freed
     return {"gathered": (gathered_blocks * layer_params + root_params) * p
             if zero_stage >= 3 and sharded else 0.0,
             "unsharded_grads": layer_params * p if zero_stage >= 2 and sharded else 0.0,
-            "reduce_scatter": layer_params * REDUCE_BYTES[precision]
-            if zero_stage >= 2 and sharded and overlap else 0.0}
+            "reduce_scatter": reduce_scatter if zero_stage >= 2 and sharded else 0.0}
 
 
 # bytes per parameter of the one temporary torch's foreach AdamW makes (torch/optim/adamw.py,

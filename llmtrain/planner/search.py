@@ -294,9 +294,10 @@ def _memory(cfg: Config, lay: Layout, hw: Hardware, params: _GpuParams, counts: 
         # FSDP's full-size buffers (gathered blocks, unsharded gradients, the reduce-scatter
         # input), counted with the activations as transients; a pipeline stage keeps its
         # blocks gathered from forward to backward (parallel/pipeline.py). A stage's peak is
-        # not where the CPU's switch-off of FSDP's overlap buffers acts: its unsharded gradients
-        # accumulate over the micro-batches (measured at 278M pp2 dp2 on the CPU: 1969.5 MiB
-        # with and without them), which the kept-input term stands in for, as one block
+        # not where the CPU's switch-off of FSDP's overlap buffers acts (measured at 278M pp2
+        # dp2: 1969.5 MiB with and without it): its unsharded gradients accumulate over the
+        # micro-batches (torch's pipelining syncs only the last), which is not modelled: a known
+        # gap (its planner/peak is the lowest row, 0.924); the kept-input term is kept there
         zero_buffers = sum(memory.zero_buffer_bytes(
             params.dense + params.expert * moe_frac, cfg.train.precision, lay.zero_stage,
             lay.shard, gathered_blocks=n_layers if lay.pp > 1 else 2,
