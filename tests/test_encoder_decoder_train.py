@@ -49,9 +49,10 @@ def single_process(tmp_path_factory):
 
     def get(**extra) -> Path:
         key = tuple(sorted(extra.items()))
-        if key not in runs:
-            runs[key] = root / f"ref{len(runs)}"
-            assert cli_train(run_overrides(runs[key], **extra)) == 0
+        if key not in runs:  # (cached only once trained: a failed run fails every user)
+            run = root / f"ref{len(runs)}"
+            assert cli_train(run_overrides(run, **extra)) == 0
+            runs[key] = run
         return runs[key]
     return get
 
