@@ -138,6 +138,23 @@ def test_a_valid_dataset_passes(indexed):
     assert info.dtype == np.uint16
 
 
+def test_a_split_left_without_documents_is_refused(indexed):
+    """megatron-core cuts the splits at the rounded fractions of the sequence count and loops
+    forever building an empty split the run samples from (it happened with 9 documents at
+    98,2,0); the run is refused in one line instead. 20 documents at 98,2,0: validation gets
+    round(1.0 x 20) - round(0.98 x 20) = 0 of them."""
+    from llmtrain.data.loader import check_split_has_sequences
+    prefix = indexed("split")
+    with pytest.raises(ConfigError) as e:
+        check_split_has_sequences(prefix, "98,2,0", [8, 4, 0])
+    assert str(e.value).startswith("data.split='98,2,0' gives the validation split none of "
+                                   "the 20 documents")
+    check_split_has_sequences(prefix, "90,10,0", [8, 4, 0])  # 2 documents: enough
+    check_split_has_sequences(prefix, "98,2,0", [8, 0, 0])  # no validation samples asked for
+    with pytest.raises(ConfigError, match="training split none"):
+        check_split_has_sequences(prefix, "1,99,0", [8, 4, 0])
+
+
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_damaged_indexed_dataset_is_named_when_opened(indexed, name):
     damage, message = CORRUPTIONS[name]

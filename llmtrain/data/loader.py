@@ -81,6 +81,8 @@ def build_datasets(cfg: Config, prefix: str, tok: Tokenizer):
         eod_mask_loss=d.mask_eod_loss, create_attention_mask=False,
         path_to_cache=None, mid_level_dataset_surplus=0.005)
     sizes = _split_sizes(cfg)
+    for path in blend[0]:
+        check_split_has_sequences(path, d.split, sizes)
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True,
                                                         gcfg).build()
@@ -93,6 +95,22 @@ def build_datasets(cfg: Config, prefix: str, tok: Tokenizer):
         raise ConfigError(f"data.split={d.split!r} leaves no validation samples; give the "
                           f"validation split a share, e.g. 98,2,0")
     return train, valid
+
+
+def check_split_has_sequences(prefix: str, split: str, sizes: list[int]) -> None:
+    """Every split the run samples from (train, validation) holds at least one of the corpus's
+    sequences, cut as megatron-core cuts them (the rounded split fractions of the sequence
+    count). megatron-core would loop forever on an empty one (`_get_num_epochs` adds an empty
+    epoch's zero tokens until it has the samples asked for): 9 documents at 98,2,0 did."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    n = check_indexed(prefix).sequences
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for name, bounds, size in zip(("training", "validation"), matrix, sizes):
+        if size and bounds is not None and round(bounds[1] * n) <= round(bounds[0] * n):
+            raise ConfigError(f"data.split={split!r} gives the {name} split none of the {n} "
+                              f"documents of {prefix}; use a larger corpus or give that split "
+                              f"a larger share (each split needs at least one document)")
 
 
 def _doc_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
