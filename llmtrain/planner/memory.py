@@ -100,14 +100,14 @@ REDUCE_BYTES = {"bf16": 4, "fp32": 4, "bf16_pure": 2}
 
 
 def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_shard: int,
-                      gathered_blocks: float = 2, root_params: float = 0.0,
+                      gathered_blocks: float | None = None, root_params: float = 0.0,
                       overlap: bool = True) -> dict[str, float]:
     """Transient bytes of FSDP2's full-size buffers on one GPU, for blocks of `layer_params` (this
     GPU's tensor/expert share of one block), beyond the sharded model states, at the peak of the
     backward, while a block's backward runs:
-    - "gathered" (ZeRO 3): `gathered_blocks` blocks' parameters all-gathered (two: the block
-      running and the next, prefetched; in a pipeline, where FSDP keeps them from the forward to
-      the backward, all the stage's blocks) and the root unit's `root_params` (embeddings, final
+    - "gathered" (ZeRO 3): `gathered_blocks` blocks' parameters all-gathered (by default two:
+      the block running and the next, prefetched; in a pipeline, where FSDP keeps them from the
+      forward to the backward, all the stage's blocks) and the root unit's `root_params` (embeddings, final
       norm, output), which is never resharded after the forward (parallel/data.py);
     - "unsharded_grads" (ZeRO 2, 3): the running block's gradients as autograd produces them, in
       the parameters' compute dtype;
@@ -116,8 +116,8 @@ def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_s
       stream (`reduce_scatter_states`).
     Nothing without sharding (dp_shard = 1: FSDP2 skips the collectives).
     `overlap=False` (the CPU, where parallel/data.py `without_overlap_buffers` turns off the
-    prefetch and the kept input, which only serve overlap): one gathered block, not two
-    (`gathered_blocks` 2 becomes 1), and no kept input: a block's own reduce-scatter input meets
+    prefetch and the kept input, which only serve overlap): one gathered block by default, not
+    two, and no kept input: a block's own reduce-scatter input meets
     its gradients only during the copy, after its parameters are resharded, so it counts only
     where it exceeds that gathered block (bf16 parameters, fp32 reduction; all of it at ZeRO 2).
     Measured by benchmarks/peak_memory.py (docs/performance.md), 278M parameters at dp8 ZeRO-3
@@ -127,8 +127,8 @@ def zero_buffer_bytes(layer_params: float, precision: str, zero_stage: int, dp_s
     (the 2 counted here)."""
     sharded = dp_shard > 1
     p = STATE_BYTES[precision][0]
-    if not overlap and gathered_blocks == 2:
-        gathered_blocks = 1
+    if gathered_blocks is None:  # the running block, and with overlap the prefetched next
+        gathered_blocks = 2 if overlap else 1
     reduce_scatter = layer_params * REDUCE_BYTES[precision]
     if not overlap and zero_stage >= 3:  # meets the gradients when the block's one gathered
         reduce_scatter = max(0.0, reduce_scatter - layer_params * p)  # copy is already freed

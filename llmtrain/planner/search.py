@@ -300,7 +300,7 @@ def _memory(cfg: Config, lay: Layout, hw: Hardware, params: _GpuParams, counts: 
         # gap (its planner/peak is the lowest row, 0.924); the kept-input term is kept there
         zero_buffers = sum(memory.zero_buffer_bytes(
             params.dense + params.expert * moe_frac, cfg.train.precision, lay.zero_stage,
-            lay.shard, gathered_blocks=n_layers if lay.pp > 1 else 2,
+            lay.shard, gathered_blocks=n_layers if lay.pp > 1 else None,
             root_params=root, overlap=hw.fsdp_overlap or lay.pp > 1).values())
         experts = n_layers * params.layer_expert
         st = _state_bytes(cfg, lay, shared, experts)
