@@ -1,6 +1,7 @@
 """Peak memory and time of the training loss's forward + backward: the plain loss (the output
 layer's [N, V] logits, then train/loss.py's cross entropy) against the chunked one
-(`train.loss: chunked`, train/lean_loss.py), by default on the CPU in fp32.
+(`train.loss: chunked`, train/lean_loss.py) and the fused one (`train.loss: fused`: the
+gradients computed in the forward, no recomputation), by default on the CPU in fp32.
 
 Each row runs in a fresh subprocess: it allocates the hidden states h [N, D] and the output
 weight W [V, D], runs the loss once on a small vocabulary (the first backward's own allocations
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 
-LOSSES = ("plain", "chunked")
+LOSSES = ("plain", "chunked", "fused")
 
 
 def rss_bytes() -> int:
@@ -72,7 +73,8 @@ def one(loss: str, vocab: int, tokens: int, d_model: int, chunk: int, device: st
             if loss == "plain":
                 ce = cross_entropy_sum((h @ w.t())[None], labels[None], mask[None])
             else:
-                ce = linear_cross_entropy_sum(h, w, labels, mask, chunk)
+                ce = linear_cross_entropy_sum(h, w, labels, mask, chunk,
+                                              fused=loss == "fused")
         ce.backward()
         return float(ce)  # waits for the device
 
@@ -118,15 +120,19 @@ def main() -> None:
     print(f"{args.device} {args.precision}, {tokens} tokens (seq {args.seq} x micro-batch "
           f"{args.batch}), d_model {args.d_model}, chunk {args.chunk} tokens; peak = {meter} "
           f"delta of forward + backward")
-    print(f"{'vocab':>7} | {'plain MiB':>9} {'chunked MiB':>11} {'ratio':>5} | {'plain s':>7} "
-          f"{'chunked s':>9} {'ratio':>5} | {'|loss diff|':>11}")
+    print(f"{'vocab':>7} | {'plain MiB':>9} {'chunked':>7} {'ratio':>5} {'fused':>7} {'ratio':>5} "
+          f"| {'plain s':>7} {'chunked':>7} {'ratio':>5} {'fused':>7} {'ratio':>5} | "
+          f"{'|loss diff| chunked, fused':>26}")
     for vocab in args.vocab:
         r = {loss: measure(loss, vocab, tokens, args) for loss in LOSSES}
-        p, c = r["plain"], r["chunked"]
-        print(f"{vocab:>7} | {p['peak_bytes'] / mib:>9,.0f} {c['peak_bytes'] / mib:>11,.0f} "
-              f"{c['peak_bytes'] / p['peak_bytes']:>5.2f} | {p['seconds']:>7.2f} "
-              f"{c['seconds']:>9.2f} {c['seconds'] / p['seconds']:>5.2f} | "
-              f"{abs(p['loss'] - c['loss']):>11.1e}", flush=True)
+        p = r["plain"]
+        mem = " ".join(f"{r[k]['peak_bytes'] / mib:>7,.0f} "
+                       f"{r[k]['peak_bytes'] / p['peak_bytes']:>5.2f}" for k in LOSSES[1:])
+        sec = " ".join(f"{r[k]['seconds']:>7.2f} {r[k]['seconds'] / p['seconds']:>5.2f}"
+                       for k in LOSSES[1:])
+        diff = ", ".join(f"{abs(p['loss'] - r[k]['loss']):.1e}" for k in LOSSES[1:])
+        print(f"{vocab:>7} | {p['peak_bytes'] / mib:>9,.0f} {mem} | {p['seconds']:>7.2f} {sec} | "
+              f"{diff:>26}", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,23 +46,36 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device,
-              logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ce_sum_of: Callable[[Batch], torch.Tensor] | None = None
               ) -> Callable[[torch.Tensor], None]:
     """The loop's training step (train/step.py: loss, backward, global-norm clip, AdamW, the
     loss and norm read back); the returned function trains one step on [batch, seq + 1] tokens.
-    For llmtrain's model (`logits_of` None) exactly the training loop's: `train.loss` (chunked
-    fuses the output layer) and, with `parallel.compile`, the compiled loss. Another model's
-    logits come from `logits_of`, with the plain loss."""
+    For llmtrain's model (`ce_sum_of` None) exactly the training loop's: `train.loss` (chunked
+    and fused fuse the output layer) and, with `parallel.compile`, the compiled loss. Another
+    model's loss comes from `ce_sum_of` (the sum of its token cross entropies over a batch)."""
     opt = build_optimizer(model, cfg.optim, fused=True if device.type == "cuda" else None,
                           cfg=cfg)
-    train_step = TrainStep(model, opt, cfg, device, logits=None if logits_of is None else
-                           lambda batch: logits_of(batch.tokens.to(device)))
+    train_step = TrainStep(model, opt, cfg, device, ce_sum_of=ce_sum_of)
 
     def step(tokens: torch.Tensor) -> None:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         mask = torch.ones(labels.shape, device=labels.device)
         train_step([Batch(inputs, labels, mask, None, [])], cfg.optim.lr)
     return step
+
+
+def hf_ce_sum(run: Callable, device: torch.device) -> Callable[[Batch], torch.Tensor]:
+    """The CE sum of a `transformers` causal LM computed by its own forward (its
+    ForCausalLMLoss: fp32 logits, cross entropy), as a Hugging Face training run computes it,
+    so that the compiled row compiles it with the model: the labels given already shifted
+    (`shift_labels`, transformers >= 4.50), summed (`num_items_in_batch=1`), masked tokens
+    -100 (its ignore_index)."""
+    def ce_sum(batch: Batch) -> torch.Tensor:
+        labels = batch.labels.to(device).masked_fill(batch.loss_mask.to(device) == 0, -100)
+        labels = labels.contiguous()
+        return run(batch.tokens.to(device), labels=labels, shift_labels=labels,
+                   num_items_in_batch=1).loss
+    return ce_sum
 
 
 def measure(step: Callable[[torch.Tensor], None], tokens: torch.Tensor, steps: int, warmup: int,
@@ -168,8 +181,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = Non
         for compile_hf in modes:
             run = torch.compile(hf) if compile_hf else hf
             mode = "compiled" if compile_hf else "eager"
-            record(f"hf {mode}", make_step(hf, cfg, device, lambda t, run=run: run(t).logits),
-                   compile_hf)
+            record(f"hf {mode}", make_step(hf, cfg, device, hf_ce_sum(run, device)), compile_hf)
             ratio = rows[f"llmtrain {mode}"]["tokens_per_s"] / rows[f"hf {mode}"]["tokens_per_s"]
             rows[f"hf {mode}"]["ours_over_this"] = ratio
             log(f"llmtrain {mode} / hf {mode}: {ratio:.2f}x tokens/s")

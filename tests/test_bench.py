@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from helpers import set_args
-from llmtrain.bench import hf_llama
+from llmtrain.bench import hf_ce_sum, hf_llama
 from llmtrain.cli import main
 from llmtrain.config import load_config
+from llmtrain.data.loader import Batch
+from llmtrain.train.loss import cross_entropy_sum
 
 
 def test_bench_cli_writes_every_figure(tmp_path):
@@ -41,6 +44,22 @@ def test_hf_twin_has_our_parameter_count():
     from llmtrain.model import build_model
     ours = build_model(cfg.model).num_params(non_embedding=False)
     assert sum(p.numel() for p in hf_llama(cfg).parameters()) == ours
+
+
+def test_hf_rows_loss_is_the_cross_entropy_sum_of_its_logits():
+    """HF's rows train on the loss HF's forward computes: on our (already shifted) labels, summed
+    over the unmasked tokens, as our plain loss computes it from HF's logits."""
+    cfg = load_config(None, ["model.n_layers=1", "model.d_model=32", "model.vocab_size=97"])
+    torch.manual_seed(0)
+    hf = hf_llama(cfg)
+    tokens = torch.randint(0, 97, (2, 13))
+    mask = torch.ones(2, 12)
+    mask[1, 7:] = 0
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], mask, None, [])
+    got = hf_ce_sum(hf, torch.device("cpu"))(batch)
+    with torch.no_grad():
+        expected = cross_entropy_sum(hf(batch.tokens).logits, batch.labels, mask)
+    torch.testing.assert_close(got.detach(), expected)
 
 
 def test_bench_refuses_non_llama_layout_for_hf(capsys):

@@ -464,8 +464,8 @@ def test_linear_attention_matches_quadratic_form():
 
 
 def test_logit_softcap_plain_chunked_and_gemma2():
-    """c tanh(z / c) on the output logits (Gemma 2); the chunked loss (train/lean_loss.py) gives
-    the same loss and gradients as cross entropy of the capped logits; transformers' Gemma2
+    """c tanh(z / c) on the output logits (Gemma 2); the chunked and the fused loss
+    (train/lean_loss.py) give the same loss and gradients as cross entropy of the capped logits; transformers' Gemma2
     final_logit_softcapping is the same formula."""
     transformers = pytest.importorskip("transformers")
     from llmtrain.train.lean_loss import chunked_loss_head
@@ -479,7 +479,8 @@ def test_logit_softcap_plain_chunked_and_gemma2():
         torch.testing.assert_close(model(x), c * torch.tanh(z / c))
         assert (model(x) - z).abs().max() > 1e-3
     grads = []
-    for head in (None, chunked_loss_head(labels, mask, chunk_tokens=5)):
+    for head in (None, chunked_loss_head(labels, mask, chunk_tokens=5),
+                 chunked_loss_head(labels, mask, chunk_tokens=5, fused=True)):
         model.zero_grad()
         if head is None:
             loss = (F.cross_entropy(model(x).flatten(0, 1), labels.flatten(), reduction="none")
@@ -488,9 +489,10 @@ def test_logit_softcap_plain_chunked_and_gemma2():
             loss = model(x, head=head)
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    torch.testing.assert_close(grads[1][0], grads[0][0])
-    for a, b in zip(grads[1][1], grads[0][1]):
-        torch.testing.assert_close(a, b)
+    for lean in grads[1:]:
+        torch.testing.assert_close(lean[0], grads[0][0])
+        for a, b in zip(lean[1], grads[0][1]):
+            torch.testing.assert_close(a, b)
     hf_cfg = transformers.Gemma2Config(vocab_size=61, hidden_size=16, intermediate_size=32,
                                        num_hidden_layers=1, num_attention_heads=2,
                                        num_key_value_heads=1, head_dim=8,

@@ -190,11 +190,13 @@ class TrainConfig:
     max_skipped_steps: int = _f(10, lo=1, hi=_STEPS)
     # 10**7 s (116 days): datetime.timedelta and threading waits overflow near 10**9 s
     collective_timeout_s: float = _f(600.0, lo=0.0, lo_open=True, hi=10 ** 7)
-    loss: Literal["plain", "chunked"] = _f("plain", doc="chunked: output layer and cross entropy "
-                                           "fused over token chunks, no [B, T, V] logits held "
-                                           "(train/lean_loss.py)")
+    loss: Literal["plain", "chunked", "fused"] = _f(
+        "plain", doc="chunked: output layer and cross entropy fused over token chunks, no "
+        "[B, T, V] logits held, the logits recomputed in the backward; fused: the same with the "
+        "gradients computed in the forward, no recomputation, one fp32 output-weight-sized "
+        "buffer held until the backward (train/lean_loss.py)")
     loss_chunk_tokens: int = _f(1024, lo=1, hi=_TOKENS,
-                                doc="tokens per chunk of train.loss=chunked")
+                                doc="tokens per chunk of train.loss=chunked or fused")
 
 
 @dataclass

@@ -450,17 +450,18 @@ def _unsupported(cfg: Config) -> None:
 
 
 def _loss(cfg: Config) -> None:
-    """train.loss=chunked (train/lean_loss.py) is wired into the torch engine's TrainStep for a
-    decoder whose output is one softmax layer (plain, DDP, FSDP, tensor parallel)."""
+    """train.loss=chunked or fused (train/lean_loss.py) is wired into the torch engine's
+    TrainStep for a decoder whose output is one softmax layer (plain, DDP, FSDP, tensor
+    parallel)."""
     m, p = cfg.model, cfg.parallel
     bad = [key for key, on in (("model.arch=encoder_decoder", m.arch == "encoder_decoder"),
                                ("model.output=mos", m.output == "mos"),
                                (f"parallel.pp={p.pp}", p.pp > 1),
                                ("parallel.engine=deepspeed", p.engine == "deepspeed")) if on]
-    if cfg.train.loss == "chunked" and bad:
-        raise ConfigError(f"train.loss=chunked with {bad[0]} is not supported (it fuses the "
-                          f"decoder's softmax output layer in the torch engine's step); use "
-                          f"train.loss=plain")
+    if cfg.train.loss != "plain" and bad:
+        raise ConfigError(f"train.loss={cfg.train.loss} with {bad[0]} is not supported (it "
+                          f"fuses the decoder's softmax output layer in the torch engine's "
+                          f"step); use train.loss=plain")
 
 
 def _data(cfg: Config) -> None:

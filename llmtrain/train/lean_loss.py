@@ -17,6 +17,18 @@ backward each rank's gradient of the hidden states is a partial sum over its voc
 summed over the tp ranks as the column-parallel output layer's backward would (Megatron's
 vocab-parallel cross entropy, applied chunk by chunk).
 
+`train.loss: fused` is the same loss without the recomputation: with autograd on, the forward
+turns each chunk's logits into that chunk's gradients at once (the softmax less the one-hot
+label, times the mask) and keeps the gradients of the hidden states and the output weight for
+the backward, which only scales them by the incoming gradient (a scalar: the loss is a sum).
+The output layer then costs the plain loss's three matmuls, not four, and each chunk's logits
+are read back from the cache right after the matmul wrote them. The price: one fp32 buffer the
+size of the output weight (or its vocabulary slice) from the forward to the backward, instead of
+nothing; the gradient of the hidden states replaces them in what is kept. Liger-Kernel's fused
+linear cross entropy does the same on the GPU. Under tensor parallelism the ranks combine their
+log-sum-exps once per chunk (the softmax of a chunk needs the whole vocabulary's), not once per
+forward. Without autograd (evaluation) both losses run the same forward.
+
 `model.logit_softcap` c > 0 caps each chunk's logits z as the model's plain output does,
 c tanh(z / c) (Gemma 2), before the log-sum-exp; the backward multiplies the gradient of the
 capped logits by d/dz = 1 - tanh(z / c)^2.
@@ -78,6 +90,50 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None
 
 
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """LinearCrossEntropy's value with the gradients computed in the forward (module docstring:
+    `train.loss: fused`); saves the gradients of h and W, [N, D] and an fp32 [V, D]."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, mask, chunk: int, dtype: torch.dtype, group,
+                softcap: float = 0.0):
+        offset = vocab_offset(weight, group)
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            ce = torch.empty(h.shape[0], device=h.device)
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            for s in range(0, h.shape[0], chunk):
+                h_c, mask_c = h[s:s + chunk].to(dtype), mask[s:s + chunk]
+                logits, slope = capped(h_c @ w.t(), softcap)
+                idx, owned = local_labels(labels[s:s + chunk], offset, w.shape[0])
+                target = logits.gather(1, idx[:, None])[:, 0] * owned
+                # one exp per logit: p = exp(z - max) gives this slice's log-sum-exp from its
+                # row sums, and the softmax over the whole vocabulary is p exp(max - lse)
+                top = logits.amax(dim=-1)
+                p = logits.sub_(top[:, None]).exp_()
+                partial = torch.stack([top + p.sum(dim=-1).log(), target])
+                lse, target = combine_vocab_shards(partial, group)
+                ce[s:s + chunk] = (lse - target) * mask_c
+                p.mul_((torch.exp(top - lse) * mask_c)[:, None])  # softmax x mask
+                p.scatter_add_(1, idx[:, None], -(owned * mask_c)[:, None])  # less the label
+                d_logits = (p if slope is None else p.mul_(slope)).to(dtype)
+                grad_h[s:s + chunk] = d_logits @ w
+                accumulate_matmul(grad_w, d_logits.t(), h_c)
+            sum_over_vocab_shards(grad_h, group)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return ce.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        # out of place: a second backward through the same graph (retain_graph) scales the
+        # saved gradients again from the start
+        return (grad_h * grad, (grad_w * grad).to(ctx.weight_dtype), None, None, None, None, None,
+                None)
+
+
 def capped(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fp32 logits z, or c tanh(z / c) for softcap c > 0; None, or the cap's derivative
     1 - tanh(z / c)^2 for the backward)."""
@@ -132,26 +188,29 @@ def sum_over_vocab_shards(grad_h: torch.Tensor, group) -> None:
 
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                              mask: torch.Tensor, chunk_tokens: int, group=None,
-                             softcap: float = 0.0) -> torch.Tensor:
+                             softcap: float = 0.0, fused: bool = False) -> torch.Tensor:
     """Sum of token cross entropies (fp32) of the logits h @ weight^T over positions where mask
     is 1, as loss.py's cross_entropy_sum computes them, `chunk_tokens` tokens at a time; h
     [N, D], weight [V, D] (or this rank's rows of it, `group` the tp ranks holding the others),
     labels and mask [N]. The logits are computed in autocast's dtype where it is on; softcap
-    c > 0 takes the cross entropy of c tanh(logits / c)."""
+    c > 0 takes the cross entropy of c tanh(logits / c). `fused`: the gradients are computed in
+    the forward (train.loss=fused) where autograd is on and h or W requires grad."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-    return LinearCrossEntropy.apply(h, weight, labels, mask.float(), chunk_tokens, dtype, group,
-                                    softcap)
+    fused = fused and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    loss = FusedLinearCrossEntropy if fused else LinearCrossEntropy
+    return loss.apply(h, weight, labels, mask.float(), chunk_tokens, dtype, group, softcap)
 
 
 def chunked_loss_head(labels: torch.Tensor, mask: torch.Tensor, chunk_tokens: int,
-                      sequence_parallel: bool = False) -> Callable[[torch.Tensor, nn.Module],
-                                                                      torch.Tensor]:
+                      sequence_parallel: bool = False, fused: bool = False
+                      ) -> Callable[[torch.Tensor, nn.Module], torch.Tensor]:
     """The `head` Transformer.forward hands its final hidden states [B, T, D] and output layer:
     the chunked CE sum over the batch's labels and mask [B, T] (of the logits capped at
     `softcap`, model.logit_softcap, which forward passes). A vocabulary-sharded output
     weight (a DTensor under tp) gives the tp version; under sequence parallelism the hidden
-    states arrive split along T and are gathered first, as the output layer's plan would."""
+    states arrive split along T and are gathered first, as the output layer's plan would.
+    `fused`: train.loss=fused, the gradients computed in the forward."""
 
     def head(h: torch.Tensor, output: nn.Module, softcap: float = 0.0) -> torch.Tensor:
         weight, group = output.weight, None
@@ -161,5 +220,5 @@ def chunked_loss_head(labels: torch.Tensor, mask: torch.Tensor, chunk_tokens: in
                 h = DTensor.from_local(h, mesh, [Shard(1)], run_check=False).full_tensor()
             weight, group = weight.to_local(), mesh.get_group()
         return linear_cross_entropy_sum(h.flatten(0, 1), weight, labels.flatten(),
-                                        mask.flatten(), chunk_tokens, group, softcap)
+                                        mask.flatten(), chunk_tokens, group, softcap, fused)
     return head

@@ -138,22 +138,22 @@ class TrainStep:
     DDP's sync only at the last), the reductions no wrapper does (`GradReducer`, launched from
     gradient hooks during the last micro-batch's backward), the clipped global gradient norm,
     and the optimizer step unless the loss or the norm is non-finite. With
-    `train.loss: chunked` the loss is train/lean_loss.py's, fused with the output layer; a
-    custom `logits` function (bench's Hugging Face models) gets the plain loss."""
+    `train.loss: chunked` or `fused` the loss is train/lean_loss.py's, fused with the output
+    layer. `ce_sum_of(batch)` replaces the loss by another model's own (bench's Hugging Face
+    models compute theirs in their forward, compiled with it)."""
 
     overlap = True  # reduce gradients during the backward (PipelineStep: after it)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
                  device: torch.device, dp: DataParallelGroup | None = None, *,
                  parallel: ParallelModel | None = None, tp: int = 1,
-                 logits: Callable[[Batch], torch.Tensor] | None = None):
+                 ce_sum_of: Callable[[Batch], torch.Tensor] | None = None):
         self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
         self.dp = dp or DataParallelGroup()
         self.parallel = parallel or ParallelModel(model)
         self.tp = tp
-        self.logits = logits or (lambda batch: model_logits(model, batch, device))
-        self.chunk_tokens = (cfg.train.loss_chunk_tokens
-                             if cfg.train.loss == "chunked" and logits is None else 0)
+        self.ce_sum_of = ce_sum_of
+        self.chunk_tokens = cfg.train.loss_chunk_tokens if cfg.train.loss != "plain" else 0
         self.clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         self.ce_sum = compiled_loss(cfg, cross_entropy_sum)  # parallel.compile: compiled too
         self.reducer = GradReducer(self.parallel.grad_sync, list(model.parameters()),
@@ -167,11 +167,14 @@ class TrainStep:
         """(sum of CE over the batch's unmasked tokens, their count)."""
         mask, labels = batch.loss_mask.to(self.device), batch.labels.to(self.device)
         with autocast(self.cfg, self.device):
+            if self.ce_sum_of is not None:
+                return self.ce_sum_of(batch), mask.sum()
             if self.chunk_tokens:
                 sp = self.cfg.parallel.sequence_parallel and self.tp > 1
-                head = chunked_loss_head(labels, mask, self.chunk_tokens, sp)
+                head = chunked_loss_head(labels, mask, self.chunk_tokens, sp,
+                                         fused=self.cfg.train.loss == "fused")
                 return model_logits(self.model, batch, self.device, head), mask.sum()
-            logits = self.logits(batch)
+            logits = model_logits(self.model, batch, self.device)
         return self.ce_sum(logits, labels, mask), mask.sum()
 
     def forward_backward(self, batches: list[Batch],
@@ -204,11 +207,11 @@ class TrainStep:
         report this rank's model-state bytes (after the update, before gradients are freed).
 
         Its one host sync (HOST_SYNCS_PER_STEP): the loss and the gradient norm (before
-        clipping), copied to the host together after clipping, before the optimizer step. Whether to step is a
-        host decision (a skipped step must not touch the weights or the AdamW moments and step
-        count), and the loop's spike guard needs the loss every step anyway: one copy serves
-        both. On the GPU it waits for the backward and the gradient reductions; the optimizer
-        step is launched after it."""
+        clipping), copied to the host together after clipping, before the optimizer step.
+        Whether to step is a host decision (a skipped step must not touch the weights or the
+        AdamW moments and step count), and the loop's spike guard needs the loss every step
+        anyway: one copy serves both. On the GPU it waits for the backward and the gradient
+        reductions; the optimizer step is launched after it."""
         self.model.train()
         set_lr(self.optimizer, lr)
         n_global = global_token_count(batches, self.device, self.dp)
