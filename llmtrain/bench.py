@@ -166,7 +166,8 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = Non
     model = ours(False)
     flops_per_token = model.flops_per_token(cfg.train.seq_len)
     log(f"bench: {model.num_params(non_embedding=False):,} parameters, batch {b} x seq "
-        f"{cfg.train.seq_len}, {cfg.train.precision}, {device}; first step timed apart (its "
+        f"{cfg.train.seq_len}, {cfg.train.precision}, {device}, our train.loss "
+        f"{cfg.train.loss} (HF: its own); first step timed apart (its "
         f"excess over the median: compile), {warmup} warm-up + {steps} timed steps (median)")
     modes = [False, True] if compiled else [False]
     for compile_blocks in modes:
