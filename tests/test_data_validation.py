@@ -155,6 +155,46 @@ def test_a_split_left_without_documents_is_refused(indexed):
         check_split_has_sequences(prefix, "1,99,0", [8, 4, 0])
 
 
+def test_pair_splits_are_cut_as_megatron_cuts_documents(indexed, tmp_path, tok_file):
+    """The sequence-to-sequence pairs (data.source_field/target_field) are split by the cut of
+    the decoder path: a split without a pair and a data.split that megatron-core misreads
+    (a minus sign dropped, a fourth share, a zero sum) are refused in one line, not met as a
+    ZeroDivisionError or a traceback at the first batch."""
+    from llmtrain.data.indexed import PAIR_SUFFIXES
+    for suffix in PAIR_SUFFIXES:
+        indexed("p" + suffix)  # 20 pairs
+    prefix, tok = str(tmp_path / "p"), Tokenizer.load(tok_file)
+    jsonl = write_lines(tmp_path / "p.jsonl", ['{"q": "a", "a": "b"}'])
+    over = _overrides(tmp_path, **{
+        "model.arch": "encoder_decoder", "model.n_encoder_layers": 1, "model.n_decoder_layers": 1,
+        "model.position": "t5_relative", "data.source": "files", "data.paths": f"[{jsonl}]",
+        "data.source_field": "q", "data.target_field": "a"})
+
+    def pairs(split: str):
+        return build_pair_datasets(load_config(None, over + [f"data.split={split}"]), prefix, tok)
+
+    # the cumulative shares 2.5, 19, 20 of 20: rounding each share alone (2, 16, 1) left pair 18
+    # in no split
+    train, valid = pairs("2.5,16.5,1")
+    assert sorted(train.docs.tolist()) == [0, 1] and valid.docs.tolist() == list(range(2, 19))
+    with pytest.raises(ConfigError) as e:
+        pairs("98,2,0")
+    assert str(e.value) == (f"data.split='98,2,0' gives the validation split none of the 20 pairs "
+                            f"of {prefix}; use a larger corpus or give that split a larger share "
+                            f"(each split needs at least one pair)")
+    with pytest.raises(ConfigError, match="the training split none of the 20 pairs"):
+        pairs("1,99,0")
+    for bad in ("0,0,0", "-50,150,0", "90,10,0,5", "abc"):
+        with pytest.raises(ConfigError, match=f"data.split='{bad}' is not 1 to 3 non-negative "
+                                              f"shares"):
+            pairs(bad)
+    cfg = load_config(None, _overrides(tmp_path, **{"data.source": "indexed",
+                                                     "data.paths": f"[{prefix}{PAIR_SUFFIXES[0]}]",
+                                                     "data.split": "90,10,0,5"}))
+    with pytest.raises(ConfigError, match="is not 1 to 3"):  # the decoder path: the same parse
+        build_datasets(cfg, prefix + PAIR_SUFFIXES[0], tok)
+
+
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_damaged_indexed_dataset_is_named_when_opened(indexed, name):
     damage, message = CORRUPTIONS[name]

@@ -14,12 +14,15 @@ permutation seeded by (seed, e): every sample once per epoch. A blend (`data.ble
 from __future__ import annotations
 
 import logging
+import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from llmtrain.config import Config, ConfigError
+from llmtrain.config.errors import short
 from llmtrain.config.layout import micro_batches
 from llmtrain.data.indexed import (PAIR_SUFFIXES, blend_entries, check_datasets, check_indexed,
                                    check_pairs)
@@ -75,14 +78,14 @@ def build_datasets(cfg: Config, prefix: str, tok: Tokenizer):
         blend = ([p for _, _, p in entries], [w for _, w, _ in entries])
     else:
         blend = ([prefix], None)
+    sizes = _split_sizes(cfg)
+    for path in blend[0]:  # before GPTDatasetConfig, which parses data.split with assertions
+        check_split_has_sequences(path, d.split, sizes)
     gcfg = GPTDatasetConfig(
         random_seed=t.seed, sequence_length=t.seq_len, blend=blend, split=d.split,
         tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=d.mask_eod_loss, create_attention_mask=False,
         path_to_cache=None, mid_level_dataset_surplus=0.005)
-    sizes = _split_sizes(cfg)
-    for path in blend[0]:
-        check_split_has_sequences(path, d.split, sizes)
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True,
                                                         gcfg).build()
@@ -97,20 +100,51 @@ def build_datasets(cfg: Config, prefix: str, tok: Tokenizer):
     return train, valid
 
 
-def check_split_has_sequences(prefix: str, split: str, sizes: list[int]) -> None:
-    """Every split the run samples from (train, validation) holds at least one of the corpus's
-    sequences, cut as megatron-core cuts them (the rounded split fractions of the sequence
-    count). megatron-core would loop forever on an empty one (`_get_num_epochs` adds an empty
-    epoch's zero tokens until it has the samples asked for): 9 documents at 98,2,0 did."""
+# a number as megatron-core's split parser reads it (every run of digits and dots)
+SPLIT_SHARE = re.compile(r"[0-9]+\.?[0-9]*|\.[0-9]+")
+
+
+def split_fractions(split: str) -> list[float]:
+    """data.split as megatron-core reads it: the normalised training, validation and test
+    shares. Its parser takes every run of digits and dots for a number (it drops a minus sign,
+    fails an assertion on a fourth share, divides by a zero sum), so the string is checked
+    first."""
+    import_datasets()
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+    parts = [p.strip() for p in re.split(r"[,/]", split)]
+    shares = [float(p) for p in parts if SPLIT_SHARE.fullmatch(p)]
+    if len(shares) != len(parts) or len(parts) > 3 or not 0 < sum(shares) < math.inf:
+        raise ConfigError(f"data.split={short(split)} is not 1 to 3 non-negative shares "
+                          f"(training, validation, test) with a positive sum; use e.g. 98,2,0")
+    return parse_and_normalize_split(split)
+
+
+def split_ranges(split: str, n: int) -> list[range]:
+    """The training, validation and test sequences of a corpus of n, cut as megatron-core's
+    builder cuts them (`_build_megatron_dataset_splits`): at the rounded cumulative shares."""
+    fractions = split_fractions(split)  # imports megatron-core's dataset modules alone
     from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
-    n = check_indexed(prefix).sequences
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    for name, bounds, size in zip(("training", "validation"), matrix, sizes):
-        if size and bounds is not None and round(bounds[1] * n) <= round(bounds[0] * n):
-            raise ConfigError(f"data.split={split!r} gives the {name} split none of the {n} "
-                              f"documents of {prefix}; use a larger corpus or give that split "
-                              f"a larger share (each split needs at least one document)")
+        convert_split_vector_to_split_matrix)
+    matrix = convert_split_vector_to_split_matrix(fractions)
+    return [range(0) if b is None else
+            range(int(round(b[0] * float(n))), int(round(b[1] * float(n)))) for b in matrix]
+
+
+def check_split_has_sequences(prefix: str, split: str, sizes: list[int], n: int | None = None,
+                              unit: str = "document") -> list[range]:
+    """The `split_ranges` of the corpus at `prefix` (`n` sequences, default: its index's count),
+    once every split the run samples from (sizes[i] > 0) holds at least one. megatron-core would
+    loop forever on an empty one (`_get_num_epochs` adds an empty epoch's zero tokens until it
+    has the samples asked for): 9 documents at 98,2,0 did. The pair path cuts its pairs here
+    too, so both paths split a corpus of the same count alike."""
+    n = check_indexed(prefix).sequences if n is None else n
+    ranges = split_ranges(split, n)
+    for name, r, size in zip(("training", "validation"), ranges, sizes):
+        if size and not r:
+            raise ConfigError(f"data.split={short(split)} gives the {name} split none of the {n} "
+                              f"{unit}s of {prefix}; use a larger corpus or give that split "
+                              f"a larger share (each split needs at least one {unit})")
+    return ranges
 
 
 def _doc_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
@@ -319,21 +353,14 @@ class PairDataset:
 
 def build_pair_datasets(cfg: Config, prefix: str,
                         tok: Tokenizer) -> tuple[PairDataset, PairDataset]:
-    """(train, valid) over the pairs, split by `data.split` weights in corpus order (as megatron
-    splits documents); the training pairs are shuffled once by the seed (epoch 0), later epochs
-    by EpochOrder."""
+    """(train, valid) over the pairs, split by `data.split` in corpus order as megatron-core
+    splits documents (`check_split_has_sequences`); the training pairs are shuffled once by the
+    seed (epoch 0), later epochs by EpochOrder."""
     check_tokenizer_fits(tok, cfg)
-    n = check_pairs(prefix)
-    weights = [float(w) for w in cfg.data.split.replace("/", ",").split(",")]
-    total = sum(weights)
-    n_train = int(round(n * weights[0] / total))
-    n_valid = int(round(n * weights[1] / total)) if len(weights) > 1 else 0
-    if n_train == 0 or n_valid == 0:
-        raise ConfigError(f"data.split={cfg.data.split!r} leaves {n_train} training and "
-                          f"{n_valid} validation pairs of {n}; both need at least one")
-    train = np.random.default_rng(cfg.train.seed).permutation(n_train)
-    valid = np.arange(n_train, min(n, n_train + n_valid))
-    return PairDataset(prefix, train), PairDataset(prefix, valid)
+    train, valid, _ = check_split_has_sequences(prefix, cfg.data.split, [1, 1, 0],
+                                                n=check_pairs(prefix), unit="pair")
+    order = np.random.default_rng(cfg.train.seed).permutation(len(train))
+    return PairDataset(prefix, np.array(train)[order]), PairDataset(prefix, np.array(valid))
 
 
 class Seq2SeqReader(BatchReader):
