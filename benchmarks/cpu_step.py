@@ -56,11 +56,16 @@ def ours(cfg: Config, device: torch.device, blocks: bool, loss_compiled: bool,
     model = build_model(cfg.model, device, seed=cfg.train.seed)
     if blocks:
         apply_compile(model, with_(cfg, True, loss), log=None)
-    return make_step(model, with_(cfg, loss_compiled, loss), device)
+    return make_step(pure_bf16(model, cfg), with_(cfg, loss_compiled, loss), device)
+
+
+def pure_bf16(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """train.precision=bf16_pure: the weights in bf16, as `llmtrain bench` and training cast."""
+    return model.to(torch.bfloat16) if cfg.train.precision == "bf16_pure" else model
 
 
 def hf(cfg: Config, device: torch.device, compiled: bool) -> Callable[[torch.Tensor], None]:
-    model = hf_llama(cfg).to(device)
+    model = pure_bf16(hf_llama(cfg).to(device), cfg)
     run = torch.compile(model) if compiled else model
     return make_step(model, cfg, device, hf_ce_sum(run, device))
 
@@ -92,7 +97,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of configs/tiny.yaml (the Llama layout is required)")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS),
-                    help="the rows to run (default all)")
+                    help="the rows to run, each quoted (default all)")
     args = ap.parse_args()
     cfg = load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml",
                       ["train.device=cpu", *args.set])

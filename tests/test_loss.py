@@ -16,7 +16,7 @@ from helpers import (PARALLEL_STEPS, assert_weights_close, cli_train, final_weig
 from llmtrain.config import ConfigError, load_config
 from llmtrain.data.loader import Batch
 from llmtrain.model import build_model
-from llmtrain.train.lean_loss import linear_cross_entropy_sum
+from llmtrain.train.lean_loss import FusedLinearCrossEntropy, linear_cross_entropy_sum
 from llmtrain.train.loss import cross_entropy_sum
 from llmtrain.train.step import TrainStep
 
@@ -62,21 +62,26 @@ def test_value_and_gradients_equal_the_plain_loss_in_fp32(chunk, fused):
     assert got[1][args[3] == 0].abs().max() == 0  # masked tokens: no gradient
 
 
-def test_fused_gradients_scale_with_the_incoming_gradient_and_skip_without_autograd():
-    """The fused loss's backward scales the gradients its forward computed by the incoming one
-    (a second backward through a kept graph does it again, from the saved gradients); without
-    autograd it is the chunked forward, and keeps nothing."""
+def test_fused_gradients_scale_with_the_incoming_gradient_and_skip_without_autograd(monkeypatch):
+    """The fused loss's backward scales the gradients its forward computed by the incoming one,
+    in place, so a second backward through a kept graph is refused in one line; without
+    autograd the chunked forward runs (the fused one would compute gradients for nothing)."""
     h, w, labels, mask = problem()
     expected = loss_and_grads(plain, h, w, labels, mask)
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss = linear_cross_entropy_sum(h, w, labels, mask, 16, fused=True)
-    for factor in (2.5, -0.5):
-        got = torch.autograd.grad(loss * factor, (h, w), retain_graph=True)
-        for g, e in zip(got, expected[1:]):
-            torch.testing.assert_close(g, e * factor, rtol=1e-5, atol=1e-6)
+    assert "FusedLinearCrossEntropy" in loss.grad_fn.name()
+    got = torch.autograd.grad(loss * 2.5, (h, w), retain_graph=True)
+    for g, e in zip(got, expected[1:]):
+        torch.testing.assert_close(g, e * 2.5, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="train.loss=fused runs one backward per forward"):
+        torch.autograd.grad(loss, (h, w))
+
+    def no_fused_forward(*args):
+        raise AssertionError("the fused forward ran without autograd")
+    monkeypatch.setattr(FusedLinearCrossEntropy, "forward", no_fused_forward)
     with torch.no_grad():
         value = linear_cross_entropy_sum(h, w, labels, mask, 16, fused=True)
-    assert value.grad_fn is None
     torch.testing.assert_close(value, expected[0], rtol=1e-5, atol=0)
 
 
@@ -152,6 +157,9 @@ def test_training_step_uses_the_lean_loss(lean_loss):
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             ce, _ = step.forward_loss(batch)
+        if loss != "plain":  # the autograd function train.loss names computed it
+            function = {"chunked": "LinearCrossEntropy", "fused": "FusedLinearCrossEntropy"}[loss]
+            assert ce.grad_fn.name() == function + "Backward"
         ce.backward()
         out[loss] = ce.detach(), {n: p.grad for n, p in model.named_parameters()}, max(sizes)
     torch.testing.assert_close(out[lean_loss][0], out["plain"][0], rtol=1e-6, atol=0)
@@ -186,8 +194,10 @@ def plain_run(tmp_path_factory):
     (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
     (1, {"train.loss": "fused"}),
     (2, {"parallel.zero_stage": 3, "train.loss": "fused"}),
+    (2, {"parallel.zero_stage": 0, "train.loss": "fused"}),
     (2, {"parallel.tp": 2, "parallel.sequence_parallel": True, "train.loss": "fused"}),
-], ids=["single", "dp2-fsdp", "tp2", "tp2-sp", "fused-single", "fused-dp2-fsdp", "fused-tp2-sp"])
+], ids=["single", "dp2-fsdp", "tp2", "tp2-sp", "fused-single", "fused-dp2-fsdp", "fused-dp2-ddp",
+                   "fused-tp2-sp"])
 def test_training_with_the_lean_loss_matches_the_plain_run(tmp_path, plain_run, nproc, par):
     """5 steps with the chunked or fused loss (FSDP: the output weight gathered inside the
     root's forward, its gradient returned by the backward; tp: the vocabulary-parallel version;

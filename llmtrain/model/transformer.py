@@ -33,7 +33,7 @@ Variants (config keys of ModelConfig; each default leaves modules, names and mat
                       later block (blocks then return (h, V_n); forward keeps the first).
   logit_softcap: c    output logits c * tanh(logits / c) (Gemma Team 2024, "Gemma 2", logit
                       soft-capping; transformers' final_logit_softcapping), also inside the
-                      chunked loss (train/lean_loss.py), which gets c from forward.
+                      chunked and fused losses (train/lean_loss.py), which get c from forward.
   parametrization: mup  Yang et al. 2022 (Tensor Programs V, Table 8), model/mup.py: hidden
                       matrices start at std / sqrt(m), attention scores ~ 1/head_dim, the readout's
                       input times 1/m (m = d_model / base_d_model); at m = 1 the standard model.
@@ -211,7 +211,7 @@ class Transformer(nn.Module):
         or dynamic NTK (zeros for a single document). `positions` [T] or [B, T]: the position of
         each token for rope or learned positions (default 0..T-1). `head(h, output)`, if given,
         stands in for the output layer: it gets the final hidden states (after `output_proj`) and
-        the output module, and its result is returned (the chunked loss of train/lean_loss.py,
+        the output module, and its result is returned (the chunked or fused loss of lean_loss.py,
         which never holds the [B, T, V] logits), given `softcap` = model.logit_softcap to
         apply to its logits too."""
         T = tokens.shape[1]
@@ -242,7 +242,7 @@ class Transformer(nn.Module):
             return h
         if self.readout_scale != 1.0:
             # muP's logit multiplier 1/m on the readout's input: the readout is linear and
-            # bias-free, so this is (W h) / m for every path below (the chunked loss's head too)
+            # bias-free, so this is (W h) / m for every path below (the lean losses' head too)
             h = h * self.readout_scale
         if head is not None:
             return head(h if self.output_proj is None else self.output_proj(h), self.output,

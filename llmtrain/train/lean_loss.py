@@ -22,9 +22,11 @@ turns each chunk's logits into that chunk's gradients at once (the softmax less 
 label, times the mask) and keeps the gradients of the hidden states and the output weight for
 the backward, which only scales them by the incoming gradient (a scalar: the loss is a sum).
 The output layer then costs the plain loss's three matmuls, not four, and each chunk's logits
-are read back from the cache right after the matmul wrote them. The price: one fp32 buffer the
-size of the output weight (or its vocabulary slice) from the forward to the backward, instead of
-nothing; the gradient of the hidden states replaces them in what is kept. Liger-Kernel's fused
+are turned into gradients right after the matmul wrote them (still in the cache where a chunk
+fits: 16 MiB at 1024 tokens x vocab 4096). The price: one fp32 buffer the size of the output
+weight (or its vocabulary slice) from the forward to the backward, instead of nothing; the
+gradient of the hidden states replaces them in what is kept. The backward scales both in place,
+so a graph kept with retain_graph cannot be run backward twice. Liger-Kernel's fused
 linear cross entropy does the same on the GPU. Under tensor parallelism the ranks combine their
 log-sum-exps once per chunk (the softmax of a chunk needs the whole vocabulary's), not once per
 forward. Without autograd (evaluation) both losses run the same forward.
@@ -92,17 +94,21 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """LinearCrossEntropy's value with the gradients computed in the forward (module docstring:
-    `train.loss: fused`); saves the gradients of h and W, [N, D] and an fp32 [V, D]."""
+    `train.loss: fused`); saves the gradients of h and W, [N, D] and an fp32 [V, D] (none where
+    W does not require grad). Its backward scales them in place and hands them on, so that no
+    second weight-sized buffer exists at the backward's start, when every activation is still
+    held: hence one backward per forward."""
 
     @staticmethod
     def forward(ctx, h, weight, labels, mask, chunk: int, dtype: torch.dtype, group,
                 softcap: float = 0.0):
         offset = vocab_offset(weight, group)
+        need_w = ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)
             ce = torch.empty(h.shape[0], device=h.device)
             grad_h = torch.empty_like(h)
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
             for s in range(0, h.shape[0], chunk):
                 h_c, mask_c = h[s:s + chunk].to(dtype), mask[s:s + chunk]
                 logits, slope = capped(h_c @ w.t(), softcap)
@@ -119,19 +125,23 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 p.scatter_add_(1, idx[:, None], -(owned * mask_c)[:, None])  # less the label
                 d_logits = (p if slope is None else p.mul_(slope)).to(dtype)
                 grad_h[s:s + chunk] = d_logits @ w
-                accumulate_matmul(grad_w, d_logits.t(), h_c)
+                if need_w:
+                    accumulate_matmul(grad_w, d_logits.t(), h_c)
             sum_over_vocab_shards(grad_h, group)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.done = weight.dtype, False
         return ce.sum()
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.done:
+            raise RuntimeError("train.loss=fused runs one backward per forward (its backward "
+                               "scales the gradients its forward computed in place); for a "
+                               "second backward through a kept graph use train.loss=chunked")
+        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
-        # out of place: a second backward through the same graph (retain_graph) scales the
-        # saved gradients again from the start
-        return (grad_h * grad, (grad_w * grad).to(ctx.weight_dtype), None, None, None, None, None,
-                None)
+        grad_w = None if grad_w is None else grad_w.mul_(grad).to(ctx.weight_dtype)
+        return grad_h.mul_(grad), grad_w, None, None, None, None, None, None
 
 
 def capped(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
