@@ -1,7 +1,9 @@
 """`llmtrain bench`: time the real training step (forward, loss, backward, clip, AdamW) on random
 tokens, eager and with `parallel.compile` (torch.compile per block), optionally beside the
-same-shape Hugging Face model, eager and compiled, measured in the same process. The first step
-of each row is timed apart: its excess over the steady-state median is the compile time.
+same-shape Hugging Face model, eager and compiled, measured in the same process (HF's rows train
+on the loss its own forward computes, compiled with it). The first step of each row is timed
+apart: its excess over the steady-state median is the compile time. The rows run one after the
+other; benchmarks/cpu_step.py interleaves them, for shared machines.
 
 MFU = flops_per_token x tokens/s / peak, with flops_per_token = 6 (N_nonembedding + d_model x
 vocab) + 12 x layers x d_model x seq (PaLM appendix B; the formula of issue 13), peak = the GPU's
