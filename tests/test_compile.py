@@ -52,9 +52,12 @@ def check_compiled_run(run, out: str, eager: list[float], graphs: int | None = N
     assert RECOMPILED not in out, out[-3000:]
 
 
-def test_compiled_single_process_matches_eager(tmp_path, eager, capsys):
+@pytest.mark.parametrize("loss", ["plain", "fused"])
+def test_compiled_single_process_matches_eager(tmp_path, eager, capsys, loss):
+    """The plain loss compiled too; the fused one (train/lean_loss.py) eager beside the compiled
+    blocks, against the eager plain run."""
     run = tmp_path / "run"
-    assert cli_train(parallel_overrides(run, **MODEL, **COMPILE)) == 0
+    assert cli_train(parallel_overrides(run, **MODEL, **COMPILE, **{"train.loss": loss})) == 0
     check_compiled_run(run, capsys.readouterr().out, eager())
 
 
