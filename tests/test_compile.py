@@ -1,6 +1,6 @@
 """`parallel.compile: true` (parallel/compile.py): per-block torch.compile trains like the eager
 model, per-step losses within 1e-5 relative (fp32) of the single-process eager run, on one process
-and at dp2 ZeRO-3, dp2 ZeRO-1 with selective activation checkpointing, pp2 and tp2 with sequence
+(the plain loss compiled too, or the fused loss beside the compiled blocks) and at dp2 ZeRO-3, dp2 ZeRO-1 with selective activation checkpointing, pp2 and tp2 with sequence
 parallelism (the first block's input is then an AsyncCollectiveTensor, which the compiled block
 must hand its gradient: parallel/compile.py), and an encoder-decoder at tp2 (both stacks compiled,
 their inputs the tied vocab-parallel embedding's all-reduced output). Each run prints its compile
