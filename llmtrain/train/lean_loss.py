@@ -85,9 +85,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 idx, owned = local_labels(labels[s:s + chunk], ctx.offset, w.shape[0])
                 p.scatter_add_(1, idx[:, None], -owned[:, None])
                 p.mul_(scale[s:s + chunk, None])
-                d_logits = (p if slope is None else p.mul_(slope)).to(dtype)
-                grad_h[s:s + chunk] = d_logits @ w
-                accumulate_matmul(grad_w, d_logits.t(), h_c)
+                backprop_chunk(p, slope, w, h_c, grad_h[s:s + chunk], grad_w)
             sum_over_vocab_shards(grad_h, ctx.group)
         return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None
 
@@ -123,10 +121,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 ce[s:s + chunk] = (lse - target) * mask_c
                 p.mul_((torch.exp(top - lse) * mask_c)[:, None])  # softmax x mask
                 p.scatter_add_(1, idx[:, None], -(owned * mask_c)[:, None])  # less the label
-                d_logits = (p if slope is None else p.mul_(slope)).to(dtype)
-                grad_h[s:s + chunk] = d_logits @ w
-                if need_w:
-                    accumulate_matmul(grad_w, d_logits.t(), h_c)
+                backprop_chunk(p, slope, w, h_c, grad_h[s:s + chunk], grad_w)
             sum_over_vocab_shards(grad_h, group)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype, ctx.done = weight.dtype, False
@@ -142,6 +137,17 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_w = None if grad_w is None else grad_w.mul_(grad).to(ctx.weight_dtype)
         return grad_h.mul_(grad), grad_w, None, None, None, None, None, None
+
+
+def backprop_chunk(p: torch.Tensor, slope: torch.Tensor | None, w: torch.Tensor,
+                   h_c: torch.Tensor, grad_h_c: torch.Tensor, grad_w: torch.Tensor | None) -> None:
+    """A chunk's share of the gradients from p, the gradient of its (capped) fp32 logits
+    (overwritten): through the cap's slope to the logits, then grad_h_c = dlogits W and
+    grad_w += dlogits^T h_c (None: W needs none), the matmuls in W's compute dtype."""
+    d_logits = (p if slope is None else p.mul_(slope)).to(w.dtype)
+    grad_h_c.copy_(d_logits @ w)
+    if grad_w is not None:
+        accumulate_matmul(grad_w, d_logits.t(), h_c)
 
 
 def capped(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
