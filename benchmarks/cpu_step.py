@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from llmtrain.bench import check_llama_layout, hf_ce_sum, hf_llama, make_step
+from llmtrain.bench import check_llama_layout, hf_ce_sum, hf_llama, make_step, pure_bf16
 from llmtrain.config import Config, load_config
 from llmtrain.model import build_model
 from llmtrain.parallel.compile import apply_compile, graphs_compiled
@@ -57,11 +57,6 @@ def ours(cfg: Config, device: torch.device, blocks: bool, loss_compiled: bool,
     if blocks:
         apply_compile(model, with_(cfg, True, loss), log=None)
     return make_step(pure_bf16(model, cfg), with_(cfg, loss_compiled, loss), device)
-
-
-def pure_bf16(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """train.precision=bf16_pure: the weights in bf16, as `llmtrain bench` and training cast."""
-    return model.to(torch.bfloat16) if cfg.train.precision == "bf16_pure" else model
 
 
 def hf(cfg: Config, device: torch.device, compiled: bool) -> Callable[[torch.Tensor], None]:

@@ -66,6 +66,11 @@ def make_step(model: torch.nn.Module, cfg: Config, device: torch.device,
     return step
 
 
+def pure_bf16(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """train.precision=bf16_pure: the weights in bf16, as training casts them."""
+    return model.to(torch.bfloat16) if cfg.train.precision == "bf16_pure" else model
+
+
 def hf_ce_sum(run: Callable, device: torch.device) -> Callable[[Batch], torch.Tensor]:
     """The CE sum of a `transformers` causal LM computed by its own forward (its
     ForCausalLMLoss: fp32 logits, cross entropy), as a Hugging Face training run computes it,
@@ -147,7 +152,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = Non
         model = build_model(cfg.model, device, seed=cfg.train.seed)
         if compile_blocks:
             apply_compile(model, run_cfg(True), log=None)  # measure() times the compile
-        return model.to(torch.bfloat16) if cfg.train.precision == "bf16_pure" else model
+        return pure_bf16(model, cfg)
 
     def record(name: str, step: Callable[[torch.Tensor], None], compiled_row: bool) -> None:
         graphs = graphs_compiled()
@@ -178,9 +183,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = Non
                make_step(model, run_cfg(compile_blocks), device), compile_blocks)
     del model
     if compare_hf:
-        hf = hf_llama(cfg).to(device)
-        if cfg.train.precision == "bf16_pure":
-            hf = hf.to(torch.bfloat16)
+        hf = pure_bf16(hf_llama(cfg).to(device), cfg)
         for compile_hf in modes:
             run = torch.compile(hf) if compile_hf else hf
             mode = "compiled" if compile_hf else "eager"
