@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 from llmtrain.config import ConfigError, load_config
 
@@ -122,6 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How long a rank other than 0 waits, on a config error every rank finds, for rank 0 to print it.
+RANK0_GRACE_S = 60.0
+
+
+def _let_rank0_say_it(rank: str, e: ConfigError) -> None:
+    """Wait for the launcher to stop us once rank 0 has printed the error and exited.
+
+    A rank that exits first makes torchrun (or the deepspeed launcher) SIGTERM the others, rank 0
+    too, possibly before it has printed: a user would then see only "exitcode 2" and no reason.
+    So the other ranks stay, silent, for up to RANK0_GRACE_S (rank 0 meets the same error within
+    moments), and say it themselves if nobody has stopped them by then."""
+    time.sleep(RANK0_GRACE_S)
+    print(f"error: rank {rank}: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -139,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         elif not getattr(e, "same_on_every_rank", False):
             print(f"error: rank {rank}: {e}", file=sys.stderr)
+        else:
+            _let_rank0_say_it(rank, e)
         return 2
     except RuntimeError as e:
         from llmtrain.train.rundir import RunError

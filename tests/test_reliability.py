@@ -388,6 +388,39 @@ def test_a_config_error_under_torchrun_prints_once_and_the_launcher_checks_first
     assert not (tmp_path / "run").exists()
 
 
+class LauncherStop(BaseException):
+    """What torchrun's SIGTERM does to a rank: it ends the process wherever it is."""
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_another_rank_waits_silently_for_rank_0_to_print_a_config_error(
+        tmp_path, monkeypatch, capsys, stopped):
+    """The race CI once hit: rank 1 met the error first and exited, torchrun SIGTERMed rank 0
+    before it printed, and the user saw no reason at all. Rank 1 now waits, silent, for the
+    launcher to stop it; if nobody does within the grace time it says the error itself."""
+    from llmtrain import cli
+    monkeypatch.setenv("RANK", "1")
+    waited = []
+
+    def sleep(seconds):
+        assert capsys.readouterr().err == ""  # nothing printed before the wait
+        waited.append(seconds)
+        if stopped:
+            raise LauncherStop
+
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    argv = ["train", str(ROOT / "configs/tiny.yaml"), "--set", "model.n_heads=3",
+            "--set", f"logging.run_dir={tmp_path / 'run'}"]
+    if stopped:
+        with pytest.raises(LauncherStop):
+            cli.main(argv)
+        assert capsys.readouterr().err == ""
+    else:
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.startswith("error: rank 1: model.n_heads=3 does not divide")
+    assert waited == [cli.RANK0_GRACE_S]
+
+
 def test_the_readme_torchrun_command_runs_tiny_yaml_on_two_processes(tmp_path):
     """configs/tiny.yaml has micro batch = global batch 16: on 2 ranks the micro batch is cut
     to the 8 sequences each rank holds, with a notice, instead of refusing the README's command."""
