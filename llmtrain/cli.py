@@ -26,21 +26,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         env = DistEnv(rank=0, world_size=args.check)
     # No CONFIG: the dataclass defaults, which configs/tiny.yaml spells out (a test keeps them equal).
     sets = list(args.set or ())
-    if args.plan == "auto":
-        if args.gpus is None or args.gpus != env.world_size:
-            raise ConfigError(f"--plan auto needs --gpus equal to the launched world size "
-                              f"{env.world_size}, got --gpus={args.gpus}")
-        from llmtrain.planner.search import trainable_overrides
-        chosen, est = trainable_overrides(args.config, sets, args.gpus)
-        if env.rank == 0:
-            print(f"plan: {' '.join('--set ' + o for o in chosen)} (estimated "
-                  f"{est.step_time_s:.3g} s/step, {est.memory['total'] / 2**30:.1f} GiB/GPU)")
-        sets += chosen
     say = print if env.rank == 0 else (lambda *a: None)
     try:
+        if args.plan == "auto":
+            if args.gpus is None or args.gpus != env.world_size:
+                raise ConfigError(f"--plan auto needs --gpus equal to the launched world size "
+                                  f"{env.world_size}, got --gpus={args.gpus}")
+            from llmtrain.planner.search import trainable_overrides
+            chosen, est = trainable_overrides(args.config, sets, args.gpus)
+            say(f"plan: {' '.join('--set ' + o for o in chosen)} (estimated for 80 GiB H100 "
+                f"SXM GPUs: {est.step_time_s:.3g} s/step, {est.memory['total'] / 2**30:.1f} "
+                f"GiB/GPU)")
+            sets += chosen
         cfg = load_config(args.config, sets, world_size=env.world_size, log=say)
     except ConfigError as e:
-        e.same_on_every_rank = True  # the same file and overrides on every rank
+        e.same_on_every_rank = True  # the same file, overrides and world size on every rank
         raise
     if args.check is not None:
         print(f"config ok for {args.check} process(es): run dir {cfg.logging.run_dir}")
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="allow a run_dir that holds a run with different model/data settings")
     p.add_argument("--plan", choices=["auto"],
-                   help="auto: apply the best layout `llmtrain plan` finds for --gpus")
+                   help="auto: train with the fastest layout of --gpus GPUs that `llmtrain plan` "
+                        "finds (for H100 SXM GPUs) and this trainer runs; docs/planner.md")
     p.add_argument("--gpus", type=int, help="with --plan auto: the GPUs of this job")
     p.add_argument("--check", type=int, metavar="WORLD_SIZE",
                    help="only validate the config for WORLD_SIZE processes and exit (0 if it is "

@@ -606,3 +606,33 @@ def test_plan_proposes_cp_for_long_sequences_only():
     short = plan(llama8b(8192, 64), 64, hw)
     assert {e.layout.cp for e in short} >= {1, 2, 4}
     assert short[0].fits and short[0].layout.cp == 1
+
+
+def test_train_plan_auto_trains_the_layout_the_planner_chose(tmp_path):
+    """`llmtrain train --plan auto --gpus 2` on 2 ranks prints the plan once and trains with
+    exactly the `--set`s that `trainable_overrides` picks (the run's saved config shows them);
+    --gpus other than the world size is one line, exit 2, with no run dir made."""
+    from helpers import ROOT, run_train, tiny_overrides
+    from llmtrain.config import load_config
+    from llmtrain.planner.search import trainable_overrides
+    run = tmp_path / "run"
+    sets = tiny_overrides(run, **{"train.steps": 2})
+    r = run_train(sets, str(ROOT / "configs/tiny.yaml"), "--plan", "auto", "--gpus", "2",
+                  nproc=2, timeout=600)
+    chosen, _ = trainable_overrides(ROOT / "configs/tiny.yaml", sets, 2)
+    plans = [line for line in r.stdout.splitlines() if line.startswith("plan: ")]
+    assert len(plans) == 1 and plans[0].startswith(
+        "plan: " + " ".join("--set " + o for o in chosen) + " (estimated"), r.stdout
+    assert "parallel.dp_shard=1" not in chosen  # not the default layout: the plan did something
+    saved = load_config(run / "config.yaml", world_size=2)
+    wanted = load_config(ROOT / "configs/tiny.yaml", [*sets, *chosen], world_size=2)
+    assert saved.parallel == wanted.parallel and saved.train == wanted.train
+    assert "step 2/2" in r.stdout
+
+    bad = tmp_path / "bad"
+    r = run_train(tiny_overrides(bad), str(ROOT / "configs/tiny.yaml"), "--plan", "auto",
+                  "--gpus", "4", nproc=2, timeout=600, check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: --plan auto needs --gpus equal to the launched world size 2, got --gpus=4"]
+    assert not bad.exists()
