@@ -69,6 +69,13 @@ def _alias_bomb(levels: int = 9) -> str:
     (["data.blend=[[.nan, a]]"], "data.blend[0]=[nan, 'a'] is not valid"),
     (["parallel.compile=true", "parallel.engine=deepspeed"],
      "parallel.compile=true with parallel.engine=deepspeed is not supported"),
+    # data.split is checked before any corpus is tokenized
+    (["data.split=100"], "data.split='100' gives the validation split no share; every run "
+                         "trains and evaluates: use e.g. 98,2,0"),
+    (["data.split=0/98/2"], "data.split='0/98/2' gives the training split no share"),
+    (["data.split=90,10,0,5"], "data.split='90,10,0,5' is not 1 to 3 non-negative shares"),
+    (["data.split=-50,150"], "data.split='-50,150' is not 1 to 3 non-negative shares"),
+    (["data.split=1.2.3,1"], "data.split='1.2.3,1' is not 1 to 3 non-negative shares"),
 ])
 def test_config_errors_are_one_line(overrides, expected, capsys, tmp_path):
     with pytest.raises(ConfigError, match=None) as e:

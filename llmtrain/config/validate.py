@@ -12,6 +12,7 @@ resumption. Each raises a one-line `ConfigError`.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -485,6 +486,34 @@ def _data(cfg: Config) -> None:
                               f"[weight, path] with a finite weight >= 0")
     if d.source != "stdlib" and not d.paths:
         raise ConfigError(f"data.source={d.source} needs data.paths (files or prefixes)")
+    _split(cfg)
+
+
+# a share as megatron-core's split parser reads it (it takes every run of digits and dots)
+SPLIT_SHARE = re.compile(r"[0-9]+\.?[0-9]*|\.[0-9]+")
+
+
+def split_shares(split: str) -> list[float]:
+    """data.split's training, validation and test shares (not normalised; missing ones 0), as
+    megatron-core's `parse_and_normalize_split` reads them. Its parser takes every run of digits
+    and dots for a number (it drops a minus sign, fails an assertion on a fourth share, divides
+    by a zero sum), so the string is checked here first."""
+    parts = [p.strip() for p in re.split(r"[,/]", split)]
+    shares = [float(p) for p in parts if SPLIT_SHARE.fullmatch(p)]
+    if len(shares) != len(parts) or len(parts) > 3 or not 0 < sum(shares) < math.inf:
+        raise ConfigError(f"data.split={short(split)} is not 1 to 3 non-negative shares "
+                          f"(training, validation, test) with a positive sum; use e.g. 98,2,0")
+    return shares + [0.0] * (3 - len(shares))
+
+
+def _split(cfg: Config) -> None:
+    """data.split before any data is read (tokenizing a corpus may take hours): every run trains
+    and evaluates (train.eval_steps >= 1), so both need a share."""
+    shares = split_shares(cfg.data.split)
+    for name, share in zip(("training", "validation"), shares):
+        if share == 0:
+            raise ConfigError(f"data.split={short(cfg.data.split)} gives the {name} split no "
+                              f"share; every run trains and evaluates: use e.g. 98,2,0")
 
 
 def _resume(cfg: Config) -> None:

@@ -14,8 +14,6 @@ permutation seeded by (seed, e): every sample once per epoch. A blend (`data.ble
 from __future__ import annotations
 
 import logging
-import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +22,7 @@ import torch
 from llmtrain.config import Config, ConfigError
 from llmtrain.config.errors import short
 from llmtrain.config.layout import micro_batches
+from llmtrain.config.validate import split_shares
 from llmtrain.data.indexed import (PAIR_SUFFIXES, blend_entries, check_datasets, check_indexed,
                                    check_pairs)
 from llmtrain.data.mcore import import_datasets
@@ -100,22 +99,12 @@ def build_datasets(cfg: Config, prefix: str, tok: Tokenizer):
     return train, valid
 
 
-# a number as megatron-core's split parser reads it (every run of digits and dots)
-SPLIT_SHARE = re.compile(r"[0-9]+\.?[0-9]*|\.[0-9]+")
-
-
 def split_fractions(split: str) -> list[float]:
     """data.split as megatron-core reads it: the normalised training, validation and test
-    shares. Its parser takes every run of digits and dots for a number (it drops a minus sign,
-    fails an assertion on a fourth share, divides by a zero sum), so the string is checked
-    first."""
+    shares (the string checked first: `split_shares`)."""
+    split_shares(split)
     import_datasets()
     from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
-    parts = [p.strip() for p in re.split(r"[,/]", split)]
-    shares = [float(p) for p in parts if SPLIT_SHARE.fullmatch(p)]
-    if len(shares) != len(parts) or len(parts) > 3 or not 0 < sum(shares) < math.inf:
-        raise ConfigError(f"data.split={short(split)} is not 1 to 3 non-negative shares "
-                          f"(training, validation, test) with a positive sum; use e.g. 98,2,0")
     return parse_and_normalize_split(split)
 
 
