@@ -18,7 +18,13 @@ if [ $# -lt 1 ]; then
 fi
 args=(--master_port "${MASTER_PORT:-29500}" --module --no_local_rank)
 if [ -n "${HOSTFILE:-}" ]; then
+  if [ ! -r "$HOSTFILE" ]; then
+    echo "$0: HOSTFILE=$HOSTFILE is not a readable file" >&2
+    exit 2
+  fi
   args+=(--hostfile "$HOSTFILE")
+  # the job's world size: the slots of every host line (comments and blank lines skipped)
+  world=$(awk '{sub(/#.*/, "")} match($0, /slots=[0-9]+/) {n += substr($0, RSTART + 6, RLENGTH - 6)} END {print n + 0}' "$HOSTFILE")
   if [ -n "${MASTER_ADDR:-}" ]; then
     args+=(--master_addr "$MASTER_ADDR")
   fi
@@ -28,11 +34,16 @@ else
                2>/dev/null || echo 2)
   fi
   args+=(--num_gpus "$NUM_GPUS")
+  world=$NUM_GPUS
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cmd=("${DEEPSPEED:-deepspeed}" "${args[@]}" llmtrain train "$@")
-echo "${cmd[*]}"
 if [ "${LLMTRAIN_DRY_RUN:-0}" = "1" ]; then
+  echo "${cmd[*]}"
   exit 0
 fi
+# Validate once, before the processes start (as launch/torchrun.sh): a config error or a run_dir
+# holding a different run is one line and exit code 2.
+"${PYTHON:-python}" -m llmtrain train --check "$world" "$@" >/dev/null || exit $?
+echo "${cmd[*]}"
 exec "${cmd[@]}"

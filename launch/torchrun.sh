@@ -34,11 +34,13 @@ else
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cmd=("$PYTHON" -m torch.distributed.run "${args[@]}" -m llmtrain train "$@")
-echo "${cmd[*]}"
 if [ "${LLMTRAIN_DRY_RUN:-0}" = "1" ]; then
+  echo "${cmd[*]}"
   exit 0
 fi
-# Validate once, before N processes start: a config error is then one line and exit code 2,
-# instead of the same error from every rank and torchrun's ChildFailedError report.
+# Validate once, before N processes start: a config error (or a run_dir holding a different
+# run) is then one line and exit code 2, instead of the same error from every rank and
+# torchrun's ChildFailedError report. The command is printed once it is going to run.
 "$PYTHON" -m llmtrain train --check "$((NPROC_PER_NODE * NNODES))" "$@" >/dev/null || exit $?
+echo "${cmd[*]}"
 exec "${cmd[@]}"

@@ -43,6 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         e.same_on_every_rank = True  # the same file, overrides and world size on every rank
         raise
     if args.check is not None:
+        from llmtrain.train.loop import check_run_dir
+        check_run_dir(cfg, args.overwrite, world_size=args.check)  # what rank 0 checks first
         print(f"config ok for {args.check} process(es): run dir {cfg.logging.run_dir}")
         return 0
     from llmtrain.train.loop import train
@@ -86,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "finds (for H100 SXM GPUs) and this trainer runs; docs/planner.md")
     p.add_argument("--gpus", type=int, help="with --plan auto: the GPUs of this job")
     p.add_argument("--check", type=int, metavar="WORLD_SIZE",
-                   help="only validate the config for WORLD_SIZE processes and exit (0 if it is "
-                        "valid, 2 with the error); launch/torchrun.sh runs this first")
+                   help="only validate the config for WORLD_SIZE processes, and that its run_dir "
+                        "holds no different run, then exit (0 if so, 2 with the error); "
+                        "launch/torchrun.sh runs this first")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preprocess", help="tokenize a corpus into a megatron-core .bin/.idx dataset",
@@ -124,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# How long a rank other than 0 waits, on a config error every rank finds, for rank 0 to print it.
+# How long a rank other than 0 waits, on an error every rank has, for rank 0 to print it.
 RANK0_GRACE_S = 60.0
 
 
-def _let_rank0_say_it(rank: str, e: ConfigError) -> None:
+def _let_rank0_say_it(rank: str, e: Exception) -> None:
     """Wait for the launcher to stop us once rank 0 has printed the error and exited.
 
     A rank that exits first makes torchrun (or the deepspeed launcher) SIGTERM the others, rank 0
@@ -137,6 +140,21 @@ def _let_rank0_say_it(rank: str, e: ConfigError) -> None:
     moments), and say it themselves if nobody has stopped them by then."""
     time.sleep(RANK0_GRACE_S)
     print(f"error: rank {rank}: {e}", file=sys.stderr)
+
+
+def _report(e: Exception, code: int) -> int:
+    """Print a ConfigError (exit 2) or RunError (exit 1) as one line. An error that is the same
+    on every rank (the config, or a verdict rank 0 broadcast) is printed by rank 0 alone; an
+    error found later (data or a checkpoint on one node) may be a rank's own, so each rank that
+    meets it says it."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print(f"error: {e}", file=sys.stderr)
+    elif not getattr(e, "same_on_every_rank", False):
+        print(f"error: rank {rank}: {e}", file=sys.stderr)
+    else:
+        _let_rank0_say_it(rank, e)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,22 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except ConfigError as e:
-        # a config error is the same on every rank: one line, from the first; an error found
-        # later (data or a checkpoint on one node) may be a rank's own, so each rank says it
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            print(f"error: {e}", file=sys.stderr)
-        elif not getattr(e, "same_on_every_rank", False):
-            print(f"error: rank {rank}: {e}", file=sys.stderr)
-        else:
-            _let_rank0_say_it(rank, e)
-        return 2
+        return _report(e, 2)
     except RuntimeError as e:
         from llmtrain.train.rundir import RunError
         if not isinstance(e, RunError):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _report(e, 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -388,6 +388,67 @@ def test_a_config_error_under_torchrun_prints_once_and_the_launcher_checks_first
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_dir_holding_another_run_is_one_line_on_two_ranks_and_in_the_check(tmp_path,
+                                                                                  tiny, capsys):
+    """Rank 0 alone checks the run dir and broadcasts its verdict (the next test), so the
+    job's error output is that one line, not rank 1's gloo traceback from its next collective
+    after rank 0 left. `--check N`, which the launch scripts run first, refuses it too."""
+    run = tmp_path / "run"
+    assert cli_train(tiny(**{"train.steps": 2})) == 0
+    before = (run / "metrics.jsonl").read_text()
+    other = tiny(**{"model.n_layers": 3})
+    expected = (f"error: logging.run_dir='{run}' already holds a run with different model or "
+                f"data settings (model.n_layers: 2 -> 3); choose another run_dir or pass "
+                f"--overwrite")
+    r = run_train(other, nproc=2, check=False, env=ENV)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [expected], r.stderr[-3000:]
+    capsys.readouterr()
+    assert cli_train(other, "--check", "2") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+    assert cli_train(other, "--check", "2", "--overwrite") == 0
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_rank0_verdict_is_raised_on_every_rank(tmp_path):
+    """loop.on_rank0_then_agree on 2 gloo ranks (this file is their script): rank 0's
+    ConfigError or RunError is raised on rank 1 too, marked same_on_every_rank, and a step
+    that passes raises nowhere. Under fork_ranks rank 1 would be killed before its next
+    collective failed, so the run above alone cannot tell whether it got the verdict."""
+    run_command([sys.executable, str(ROOT / "tests" / "fork_ranks.py"), "2", "--call", __file__,
+                 str(tmp_path)], timeout=120, env=ENV)
+    for rank in range(2):
+        got = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert got == ["ConfigError True bad config", "RunError True disk full", "None"], rank
+
+
+def _verdict_rank(out: str) -> None:
+    import torch.distributed as dist
+
+    from llmtrain.train.loop import on_rank0_then_agree
+    from llmtrain.train.rundir import RunError
+    dist.init_process_group("gloo")
+    rank, lines = dist.get_rank(), []
+
+    def fails(e):
+        def do():
+            assert dist.get_rank() == 0, "only rank 0 runs it"
+            raise e
+        return do
+
+    for do in (fails(ConfigError("bad config")), fails(RunError("disk full")), lambda: None):
+        try:
+            on_rank0_then_agree(do)
+            lines.append("None")
+        except (ConfigError, RunError) as e:
+            lines.append(f"{type(e).__name__} {getattr(e, 'same_on_every_rank', False)} {e}")
+    Path(out, f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _verdict_rank(sys.argv[1])
+
+
 class LauncherStop(BaseException):
     """What torchrun's SIGTERM does to a rank: it ends the process wherever it is."""
 

@@ -46,10 +46,11 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def check_run_dir(cfg: Config, overwrite: bool = False) -> None:
+def check_run_dir(cfg: Config, overwrite: bool = False, world_size: int | None = None) -> None:
     """Refuse to mix two different runs in one directory (extending a run is fine). Only a run
     that left checkpoints is protected: one that failed before its first checkpoint has nothing
-    to lose, and its config.yaml must not block the corrected rerun."""
+    to lose, and its config.yaml must not block the corrected rerun. `world_size`: the job's
+    (default: the process group's; `llmtrain train --check N` checks before any process starts)."""
     saved = Path(cfg.logging.run_dir) / "config.yaml"
     if overwrite or not saved.is_file() or not ckpt.list_checkpoints(ckpt.checkpoint_dir(cfg)):
         return
@@ -61,7 +62,9 @@ def check_run_dir(cfg: Config, overwrite: bool = False) -> None:
         data = cfg.to_dict()
         data.update({k: saved_data.get(k, {}) for k in ("model", "data")})
         old = config_from_dict(data)
-        validate(old, world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+        validate(old, world_size=world_size)
     except (ConfigError, TypeError, AttributeError):
         old = None
     if old is None or ckpt.config_hash(old) != ckpt.config_hash(cfg):
@@ -70,6 +73,29 @@ def check_run_dir(cfg: Config, overwrite: bool = False) -> None:
         raise ConfigError(f"logging.run_dir={cfg.logging.run_dir!r} already holds a run with "
                           f"different model or data settings ({what}); choose another run_dir "
                           f"or pass --overwrite")
+
+
+def on_rank0_then_agree(do) -> None:
+    """`do()` on global rank 0 only; if it raises a ConfigError or RunError, every rank raises
+    the same one. Otherwise the other ranks would go on into the next collective and fail there
+    on rank 0's exit with a gloo/NCCL traceback that hides the one-line reason. The error is
+    marked `same_on_every_rank`: rank 0 prints it, the others exit silently (cli.main)."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            do()
+        except (ConfigError, RunError) as e:
+            if not dist.is_initialized():
+                raise
+            error = (type(e).__name__, str(e))
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        e = (ConfigError if error[0] == "ConfigError" else RunError)(error[1])
+        e.same_on_every_rank = True
+        raise e
 
 
 def _one_builder_first(env, build):
@@ -99,11 +125,13 @@ class Trainer:
         self.mesh = init_distributed(cfg, env, self.device)
         self.run_dir = Path(cfg.logging.run_dir)
         self.files = RunDir(self.run_dir, last_good=self.last_good_checkpoint)
-        if self.is_main:
+
+        def claim_run_dir():
             check_run_dir(cfg, overwrite)
             with self.files.writing("config.yaml") as path:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 save_config(cfg, path)
+        on_rank0_then_agree(claim_run_dir)
         self.say = log if self.is_main else (lambda *a, **k: None)
         dp_rank, dp_size = dp_info(self.mesh)
         self.dp_rank = dp_rank
