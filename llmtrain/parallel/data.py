@@ -27,6 +27,8 @@ orthogonalises each sharded matrix whole.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -168,8 +170,17 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
     if expert_params(model) or \
             any(isinstance(p, DTensor) for p in model.parameters()):
         return model, grad_sync_plan(model, dp)
-    return DDP(model, process_group=dp.get_group(), broadcast_buffers=False,
+    return DDP(model, process_group=dp.get_group(), **NO_FORWARD_BUFFER_SYNC,
                device_ids=[device.index] if device.type == "cuda" else None), []
+
+
+# DDP need not broadcast buffers before every forward: the position tables are computed alike on
+# every rank, and MoE's expert bias and load counts are kept in step by the step's own code.
+# (They are broadcast once at wrapping, when they are equal anyway.) torch 2.13 renamed the
+# switch and warns on the old name.
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
 
 
 def expert_params(model: nn.Module) -> list[nn.Parameter]:
