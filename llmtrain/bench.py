@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import time
 from typing import Callable
@@ -104,6 +105,22 @@ def measure(step: Callable[[torch.Tensor], None], tokens: torch.Tensor, steps: i
             "peak_memory_gib": peak_memory_gib(device)}
 
 
+HF_EXTRA = "pip install 'transformers>=4.50' (or llmtrain's [hf] extra)"
+
+
+def check_transformers() -> None:
+    """`--compare hf` needs transformers >= 4.50 (its loss takes `shift_labels`): a one-line
+    error before our own rows are timed, not an ImportError after them."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(f"--compare hf needs the transformers package; {HF_EXTRA}") from None
+    version = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    if version < (4, 50):
+        raise ConfigError(f"--compare hf needs transformers >= 4.50, found "
+                          f"{transformers.__version__}; {HF_EXTRA}")
+
+
 def check_llama_layout(cfg: Config) -> None:
     m = cfg.model
     if (m.norm, m.norm_position, m.position, m.activation) != ("rmsnorm", "pre", "rope", "swiglu"):
@@ -137,6 +154,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = Non
 
     if compare_hf:
         check_llama_layout(cfg)
+        check_transformers()
     device = resolve_device(cfg, DistEnv())
     b = batch or cfg.train.micro_batch_size
     torch.manual_seed(cfg.train.seed)

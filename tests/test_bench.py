@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -65,3 +66,18 @@ def test_hf_rows_loss_is_the_cross_entropy_sum_of_its_logits():
 def test_bench_refuses_non_llama_layout_for_hf(capsys):
     assert main(["bench", "--set", "model.activation=gelu", "--compare", "hf", "--steps", "1"]) == 2
     assert "needs the Llama layout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("installed", [None, "4.49.0"])
+def test_bench_without_a_recent_transformers_is_one_line_before_any_timing(
+        capsys, monkeypatch, installed):
+    import types
+    fake = None if installed is None else types.SimpleNamespace(__version__=installed)
+    monkeypatch.setitem(sys.modules, "transformers", fake)  # None: `import` raises ImportError
+    assert main(["bench", "--compare", "hf", "--steps", "1", "--no-compile"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("error: --compare hf needs transformers"
+                                                   if installed else
+                                                   "error: --compare hf needs the transformers")
+    assert "pip install 'transformers>=4.50'" in err
+    assert out == ""  # refused before our own rows were timed
