@@ -28,8 +28,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     sets = list(args.set or ())
     say = print if env.rank == 0 else (lambda *a: None)
     try:
+        if args.gpus is not None and args.plan != "auto":
+            raise ConfigError(f"--gpus={args.gpus} is only read with --plan auto; the world size "
+                              f"is the launcher's (torchrun --nproc_per_node ...)")
         if args.plan == "auto":
-            if args.gpus is None or args.gpus != env.world_size:
+            if args.gpus is None:
+                raise ConfigError(f"--plan auto needs --gpus N, the GPUs of this job (the "
+                                  f"launched world size, {env.world_size} here)")
+            if args.gpus != env.world_size:
                 raise ConfigError(f"--plan auto needs --gpus equal to the launched world size "
                                   f"{env.world_size}, got --gpus={args.gpus}")
             from llmtrain.planner.search import trainable_overrides

@@ -636,3 +636,9 @@ def test_train_plan_auto_trains_the_layout_the_planner_chose(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "error: --plan auto needs --gpus equal to the launched world size 2, got --gpus=4"]
     assert not bad.exists()
+    for args, message in ((["--plan", "auto"], "--plan auto needs --gpus N, the GPUs of this "
+                                               "job (the launched world size, 1 here)"),
+                          (["--gpus", "2"], "--gpus=2 is only read with --plan auto")):
+        r = run_train(tiny_overrides(bad), *args, timeout=600, check=False)
+        assert r.returncode == 2 and r.stderr.startswith("error: " + message), r.stderr
+        assert r.stderr.count("\n") == 1
