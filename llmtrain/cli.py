@@ -59,9 +59,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run {cfg.logging.run_dir} already finished: its checkpoint {summary['finished']} "
               f"is at step {summary['steps']}, train.steps={cfg.train.steps}; nothing to do "
               f"(raise train.steps to extend it)")
-    elif env.rank == 0 and summary.get("stopped"):
-        print(f"stopped by {summary['stopped']} at step {summary['steps']}; checkpoint written, "
-              f"run the same command to resume")
+    elif summary.get("stopped"):
+        if env.rank == 0:
+            print(f"stopped by {summary['stopped']} at step {summary['steps']}; checkpoint "
+                  f"written, run the same command to resume")
+        # after Ctrl-C the shell's convention for an interrupted command (a script's `&&` chain
+        # stops); SIGTERM (preemption) exits 0, which Slurm's requeue expects
+        return 130 if summary["stopped"] == "SIGINT" else 0
     elif env.rank == 0:
         val = summary["final_val_loss"]
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, final validation "
@@ -164,6 +168,14 @@ def _report(e: Exception, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # also while torch is still being imported (build_parser)
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv or ["train"])
@@ -179,9 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, RunError):
             raise
         return _report(e, 1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

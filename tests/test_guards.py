@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 
-from llmtrain.train.guards import SpikeDetector
+import pytest
+
+from llmtrain.train import guards
+from llmtrain.train.guards import SpikeDetector, StopSignal
 
 
 def test_spike_is_flagged_with_its_z_score_and_kept_out_of_the_window():
@@ -23,3 +28,23 @@ def test_spike_is_flagged_with_its_z_score_and_kept_out_of_the_window():
 def test_no_verdict_before_enough_history():
     d = SpikeDetector(window=50, min_history=20)
     assert all(d.update(x) is None for x in [1.0] * 10 + [100.0])
+
+
+def test_ctrl_c_stops_after_the_step_and_a_second_one_aborts(monkeypatch):
+    """The first SIGINT is recorded (the loop checkpoints after the step) with one line saying
+    so; a SIGTERM after it changes nothing; a second SIGINT raises KeyboardInterrupt at once."""
+    armed, said = [], []
+    monkeypatch.setattr(guards.HangWatchdog, "arm", lambda self: armed.append(self.timeout_s))
+    stop = StopSignal(grace_s=5.0, say=said.append)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == "SIGINT" and armed == [5.0]
+        assert said == ["interrupted: finishing this step and writing a checkpoint; Ctrl-C "
+                        "again aborts without one"]
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's agent follows a Ctrl-C with it
+        assert stop.requested == "SIGINT" and len(said) == 1
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,5 +1,5 @@
 """Faults provoked for real: diverged numerics, a rank killed mid-run, a kill during a checkpoint
-save, a hung collective, SIGTERM, a full disk, bad input. docs/reliability.md lists them."""
+save, a hung collective, SIGTERM and Ctrl-C, a full disk, bad input. docs/reliability.md lists them."""
 
 from __future__ import annotations
 
@@ -190,19 +190,25 @@ def test_hung_collective_dumps_stacks_and_exits_nonzero(tmp_path, tiny):
     assert rank0 and int(rank0.group(1)) > 0, out[-3000:]
 
 
-def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, tiny):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_checkpoints_and_exits_then_resumes(tmp_path, tiny, sig, code):
+    """SIGTERM (preemption) and Ctrl-C alike: the step finishes, a checkpoint is written at it,
+    and the same command resumes there; Ctrl-C exits 130, as an interrupted command does."""
     run = tmp_path / "term"
     overrides = tiny(**{"logging.run_dir": run, "train.steps": 400})
     proc = subprocess.Popen(train_command(overrides), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: logged_steps(run) >= 3, 240, "step 3")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err[-2000:]
-    assert "stopped by SIGTERM" in out
+    assert proc.returncode == code, err[-2000:]
+    assert f"stopped by {sig.name}" in out
+    if sig == signal.SIGINT:
+        assert err.splitlines()[-1:] == ["interrupted: finishing this step and writing a "
+                                         "checkpoint; Ctrl-C again aborts without one"], err
     stopped_at = read_metrics(run)[-1]["step"]
     assert ckpt.list_checkpoints(run / "checkpoints")[-1].name == f"step_{stopped_at}"
     r = run_train(overrides + [f"train.steps={stopped_at + 2}"], env=ENV)

@@ -9,7 +9,8 @@
   stack is dumped to stderr and the process exits with status 1, so the launcher sees a failure
   instead of a job that hangs until its wall-clock limit.
 - `StopSignal`: SIGTERM/SIGINT (Slurm preemption, Ctrl-C) set a flag; the loop finishes its step,
-  agrees with the other ranks, writes a checkpoint and exits 0.
+  agrees with the other ranks, writes a checkpoint and exits (0 after SIGTERM, 130 after Ctrl-C).
+  A second Ctrl-C aborts at once, as Python's default would.
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ class StopSignal:
     stacks and exits 1 unless the loop re-armed it at the next step, i.e. unless the step ended.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,), grace_s: float = 60.0):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), grace_s: float = 60.0,
+                 say=lambda line: None):
         self.requested: str | None = None
         self.grace_s = grace_s
+        self.say = say
         self._previous = {}
         for sig in signals:
             try:
@@ -75,7 +78,13 @@ class StopSignal:
                 pass
 
     def _handle(self, signum, frame) -> None:
-        self.requested = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.requested == name:
+            raise KeyboardInterrupt  # Ctrl-C twice: abort now, as without this handler
+        if signum == signal.SIGINT and self.requested is None:
+            self.say("interrupted: finishing this step and writing a checkpoint; Ctrl-C again "
+                     "aborts without one")
+        self.requested = self.requested or name
         HangWatchdog(self.grace_s).arm()
 
     def restore(self) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -368,7 +369,9 @@ class Trainer:
         self.spikes = SpikeDetector()
         self.meter = _Throughput(time.perf_counter())
         watchdog = HangWatchdog(t.collective_timeout_s)
-        stop = StopSignal(grace_s=min(60.0, t.collective_timeout_s))
+        stop = StopSignal(grace_s=min(60.0, t.collective_timeout_s),
+                          say=lambda line: print(line, file=sys.stderr) if self.is_main
+                          else None)
         stopped = None
         try:
             while self.step < t.steps:
