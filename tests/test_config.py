@@ -31,7 +31,9 @@ def _alias_bomb(levels: int = 9) -> str:
      "model.n_heads=3 does not divide model.d_model=100; use one of 1, 2, 4, 5, 10, 20, 25, 50, 100"),
     (["train.seq_len=512"], "train.seq_len=512 exceeds model.max_seq_len=256"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"],
-     "train.global_batch_size=10 is not divisible by train.micro_batch_size=4 x data-parallel size 1"),
+     "train.global_batch_size=10 is not divisible by train.micro_batch_size=4 x data-parallel size 1; "
+     "use a train.micro_batch_size dividing the 10 sequences per data-parallel rank: one of 1, 2, "
+     "5, 10"),
     # sizes no real run reaches are refused before anything is allocated (issue 20)
     (["model.d_model=1e11"], "model.d_model=100000000000 is out of range; must be <= 131072"),
     (["model.vocab_size=1e14"],
@@ -93,6 +95,16 @@ def test_global_batch_checks_data_parallel_size():
     with pytest.raises(ConfigError, match="micro_batch_size=4 x data-parallel size 2"):
         load_config(None, ["train.global_batch_size=12", "train.micro_batch_size=4"],
                     world_size=2)
+    # a global batch that dp does not divide: the hint is a global batch, not micro x dp (a
+    # larger micro batch is cut to a rank's share, so 15 and 18 both load at micro 16)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["parallel.dp_shard=3"], world_size=3)
+    assert str(e.value).endswith("use a global batch divisible by the data-parallel size 3, e.g. "
+                                 "15 or 18 (a larger micro batch is then cut to each rank's "
+                                 "share)")
+    for batch in (15, 18):
+        load_config(None, ["parallel.dp_shard=3", f"train.global_batch_size={batch}"],
+                    world_size=3)
 
 
 def test_overrides_are_typed():

@@ -247,10 +247,19 @@ def _batch(cfg: Config, dims: ParallelDims) -> None:
     """The global batch splits into micro-batches over the data-parallel ranks."""
     t = cfg.train
     if t.global_batch_size % (t.micro_batch_size * dims.dp):
+        per_rank, rest = divmod(t.global_batch_size, dims.dp)
+        if rest:  # a micro batch above a rank's share is cut to it (loading.fit_micro_batch)
+            near = [n for n in (per_rank * dims.dp, (per_rank + 1) * dims.dp) if n]
+            hint = (f"use a global batch divisible by the data-parallel size {dims.dp}, e.g. "
+                    f"{' or '.join(map(str, near))} (a larger micro batch is then cut to each "
+                    f"rank's share)")
+        else:
+            hint = (f"use a train.micro_batch_size dividing the {per_rank} sequences per "
+                    f"data-parallel rank: one of {_divisors(per_rank)}")
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dims.dp}; use a "
-            f"multiple of {t.micro_batch_size * dims.dp}")
+            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dims.dp}; "
+            f"{hint}")
 
 
 def _expert_parallel(cfg: Config, dims: ParallelDims) -> None:
