@@ -231,3 +231,17 @@ def test_every_integer_field_has_an_upper_bound():
     fields = dict(_int_fields())
     assert {"model.d_model", "parallel.pp_layers", "train.steps"} <= set(fields)
     assert not [path for path, f in fields.items() if f.metadata.get("hi") is None]
+
+
+def test_a_missing_resume_checkpoint_names_those_its_folder_holds(tmp_path):
+    for name in ("step_2", "step_10", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "step_3").write_text("a file, not a checkpoint")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"checkpoint.resume={tmp_path / 'step_7'}"])
+    assert str(e.value).startswith("checkpoint.resume=")
+    assert str(e.value).endswith("/step_7' is neither auto, none nor an existing checkpoint "
+                                 "directory; its folder holds step_2, step_10")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"checkpoint.resume={tmp_path / 'nope' / 'step_7'}"])
+    assert str(e.value).endswith("nor an existing checkpoint directory")

@@ -529,7 +529,19 @@ def _resume(cfg: Config) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not _exists(resume):
         raise ConfigError(f"checkpoint.resume={short(resume)} is neither auto, none nor an "
-                          f"existing checkpoint directory")
+                          f"existing checkpoint directory{_siblings(resume)}")
+
+
+def _siblings(path: str) -> str:
+    """'; its folder holds step_2, step_4' where the missing checkpoint's folder holds some (the
+    newest five), for the message about a mistyped step."""
+    try:
+        names = [p.name for p in Path(path).parent.iterdir()
+                 if p.name.startswith("step_") and p.name[5:].isdigit() and p.is_dir()]
+    except (OSError, ValueError):
+        return ""
+    newest = sorted(names, key=lambda n: int(n[5:]))[-5:]
+    return f"; its folder holds {', '.join(newest)}" if newest else ""
 
 
 def _exists(path: str) -> bool:

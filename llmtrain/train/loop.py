@@ -453,10 +453,7 @@ class Trainer:
             self.save_checkpoint(final=True)
         elif every and self.step % every == 0:
             self.save_checkpoint(writer=writer)
-        if stopped:
-            writer.message(f"{stopped}: stopped after step {self.step} with a checkpoint; run "
-                           f"the same command again to resume")
-        return bool(stopped)
+        return bool(stopped)  # cli.py says so in one line: "stopped by ... at step N; ..."
 
     def _close(self, writer: MetricsWriter) -> None:
         """Also on an error: a background save in flight is finished, the writer closed."""
