@@ -150,7 +150,8 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, batch: int | None = Non
     leaves out the compiled rows."""
     from llmtrain.model import build_model
     from llmtrain.parallel.compile import apply_compile, graphs_compiled
-    from llmtrain.parallel.mesh import DistEnv, resolve_device
+    from llmtrain.config.layout import DistEnv
+    from llmtrain.parallel.mesh import resolve_device
 
     if compare_hf:
         check_llama_layout(cfg)

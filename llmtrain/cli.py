@@ -14,13 +14,17 @@ import time
 
 from llmtrain.config import ConfigError, load_config
 
-# Subcommands living in their own packages: module exposing add_parser(subparsers).
-_PLUGINS = ("llmtrain.scaling.cli", "llmtrain.planner.cli", "llmtrain.train.export", "llmtrain.generate",
-            "llmtrain.bench", "llmtrain.ablate")
+# Subcommands living in their own packages: module exposing add_parser(subparsers), and the
+# subcommands it adds. Several import torch (~4 s), so a run builds only its own subcommand's
+# parser (build_parser); `llmtrain --help` or an unknown subcommand builds them all.
+_PLUGINS = {"llmtrain.scaling.cli": ("scaling",), "llmtrain.planner.cli": ("plan",),
+            "llmtrain.train.export": ("export", "import-hf"), "llmtrain.generate": ("generate",),
+            "llmtrain.bench": ("bench",), "llmtrain.ablate": ("ablate",)}
+_BUILT_IN = ("train", "preprocess")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from llmtrain.parallel.mesh import DistEnv
+    from llmtrain.config.layout import DistEnv  # torch-free: a config error costs no torch import
     env = DistEnv.from_environ()
     if args.check is not None:  # the launch scripts validate before starting N processes
         env = DistEnv(rank=0, world_size=args.check)
@@ -81,7 +85,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; `command` (the subcommand about to run, if known) limits the plugins
+    imported to the one that defines it (none for train and preprocess)."""
+    known = {*_BUILT_IN, *(name for names in _PLUGINS.values() for name in names)}
+    if command not in known:
+        command = None  # help, or a typo: argparse lists every subcommand
     parser = argparse.ArgumentParser(
         prog="llmtrain", description="Pretrain language models from a YAML run config.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -124,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with one counted warning at the end instead of stopping on the first")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_preprocess)
-    for mod in _PLUGINS:
+    for mod, names in _PLUGINS.items():
+        if command is not None and command not in names:
+            continue
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -176,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv or ["train"])
+    argv = (sys.argv[1:] if argv is None else argv) or ["train"]
+    parser = build_parser(argv[0])
+    args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

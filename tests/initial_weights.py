@@ -18,7 +18,8 @@ from torch.utils._pytree import tree_leaves
 from llmtrain.config import load_config
 from llmtrain.model import build_model
 from llmtrain.parallel import parallelize
-from llmtrain.parallel.mesh import DistEnv, init_distributed
+from llmtrain.config.layout import DistEnv
+from llmtrain.parallel.mesh import init_distributed
 
 
 class LargestAllocation(TorchDispatchMode):

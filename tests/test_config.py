@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -245,3 +247,23 @@ def test_a_missing_resume_checkpoint_names_those_its_folder_holds(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"checkpoint.resume={tmp_path / 'nope' / 'step_7'}"])
     assert str(e.value).endswith("nor an existing checkpoint directory")
+
+
+def test_a_config_error_and_train_help_import_no_torch():
+    """`llmtrain train` checks its config before importing torch (~4 s on two cores), and builds
+    only the train parser: a typo is answered at once. `--help` at the top still lists every
+    subcommand (it imports them all)."""
+    script = ("import sys; from llmtrain.cli import main; "
+              "assert main(['train', '--set', 'model.n_heads=3']) == 2; "
+              "assert 'torch' not in sys.modules, 'torch imported'; "
+              "main(['train', '--help'])")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr  # --help exits 0
+    assert r.stderr.startswith("error: model.n_heads=3 does not divide")
+    assert "--plan {auto}" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "llmtrain", "--help"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and all(name in r.stdout for name in (
+        "train", "preprocess", "scaling", "plan", "export", "import-hf", "generate", "bench",
+        "ablate")), r.stdout

@@ -96,7 +96,8 @@ import datetime, os, sys, time
 import torch
 import torch.distributed as dist
 from llmtrain.config import Config
-from llmtrain.parallel.mesh import DistEnv, init_distributed
+from llmtrain.config.layout import DistEnv
+from llmtrain.parallel.mesh import init_distributed
 
 attempt, env = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), DistEnv.from_environ()
 if attempt == 1 and env.rank == 0:

@@ -13,6 +13,7 @@ that the config package can use it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from llmtrain.config.errors import ConfigError
@@ -134,3 +135,28 @@ def _pipeline_split(cfg: Config) -> tuple[tuple[tuple[int, ...], ...], ...]:
         return (), ()
     return (tuple(map(tuple, stage_layer_ids(cfg))),
             tuple(tuple(rank_stages(cfg, r)) for r in range(p.pp)))
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Who this process is, from the launcher's environment: torchrun and the deepspeed launcher
+    set RANK / WORLD_SIZE / LOCAL_RANK; under Slurm without them, SLURM_PROCID / SLURM_NTASKS /
+    SLURM_LOCALID. Here, free of torch, so that `llmtrain train` checks its config before
+    importing torch."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environ(cls) -> "DistEnv":
+        env = os.environ
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            # srun without torchrun: the rendezvous is the first node of the job
+            env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+            env.setdefault("MASTER_PORT", "29500")
+            return cls(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                       int(env.get("SLURM_LOCALID", 0)))
+        return cls()

@@ -10,35 +10,15 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from llmtrain.config import Config, ConfigError, ParallelDims
+from llmtrain.config.layout import DistEnv
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environ(cls) -> "DistEnv":
-        env = os.environ
-        if "RANK" in env and "WORLD_SIZE" in env:
-            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-            # srun without torchrun: the rendezvous is the first node of the job
-            env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-            env.setdefault("MASTER_PORT", "29500")
-            return cls(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                       int(env.get("SLURM_LOCALID", 0)))
-        return cls()
 
 
 def resolve_device(cfg: Config, env: DistEnv) -> torch.device:

@@ -28,7 +28,8 @@ from llmtrain.engines import deepspeed as deepspeed_engine
 from llmtrain.model import build_model
 from llmtrain.parallel import build_optimizer, parallelize
 from llmtrain.parallel.data import dp_mesh
-from llmtrain.parallel.mesh import (DistEnv, cp_info, describe_groups, dp_info, init_distributed,
+from llmtrain.config.layout import DistEnv
+from llmtrain.parallel.mesh import (cp_info, describe_groups, dp_info, init_distributed,
                                     resolve_device)
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
