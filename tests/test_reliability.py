@@ -418,14 +418,16 @@ def test_a_run_dir_holding_another_run_is_one_line_on_two_ranks_and_in_the_check
 
 def test_rank0_verdict_is_raised_on_every_rank(tmp_path):
     """loop.on_rank0_then_agree on 2 gloo ranks (this file is their script): rank 0's
-    ConfigError or RunError is raised on rank 1 too, marked same_on_every_rank, and a step
-    that passes raises nowhere. Under fork_ranks rank 1 would be killed before its next
+    ConfigError or RunError is raised on rank 1 too, marked same_on_every_rank, a step that
+    passes raises nowhere, and another exception is rank 0's own while rank 1 stops quietly. Under fork_ranks rank 1 would be killed before its next
     collective failed, so the run above alone cannot tell whether it got the verdict."""
     run_command([sys.executable, str(ROOT / "tests" / "fork_ranks.py"), "2", "--call", __file__,
                  str(tmp_path)], timeout=120, env=ENV)
     for rank in range(2):
         got = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
-        assert got == ["ConfigError True bad config", "RunError True disk full", "None"], rank
+        assert got == ["ConfigError True bad config", "RunError True disk full", "None",
+                       "OSError False" if rank == 0 else
+                       "RunError True rank 0 failed: OSError: unexpected"], rank
 
 
 def _verdict_rank(out: str) -> None:
@@ -442,12 +444,15 @@ def _verdict_rank(out: str) -> None:
             raise e
         return do
 
-    for do in (fails(ConfigError("bad config")), fails(RunError("disk full")), lambda: None):
+    for do in (fails(ConfigError("bad config")), fails(RunError("disk full")), lambda: None,
+               fails(OSError("unexpected"))):
         try:
             on_rank0_then_agree(do)
             lines.append("None")
         except (ConfigError, RunError) as e:
             lines.append(f"{type(e).__name__} {getattr(e, 'same_on_every_rank', False)} {e}")
+        except OSError:  # rank 0's own, with its traceback
+            lines.append("OSError False")
     Path(out, f"rank{rank}.txt").write_text("\n".join(lines) + "\n")
     dist.destroy_process_group()
 

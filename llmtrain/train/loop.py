@@ -81,21 +81,26 @@ def on_rank0_then_agree(do) -> None:
     """`do()` on global rank 0 only; if it raises a ConfigError or RunError, every rank raises
     the same one. Otherwise the other ranks would go on into the next collective and fail there
     on rank 0's exit with a gloo/NCCL traceback that hides the one-line reason. The error is
-    marked `same_on_every_rank`: rank 0 prints it, the others exit silently (cli.main)."""
+    marked `same_on_every_rank`: rank 0 prints it, the others exit silently (cli.main). Any
+    other exception is rank 0's own traceback; the others stop quietly with it."""
+    if not dist.is_initialized():
+        do()
+        return
     error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if dist.get_rank() == 0:
         try:
             do()
         except (ConfigError, RunError) as e:
-            if not dist.is_initialized():
-                raise
             error = (type(e).__name__, str(e))
-    if dist.is_initialized():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        e = (ConfigError if error[0] == "ConfigError" else RunError)(error[1])
+        except BaseException as e:
+            dist.broadcast_object_list([("RunError", f"rank 0 failed: {type(e).__name__}: {e}")],
+                                       src=0)
+            raise
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        kind, message = box[0]
+        e = (ConfigError if kind == "ConfigError" else RunError)(message)
         e.same_on_every_rank = True
         raise e
 
