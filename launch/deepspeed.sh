@@ -7,7 +7,8 @@
 #   MASTER_ADDR=host                  with a hostfile: the first node's address (default: its name)
 #   MASTER_PORT=29500
 #   DEEPSPEED=deepspeed               the launcher executable
-#   PYTHON=python                     the interpreter that counts the visible GPUs
+#   PYTHON=python                     the interpreter (with llmtrain installed) that counts the
+#                                     visible GPUs and checks the config before the launch
 # The engine follows the config (parallel.engine=torch|deepspeed); pass
 # `--set parallel.engine=deepspeed` to wrap the model with deepspeed.initialize.
 # Prints the command it runs; LLMTRAIN_DRY_RUN=1 prints it without running.
@@ -25,6 +26,10 @@ if [ -n "${HOSTFILE:-}" ]; then
   args+=(--hostfile "$HOSTFILE")
   # the job's world size: the slots of every host line (comments and blank lines skipped)
   world=$(awk '{sub(/#.*/, "")} match($0, /slots=[0-9]+/) {n += substr($0, RSTART + 6, RLENGTH - 6)} END {print n + 0}' "$HOSTFILE")
+  if [ "$world" = "0" ]; then
+    echo "$0: HOSTFILE=$HOSTFILE has no \"host slots=N\" line" >&2
+    exit 2
+  fi
   if [ -n "${MASTER_ADDR:-}" ]; then
     args+=(--master_addr "$MASTER_ADDR")
   fi

@@ -32,6 +32,10 @@ else
   args+=(--nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --rdzv_backend c10d
          --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-llmtrain}")
 fi
+# After SIGTERM (preemption) or Ctrl-C the workers finish their step and write a checkpoint;
+# torchrun's agent SIGKILLs them after this many seconds (torch's default, 30, can cut a large
+# model's save short; torch before 2.13 ignores the variable).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cmd=("$PYTHON" -m torch.distributed.run "${args[@]}" -m llmtrain train "$@")
 if [ "${LLMTRAIN_DRY_RUN:-0}" = "1" ]; then

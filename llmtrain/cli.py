@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import time
 
@@ -51,10 +50,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, sets, world_size=env.world_size, log=say)
     except ConfigError as e:
         e.same_on_every_rank = True  # the same file, overrides and world size on every rank
+        e.one_process = args.check is not None  # --check: no ranks, whatever RANK says
         raise
     if args.check is not None:
         from llmtrain.train.loop import check_run_dir
-        check_run_dir(cfg, args.overwrite, world_size=args.check)  # what rank 0 checks first
+        try:
+            check_run_dir(cfg, args.overwrite, world_size=args.check)  # rank 0 checks it first
+        except ConfigError as e:
+            e.one_process = True
+            raise
         print(f"config ok for {args.check} process(es): run dir {cfg.logging.run_dir}")
         return 0
     from llmtrain.train.loop import train
@@ -152,15 +156,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 RANK0_GRACE_S = 60.0
 
 
-def _let_rank0_say_it(rank: str, e: Exception) -> None:
+def _let_rank0_say_it(rank: int, e: Exception) -> None:
     """Wait for the launcher to stop us once rank 0 has printed the error and exited.
 
     A rank that exits first makes torchrun (or the deepspeed launcher) SIGTERM the others, rank 0
     too, possibly before it has printed: a user would then see only "exitcode 2" and no reason.
     So the other ranks stay, silent, for up to RANK0_GRACE_S (rank 0 meets the same error within
     moments), and say it themselves if nobody has stopped them by then."""
-    time.sleep(RANK0_GRACE_S)
+    _sleep(RANK0_GRACE_S)
     print(f"error: rank {rank}: {e}", file=sys.stderr)
+
+
+_sleep = time.sleep  # (a test replaces this name, not time.sleep for the whole process)
 
 
 def _report(e: Exception, code: int) -> int:
@@ -168,8 +175,9 @@ def _report(e: Exception, code: int) -> int:
     on every rank (the config, or a verdict rank 0 broadcast) is printed by rank 0 alone; an
     error found later (data or a checkpoint on one node) may be a rank's own, so each rank that
     meets it says it."""
-    rank = os.environ.get("RANK", "0")
-    if rank == "0":
+    from llmtrain.config.layout import DistEnv
+    rank = DistEnv.from_environ().rank  # RANK, or SLURM_PROCID under srun without torchrun
+    if rank == 0 or getattr(e, "one_process", False):
         print(f"error: {e}", file=sys.stderr)
     elif not getattr(e, "same_on_every_rank", False):
         print(f"error: rank {rank}: {e}", file=sys.stderr)

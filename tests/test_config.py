@@ -97,16 +97,18 @@ def test_global_batch_checks_data_parallel_size():
     with pytest.raises(ConfigError, match="micro_batch_size=4 x data-parallel size 2"):
         load_config(None, ["train.global_batch_size=12", "train.micro_batch_size=4"],
                     world_size=2)
-    # a global batch that dp does not divide: the hint is a global batch, not micro x dp (a
-    # larger micro batch is cut to a rank's share, so 15 and 18 both load at micro 16)
-    with pytest.raises(ConfigError) as e:
-        load_config(None, ["parallel.dp_shard=3"], world_size=3)
-    assert str(e.value).endswith("use a global batch divisible by the data-parallel size 3, e.g. "
-                                 "15 or 18 (a larger micro batch is then cut to each rank's "
-                                 "share)")
-    for batch in (15, 18):
-        load_config(None, ["parallel.dp_shard=3", f"train.global_batch_size={batch}"],
-                    world_size=3)
+    # a global batch that dp does not divide: the hint names the nearest batches that load (a
+    # micro batch above a rank's share is cut to it, so 15 and 18 both load at micro 16; at
+    # micro 4, 18 and 21 would not)
+    for batch, micro, near in ((16, 16, (15, 18)), (20, 4, (12, 24)), (7, 2, (6, 12))):
+        sets = ["parallel.dp_shard=3", f"train.micro_batch_size={micro}"]
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [*sets, f"train.global_batch_size={batch}"], world_size=3)
+        assert str(e.value).endswith(
+            f"use a global batch divisible by the data-parallel size 3 that loads with this "
+            f"micro batch, e.g. {near[0]} or {near[1]}")
+        for n in near:
+            load_config(None, [*sets, f"train.global_batch_size={n}"], world_size=3)
 
 
 def test_overrides_are_typed():

@@ -32,19 +32,30 @@ def test_no_verdict_before_enough_history():
 
 def test_ctrl_c_stops_after_the_step_and_a_second_one_aborts(monkeypatch):
     """The first SIGINT is recorded (the loop checkpoints after the step) with one line saying
-    so; a SIGTERM after it changes nothing; a second SIGINT raises KeyboardInterrupt at once."""
+    so; a SIGTERM after it changes nothing; a second SIGINT raises KeyboardInterrupt at once, as
+    does a SIGINT after a SIGTERM. The handlers found are put back (in CI SIGINT may be
+    inherited ignored)."""
     armed, said = [], []
     monkeypatch.setattr(guards.HangWatchdog, "arm", lambda self: armed.append(self.timeout_s))
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     stop = StopSignal(grace_s=5.0, say=said.append)
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested == "SIGINT" and armed == [5.0]
         assert said == ["interrupted: finishing this step and writing a checkpoint; Ctrl-C "
                         "again aborts without one"]
-        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's agent follows a Ctrl-C with it
+        os.kill(os.getpid(), signal.SIGTERM)  # a launcher may follow a Ctrl-C with it
         assert stop.requested == "SIGINT" and len(said) == 1
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    stop = StopSignal(grace_s=5.0, say=said.append)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM" and len(said) == 1  # SIGTERM says nothing itself
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()

@@ -149,3 +149,33 @@ def test_deepspeed_dry_run_with_a_hostfile():
 def test_scripts_need_a_config(name):
     r = launch_script(name)
     assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_torchrun_sh_gives_workers_time_to_checkpoint_on_a_stop(tmp_path):
+    """torchrun's agent SIGKILLs the workers 30 s after forwarding a SIGTERM or Ctrl-C unless
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise: torchrun.sh raises it to 300 s (the stop
+    step's checkpoint of a large model may take longer) and keeps a value the user set. The
+    PYTHON here stands in for both the config check and torchrun."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$*" in *--check*) exit 0;; esac\n'
+                    'echo "timeout=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\n')
+    fake.chmod(0o755)
+    r = launch_script("torchrun.sh", "cfg.yaml", PYTHON=str(fake), NPROC_PER_NODE="2")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "timeout=300", r.stdout + r.stderr
+    r = launch_script("torchrun.sh", "cfg.yaml", PYTHON=str(fake), NPROC_PER_NODE="2",
+                      TORCH_ELASTIC_SHUTDOWN_TIMEOUT="45")
+    assert r.stdout.splitlines()[-1] == "timeout=45", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "is not a readable file"), ("# a comment\nnode001\n", 'has no "host slots=N" line')])
+def test_deepspeed_sh_refuses_a_hostfile_it_cannot_count(tmp_path, content, message):
+    """The world size for the config check is the hostfile's slots: a missing file or one
+    without slots is one line, exit 2, before anything runs."""
+    hostfile = tmp_path / "hostfile"
+    if content is not None:
+        hostfile.write_text(content)
+    r = launch_script("deepspeed.sh", "cfg.yaml", HOSTFILE=str(hostfile))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [f"{LAUNCH / 'deepspeed.sh'}: HOSTFILE={hostfile} "
+                                             f"{message}"], r.stderr

@@ -248,11 +248,10 @@ def _batch(cfg: Config, dims: ParallelDims) -> None:
     t = cfg.train
     if t.global_batch_size % (t.micro_batch_size * dims.dp):
         per_rank, rest = divmod(t.global_batch_size, dims.dp)
-        if rest:  # a micro batch above a rank's share is cut to it (loading.fit_micro_batch)
-            near = [n for n in (per_rank * dims.dp, (per_rank + 1) * dims.dp) if n]
-            hint = (f"use a global batch divisible by the data-parallel size {dims.dp}, e.g. "
-                    f"{' or '.join(map(str, near))} (a larger micro batch is then cut to each "
-                    f"rank's share)")
+        if rest:
+            near = _loadable_batches(t.global_batch_size, t.micro_batch_size, dims.dp)
+            hint = (f"use a global batch divisible by the data-parallel size {dims.dp} that "
+                    f"loads with this micro batch, e.g. {' or '.join(map(str, near))}")
         else:
             hint = (f"use a train.micro_batch_size dividing the {per_rank} sequences per "
                     f"data-parallel rank: one of {_divisors(per_rank)}")
@@ -260,6 +259,22 @@ def _batch(cfg: Config, dims: ParallelDims) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dims.dp}; "
             f"{hint}")
+
+
+def _loadable_batches(batch: int, micro: int, dp: int) -> list[int]:
+    """The nearest global batches below and above `batch` that split over `dp` ranks with
+    micro batch `micro`: the multiples of micro x dp, and the multiples of dp below it (a rank's
+    share is then under the micro batch, which loading.fit_micro_batch cuts to it)."""
+    step = micro * dp
+
+    def down(n: int, k: int) -> int:  # the largest multiple of k <= n
+        return n // k * k
+
+    def up(n: int, k: int) -> int:  # the smallest multiple of k >= n
+        return -(-n // k) * k
+    below = down(batch - 1, dp) if batch - 1 < step else down(batch - 1, step)
+    above = up(batch + 1, dp) if batch + 1 <= step else up(batch + 1, step)
+    return [n for n in (below, above) if n > 0]
 
 
 def _expert_parallel(cfg: Config, dims: ParallelDims) -> None:

@@ -176,8 +176,8 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, cfg: Config,
 
 # DDP need not broadcast buffers before every forward: the position tables are computed alike on
 # every rank, and MoE's expert bias and load counts are kept in step by the step's own code.
-# (They are broadcast once at wrapping, when they are equal anyway.) torch 2.13 renamed the
-# switch and warns on the old name.
+# torch 2.13 renamed the switch and warns on the old name; the new one still broadcasts them once
+# at wrapping (the old one did not), harmless as they are equal then.
 NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
                           if "forward_sync_buffers" in inspect.signature(DDP).parameters
                           else {"broadcast_buffers": False})

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from llmtrain.config import Config, ConfigError, ParallelDims
 from llmtrain.config.layout import DistEnv
+from llmtrain.train.rundir import RunError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -98,3 +99,31 @@ def describe_groups(mesh: DeviceMesh | None) -> list[str]:
         groups = ranks.movedim(i, -1).reshape(-1, ranks.shape[i]).tolist()
         lines.append(f"{name}={ranks.shape[i]}: " + " ".join(str(g) for g in groups))
     return lines or ["every dimension 1"]
+
+
+def on_rank0_then_agree(do) -> None:
+    """`do()` on global rank 0 only; if it raises a ConfigError or RunError, every rank raises
+    the same one. Otherwise the other ranks would go on into the next collective and fail there
+    on rank 0's exit with a gloo/NCCL traceback that hides the one-line reason. The error is
+    marked `same_on_every_rank`: rank 0 prints it, the others exit silently (cli.main). Any
+    other exception is rank 0's own traceback; the others stop quietly with it."""
+    if not dist.is_initialized():
+        do()
+        return
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            do()
+        except (ConfigError, RunError) as e:
+            error = (type(e).__name__, str(e))
+        except BaseException as e:
+            dist.broadcast_object_list([("RunError", f"rank 0 failed: {type(e).__name__}: {e}")],
+                                       src=0)
+            raise
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        kind, message = box[0]
+        e = (ConfigError if kind == "ConfigError" else RunError)(message)
+        e.same_on_every_rank = True
+        raise e

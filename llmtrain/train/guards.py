@@ -58,7 +58,10 @@ class HangWatchdog:
 
 
 class StopSignal:
-    """Records SIGTERM instead of dying mid-step; `requested` is checked between steps.
+    """Records SIGTERM or SIGINT instead of dying mid-step; `requested` is checked between steps.
+    SIGINT while a stop is already requested raises KeyboardInterrupt (Ctrl-C twice aborts).
+    SIGINT is caught even where the process inherited it ignored (a background job): a SIGINT
+    sent to a training run is a request to stop it.
 
     A process blocked in a collective with a dead peer cannot finish its step (torchrun sends
     SIGTERM to the survivors when a rank dies): `grace_s` after the signal the watchdog dumps the
@@ -79,8 +82,8 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if signum == signal.SIGINT and self.requested == name:
-            raise KeyboardInterrupt  # Ctrl-C twice: abort now, as without this handler
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt  # Ctrl-C after a stop request: abort now
         if signum == signal.SIGINT and self.requested is None:
             self.say("interrupted: finishing this step and writing a checkpoint; Ctrl-C again "
                      "aborts without one")

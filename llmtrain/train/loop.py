@@ -11,7 +11,6 @@ import contextlib
 import datetime
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from llmtrain.parallel import build_optimizer, parallelize
 from llmtrain.parallel.data import dp_mesh
 from llmtrain.config.layout import DistEnv
 from llmtrain.parallel.mesh import (cp_info, describe_groups, dp_info, init_distributed,
-                                    resolve_device)
+                                    on_rank0_then_agree, resolve_device)
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.guards import HangWatchdog, SpikeDetector, StopSignal
 from llmtrain.train.memory import PeakMemory
@@ -75,34 +74,6 @@ def check_run_dir(cfg: Config, overwrite: bool = False, world_size: int | None =
         raise ConfigError(f"logging.run_dir={cfg.logging.run_dir!r} already holds a run with "
                           f"different model or data settings ({what}); choose another run_dir "
                           f"or pass --overwrite")
-
-
-def on_rank0_then_agree(do) -> None:
-    """`do()` on global rank 0 only; if it raises a ConfigError or RunError, every rank raises
-    the same one. Otherwise the other ranks would go on into the next collective and fail there
-    on rank 0's exit with a gloo/NCCL traceback that hides the one-line reason. The error is
-    marked `same_on_every_rank`: rank 0 prints it, the others exit silently (cli.main). Any
-    other exception is rank 0's own traceback; the others stop quietly with it."""
-    if not dist.is_initialized():
-        do()
-        return
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            do()
-        except (ConfigError, RunError) as e:
-            error = (type(e).__name__, str(e))
-        except BaseException as e:
-            dist.broadcast_object_list([("RunError", f"rank 0 failed: {type(e).__name__}: {e}")],
-                                       src=0)
-            raise
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        kind, message = box[0]
-        e = (ConfigError if kind == "ConfigError" else RunError)(message)
-        e.same_on_every_rank = True
-        raise e
 
 
 def _one_builder_first(env, build):
@@ -352,7 +323,8 @@ class Trainer:
                 f"{self.last_good_checkpoint()}; training continues")
 
     def _agreed_stop(self, requested: str | None) -> str | None:
-        """Every rank stops after the same step if any rank was asked to (SIGTERM)."""
+        """Every rank stops after the same step if any rank was asked to (SIGTERM or Ctrl-C),
+        and all name the same signal (SIGINT over SIGTERM), which sets the exit code."""
         if not dist.is_initialized():
             return requested
         if self.stop_group is None and self.device.type != "cpu":
@@ -360,13 +332,15 @@ class Trainer:
             # the step's kernels every step (a host sync the step itself avoids: train/step.py)
             self.stop_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
                 seconds=self.cfg.train.collective_timeout_s))
-        flag = torch.tensor([1.0 if requested else 0.0])
+        codes = (None, "SIGTERM", "SIGINT")
+        flag = torch.tensor([float(codes.index(requested))])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.stop_group)
-        return (requested or "SIGTERM") if flag.item() else None
+        return codes[int(flag.item())]
 
     def run(self) -> dict:
         """Train to `train.steps`: log, evaluate and checkpoint on the configured steps; stop
-        with a checkpoint on SIGTERM (every rank after the same step) or when the run diverged."""
+        with a checkpoint on SIGTERM or Ctrl-C (every rank after the same step) or when the run
+        diverged."""
         t = self.cfg.train
         writer = MetricsWriter(self.files, self.is_main, self.cfg.logging.tensorboard,
                                self.cfg.logging.jsonl, self.cfg.logging.progress, t.steps,
@@ -376,8 +350,8 @@ class Trainer:
         self.meter = _Throughput(time.perf_counter())
         watchdog = HangWatchdog(t.collective_timeout_s)
         stop = StopSignal(grace_s=min(60.0, t.collective_timeout_s),
-                          say=lambda line: print(line, file=sys.stderr) if self.is_main
-                          else None)
+                          say=lambda line: os.write(2, (line + "\n").encode()) if self.is_main
+                          else None)  # os.write: print in a signal handler may reenter stderr
         stopped = None
         try:
             while self.step < t.steps:
