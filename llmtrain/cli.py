@@ -113,7 +113,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--check", type=int, metavar="WORLD_SIZE",
                    help="only validate the config for WORLD_SIZE processes, and that its run_dir "
                         "holds no different run, then exit (0 if so, 2 with the error); "
-                        "launch/torchrun.sh runs this first")
+                        "launch/torchrun.sh and launch/deepspeed.sh run this first")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preprocess", help="tokenize a corpus into a megatron-core .bin/.idx dataset",

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from llmtrain.config import (Config, ConfigError, config_from_dict, read_yaml_file, save_config,
                              validate)
+from llmtrain.config.layout import DistEnv
 from llmtrain.data.loader import (BatchReader, Seq2SeqReader, SpanCorruptionReader,
                                   build_datasets, build_pair_datasets, check_vocab)
 from llmtrain.data.preprocess import prepare_corpus
@@ -27,7 +28,6 @@ from llmtrain.engines import deepspeed as deepspeed_engine
 from llmtrain.model import build_model
 from llmtrain.parallel import build_optimizer, parallelize
 from llmtrain.parallel.data import dp_mesh
-from llmtrain.config.layout import DistEnv
 from llmtrain.parallel.mesh import (cp_info, describe_groups, dp_info, init_distributed,
                                     on_rank0_then_agree, resolve_device)
 from llmtrain.train import checkpoint as ckpt
