@@ -1,5 +1,6 @@
 """Faults provoked for real: diverged numerics, a rank killed mid-run, a kill during a checkpoint
-save, a hung collective, SIGTERM and Ctrl-C, a full disk, bad input. docs/reliability.md lists them."""
+save, a hung collective, SIGTERM and Ctrl-C, a full disk, bad input. docs/reliability.md lists
+them."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (ROOT, cli_train, free_port, launch_script, logged_steps, read_evals,
-                     read_metric, read_metrics, run_command, run_dir_of, run_train, set_args,
-                     subprocess_env, train_command)
+from helpers import (FORK_RANKS, ROOT, cli_train, free_port, launch_script, logged_steps,
+                     read_evals, read_metric, read_metrics, run_command, run_dir_of, run_train,
+                     set_args, subprocess_env, train_command)
 from llmtrain.config import ConfigError, load_config
 from llmtrain.train import checkpoint as ckpt
 
@@ -419,10 +420,11 @@ def test_a_run_dir_holding_another_run_is_one_line_on_two_ranks_and_in_the_check
 def test_rank0_verdict_is_raised_on_every_rank(tmp_path):
     """parallel/mesh.py on_rank0_then_agree on 2 gloo ranks (this file is their script): rank 0's
     ConfigError or RunError is raised on rank 1 too, marked same_on_every_rank, a step that
-    passes raises nowhere, and another exception is rank 0's own while rank 1 stops quietly. Under fork_ranks rank 1 would be killed before its next
-    collective failed, so the run above alone cannot tell whether it got the verdict."""
-    run_command([sys.executable, str(ROOT / "tests" / "fork_ranks.py"), "2", "--call", __file__,
-                 str(tmp_path)], timeout=120, env=ENV)
+    passes raises nowhere, and another exception is rank 0's own while rank 1 stops quietly.
+    Under fork_ranks rank 1 would be killed before its next collective failed, so the run above
+    alone cannot tell whether it got the verdict."""
+    run_command([sys.executable, str(FORK_RANKS), "2", "--call", __file__, str(tmp_path)],
+                timeout=120, env=ENV)
     for rank in range(2):
         got = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
         assert got == ["ConfigError True bad config", "RunError True disk full", "None",
